@@ -1,0 +1,58 @@
+"""`windtunnel` command line: a table of subcommands, each imported only when used.
+
+Each subcommand module exposes `add_arguments(parser)` and `run(args) -> int`. Importing torch,
+mlflow or ray takes seconds, so `windtunnel --help` imports none of them.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from windtunnel.errors import ConfigError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "trial": ("windtunnel.commands.trial", "train one trial from config overrides and print its result"),
+    "coord-check": ("windtunnel.commands.coord_check", "muP coordinate check across widths (sp vs mup)"),
+    "data": ("windtunnel.commands.data", "prepare token shards from text (`data prepare`)"),
+}
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="windtunnel",
+        description="muP hyperparameter wind tunnel: search tiny models, fit the laws, transfer the winners.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<12} {h}" for n, (_, h) in COMMANDS.items())
+        + "\n\nRun `windtunnel COMMAND --help` for a command's options.",
+    )
+    p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        _top_parser().print_help()
+        return 0
+    if argv[0] not in COMMANDS:
+        _top_parser().error(f"unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}")
+    name = argv[0]
+    module_name, help_text = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"windtunnel {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ConfigError as e:
+        print(f"windtunnel {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"windtunnel {name}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

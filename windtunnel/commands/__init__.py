@@ -1,0 +1,1 @@
+"""One module per `windtunnel` subcommand (see windtunnel/cli.py)."""
