@@ -1,0 +1,80 @@
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from helpers import tiny_trial
+from windtunnel.config import with_overrides
+from windtunnel.model import Transformer
+from windtunnel.optim import PopulationAdamW
+from windtunnel.trainer import Population, bundle_key, train_trial
+
+
+def test_population_adamw_equals_torch_adamw_with_mup_groups():
+    cfg = with_overrides(tiny_trial(), {"model.d_model": 64, "model.dim_model_base": 16, "optim.weight_decay": 0.1})
+    a = Transformer(cfg.model, 256)
+    a.init_trial(0, cfg.model, torch.Generator().manual_seed(0))
+    b = Transformer(cfg.model, 256)
+    b.load_state_dict(a.state_dict())
+    ours = PopulationAdamW(a, [cfg])
+    groups = {}
+    for name, p in b.named_parameters():
+        i = ours.names.index(name)
+        key = (ours.lr_mult[i, 0].item(), ours.wd[i, 0].item())
+        groups.setdefault(key, []).append(p)
+    ref = torch.optim.AdamW([{"params": ps, "lr": cfg.optim.lr * lm, "weight_decay": wd / lm if lm else 0}
+                             for (lm, wd), ps in groups.items()], betas=(0.9, 0.95), eps=1e-8)
+    idx = torch.randint(0, 256, (1, 4, 32))
+    for _ in range(3):
+        for model in (a, b):
+            model(idx, idx.roll(1, -1)).sum().backward()
+        ours.step(torch.ones(1))
+        ref.step()
+        for m in (a, b):
+            m.zero_grad(set_to_none=True)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_trial_is_deterministic_on_cpu():
+    r1, r2 = train_trial(tiny_trial()), train_trial(tiny_trial())
+    assert r1.status == "ok" and r1.final_val_loss < math.log(256)
+    assert [p["val_loss"] for p in r1.curve] == [p["val_loss"] for p in r2.curve]
+
+
+def test_divergence_stops_the_trial_without_raising():
+    r = train_trial(with_overrides(tiny_trial(), {"optim.lr": 1e3, "optim.grad_clip": 0.0}))
+    assert r.status == "diverged" and r.final_val_loss is None and "loss" in r.reason
+    bound = train_trial(tiny_trial(diverge_loss=1.0))  # any real loss is above 1 nat early on
+    assert bound.status == "diverged" and bound.curve[-1]["tokens"] == 5 * 8 * 32
+
+
+def test_decay_branched_from_stable_checkpoint_equals_unbranched_run(tmp_path):
+    # 30 steps, decay = last 20% -> starts at step 24; save the stable state there
+    tps = 8 * 32
+    full = train_trial(tiny_trial(checkpoint_dir=str(tmp_path), save_at=[24 * tps]))
+    branch = train_trial(tiny_trial(init_from=str(tmp_path / f"stable-{24 * tps}.pt")))
+    assert branch.final_val_loss == pytest.approx(full.final_val_loss, rel=1e-6)
+    assert [p["val_loss"] for p in branch.curve] == pytest.approx([p["val_loss"] for p in full.curve], rel=1e-6)
+    # a different decay from the same state: it starts where the stable run stopped
+    longer = train_trial(with_overrides(tiny_trial(init_from=str(tmp_path / f"stable-{24 * tps}.pt")),
+                                        {"train.tokens": 40 * tps}))
+    assert longer.curve[-1]["tokens"] == 40 * tps and longer.final_val_loss != full.final_val_loss
+
+
+def test_resume_from_checkpoint_continues(tmp_path):
+    cfg = tiny_trial(checkpoint_dir=str(tmp_path), checkpoint_every=10 * 8 * 32)
+    full = train_trial(tiny_trial())
+    pop = Population([cfg])
+    pop.total_steps = 10  # stop early, as if killed after the checkpoint at step 10
+    pop.run()
+    resumed = Population([cfg])
+    out = resumed.run()[0]
+    assert resumed.step == 30 and out.final_val_loss == pytest.approx(full.final_val_loss, rel=1e-6)
+
+
+def test_bundle_key_ignores_per_trial_fields_only():
+    a = tiny_trial()
+    assert bundle_key(a) == bundle_key(with_overrides(a, {"optim.lr": 0.5, "model.scale_emb": 3.0, "train.seed": 7}))
+    assert bundle_key(a) != bundle_key(with_overrides(a, {"model.d_model": 64}))

@@ -1,0 +1,31 @@
+"""`windtunnel coord-check`: the μP coordinate check (windtunnel/coord_check.py)."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base trial config")
+    p.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--lr", type=float, default=None, help="peak lr (default: the coordinate check's 0.01)")
+    p.add_argument("--parametrizations", default="sp,mup")
+    p.add_argument("--json", action="store_true", help="print rows {parametrization, width, step, layer, value}")
+    p.add_argument("--plot", metavar="FILE.png", help="draw mean |Δactivation| vs width per layer")
+
+
+def run(args) -> int:
+    from windtunnel.configure import trial_config
+    from windtunnel.coord_check import coord_check, plot, summary
+    from windtunnel.errors import ConfigError
+
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        raise ConfigError(f"--widths: must be comma-separated integers (got {args.widths!r})") from None
+    rows = coord_check(trial_config(args.overrides), widths=widths, steps=args.steps, lr=args.lr,
+                       parametrizations=args.parametrizations.split(","))
+    if args.plot:
+        plot(rows, args.plot)
+    print(json.dumps(rows) if args.json else summary(rows))
+    return 0

@@ -1,0 +1,28 @@
+"""`windtunnel trial [KEY=VALUE ...]`: train one trial and print its result."""
+from __future__ import annotations
+
+import json
+
+
+def add_arguments(p) -> None:
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="Hydra overrides of conf/config.yaml, e.g. optim.lr=0.02 model.d_model=128")
+    p.add_argument("--config", metavar="FILE", help="a resolved trial config (e.g. a sweep's best.yaml)")
+    p.add_argument("--json", action="store_true", help="print the whole result (with the loss curve) as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    from windtunnel.configure import trial_config
+    from windtunnel.trainer import train_trial
+
+    cfg = trial_config(args.overrides, args.config)
+    result = train_trial(cfg, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        loss = "n/a" if result.final_val_loss is None else f"{result.final_val_loss:.4f}"
+        print(f"status={result.status} val_loss={loss} tokens={result.tokens} params={result.params} "
+              f"tokens/s={result.tokens_per_s:,.0f} seconds={result.seconds:.1f}"
+              + (f" reason={result.reason!r}" if result.reason else ""))
+    return 0 if result.status == "ok" else 1

@@ -1,0 +1,230 @@
+"""Typed configuration of one trial. Plain dataclasses: the core never imports Hydra.
+
+The CLI composes Hydra/OmegaConf configs and converts them once into these classes; every
+check lives in `__post_init__` and raises `ConfigError` with one line naming the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from windtunnel.errors import ConfigError
+
+PARAMETRIZATIONS = ("sp", "mup")
+KERNELS = ("auto", "torch", "triton")
+SCHEDULES = ("wsd", "cosine", "constant")
+DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
+TOKENIZERS = ("byte", "bpe")
+
+
+def _check(ok: bool, path: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{path}: {rule} (got {value!r})")
+
+
+def _choice(path: str, value: Any, allowed: tuple) -> None:
+    _check(value in allowed, path, f"must be one of {', '.join(allowed)}", value)
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """A Llama/MiniCPM-style decoder: RMSNorm, RoPE, SwiGLU, no biases."""
+
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    d_ff: int = 0
+    """SwiGLU hidden size; 0 = 8/3·d_model rounded up to a multiple of 64 (Llama)."""
+    vocab_size: int = 0
+    """0 = the tokenizer's vocabulary, read from the data manifest."""
+    seq_len: int = 128
+    tie_embeddings: bool = True
+    """MiniCPM ties the LM head to the embedding."""
+    parametrization: str = "mup"
+    """sp: one init std and one lr for all; mup: MiniCPM's μP (windtunnel/parametrization.py)."""
+    scale_emb: float = 12.0
+    """μP: multiplies the embedding output (MiniCPM: 12)."""
+    scale_depth: float = 1.4
+    """μP: each residual branch is scaled by scale_depth/sqrt(n_layers) (MiniCPM: 1.4)."""
+    dim_model_base: int = 256
+    """μP: the width at which μP and sp coincide (MiniCPM: 256)."""
+    init_std: float = 0.1
+    """Init std of matrices at width dim_model_base (MiniCPM: 0.1; sp: used for all matrices)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    kernels: str = "auto"
+    """auto: Triton on CUDA, PyTorch references on CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "seq_len", "dim_model_base"):
+            _check(getattr(self, name) > 0, f"model.{name}", "must be > 0", getattr(self, name))
+        _check(self.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = 8/3·d_model)", self.d_ff)
+        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the data)", self.vocab_size)
+        _check(self.d_model % self.n_heads == 0, "model.d_model",
+               f"must be divisible by model.n_heads={self.n_heads}", self.d_model)
+        _check((self.d_model // self.n_heads) % 2 == 0, "model.n_heads",
+               "must leave an even head dim (RoPE rotates pairs)", self.n_heads)
+        _choice("model.parametrization", self.parametrization, PARAMETRIZATIONS)
+        _choice("model.kernels", self.kernels, KERNELS)
+        for name in ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            _check(math.isfinite(v) and v > 0, f"model.{name}", "must be a finite number > 0", v)
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (this Python's own standard-library sources: real text, no download), a text
+    file or folder, or a folder of prepared shards (holding manifest.json)."""
+    tokenizer: str = "byte"
+    vocab_size: int = 4096
+    """BPE only: the vocabulary to train (byte-level is always 256)."""
+    max_bytes: int = 8_000_000
+    """Cap on the text read from source (stdlib holds ~30 MB)."""
+    val_fraction: float = 0.02
+    """The last fraction of the tokens is the fixed validation split."""
+    cache_dir: str = ""
+    """Where prepared shards are kept; '' = ~/.cache/windtunnel/data."""
+
+    def __post_init__(self) -> None:
+        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        _check(257 <= self.vocab_size <= 2**32 - 1, "data.vocab_size", "must be in [257, 2^32-1]", self.vocab_size)
+        _check(self.max_bytes > 0, "data.max_bytes", "must be > 0", self.max_bytes)
+        _check(0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW. μP's per-group lr multipliers come from windtunnel/parametrization.py."""
+
+    lr: float = 0.01
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    """Clip each trial's global gradient norm; 0 = off."""
+
+    def __post_init__(self) -> None:
+        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "must be a finite number > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        for name in ("beta1", "beta2"):
+            _check(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)", getattr(self, name))
+        _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", self.grad_clip)
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    """Learning-rate factor over the run (windtunnel/schedule.py)."""
+
+    kind: str = "wsd"
+    warmup: float = 0.02
+    """Fraction of the steps spent warming up linearly."""
+    decay: float = 0.1
+    """WSD: fraction of the steps in the final decay (MiniCPM: ~10%)."""
+    decay_shape: str = "exp"
+    final_lr_frac: float = 0.01
+    """lr at the end of the decay, as a fraction of the peak."""
+
+    def __post_init__(self) -> None:
+        _choice("schedule.kind", self.kind, SCHEDULES)
+        _choice("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
+        _check(0 <= self.warmup < 1, "schedule.warmup", "must be in [0, 1)", self.warmup)
+        _check(0 <= self.decay <= 1, "schedule.decay", "must be in [0, 1]", self.decay)
+        _check(self.warmup + (self.decay if self.kind == "wsd" else 0) <= 1, "schedule.warmup",
+               "warmup + decay must be <= 1", self.warmup)
+        _check(0 < self.final_lr_frac <= 1, "schedule.final_lr_frac", "must be in (0, 1]", self.final_lr_frac)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    tokens: int = 1_000_000
+    """Token budget of the trial."""
+    batch_size: int = 16
+    """Sequences per step (tokens per step = batch_size · model.seq_len)."""
+    eval_every: int = 0
+    """Tokens between validation evaluations; 0 = 10 evaluations per run."""
+    eval_batches: int = 4
+    seed: int = 0
+    """Initialisation seed; the data order uses data_seed (-1 = the same as seed)."""
+    data_seed: int = -1
+    device: str = "auto"
+    """auto: cuda if available, else cpu."""
+    diverge_loss: float = 0.0
+    """A train loss above this stops the trial as diverged; 0 = 1.5 · ln(vocab)."""
+    checkpoint_dir: str = ""
+    """Where resumable state is written; a run finding state there resumes from it."""
+    checkpoint_every: int = 0
+    """Tokens between resumable checkpoints (0 = none)."""
+    save_at: list[int] = field(default_factory=list)
+    """Token counts at which to save the (stable-phase) state for later decay branches."""
+    init_from: str = ""
+    """A saved state (save_at or checkpoint) to branch from: weights, optimizer, data order."""
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("tokens", "batch_size", "eval_batches"):
+            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
+        for name in ("eval_every", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
+               "must be auto, cpu, cuda or cuda:N", self.device)
+        for t in self.save_at:
+            _check(0 < t < self.tokens, "train.save_at", f"token counts must be in (0, train.tokens={self.tokens})", t)
+
+
+@dataclass(kw_only=True)
+class TrialConfig:
+    """Everything one trial needs; stored with its result so it can be re-run exactly."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
+            "schedule": ScheduleConfig, "train": TrainConfig}
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def trial_from_dict(d: dict) -> TrialConfig:
+    """Build a TrialConfig from nested dicts; unknown keys are errors that name the field."""
+    unknown = set(d) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
+    parts = {}
+    for name, cls in SECTIONS.items():
+        values = dict(d.get(name) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - known
+        if bad:
+            raise ConfigError(f"{name}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+        parts[name] = cls(**values)
+    return TrialConfig(**parts)
+
+
+def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:
+    """A copy with dotted keys replaced ('optim.lr': 0.02), re-validated."""
+    d = to_dict(cfg)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in d or name not in d[section]:
+            raise ConfigError(f"{key}: unknown key")
+        d[section][name] = value
+    return trial_from_dict(d)

@@ -1,0 +1,96 @@
+"""Hydra at the edge: compose conf/ with KEY=VALUE overrides, then convert once into the
+project's dataclasses (windtunnel/config.py). Nothing below the CLI imports Hydra.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+
+from windtunnel.config import SECTIONS, TrialConfig, trial_from_dict
+from windtunnel.errors import ConfigError
+
+
+def repo_dir(name: str) -> Path:
+    """conf/ or sweeps/ beside the package (an editable install or a checkout)."""
+    env = os.environ.get(f"WINDTUNNEL_{name.upper()}")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / name
+
+
+def _register_schemas() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="trial_schema", node=TrialConfig)
+    for group, cls in SECTIONS.items():
+        cs.store(group=group, name=f"{group}_schema", node=cls)
+
+
+def _one_line(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | None = None) -> dict:
+    """The composed config as plain nested dicts; a bad override raises ConfigError (one line)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    _register_schemas()
+    conf_dir = conf_dir or repo_dir("conf")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+        return OmegaConf.to_container(cfg, resolve=True)
+    except ConfigError:
+        raise
+    except Exception as e:  # Hydra/OmegaConf errors: keep the first line, which names the key
+        raise ConfigError(f"overrides: {_one_line(e)}") from None
+
+
+def trial_config(overrides: list[str], config_file: str | None = None) -> TrialConfig:
+    """A TrialConfig from conf/ + overrides, or from a resolved YAML file (best.yaml) + overrides."""
+    if config_file:
+        d = load_yaml(config_file)
+        d = d.get("trial", d)  # best.yaml may wrap the trial with its sweep context
+        merged = _apply_overrides(d, overrides)
+        return trial_from_dict(merged)
+    return trial_from_dict(compose(overrides))
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        d = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: must hold a mapping of keys to values")
+    return d
+
+
+def parse_value(text: str):
+    """'0.01' -> 0.01, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _apply_overrides(d: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"{item}: overrides are KEY=VALUE")
+        node, parts = d, key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = parse_value(value)
+    return d

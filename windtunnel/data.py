@@ -1,0 +1,167 @@
+"""Token shards on disk: a flat uint16/uint32 file plus a JSON manifest, memory-mapped.
+
+Layout of a shard folder:
+  tokens.bin      the whole corpus, one token id after another
+  manifest.json   {"tokenizer", "vocab_size", "tokens", "dtype", "source", "source_hash"}
+  tokenizer.json  (bpe only) the trained HF `tokenizers` model
+
+The last `val_fraction` of the tokens is the fixed validation split; training windows are
+drawn at random from the rest, each trial from its own seeded generator.
+
+The default corpus is this Python's own standard library source: real text that every
+machine with Python has, so the demo needs no download.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sysconfig
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from windtunnel.config import DataConfig
+from windtunnel.errors import ConfigError
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+
+
+def stdlib_dir() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
+    """(text bytes, description) from 'stdlib', a text file or a folder of text files."""
+    if source == "stdlib":
+        root, name = stdlib_dir(), "python-stdlib"
+    else:
+        root, name = Path(source).expanduser(), str(Path(source).expanduser().resolve())
+        if not root.exists():
+            raise ConfigError(f"data.source: no such file or folder (got {source!r}; allowed: stdlib, a text "
+                              "file or folder, a shard folder)")
+    if root.is_file():
+        return root.read_bytes()[:max_bytes], name
+    files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
+                   and "site-packages" not in p.parts and "__pycache__" not in p.parts)
+    chunks, size = [], 0
+    for p in files:
+        b = p.read_bytes()
+        chunks.append(b)
+        size += len(b) + 1
+        if size >= max_bytes:
+            break
+    if not chunks:
+        raise ConfigError(f"data.source: no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
+    return b"\n".join(chunks)[:max_bytes], name
+
+
+def _train_bpe(text: bytes, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+    tok.train_from_iterator((lines[i:i + 1000] for i in range(0, len(lines), 1000)), trainer=trainer)
+    return tok
+
+
+def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_size: int = 4096,
+            max_bytes: int = 8_000_000) -> Path:
+    """Tokenize `source` into a shard folder at out_dir, atomically (a temp folder, then rename)."""
+    text, name = read_text(source, max_bytes)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        if tokenizer == "byte":
+            ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
+        elif tokenizer == "bpe":
+            tok = _train_bpe(text, vocab_size)
+            tok.save(str(tmp / "tokenizer.json"))
+            lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+            ids = np.fromiter((i for enc in tok.encode_batch(lines) for i in enc.ids), dtype=np.int64)
+            vocab = tok.get_vocab_size()
+        else:
+            raise ConfigError(f"data.tokenizer: must be one of byte, bpe (got {tokenizer!r})")
+        dtype = np.uint16 if vocab <= 2**16 else np.uint32
+        ids.astype(dtype).tofile(tmp / "tokens.bin")
+        manifest = {"tokenizer": tokenizer, "vocab_size": int(vocab), "tokens": int(ids.size),
+                    "dtype": np.dtype(dtype).name, "source": name,
+                    "source_hash": hashlib.sha256(text).hexdigest()}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        try:
+            os.replace(tmp, out_dir)
+        except OSError:  # another process prepared the same shards first: keep theirs
+            if not (out_dir / "manifest.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+@dataclass
+class Shards:
+    path: Path
+    manifest: dict
+    tokens: np.ndarray
+    """Memory-mapped token ids."""
+    val_start: int
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest["vocab_size"])
+
+    @classmethod
+    def open(cls, path: str | Path, val_fraction: float = 0.02) -> "Shards":
+        path = Path(path)
+        manifest_file = path / "manifest.json"
+        if not manifest_file.exists():
+            raise ConfigError(f"data.source: {path} holds no manifest.json (run `windtunnel data prepare`)")
+        manifest = json.loads(manifest_file.read_text())
+        tokens = np.memmap(path / "tokens.bin", dtype=manifest["dtype"], mode="r")
+        if tokens.size != manifest["tokens"]:
+            raise ConfigError(f"data.source: {path}/tokens.bin holds {tokens.size} tokens, manifest says "
+                              f"{manifest['tokens']}")
+        return cls(path, manifest, tokens, val_start=int(tokens.size * (1 - val_fraction)))
+
+    def train_windows(self, rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:
+        """(batch, seq_len + 1) random windows of the training split."""
+        high = self.val_start - seq_len - 1
+        if high <= 0:
+            raise ConfigError(f"model.seq_len: {seq_len} is longer than the training split ({self.val_start} tokens)")
+        starts = rng.integers(0, high, size=batch)
+        return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+
+    def val_windows(self, n: int, seq_len: int) -> np.ndarray:
+        """(n, seq_len + 1) fixed, non-overlapping windows of the validation split."""
+        n_avail = (self.tokens.size - self.val_start - 1) // seq_len
+        if n_avail < 1:
+            raise ConfigError(f"model.seq_len: {seq_len} is longer than the validation split")
+        starts = self.val_start + seq_len * np.arange(min(n, n_avail))
+        return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("WINDTUNNEL_CACHE", Path.home() / ".cache" / "windtunnel")) / "data"
+
+
+def load(cfg: DataConfig) -> Shards:
+    """Open the shards `cfg` names, preparing (and caching) them from text on first use."""
+    src = Path(cfg.source).expanduser()
+    if cfg.source != "stdlib" and (src / "manifest.json").exists():
+        return Shards.open(src, cfg.val_fraction)
+    text, _ = read_text(cfg.source, cfg.max_bytes)
+    vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 256
+    key = f"{cfg.tokenizer}{vocab}-{hashlib.sha256(text).hexdigest()[:16]}"
+    out = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    out = out / key
+    if not (out / "manifest.json").exists():
+        prepare(cfg.source, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_bytes=cfg.max_bytes)
+    return Shards.open(out, cfg.val_fraction)

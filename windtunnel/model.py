@@ -1,0 +1,185 @@
+"""The architecture, top to bottom: a Llama/MiniCPM-style decoder for a *population* of K trials.
+
+Every parameter carries a leading population axis K: a single trial is K = 1, and K trials of
+one shape train together as one model whose matmuls are batched GEMMs (HFTA's horizontal
+fusion). The trials differ in values, never in shapes: init std, the μP forward multipliers
+(per-trial buffers below) and, in the optimizer, lr and weight decay.
+
+Shapes: K trials, B sequences per trial, T tokens, C = d_model, H heads of D = C / H, F = ffn,
+V = vocab, N = B·T rows per trial.
+
+The μP rules come from windtunnel/parametrization.py; this file only declares each parameter's
+role (the `ROLES` tables) and applies the multipliers it is given.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from windtunnel import parametrization as mup
+from windtunnel.config import ModelConfig
+from windtunnel.kernels import Ops, select
+from windtunnel.kernels.attention import rope_cos_sin
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """(K, N, in) @ (K, out, in)^T -> (K, N, out): one batched GEMM for all trials."""
+    return torch.bmm(x, w.transpose(1, 2))
+
+
+class Attention(nn.Module):
+    ROLES = {"wqkv": "hidden", "wo": "hidden"}
+
+    def __init__(self, cfg: ModelConfig, K: int):
+        super().__init__()
+        C = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.wqkv = nn.Parameter(torch.empty(K, 3 * C, C))
+        self.wo = nn.Parameter(torch.empty(K, C, C))
+
+    def forward(self, x, B: int, cos, sin, ops: Ops):
+        K, N, C = x.shape
+        T, H = N // B, self.n_heads
+        qkv = _matmul(x, self.wqkv).view(K * B, T, 3, H, C // H)  # (KB, T, 3, H, D)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (KB, H, T, D)
+        y = ops.attention(q, k, v, cos, sin)  # (KB, H, T, D)
+        y = y.transpose(1, 2).reshape(K, N, C)
+        return _matmul(y, self.wo)
+
+
+class MLP(nn.Module):
+    ROLES = {"w_gate": "hidden", "w_up": "hidden", "w_down": "hidden"}
+
+    def __init__(self, cfg: ModelConfig, K: int):
+        super().__init__()
+        C, F = cfg.d_model, cfg.ffn_dim
+        self.w_gate = nn.Parameter(torch.empty(K, F, C))
+        self.w_up = nn.Parameter(torch.empty(K, F, C))
+        self.w_down = nn.Parameter(torch.empty(K, C, F))
+
+    def forward(self, x, ops: Ops):
+        return _matmul(ops.swiglu(_matmul(x, self.w_gate), _matmul(x, self.w_up)), self.w_down)
+
+
+class Block(nn.Module):
+    ROLES = {"attn_norm": "vector", "mlp_norm": "vector"}
+
+    def __init__(self, cfg: ModelConfig, K: int):
+        super().__init__()
+        self.attn_norm = nn.Parameter(torch.empty(K, cfg.d_model))
+        self.attn = Attention(cfg, K)
+        self.mlp_norm = nn.Parameter(torch.empty(K, cfg.d_model))
+        self.mlp = MLP(cfg, K)
+        self.eps = cfg.norm_eps
+
+    def forward(self, h, res_mult, B: int, cos, sin, ops: Ops):
+        """h: (K, N, C) residual stream; res_mult: (K, 1, 1) μP residual-branch scale."""
+        a = self.attn(ops.rms_norm(h, self.attn_norm, self.eps), B, cos, sin, ops)
+        y, h = ops.rms_norm(a * res_mult, self.mlp_norm, self.eps, residual=h)  # h += branch; y = norm(h)
+        return h + self.mlp(y, ops) * res_mult
+
+
+class Transformer(nn.Module):
+    ROLES = {"wte": "embedding", "norm": "vector", "lm_head": "output"}
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, population: int = 1):
+        super().__init__()
+        K, C = population, cfg.d_model
+        self.cfg, self.K, self.vocab_size = cfg, K, vocab_size
+        self.wte = nn.Parameter(torch.empty(K, vocab_size, C))
+        self.layers = nn.ModuleList(Block(cfg, K) for _ in range(cfg.n_layers))
+        self.norm = nn.Parameter(torch.empty(K, C))
+        self.lm_head = None if cfg.tie_embeddings else nn.Parameter(torch.empty(K, vocab_size, C))
+        # μP forward multipliers, one per trial (1 in sp); buffers so a checkpoint carries them.
+        self.register_buffer("emb_mult", torch.ones(K))
+        self.register_buffer("res_mult", torch.ones(K))
+        self.register_buffer("logit_mult", torch.ones(K))
+
+    # -- roles and μP ---------------------------------------------------------------------------
+    def param_roles(self) -> dict[str, str]:
+        """Every parameter's μP role, read from the ROLES table of the module that owns it."""
+        roles = {}
+        for mod_name, mod in self.named_modules():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                roles[f"{mod_name}.{p_name}" if mod_name else p_name] = type(mod).ROLES[p_name]
+        return roles
+
+    @torch.no_grad()
+    def init_trial(self, k: int, cfg: ModelConfig, generator: torch.Generator) -> None:
+        """Initialise trial k's slice from its own config and seed (a pure function of both)."""
+        m = mup.model_multipliers(cfg)
+        self.emb_mult[k], self.res_mult[k], self.logit_mult[k] = m.embedding, m.residual, m.logit
+        roles = self.param_roles()
+        for name, p in self.named_parameters():
+            r = mup.model_rule(roles[name], cfg)
+            if r.init_std == 0.0:
+                p[k].fill_(1.0)
+            else:  # drawn on the CPU so a seed gives the same weights on any device
+                p[k].copy_(torch.randn(p.shape[1:], generator=generator) * r.init_std)
+
+    def ops(self, device: torch.device) -> Ops:
+        """The kernels for this device, picked in one place (windtunnel.kernels.select)."""
+        return select(self.cfg.kernels, device)
+
+    # -- forward --------------------------------------------------------------------------------
+    def _rope(self, T: int):
+        D = self.cfg.head_dim
+        return rope_cos_sin(T, D, self.cfg.rope_theta, self.wte.device, torch.float32)
+
+    def hidden_states(self, idx: torch.Tensor):
+        """idx (K, B, T) -> (embedding output, [each block's output], final normed state), each (K, N, C)."""
+        K, B, T = idx.shape
+        V = self.vocab_size
+        # one embedding lookup for all trials: trial k's table is rows [k·V, (k+1)·V)
+        offsets = (torch.arange(K, device=idx.device) * V).view(K, 1, 1)
+        x = nn.functional.embedding((idx + offsets).view(K, B * T), self.wte.view(K * V, -1))
+        x = x * self.emb_mult.view(K, 1, 1)
+        cos, sin = self._rope(T)
+        ops = self.ops(idx.device)
+        outs, h = [], x
+        res = self.res_mult.view(K, 1, 1)
+        for block in self.layers:
+            h = block(h, res, B, cos, sin, ops)
+            outs.append(h)
+        return x, outs, ops.rms_norm(h, self.norm, self.cfg.norm_eps)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.wte if self.lm_head is None else self.lm_head
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-trial mean cross-entropy, (K,) fp32. The fp32 logits are never materialised
+        whole when the fused kernel is used."""
+        K = idx.shape[0]
+        _, _, h = self.hidden_states(idx)
+        # μP: the final hidden state is divided by d_model / dim_model_base (logit_mult)
+        ops = self.ops(idx.device)
+        return ops.linear_cross_entropy(h, self.head_weight(), targets.reshape(K, -1), self.logit_mult)
+
+    def logits(self, idx: torch.Tensor) -> torch.Tensor:
+        """(K, N, V) logits, for inspection (the coordinate check); training never calls this."""
+        _, _, h = self.hidden_states(idx)
+        return _matmul(h * self.logit_mult.view(-1, 1, 1), self.head_weight()).float()
+
+    def num_params(self, per_trial: bool = True, embeddings: bool = True) -> int:
+        n = sum(p.numel() for name, p in self.named_parameters() if embeddings or name != "wte")
+        return n // self.K if per_trial else n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token of one trial: 6 × matmul params (LM head included) plus
+        causal attention (PaLM appendix B: 12·L·C·T, halved for the causal mask)."""
+        cfg = self.cfg
+        C, F, L, V, T = cfg.d_model, cfg.ffn_dim, cfg.n_layers, self.vocab_size, cfg.seq_len
+        matmul = L * (4 * C * C + 3 * C * F) + V * C
+        return 6 * matmul + 6 * L * C * T
+
+
+def count_params(cfg: ModelConfig, vocab_size: int) -> int:
+    """Parameters of one trial, without building it."""
+    C, F, L = cfg.d_model, cfg.ffn_dim, cfg.n_layers
+    emb = vocab_size * C * (1 if cfg.tie_embeddings else 2)
+    return emb + L * (4 * C * C + 3 * C * F + 2 * C) + C
+
+
+def non_embedding_params(cfg: ModelConfig) -> int:
+    C, F, L = cfg.d_model, cfg.ffn_dim, cfg.n_layers
+    return L * (4 * C * C + 3 * C * F + 2 * C) + C

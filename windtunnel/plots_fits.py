@@ -1,0 +1,126 @@
+"""Figures for the fits in windtunnel/fits.py. matplotlib (Agg) is imported only when one is drawn.
+
+Each `plot_*` takes the fit and the checked frame it came from and writes one image file,
+via a temporary file renamed into place, so a failed plot leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from windtunnel.errors import ConfigError
+from windtunnel.fits import BatchSizeFit, LrTransferFit, ScalingLawFit, WsdFit, predict_loss
+
+FORMATS = ("png", "pdf", "svg")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"--plot: {path}: file type {path.suffix or '(none)'!r} not allowed; allowed: .{', .'.join(FORMATS)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        _plt().close(fig)
+    return path
+
+
+def plot_lr_transfer(fit: LrTransferFit, df: pd.DataFrame, path: str | Path) -> Path:
+    """Loss vs lr (log x) per width, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
+    plt = _plt()
+    d = df.groupby(["parametrization", "width", "lr"], as_index=False)["loss"].mean()
+    ps = sorted(d["parametrization"].unique())
+    fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
+    for ax, p in zip(axes[0], ps):
+        dp = d[d["parametrization"] == p]
+        widths = sorted(dp["width"].unique())
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(widths)))
+        for w, c in zip(widths, colors):
+            dw = dp[dp["width"] == w].sort_values("lr")
+            ax.plot(dw["lr"], dw["loss"], "o-", color=c, ms=3, label=f"width {w:g}")
+            o = next(o for o in fit.optima if o.parametrization == p and o.width == w)
+            ax.plot([o.lr_opt], [o.loss_opt], "*" if not o.at_edge else "x", color=c, ms=12, mec="k")
+        drift = fit.drift_steps.get(p)
+        ax.set_title(f"{p}" + (f" (optimum drift {drift:.1f} grid steps)" if drift is not None else ""))
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("learning rate")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss")
+    return _save(fig, path)
+
+
+def plot_batch_size(fit: BatchSizeFit, df: pd.DataFrame, path: str | Path) -> Path:
+    """Left: loss vs batch size per (model, tokens), optima marked. Right: bs_opt vs loss and a/L^b."""
+    plt = _plt()
+    d = df.groupby(["model", "tokens", "batch_size"], as_index=False)["loss"].mean()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    models = sorted(d["model"].unique())
+    cmap = dict(zip(models, plt.cm.tab10(np.arange(len(models)) % 10)))
+    for (m, t), g in d.groupby(["model", "tokens"]):
+        g = g.sort_values("batch_size")
+        ax.plot(g["batch_size"], g["loss"], "-", color=cmap[m], alpha=0.6, lw=1)
+    for p in fit.points:
+        ax.plot([p.batch_size_opt], [p.loss_opt], "*" if p.used_in_fit else "x", color=cmap[p.model], ms=9, mec="k")
+        ax2.plot([p.loss_opt], [p.batch_size_opt], "o" if p.used_in_fit else "x", color=cmap[p.model])
+    for m in models:
+        ax2.plot([], [], "o", color=cmap[m], label=m)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size (tokens)")
+    ax.set_ylabel("loss")
+    ax.set_title("loss vs batch size per (model, tokens)")
+    L = np.array([p.loss_opt for p in fit.points])
+    grid = np.linspace(L.min() * 0.97, L.max() * 1.03, 100)
+    ax2.plot(grid, fit.batch_size_opt(grid), "k--", label=f"bs = {fit.a:.3g} / L^{fit.b:.3g}")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("loss at the optimum")
+    ax2.set_ylabel("optimal batch size (tokens)")
+    ax2.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_scaling_law(fit: ScalingLawFit | None, df: pd.DataFrame, path: str | Path) -> Path:
+    """Loss vs D (log x) per N, with the fitted L(N, D) curves when there is a fit."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    Ns = sorted(df["N"].unique())
+    colors = plt.cm.plasma(np.linspace(0, 0.85, len(Ns)))
+    for n, c in zip(Ns, colors):
+        g = df[df["N"] == n].sort_values("D")
+        ax.plot(g["D"], g["loss"], "o", color=c, ms=4, label=f"N = {n:.3g}")
+        if fit is not None:
+            Dg = np.geomspace(df["D"].min() / 1.5, df["D"].max() * 1.5, 100)
+            ax.plot(Dg, predict_loss(fit, n, Dg), "-", color=c, lw=1)
+    if fit is not None:
+        ax.axhline(fit.E, color="gray", ls=":", lw=1)
+        ax.set_title(f"L = {fit.E:.3g} + {fit.A:.3g}/N^{fit.alpha:.3g} + {fit.B:.3g}/D^{fit.beta:.3g}", fontsize=9)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens D")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def plot_wsd(fit: WsdFit, path: str | Path) -> Path:
+    """Loss vs data per model size from the decay branches, with the scaling-law curves if fitted."""
+    return plot_scaling_law(fit.scaling_law, fit.points, path)

@@ -1,0 +1,264 @@
+"""The trial runner: trains one trial, or a population of K same-shape trials at once.
+
+A population stacks K trials on a leading axis (windtunnel/model.py). Each trial keeps its own
+init seed, data stream, hyperparameters, schedule, loss and status; the only things shared are
+shapes and kernels. A trial that diverges or is pruned is masked: its weights and optimizer
+state are zeroed (so it computes finite values and disturbs no one) and its lr is set to 0.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from windtunnel import data as data_mod
+from windtunnel.config import TrialConfig, to_dict
+from windtunnel.errors import ConfigError
+from windtunnel.model import Transformer
+from windtunnel.optim import PopulationAdamW, clip_grad_norm_per_trial
+from windtunnel.schedule import lr_factor
+
+# Fields that may differ between trials of one population; everything else must match.
+PER_TRIAL = {
+    "model": ("scale_emb", "scale_depth", "init_std", "dim_model_base", "parametrization"),
+    "optim": ("lr", "weight_decay"),
+    "schedule": ("kind", "warmup", "decay", "decay_shape", "final_lr_frac"),
+    "train": ("seed", "data_seed", "diverge_loss", "checkpoint_dir", "init_from"),
+}
+
+
+def bundle_key(cfg: TrialConfig) -> str:
+    """Trials with equal keys can train as one population."""
+    d = to_dict(cfg)
+    for section, names in PER_TRIAL.items():
+        for name in names:
+            d[section].pop(name)
+    return json.dumps(d, sort_keys=True)
+
+
+@dataclass
+class TrialResult:
+    status: str
+    """ok | diverged | pruned | failed"""
+    final_val_loss: float | None
+    curve: list[dict] = field(default_factory=list)
+    """One point per evaluation: {"step", "tokens", "lr", "train_loss", "val_loss"}."""
+    tokens: int = 0
+    seconds: float = 0.0
+    tokens_per_s: float = 0.0
+    reason: str = ""
+    params: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name} asked for, but no CUDA device is visible (allowed: auto, cpu)")
+    return torch.device(name)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Population:
+    """K trials of one shape trained together. `Population([cfg]).run()[0]` is one trial."""
+
+    def __init__(self, cfgs: list[TrialConfig], device: str | torch.device | None = None):
+        if not cfgs:
+            raise ValueError("a population needs at least one trial")
+        key = bundle_key(cfgs[0])
+        for c in cfgs[1:]:
+            if bundle_key(c) != key:
+                raise ConfigError("population: trials differ in a shape-changing field; bundle them separately")
+        self.cfgs, self.K = cfgs, len(cfgs)
+        c0 = cfgs[0]
+        self.device = torch.device(device) if device is not None else resolve_device(c0.train.device)
+        self.shards = data_mod.load(c0.data)
+        vocab = c0.model.vocab_size or self.shards.vocab_size
+        if vocab < self.shards.vocab_size:
+            raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {self.shards.vocab_size}", )
+        self.model = Transformer(c0.model, vocab, population=self.K)
+        for k, c in enumerate(cfgs):
+            self.model.init_trial(k, c.model, torch.Generator().manual_seed(c.train.seed))
+        self.model.to(self.device)
+        self.opt = PopulationAdamW(self.model, cfgs)
+        self.rngs = [np.random.default_rng(c.train.data_seed if c.train.data_seed >= 0 else c.train.seed)
+                     for c in cfgs]
+        self.tokens_per_step = c0.train.batch_size * c0.model.seq_len
+        self.total_steps = math.ceil(c0.train.tokens / self.tokens_per_step)
+        every = c0.train.eval_every or c0.train.tokens // 10
+        self.eval_interval = max(1, round(every / self.tokens_per_step))
+        self.step = 0
+        self.active = [True] * self.K
+        self.status = ["ok"] * self.K
+        self.reasons = [""] * self.K
+        self.curves: list[list[dict]] = [[] for _ in range(self.K)]
+        self.val = torch.from_numpy(self.shards.val_windows(c0.train.eval_batches * c0.train.batch_size,
+                                                            c0.model.seq_len))
+        self.diverge_at = [c.train.diverge_loss or 1.5 * math.log(vocab) for c in cfgs]
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        self.forward = torch.compile(self.model) if c0.train.compile else self.model
+        if c0.train.init_from:
+            self._load(Path(c0.train.init_from), branch=True)
+
+    # -- state ----------------------------------------------------------------------------------
+    def _state(self) -> dict:
+        return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                "rngs": [r.bit_generator.state for r in self.rngs], "active": self.active,
+                "status": self.status, "reasons": self.reasons, "curves": self.curves,
+                "configs": [to_dict(c) for c in self.cfgs]}
+
+    def _load(self, path: Path, branch: bool = False) -> None:
+        """Resume from a checkpoint of this population, or (branch) start from a saved state of
+        one trial or of this population, keeping this run's own schedule."""
+        if not path.exists():
+            raise ConfigError(f"train.init_from: no such file {path}")
+        s = torch.load(path, map_location=self.device, weights_only=False)
+        n = len(s["rngs"])
+        if n not in (1, self.K):
+            raise ConfigError(f"train.init_from: {path} holds {n} trials; this population has {self.K}")
+        pick = (lambda xs: [xs[0]] * self.K) if n == 1 else (lambda xs: list(xs))
+        with torch.no_grad():
+            own = self.model.state_dict()
+            for name, t in s["model"].items():
+                # branches keep their own μP multipliers (buffers); weights come from the state
+                if branch and name.endswith("_mult"):
+                    continue
+                own[name].copy_(t.expand_as(own[name]))
+        self.opt.load_state_dict(s["opt"])
+        for r, st in zip(self.rngs, pick(s["rngs"])):
+            r.bit_generator.state = st
+        self.step = s["step"]
+        self.active, self.status = pick(s["active"]), pick(s["status"])
+        self.reasons = pick(s["reasons"])
+        self.curves = [[dict(p) for p in c] for c in pick(s["curves"])]
+
+    def _mask(self, k: int, status: str, reason: str) -> None:
+        self.active[k], self.status[k], self.reasons[k] = False, status, reason
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p[k].zero_()
+        self.opt.reset_trial(k)
+
+    # -- data and evaluation ----------------------------------------------------------------
+    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c0 = self.cfgs[0]
+        w = np.stack([self.shards.train_windows(r, c0.train.batch_size, c0.model.seq_len) for r in self.rngs])
+        w = torch.from_numpy(w).to(self.device, non_blocking=True)  # (K, B, T+1)
+        return w[..., :-1], w[..., 1:]
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        B = self.cfgs[0].train.batch_size
+        total = torch.zeros(self.K, device=self.device)
+        chunks = self.val.split(B)
+        for w in chunks:
+            w = w.to(self.device).unsqueeze(0).expand(self.K, -1, -1)
+            with self.autocast:
+                total += self.forward(w[..., :-1], w[..., 1:]).float()
+        return (total / len(chunks)).tolist()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def lr_factors(self) -> list[float]:
+        return [lr_factor(c.schedule, self.step, self.total_steps) if a else 0.0
+                for c, a in zip(self.cfgs, self.active)]
+
+    def train_step(self, factors: list[float]) -> torch.Tensor:
+        """One optimizer step of every trial; returns the (K,) train losses (on the device)."""
+        x, y = self._batch()
+        with self.autocast:
+            loss = self.forward(x, y)  # (K,)
+        active = torch.tensor(self.active, device=self.device)
+        # a masked trial's loss must not reach the sum: NaN * 0 would still be NaN
+        torch.where(active, loss, torch.zeros_like(loss)).sum().backward()
+        clip_grad_norm_per_trial(self.opt.params, self.cfgs[0].optim.grad_clip)
+        self.opt.step(torch.tensor(factors, device=self.device))
+        for p in self.opt.params:
+            p.grad = None
+        self.step += 1
+        return loss.detach()
+
+    def run(self, on_eval: Callable[[int, int, float], bool] | None = None, progress: bool = False,
+            on_checkpoint: Callable[[int], None] | None = None) -> list[TrialResult]:
+        """Train to the token budget. on_eval(k, tokens, val_loss) -> True prunes trial k."""
+        c0 = self.cfgs[0]
+        ckpt_dir = Path(c0.train.checkpoint_dir) if c0.train.checkpoint_dir else None
+        latest = ckpt_dir / "latest.pt" if ckpt_dir else None
+        if latest is not None and latest.exists():
+            self._load(latest)
+        ckpt_interval = max(1, round(c0.train.checkpoint_every / self.tokens_per_step)) \
+            if c0.train.checkpoint_every else 0
+        save_steps = {math.ceil(t / self.tokens_per_step): t for t in c0.train.save_at}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        start, start_step, losses = time.perf_counter(), self.step, []
+        while self.step < self.total_steps and any(self.active):
+            factors = self.lr_factors()
+            losses.append(self.train_step(factors))
+            if bar is not None:
+                bar.update(1)
+            if self.step % self.eval_interval == 0 or self.step == self.total_steps:
+                self._record(torch.stack(losses).float().mean(0).tolist(), factors, on_eval)
+                losses = []
+                if bar is not None:
+                    bar.set_postfix(val=min((c[-1]["val_loss"] for c in self.curves if c), default=float("nan")))
+            if self.step in save_steps and ckpt_dir is not None:
+                _atomic_save(self._state(), ckpt_dir / f"stable-{save_steps[self.step]}.pt")
+            if ckpt_interval and self.step % ckpt_interval == 0 and latest is not None:
+                _atomic_save(self._state(), latest)
+                if on_checkpoint:
+                    on_checkpoint(self.step)
+        if bar is not None:
+            bar.close()
+        seconds = time.perf_counter() - start
+        done = (self.step - start_step) * self.tokens_per_step
+        results = []
+        for k in range(self.K):
+            curve = self.curves[k]
+            final = curve[-1]["val_loss"] if curve and self.status[k] == "ok" else None
+            results.append(TrialResult(
+                status=self.status[k], final_val_loss=final, curve=curve,
+                tokens=curve[-1]["tokens"] if curve else 0, seconds=seconds,
+                tokens_per_s=done / seconds if seconds > 0 else 0.0, reason=self.reasons[k],
+                params=self.model.num_params()))
+        return results
+
+    def _record(self, train_losses: list[float], factors: list[float], on_eval) -> None:
+        tokens = self.step * self.tokens_per_step
+        val = self.evaluate()
+        for k in range(self.K):
+            if not self.active[k]:
+                continue
+            tl, vl = train_losses[k], val[k]
+            point = {"step": self.step, "tokens": tokens, "lr": self.cfgs[k].optim.lr * factors[k],
+                     "train_loss": tl, "val_loss": vl}
+            if not (math.isfinite(tl) and math.isfinite(vl)) or tl > self.diverge_at[k]:
+                self.curves[k].append(point)
+                self._mask(k, "diverged", f"loss {tl:.4g} at {tokens} tokens (bound {self.diverge_at[k]:.4g})")
+                continue
+            self.curves[k].append(point)
+            if on_eval is not None and on_eval(k, tokens, vl):
+                self._mask(k, "pruned", f"pruned at {tokens} tokens (val loss {vl:.4f})")
+
+
+def train_trial(cfg: TrialConfig, **kwargs) -> TrialResult:
+    return Population([cfg]).run(**kwargs)[0]
