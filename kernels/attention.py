@@ -1,0 +1,361 @@
+"""Causal attention with RoPE fused into the Q/K loads (flash attention, forward and backward).
+
+q, k, v: (B, H, T, D), D in 32/64/128, any T. Scale 1/sqrt(D). With cos, sin (T, D):
+    apply_rope(x) = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
+    q' = apply_rope(q), k' = apply_rope(k)
+Forward, per query row i (j <= i):
+    s_ij = q'_i . k'_j / sqrt(D),  p_ij = exp(s_ij - lse_i),  lse_i = log sum_j exp(s_ij),  o_i = sum_j p_ij v_j
+Gradients, with delta_i = do_i . o_i:
+    dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i)
+    dq'_i = sum_j ds_ij k'_j / sqrt(D),   dk'_j = sum_i ds_ij q'_i / sqrt(D)
+    dq = dq' * cos - rotate_half(dq' * sin)   (rotate_half's transpose is -rotate_half; same for dk)
+Saved for backward: q, k, v (before RoPE), o and the row log-sum-exp (fp32, B*H*T floats). The
+roped q', k' and P are not saved: the backward recomputes them tile by tile, which costs FLOPs
+but no (B, H, T, T) or extra (B, H, T, D) buffers.
+Why RoPE is fused: unfused, RoPE reads and writes q and k once more each way (in eager PyTorch,
+about five passes); fused, it is a few FMAs on tiles already in registers (measured in bench.py,
+rows "triton" vs "triton, rope unfused").
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+HEAD_DIMS = (32, 64, 128)
+
+
+def rope_cos_sin(T, D, theta=10000.0, device=None, dtype=torch.float32):
+    """cos, sin of shape (T, D) for rotate-half RoPE: angle(t, j) = t * theta^(-2 (j mod D/2) / D)."""
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64, device=device) / D)
+    angles = torch.arange(T, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    """x (..., T, D) with cos, sin (T, D) (or longer tables: the first T rows are used)."""
+    T = x.shape[-2]
+    cos, sin = cos[:T], sin[:T]
+    return (x * cos + rotate_half(x) * sin).to(x.dtype)
+
+
+def attention_reference(q, k, v, cos=None, sin=None):
+    """Pure PyTorch: RoPE, then causal softmax(q k^T / sqrt(D)) v via SDPA (flash on CUDA)."""
+    if cos is not None:
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@triton.jit
+def _rotate_half(x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    # cat(-x2, x1) on a register tile: view (BLOCK, 2, D/2), split the halves, swap, rejoin.
+    # No second load of the tile from memory.
+    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HEAD_DIM // 2)), (0, 2, 1)))
+    return tl.reshape(tl.permute(tl.join(-x2, x1), (0, 2, 1)), (BLOCK, HEAD_DIM))
+
+
+@triton.jit
+def _load_tile(base, stride_t, rows, cols, seq_len, C_ptr, S_ptr,
+               ROPE: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A (BLOCK, D) tile of rows, zero past seq_len, with RoPE applied when ROPE."""
+    mask = (rows < seq_len)[:, None]
+    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
+    if ROPE:
+        cs = rows[:, None] * HEAD_DIM + cols[None, :]
+        c = tl.load(C_ptr + cs, mask=mask, other=0.0)
+        s = tl.load(S_ptr + cs, mask=mask, other=0.0)
+        xf = x.to(tl.float32)
+        x = (xf * c + _rotate_half(xf, BLOCK, HEAD_DIM) * s).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _unrope(dx, rows, cols, seq_len, C_ptr, S_ptr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Gradient through RoPE: dx * cos - rotate_half(dx * sin)."""
+    mask = (rows < seq_len)[:, None]
+    cs = rows[:, None] * HEAD_DIM + cols[None, :]
+    c = tl.load(C_ptr + cs, mask=mask, other=0.0)
+    s = tl.load(S_ptr + cs, mask=mask, other=0.0)
+    return dx * c - _rotate_half(dx * s, BLOCK, HEAD_DIM)
+
+
+@triton.jit
+def _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                   seq_len, qk_scale, C_ptr, S_ptr,
+                   MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units: exp2 below is exp of the scaled scores
+    if MASK:  # only the diagonal blocks pay for the causal mask
+        s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr, C_ptr, S_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
+    stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
+    n_heads, seq_len, qk_scale,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    q = _load_tile(Q_ptr + b * stride_qb + h * stride_qh, stride_qt, offs_m, cols, seq_len,
+                   C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(0, start_m, BLOCK_N):  # strictly below the diagonal: no mask
+        acc, m_i, l_i = _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                                       seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_N, HEAD_DIM)
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+        acc, m_i, l_i = _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                                       seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_N, HEAD_DIM)
+    # Every row sees at least key 0 (or itself), so l_i > 0 and m_i is finite.
+    o = acc / l_i[:, None]
+    rmask = offs_m < seq_len
+    tl.store(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=rmask)
+    tl.store(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + cols[None, :],
+             o.to(O_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O_ptr, DO_ptr, DELTA_ptr, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
+                           n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    cols = tl.arange(0, HEAD_DIM)
+    mask = (offs_m < seq_len)[:, None]
+    o = tl.load(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + cols[None, :], mask=mask, other=0.0)
+    do = tl.load(DO_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + cols[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA_ptr + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
+
+
+@triton.jit
+def _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m, offs_n, cols,
+                        seq_len, qk_scale, C_ptr, S_ptr,
+                        MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    q = _load_tile(q_base, stride_qt, offs_m, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
+    rmask = offs_m < seq_len
+    do = tl.load(do_base + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
+    lse = tl.load(lse_base + offs_m, mask=rmask, other=0.0)
+    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
+    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
+    if MASK:  # diagonal blocks, and query rows past the end
+        p_t = tl.where((offs_m[None, :] >= offs_n[:, None]) & rmask[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do)
+    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_db, stride_dh, stride_dt, stride_gb, stride_gh, stride_gt,
+    n_heads, seq_len, qk_scale, sm_scale,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per key block: dk, dv accumulate over the query blocks that see it (i >= j).
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    nmask = (offs_n < seq_len)[:, None]
+    k = _load_tile(K_ptr + b * stride_kb + h * stride_kh, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
+    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    do_base = DO_ptr + b * stride_db + h * stride_dh
+    lse_base = LSE_ptr + bh.to(tl.int64) * seq_len
+    delta_base = DELTA_ptr + bh.to(tl.int64) * seq_len
+    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
+    diag_end = start_n + BLOCK_N
+    full_end = diag_end + ((seq_len - diag_end) // BLOCK_M) * BLOCK_M
+    for start_m in range(start_n, diag_end, BLOCK_M):  # diagonal: causal mask
+        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
+                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_M, HEAD_DIM)
+    for start_m in range(diag_end, full_end, BLOCK_M):  # below it, all rows valid: no mask
+        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
+                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_M, HEAD_DIM)
+    for start_m in range(tl.maximum(full_end, diag_end), seq_len, BLOCK_M):  # ragged tail
+        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
+                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_M, HEAD_DIM)
+    dk *= sm_scale
+    if ROPE:
+        dk = _unrope(dk, offs_n, cols, seq_len, C_ptr, S_ptr, BLOCK_N, HEAD_DIM)
+    out = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + cols[None, :]
+    tl.store(DK_ptr + out, dk.to(DK_ptr.dtype.element_ty), mask=nmask)
+    tl.store(DV_ptr + out, dv.to(DV_ptr.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                      seq_len, qk_scale, C_ptr, S_ptr,
+                      MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    k = _load_tile(k_base, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+    if MASK:
+        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q_ptr, K_ptr, V_ptr, DO_ptr, DQ_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr,
+    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
+    stride_db, stride_dh, stride_dt, stride_gb, stride_gh, stride_gt,
+    n_heads, seq_len, qk_scale, sm_scale,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per query block: dq accumulates over the key blocks it sees (j <= i).
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    rmask = offs_m < seq_len
+    q = _load_tile(Q_ptr + b * stride_qb + h * stride_qh, stride_qt, offs_m, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
+    do = tl.load(DO_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
+    # Rows past the end get lse = +inf, so their p is 0 and nothing there can overflow.
+    lse = tl.load(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=rmask, other=float("inf"))
+    delta = tl.load(DELTA_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=rmask, other=0.0)
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    for start_n in range(0, start_m, BLOCK_N):
+        dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                               seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_N, HEAD_DIM)
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+        dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
+                               seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_N, HEAD_DIM)
+    dq *= sm_scale
+    if ROPE:
+        dq = _unrope(dq, offs_m, cols, seq_len, C_ptr, S_ptr, BLOCK_M, HEAD_DIM)
+    tl.store(DQ_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + cols[None, :],
+             dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+BUILT_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
+_LOG2E = 1.4426950408889634
+
+
+def _config(head_dim):
+    """Tile sizes (fwd BLOCK_M, BLOCK_N; bwd key block, query block) and warps per head dim."""
+    if head_dim <= 64:
+        return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), warps=4, stages=3)
+    return dict(fwd=(128, 64), dkdv=(32, 64), dq=(64, 32), warps=8, stages=2)
+
+
+def _strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _rope_tables(cos, sin, T, D):
+    if cos is None:
+        return None, None
+    if cos.shape[-1] != D or cos.shape[0] < T or sin.shape != cos.shape:
+        raise ValueError(f"attention: cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} must be (T, D) = ({T}, {D})")
+    return cos[:T].float().contiguous(), sin[:T].float().contiguous()
+
+
+def attention_forward(q, k, v, cos, sin):
+    B, H, T, D = q.shape
+    cfg = _config(D)
+    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
+    bm, bn = cfg["fwd"]
+    rope = cos is not None
+    _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
+        q, k, v, o, lse, cos if rope else q, sin if rope else q,
+        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
+        H, T, _LOG2E / math.sqrt(D),
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"],
+    )
+    return o, lse
+
+
+def attention_backward(do, q, k, v, o, lse, cos, sin):
+    B, H, T, D = q.shape
+    cfg = _config(D)
+    if do.stride(-1) != 1:
+        do = do.contiguous()
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
+        o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=64)
+    dq, dk, dv = (torch.empty((B, H, T, D), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    rope = cos is not None
+    c, s = (cos, sin) if rope else (q, q)
+    common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
+              H, T, _LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    bm, bn = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
+        q, k, v, do, dk, dv, lse, delta, c, s, *common,
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    bm, bn = cfg["dq"]
+    _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
+        q, k, v, do, dq, lse, delta, c, s, *common,
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Saved for backward: q, k, v before RoPE, o, lse and the fp32 cos/sin (see module doc)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin):
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+        o, lse = attention_forward(q, k, v, cos, sin)
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cos, sin = ctx.saved_tensors
+        return (*attention_backward(do, q, k, v, o, lse, cos, sin), None, None)
+
+
+def attention(q, k, v, cos=None, sin=None):
+    """Triton causal attention, RoPE fused when cos/sin are given (see module doc)."""
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"attention: q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"attention: head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
+    if (cos is None) != (sin is None):
+        raise ValueError("attention: give both cos and sin, or neither")
+    cos, sin = _rope_tables(cos, sin, q.shape[2], q.shape[3])
+    return AttentionFunction.apply(q, k, v, cos, sin)
