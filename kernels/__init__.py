@@ -13,7 +13,6 @@ returns; the tests and the benchmark import it from there):
 """
 from __future__ import annotations
 
-import importlib
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -25,7 +24,6 @@ from windtunnel.errors import ConfigError
 from . import attention, linear_cross_entropy, rms_norm, swiglu
 
 KINDS = ("auto", "torch", "triton")
-_OP_MODULES = (rms_norm, swiglu, attention, linear_cross_entropy)
 
 
 @dataclass(frozen=True)
@@ -46,28 +44,26 @@ TORCH_OPS = Ops(
 )
 
 
+TRITON_OPS = Ops(
+    rms_norm=rms_norm.rms_norm,
+    swiglu=swiglu.swiglu,
+    attention=attention.attention,
+    linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
+)
+
+
 def interpret_requested() -> bool:
-    """True when TRITON_INTERPRET asks Triton to run kernels on the CPU interpreter."""
+    """True when TRITON_INTERPRET asks Triton for its CPU interpreter. Triton reads it when
+    `triton.language` is first imported (its own library functions are jitted then), so it
+    must be set before anything in the process imports triton."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _sync_interpret_mode() -> None:
-    # triton.jit reads TRITON_INTERPRET when a kernel is decorated, i.e. when its module is
-    # imported. If the variable changed since (a test that sets it after something imported
-    # us), rebuild the kernel modules so they match; the module objects stay the same.
-    for mod in _OP_MODULES:
-        if mod.BUILT_INTERPRETED != interpret_requested():
-            importlib.reload(mod)
+def triton_interpreted() -> bool:
+    """True when this process's Triton was imported in interpreter mode."""
+    import triton.language.standard as tl_standard
 
-
-def triton_ops() -> Ops:
-    _sync_interpret_mode()
-    return Ops(
-        rms_norm=rms_norm.rms_norm,
-        swiglu=swiglu.swiglu,
-        attention=attention.attention,
-        linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
-    )
+    return type(tl_standard.sum).__name__ == "InterpretedFunction"
 
 
 def select(kind: str, device: torch.device | str) -> Ops:
@@ -81,11 +77,16 @@ def select(kind: str, device: torch.device | str) -> Ops:
         kind = "triton" if device.type == "cuda" else "torch"
     if kind == "torch":
         return TORCH_OPS
-    if device.type != "cuda" and not interpret_requested():
-        raise ConfigError(
-            "model.kernels: 'triton' needs a CUDA device or TRITON_INTERPRET=1 (allowed: auto, torch, triton)"
-        )
-    return triton_ops()
+    if device.type != "cuda":
+        if not interpret_requested():
+            raise ConfigError(
+                "model.kernels: 'triton' needs a CUDA device or TRITON_INTERPRET=1 (allowed: auto, torch, triton)"
+            )
+        if not triton_interpreted():
+            raise ConfigError(
+                "model.kernels: 'triton' on CPU: TRITON_INTERPRET=1 was set after triton was imported; set it before"
+            )
+    return TRITON_OPS
 
 
-__all__ = ["KINDS", "Ops", "TORCH_OPS", "select", "triton_ops", "interpret_requested"]
+__all__ = ["KINDS", "Ops", "TORCH_OPS", "TRITON_OPS", "select", "interpret_requested"]

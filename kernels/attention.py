@@ -270,7 +270,6 @@ def _attn_bwd_dq_kernel(
              dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-BUILT_INTERPRETED = type(_attn_fwd_kernel).__name__ == "InterpretedFunction"
 _LOG2E = 1.4426950408889634
 
 

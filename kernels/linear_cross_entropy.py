@@ -80,7 +80,6 @@ def _cross_entropy_kernel(
             tl.store(z_row + cols, (g * (scale * grad_scale)).to(Z_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
-BUILT_INTERPRETED = type(_cross_entropy_kernel).__name__ == "InterpretedFunction"
 # Default chunk: at most this many logits (K * n * V) at once. 2^26 bf16 logits are 128 MiB,
 # enough rows per chunk (e.g. 4096 at V = 16384) for the matmuls to run near full speed.
 CHUNK_LOGITS = 1 << 26
@@ -103,10 +102,10 @@ def _accumulate_grad_weight(grad_w, g_t, h_chunk):
     grad_w += torch.bmm(g_t, h_chunk).float()
 
 
-def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_logits=CHUNK_LOGITS):
+def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_logits=None):
     K, N, C = h.shape
     V = weight.shape[1]
-    n = max(1, min(N, chunk_logits // max(1, K * V)))
+    n = max(1, min(N, (chunk_logits or CHUNK_LOGITS) // max(1, K * V)))
     loss = torch.empty((K, N), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if need_grad else None
     grad_w = torch.zeros((K, V, C), dtype=torch.float32, device=h.device) if need_grad else None

@@ -87,7 +87,6 @@ def _rms_norm_bwd_kernel(
     tl.store(DW_ptr + (k * n_p + p) * n_cols + cols, tl.sum(dw, axis=0), mask=cmask)
 
 
-BUILT_INTERPRETED = type(_rms_norm_fwd_kernel).__name__ == "InterpretedFunction"
 
 
 def _blocks(n_cols):

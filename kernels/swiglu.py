@@ -39,7 +39,6 @@ def _swiglu_bwd_kernel(DG_ptr, DU_ptr, DY_ptr, G_ptr, U_ptr, n_elements, BLOCK_S
     tl.store(DG_ptr + offs, (dy * u * s * (1.0 + g * (1.0 - s))).to(DG_ptr.dtype.element_ty), mask=mask)
 
 
-BUILT_INTERPRETED = type(_swiglu_fwd_kernel).__name__ == "InterpretedFunction"
 _BLOCK = 4096  # 8 warps x 32 threads x 16 elements: several 16-byte loads in flight per thread
 
 

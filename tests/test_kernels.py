@@ -1,0 +1,174 @@
+"""Triton kernels against their PyTorch references on the CPU interpreter (TRITON_INTERPRET=1),
+in float32: forward and every gradient, fresh random inputs, ragged sequence lengths, odd C.
+
+Triton reads TRITON_INTERPRET once, when triton.language is first imported. On a machine
+without CUDA (CI) this module sets it before anything imports triton; that holds for the whole
+pytest process, which is harmless there (the interpreter is the only Triton a CPU can run). Where
+triton was already imported for a GPU, the suite runs again in a fresh process that sets it.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import windtunnel.kernels as K  # noqa: E402  (after TRITON_INTERPRET)
+from windtunnel.kernels import linear_cross_entropy as lce_mod
+from windtunnel.kernels.attention import apply_rope, rope_cos_sin
+
+INTERPRETED = K.interpret_requested() and K.triton_interpreted()
+pytestmark = pytest.mark.kernels
+needs_interpreter = pytest.mark.skipif(not INTERPRETED, reason="triton was imported without TRITON_INTERPRET=1; "
+                                       "test_suite_in_fresh_interpreter_process runs these")
+
+# fp32 on the interpreter agrees with the references to ~1e-7 relative (measured); these
+# tolerances are ~100x that and fail on any indexing or formula error.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.fixture(scope="module")
+def ops():
+    if not INTERPRETED:
+        pytest.skip("triton was imported without TRITON_INTERPRET=1")
+    return K.select("triton", torch.device("cpu"))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this process already runs the interpreter suite")
+def test_suite_in_fresh_interpreter_process():
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-m", "kernels"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def _check(name, actual, expected, rtol=RTOL, atol=ATOL):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{name}: {int((~torch.isfinite(actual)).sum())} non-finite values"
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def _grads(out, inputs, seed_grads):
+    outs = out if isinstance(out, tuple) else (out,)
+    loss = sum((o * g).sum() for o, g in zip(outs, seed_grads))
+    return torch.autograd.grad(loss, inputs)
+
+
+def _compare(name, fn, ref, inputs, *args):
+    out, out_ref = fn(*inputs, *args), ref(*inputs, *args)
+    outs, refs = (out, out_ref) if isinstance(out, tuple) else ((out,), (out_ref,))
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        _check(f"{name} out{i}", o, r)
+    seed = [torch.randn_like(r) for r in refs]
+    for i, (g, gr) in enumerate(zip(_grads(out, inputs, seed), _grads(out_ref, inputs, seed))):
+        _check(f"{name} grad{i}", g, gr)
+
+
+def _leaf(*shape, scale=1.0):
+    return (torch.randn(*shape) * scale).requires_grad_()
+
+
+@needs_interpreter
+def test_select_kinds(monkeypatch):
+    assert K.select("torch", torch.device("cpu")) is K.TORCH_OPS
+    assert K.select("auto", "cpu") is K.TORCH_OPS
+    with pytest.raises(ValueError, match=r"model\.kernels: .*'fast'.*allowed: auto, torch, triton"):
+        K.select("fast", "cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError) as err:
+        K.select("triton", "cpu")
+    assert str(err.value) == "model.kernels: 'triton' needs a CUDA device or TRITON_INTERPRET=1 (allowed: auto, torch, triton)"
+
+
+@pytest.mark.parametrize("x_shape,w_shape", [((17, 37), (37,)), ((2, 1, 64), (64,)), ((3, 2, 50, 33), (3, 33)), ((2, 100, 256), (2, 256))])
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm(ops, x_shape, w_shape, residual):
+    torch.manual_seed(hash((x_shape, residual)) % 2**31)
+    x, w = _leaf(*x_shape), _leaf(*w_shape, scale=0.5)
+    if residual:
+        r = _leaf(*x_shape)
+        _compare("rms_norm+res", lambda x, w, r: ops.rms_norm(x, w, 1e-6, residual=r),
+                 lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-6, residual=r), (x, w, r))
+    else:
+        _compare("rms_norm", lambda x, w: ops.rms_norm(x, w, 1e-6), lambda x, w: K.TORCH_OPS.rms_norm(x, w, 1e-6), (x, w))
+
+
+@pytest.mark.parametrize("shape", [(7,), (3, 17, 100), (2, 1, 129), (4097,)])
+def test_swiglu(ops, shape):
+    torch.manual_seed(len(shape) * 1000 + shape[-1])
+    _compare("swiglu", ops.swiglu, K.TORCH_OPS.swiglu, (_leaf(*shape, scale=2.0), _leaf(*shape)))
+
+
+@pytest.mark.parametrize("head_dim", [32, 64, 128])
+@pytest.mark.parametrize("seq_len", [1, 17, 100])
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention(ops, head_dim, seq_len, rope):
+    torch.manual_seed(head_dim * 1000 + seq_len * 2 + rope)
+    B, H = (2, 1) if head_dim == 128 else (1, 2)
+    q, k, v = (_leaf(B, H, seq_len, head_dim) for _ in range(3))
+    cs = rope_cos_sin(seq_len + 5, head_dim, device="cpu") if rope else (None, None)  # longer tables are sliced
+    _compare(f"attention D={head_dim} T={seq_len} rope={rope}", ops.attention, K.TORCH_OPS.attention, (q, k, v), *cs)
+
+
+def test_attention_strided_inputs(ops):
+    """q, k, v as the model makes them: views of (B, T, H, D) with the head axis moved."""
+    torch.manual_seed(3)
+    base = [_leaf(2, 33, 2, 64) for _ in range(3)]
+    cos, sin = rope_cos_sin(33, 64, theta=500.0)
+    fn = lambda a, b, c: ops.attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), cos, sin)
+    ref = lambda a, b, c: K.TORCH_OPS.attention(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), cos, sin)
+    _compare("attention strided", fn, ref, tuple(base))
+
+
+def test_apply_rope_is_a_rotation():
+    x = torch.randn(2, 3, 9, 32, dtype=torch.float64)
+    cos, sin = rope_cos_sin(9, 32, device="cpu", dtype=torch.float64)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))  # pairs (j, j + D/2) rotate
+    torch.testing.assert_close(y[..., 0, :], x[..., 0, :])  # position 0 is unrotated
+
+
+@pytest.mark.parametrize("K_,N,C,V,scale", [(1, 1, 16, 50, 1.0), (1, 33, 24, 1000, 0.25), (3, 17, 31, 101, "per-trial")])
+@pytest.mark.parametrize("chunk_logits", [None, 300])
+def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits):
+    torch.manual_seed(K_ * 100 + N + V)
+    if chunk_logits:  # several chunks of rows, the last one ragged
+        monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", chunk_logits)
+    h, w = _leaf(K_, N, C), _leaf(K_, V, C, scale=0.3)
+    targets = torch.randint(0, V, (K_, N))
+    s = torch.rand(K_) * 2 + 0.1 if scale == "per-trial" else scale
+    _compare("linear_cross_entropy", lambda h, w: ops.linear_cross_entropy(h, w, targets, s),
+             lambda h, w: K.TORCH_OPS.linear_cross_entropy(h, w, targets, s), (h, w))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the planted NaN, in the interpreter's numpy
+def test_linear_cross_entropy_trials_stay_apart(ops, monkeypatch):
+    """A NaN in trial 0's hidden states reaches neither trial 1's loss nor its gradients."""
+    monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", 200)
+    torch.manual_seed(5)
+    h, w = torch.randn(2, 9, 16), torch.randn(2, 40, 16)
+    h[0, 3, 2] = float("nan")
+    h, w = h.requires_grad_(), w.requires_grad_()
+    targets = torch.randint(0, 40, (2, 9))
+    loss = ops.linear_cross_entropy(h, w, targets, torch.tensor([1.0, 0.5]))
+    assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
+    gh, gw = torch.autograd.grad(loss.sum(), (h, w))
+    h1, w1 = h[1:].detach().requires_grad_(), w[1:].detach().requires_grad_()
+    ref = K.TORCH_OPS.linear_cross_entropy(h1, w1, targets[1:], 0.5)
+    gh1, gw1 = torch.autograd.grad(ref.sum(), (h1, w1))
+    _check("loss[1]", loss[1:], ref)
+    _check("grad_h[1]", gh[1:], gh1)
+    _check("grad_w[1]", gw[1:], gw1)
+
+
+def test_rms_norm_trials_stay_apart(ops):
+    x, w = torch.randn(2, 5, 24), torch.randn(2, 24)
+    x[0, 1, 1] = float("nan")
+    x, w = x.requires_grad_(), w.requires_grad_()
+    y = ops.rms_norm(x, w, 1e-6)
+    gx, gw = torch.autograd.grad(y.sum(), (x, w))
+    for t in (y[1], gx[1], gw[1]):
+        assert torch.isfinite(t).all()
