@@ -23,7 +23,7 @@ def test_population_adamw_equals_torch_adamw_with_mup_groups():
         i = ours.names.index(name)
         key = (ours.lr_mult[i, 0].item(), ours.wd[i, 0].item())
         groups.setdefault(key, []).append(p)
-    ref = torch.optim.AdamW([{"params": ps, "lr": cfg.optim.lr * lm, "weight_decay": wd / lm if lm else 0}
+    ref = torch.optim.AdamW([{"params": ps, "lr": cfg.optim.lr * lm, "weight_decay": wd}
                              for (lm, wd), ps in groups.items()], betas=(0.9, 0.95), eps=1e-8)
     idx = torch.randint(0, 256, (1, 4, 32))
     for _ in range(3):

@@ -13,6 +13,7 @@ from windtunnel.config import TrialConfig, with_overrides
 from windtunnel.trainer import Population
 
 DEFAULT_LR = 0.01  # MiniCPM's μP lr
+SP_INIT_STD = 0.02  # sp's conventional init (GPT-2, Llama); μP keeps the base config's (MiniCPM: 0.1)
 
 
 @torch.no_grad()
@@ -25,7 +26,8 @@ def _activations(pop: Population, idx: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def coord_check(base: TrialConfig, widths: list[int], steps: int = 5, lr: float | None = None,
-                parametrizations: tuple[str, ...] | list[str] = ("sp", "mup")) -> list[dict]:
+                parametrizations: tuple[str, ...] | list[str] = ("sp", "mup"),
+                sp_init_std: float = SP_INIT_STD) -> list[dict]:
     """Rows {"parametrization", "width", "step", "layer", "value"}: mean |x_step - x_0|."""
     head_dim = base.model.head_dim
     rows = []
@@ -33,7 +35,8 @@ def coord_check(base: TrialConfig, widths: list[int], steps: int = 5, lr: float 
         for width in widths:
             cfg = with_overrides(base, {
                 "model.parametrization": par, "model.d_model": width, "model.n_heads": max(1, width // head_dim),
-                "optim.lr": lr or DEFAULT_LR, "schedule.kind": "constant", "schedule.warmup": 0.0,
+                "optim.lr": lr or DEFAULT_LR,
+                "model.init_std": sp_init_std if par == "sp" else base.model.init_std, "schedule.kind": "constant", "schedule.warmup": 0.0,
                 "train.tokens": steps * base.train.batch_size * base.model.seq_len, "train.device": "cpu",
                 "train.compile": False})
             pop = Population([cfg])

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import sysconfig
 import tempfile
 from dataclasses import dataclass
@@ -157,9 +158,12 @@ def load(cfg: DataConfig) -> Shards:
     src = Path(cfg.source).expanduser()
     if cfg.source != "stdlib" and (src / "manifest.json").exists():
         return Shards.open(src, cfg.val_fraction)
-    text, _ = read_text(cfg.source, cfg.max_bytes)
     vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 256
-    key = f"{cfg.tokenizer}{vocab}-{hashlib.sha256(text).hexdigest()[:16]}"
+    if cfg.source == "stdlib":  # fixed for a Python install: skip reading 30 MB to hash it
+        ident = f"{stdlib_dir()}|{sys.version}|{cfg.max_bytes}".encode()
+    else:
+        ident = read_text(cfg.source, cfg.max_bytes)[0]
+    key = f"{cfg.tokenizer}{vocab}-{hashlib.sha256(ident).hexdigest()[:16]}"
     out = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     out = out / key
     if not (out / "manifest.json").exists():

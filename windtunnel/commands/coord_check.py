@@ -10,6 +10,8 @@ def add_arguments(p) -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: the coordinate check's 0.01)")
     p.add_argument("--parametrizations", default="sp,mup")
+    p.add_argument("--sp-init-std", type=float, default=0.02,
+                   help="sp's one init std (default 0.02, GPT-2's); mup uses model.init_std")
     p.add_argument("--json", action="store_true", help="print rows {parametrization, width, step, layer, value}")
     p.add_argument("--plot", metavar="FILE.png", help="draw mean |Δactivation| vs width per layer")
 
@@ -24,7 +26,7 @@ def run(args) -> int:
     except ValueError:
         raise ConfigError(f"--widths: must be comma-separated integers (got {args.widths!r})") from None
     rows = coord_check(trial_config(args.overrides), widths=widths, steps=args.steps, lr=args.lr,
-                       parametrizations=args.parametrizations.split(","))
+                       parametrizations=args.parametrizations.split(","), sp_init_std=args.sp_init_std)
     if args.plot:
         plot(rows, args.plot)
     print(json.dumps(rows) if args.json else summary(rows))
