@@ -134,7 +134,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, h, weight, targets, logit_scale):
         scales = _scales(logit_scale, h.shape[0], h.device)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        loss, grad_h, grad_w = linear_cross_entropy_forward(h, weight, targets.contiguous(), scales, need_grad)
+        # Under autocast the matmuls run in its dtype (fp32 params, bf16 logits); the cast is
+        # made once here so every matmul below sees one dtype.
+        dev = h.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+        with torch.autocast(dev, enabled=False):
+            loss, grad_h, grad_w = linear_cross_entropy_forward(
+                h.to(mm_dtype), weight.to(mm_dtype), targets.contiguous(), scales, need_grad)
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
@@ -144,6 +150,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         go = grad_loss.float()[:, None, None]  # one scale per trial: trials stay apart
+        # autograd casts grad_h to h's dtype where autocast made them differ
         return (grad_h * go).to(grad_h.dtype), (grad_w * go).to(ctx.weight_dtype), None, None
 
 

@@ -1,0 +1,331 @@
+"""Benchmark: each kernel's forward + backward against PyTorch, at the reference trial's shapes.
+
+    python -m windtunnel.kernels.bench [--out results/bench] [--no-compile]
+
+Reference trial (DESIGN.md): d_model 256 and 512, 8 layers, head dim 64, seq 512, vocab 16384,
+16 sequences per step, bf16; "pop16" stacks 16 such trials (256 sequences), as the population
+trainer does. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between
+runs), eager launches (no CUDA graphs), so small shapes include the launch cost. GB/s counts the
+fewest bytes the op must move (each input read once, each output written once, fwd and bwd), the
+same for every implementation; a device-to-device copy of that many bytes is the ceiling.
+Writes kernels.md (table, command, machine) and kernels.json (one row per measurement).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .attention import apply_rope, attention, attention_reference, rope_cos_sin
+from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from .rms_norm import rms_norm, rms_norm_reference
+from .swiglu import swiglu, swiglu_reference
+
+SEQS, SEQ_LEN, VOCAB, HEAD_DIM, LAYERS = 16, 512, 16384, 64, 8
+ROWS = []
+
+
+def _device_name():
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+
+
+def _bench(fn, grad_to_none=()):
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=60, grad_to_none=list(grad_to_none), return_mode="median")
+
+
+def _fwd_bwd(f, inputs, *args):
+    """A closure running f forward and backward once, with fixed random output gradients."""
+    with torch.no_grad():
+        out = f(*inputs, *args)
+    outs = out if isinstance(out, tuple) else (out,)
+    seeds = [torch.randn_like(o) for o in outs]
+
+    def run():
+        o = f(*inputs, *args)
+        torch.autograd.backward(o if isinstance(o, tuple) else (o,), seeds)
+    return run
+
+
+def record(kernel, impl, shape, fn, inputs, bytes_=None, flops=None, peak=False):
+    """Time fn (fwd + bwd); print and keep one row. Failures (OOM, missing backend) become rows too."""
+    row = {"kernel": kernel, "impl": impl, "shape": shape, "device": _device_name()}
+    try:
+        torch.cuda.synchronize()
+        if peak:
+            torch.cuda.empty_cache()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            fn()
+            torch.cuda.synchronize()
+            row["peak_mem_gb"] = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
+            for x in inputs:
+                x.grad = None
+        ms = _bench(fn, inputs)
+        row["ms"] = round(ms, 4)
+        if bytes_:
+            row["gbps"] = round(bytes_ / ms / 1e6, 1)
+        if flops:
+            row["tflops"] = round(flops / ms / 1e9, 1)
+    except Exception as e:  # noqa: BLE001 - a failing baseline is a row, not the end of the run
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        torch.cuda.empty_cache()
+    for x in inputs:
+        x.grad = None
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _leaf(*shape, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).to(dtype).requires_grad_()
+
+
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def _liger(name):
+    try:
+        import liger_kernel.transformers.functional as lf
+        return getattr(lf, name)
+    except Exception:  # noqa: BLE001 - Liger is optional
+        return None
+
+
+def bench_copy(shape, n_bytes):
+    src = torch.randn(n_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src))
+    row = {"kernel": "copy", "impl": "torch", "shape": shape, "device": _device_name(),
+           "ms": round(ms, 4), "gbps": round(2 * n_bytes / ms / 1e6, 1)}
+    ROWS.append(row)
+    print(json.dumps(row), flush=True)
+
+
+def bench_rms_norm(d, K, use_compile):
+    N = SEQS * SEQ_LEN
+    shape = f"x ({K}, {N}, {d}) bf16, w ({K}, {d}) fp32"
+    x, r, w = _leaf(K, N, d), _leaf(K, N, d), _leaf(K, d, dtype=torch.float32)
+    e = 2 * K * N * d  # bytes of one activation tensor
+    bench_copy(f"{e * 4 / 1e6:.0f} MB", e * 4)
+    plain, fused = 5 * e, 8 * e  # fwd x->y, bwd (dy, x)->dx; fused: fwd (x, r)->(y, h), bwd (dy, dh, h)->dx
+    impls = {"triton": rms_norm, "eager": rms_norm_reference}
+    if use_compile:
+        impls["torch.compile"] = _compiled(rms_norm_reference)
+    for impl, f in impls.items():
+        record("rms_norm", impl, shape, _fwd_bwd(lambda x, w: f(x, w, 1e-5), (x, w)), (x, w), bytes_=plain)
+        record("rms_norm+residual", impl, shape, _fwd_bwd(lambda x, w, r: f(x, w, 1e-5, residual=r), (x, w, r)),
+               (x, w, r), bytes_=fused)
+    if K == 1:  # Liger takes one (C,) weight
+        lr, lar = _liger("liger_rms_norm"), _liger("liger_fused_add_rms_norm")
+        w1 = w[0].detach().requires_grad_()
+        if lr:
+            record("rms_norm", "liger", shape, _fwd_bwd(lambda x, w: lr(x, w, 1e-5, in_place=False), (x, w1)),
+                   (x, w1), bytes_=plain)
+        if lar:
+            record("rms_norm+residual", "liger", shape,
+                   _fwd_bwd(lambda x, w, r: lar(x, r, w, 1e-5, in_place=False), (x, w1, r)), (x, w1, r), bytes_=fused)
+
+
+def bench_swiglu(d, K, use_compile):
+    N, ffn = SEQS * SEQ_LEN, 64 * -(-8 * d // (3 * 64))
+    shape = f"({K}, {N}, {ffn}) bf16"
+    g, u = _leaf(K, N, ffn, scale=2.0), _leaf(K, N, ffn)
+    e = 2 * K * N * ffn
+    n_bytes = 8 * e  # fwd (g, u)->y, bwd (dy, g, u)->(dg, du)
+    bench_copy(f"{n_bytes / 1e6:.0f} MB", n_bytes)
+    impls = {"triton": swiglu, "eager": swiglu_reference}
+    if use_compile:
+        impls["torch.compile"] = _compiled(swiglu_reference)
+    lg = _liger("liger_swiglu")
+    if lg:
+        impls["liger"] = lg
+    for impl, f in impls.items():
+        record("swiglu", impl, shape, _fwd_bwd(f, (g, u)), (g, u), bytes_=n_bytes)
+
+
+def bench_attention(d, K):
+    B, H, T, D = K * SEQS, d // HEAD_DIM, SEQ_LEN, HEAD_DIM
+    shape = f"({B}, {H}, {T}, {D}) bf16, causal"
+    q, k, v = (_leaf(B, H, T, D) for _ in range(3))
+    cos, sin = rope_cos_sin(T, D, device="cuda")
+    flops = 7 * B * H * T * T * D  # causal: fwd 2·BHT²D (two matmuls, half the scores), bwd 2.5x
+    sdpa = torch.nn.attention.sdpa_kernel
+    B_ = torch.nn.attention.SDPBackend
+
+    def flash(q, k, v):
+        with sdpa(B_.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def cudnn(q, k, v):
+        with sdpa(B_.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    rope_c = _compiled(apply_rope)
+    impls = {
+        "triton": lambda q, k, v: attention(q, k, v),
+        "sdpa flash": flash,
+        "sdpa cudnn": cudnn,
+        "triton, rope fused": lambda q, k, v: attention(q, k, v, cos, sin),
+        "triton, rope eager": lambda q, k, v: attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v),
+        "sdpa flash, rope eager": lambda q, k, v: flash(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v),
+        "sdpa flash, rope compiled": lambda q, k, v: flash(rope_c(q, cos, sin), rope_c(k, cos, sin), v),
+    }
+    for impl, f in impls.items():
+        record("attention", impl, shape, _fwd_bwd(f, (q, k, v)), (q, k, v), flops=flops)
+
+
+def bench_linear_ce(d, K, use_compile):
+    N = SEQS * SEQ_LEN
+    shape = f"h ({K}, {N}, {d}), W ({K}, {VOCAB}, {d}) bf16"
+    h, w = _leaf(K, N, d), _leaf(K, VOCAB, d, scale=0.05)
+    targets = torch.randint(0, VOCAB, (K, N), device="cuda")
+    scale = torch.full((K,), 256 / d, device="cuda")
+    flops = 6 * K * N * VOCAB * d
+
+    def run(f):
+        def go():
+            f(h, w, targets, scale).sum().backward()
+        return go
+
+    record("linear_cross_entropy", "triton (fused)", shape, run(linear_cross_entropy), (h, w), flops=flops, peak=True)
+    record("linear_cross_entropy", "eager (unfused)", shape, run(linear_cross_entropy_reference), (h, w),
+           flops=flops, peak=True)
+    if use_compile:
+        record("linear_cross_entropy", "torch.compile", shape, run(_compiled(linear_cross_entropy_reference)), (h, w),
+               flops=flops, peak=True)
+    lf = _liger("liger_fused_linear_cross_entropy")
+    if lf and K == 1:  # one trial; μP's scale folded into h (Liger has no logit scale)
+        record("linear_cross_entropy", "liger", shape,
+               lambda: lf((h[0] * scale[0]), w[0], targets[0]).backward(), (h, w), flops=flops, peak=True)
+
+
+def bench_train_step(d, K):
+    try:
+        from windtunnel.config import ModelConfig
+        from windtunnel.model import Transformer
+    except ImportError as e:
+        print(f"train step skipped: {e}", flush=True)
+        return
+    idx = torch.randint(0, VOCAB, (K, SEQS, SEQ_LEN), device="cuda")
+    tgt = torch.randint(0, VOCAB, (K, SEQS, SEQ_LEN), device="cuda")
+    for kernels in ("triton", "torch"):
+        cfg = ModelConfig(d_model=d, n_layers=LAYERS, n_heads=d // HEAD_DIM, seq_len=SEQ_LEN, vocab_size=VOCAB,
+                          kernels=kernels)
+        model = Transformer(cfg, VOCAB, population=K)
+        gen = torch.Generator().manual_seed(0)
+        for k in range(K):
+            model.init_trial(k, cfg, gen)
+        model = model.cuda()
+        params = list(model.parameters())
+        flops = model.flops_per_token() * K * SEQS * SEQ_LEN
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(idx, tgt)
+            loss.sum().backward()
+
+        shape = f"K={K} x {SEQS}x{SEQ_LEN} tokens, d {d}, {LAYERS} layers, fwd+bwd, bf16 autocast"
+        record("train step", f"kernels={kernels}" + (" (eager)" if kernels == "torch" else ""), shape, step,
+               params, flops=flops, peak=True)
+        del model, params
+
+
+def _ratio(kernel, shape_sub, a, b, key="ms"):
+    def get(impl):
+        for r in ROWS:
+            if r["kernel"] == kernel and r["impl"] == impl and shape_sub in r["shape"] and key in r:
+                return r[key]
+    x, y = get(a), get(b)
+    return None if x is None or y is None else x / y
+
+
+def write(out_dir, argv, started):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "kernels.json.tmp"), "w") as f:
+        json.dump(ROWS, f, indent=1)
+    os.replace(os.path.join(out_dir, "kernels.json.tmp"), os.path.join(out_dir, "kernels.json"))
+    cols = ["kernel", "impl", "shape", "ms", "gbps", "tflops", "peak_mem_gb", "error"]
+    lines = [
+        "# Kernel benchmark", "",
+        f"Command: `python -m windtunnel.kernels.bench {' '.join(argv)}`  ",
+        f"Machine: {_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
+        f"CUDA {torch.version.cuda}; {time.strftime('%Y-%m-%d', time.gmtime(started))}, {time.time() - started:.0f} s  ",
+        "Forward + backward, median of triton.testing.do_bench, eager launches. GB/s: the op's fewest bytes "
+        "(inputs read once, outputs written once, fwd + bwd) over its time; copy rows move the same bytes. "
+        "TFLOP/s: attention 7·B·H·T²·D (causal), linear CE 6·K·N·V·C, train step model.flops_per_token(). "
+        "peak_mem_gb: allocated above the inputs during one fwd + bwd.", "",
+        "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
+    ]
+    for r in ROWS:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    lines += ["", "## Goals (ratios from this run)", ""]
+    for d in (256, 512):
+        for K in (1, 16):
+            tag = f"({K * SEQS}, {d // HEAD_DIM}, {SEQ_LEN}"
+            r = _ratio("attention", tag, "triton", "sdpa flash")
+            lines.append(f"- attention d={d} K={K}: triton / sdpa flash time = {r:.2f} (goal <= 1)" if r else
+                         f"- attention d={d} K={K}: n/a")
+            for kern, sub in (("rms_norm", f"x ({K}, {SEQS * SEQ_LEN}, {d})"), ("rms_norm+residual", f"x ({K}, {SEQS * SEQ_LEN}, {d})"),
+                              ("swiglu", f"({K}, {SEQS * SEQ_LEN}, {64 * -(-8 * d // (3 * 64))})")):
+                tr = next((x for x in ROWS if x["kernel"] == kern and x["impl"] == "triton" and sub in x["shape"] and "gbps" in x), None)
+                if tr:
+                    idx = ROWS.index(tr)
+                    cp = next((x for x in reversed(ROWS[:idx]) if x["kernel"] == "copy"), None)
+                    if cp:
+                        lines.append(f"- {kern} d={d} K={K}: {tr['gbps']} GB/s = {tr['gbps'] / cp['gbps']:.0%} of copy (goal >= 85%)")
+            sub = f"h ({K}, {SEQS * SEQ_LEN}, {d})"
+            t, m = _ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)"), \
+                _ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)", "peak_mem_gb")
+            if t and m:
+                lines.append(f"- linear CE d={d} K={K}: time {t:.2f}x unfused (goal <= 1.1), peak memory {m:.0%} (goal <= 25%)")
+    for d in (256, 512):
+        for K in (1, 16):
+            rows = {x["impl"]: x for x in ROWS if x["kernel"] == "train step" and x["shape"].startswith(f"K={K} x") and f"d {d}," in x["shape"]}
+            a, b = rows.get("kernels=triton"), rows.get("kernels=torch (eager)")
+            if a and b and "ms" in a and "ms" in b:
+                lines.append(f"- train step d={d} K={K}: eager / triton = {b['ms'] / a['ms']:.2f}x (goal >= 1.5)")
+    with open(os.path.join(out_dir, "kernels.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(out_dir, "kernels.md.tmp"), os.path.join(out_dir, "kernels.md"))
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
+    p.add_argument("--only", default="", help="comma list of: rms_norm, swiglu, attention, linear_ce, train_step")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench: needs a CUDA GPU")
+    torch.manual_seed(0)
+    started = time.time()
+    only = set(filter(None, args.only.split(",")))
+    try:
+        for d in (256, 512):
+            for K in (1, 16):
+                for name, fn in (("rms_norm", lambda: bench_rms_norm(d, K, not args.no_compile)),
+                                 ("swiglu", lambda: bench_swiglu(d, K, not args.no_compile)),
+                                 ("attention", lambda: bench_attention(d, K)),
+                                 ("linear_ce", lambda: bench_linear_ce(d, K, not args.no_compile)),
+                                 ("train_step", lambda: bench_train_step(d, K))):
+                    if not only or name in only:
+                        fn()
+                        torch.cuda.empty_cache()
+                write(args.out, argv, started)  # partial results survive a time limit
+    finally:
+        write(args.out, argv, started)
+    print(open(os.path.join(args.out, "kernels.md")).read())
+
+
+if __name__ == "__main__":
+    main()
