@@ -14,6 +14,7 @@ frames are checked here, so `windtunnel report` and the transfer module get the 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,17 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from windtunnel.errors import ConfigError
+
+try:  # installed with scikit-learn; without it the fits run the same, only slower on a busy machine
+    from threadpoolctl import threadpool_limits as _blas_threads
+except ImportError:  # pragma: no cover
+    _blas_threads = None
+
+
+def _one_blas_thread():
+    """L-BFGS-B's tiny BLAS calls on several OpenBLAS threads spin-wait: on 2 busy cores the
+    scaling-law fit took 2-3x the CPU time (1.7 s vs 0.7 s; 15 s vs 1 s under load)."""
+    return _blas_threads(1) if _blas_threads is not None else nullcontext()
 
 # Columns each fit needs; extra columns are ignored.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -203,8 +215,9 @@ def fit_lr_transfer(df: pd.DataFrame) -> LrTransferFit:
         by_width = {}
         for w, dw in dp.groupby("width", sort=True):
             dw = dw.sort_values("lr")
-            x, fx, edge = parabola_min(np.log2(dw["lr"].to_numpy()), dw["loss"].to_numpy())
-            optima.append(LrOptimum(str(p), float(w), float(2.0**x), fx, edge))
+            lr, loss = dw["lr"].to_numpy(), dw["loss"].to_numpy()
+            x, fx, edge = parabola_min(np.log2(lr), loss)
+            optima.append(LrOptimum(str(p), float(w), float(lr[np.argmin(loss)] if edge else 2.0**x), fx, edge))
             by_width[float(w)] = x
         ws = sorted(by_width)
         drift[str(p)] = abs(by_width[ws[-1]] - by_width[ws[0]]) / step if len(ws) > 1 else None
@@ -259,8 +272,9 @@ def fit_batch_size(df: pd.DataFrame) -> BatchSizeFit:
             raise ConfigError(
                 f"{where}: column 'batch_size': model {m!r} at tokens {t:g} has {len(g)} batch sizes with a finite loss; >= 3 needed"
             )
-        x, fx, edge = parabola_min(np.log(g["batch_size"].to_numpy()), g["loss"].to_numpy())
-        points.append(BatchSizePoint(str(m), float(t), float(np.exp(x)), fx, edge, not edge))
+        bs, loss = g["batch_size"].to_numpy(), g["loss"].to_numpy()
+        x, fx, edge = parabola_min(np.log(bs), loss)
+        points.append(BatchSizePoint(str(m), float(t), float(bs[np.argmin(loss)] if edge else np.exp(x)), fx, edge, not edge))
     use = [p for p in points if p.used_in_fit]
     logL = np.log([p.loss_opt for p in use])
     if len(use) < 2 or np.ptp(logL) <= 0:
@@ -440,13 +454,18 @@ def fit_scaling_law(df: pd.DataFrame, compute: float | None = None, bootstrap: i
         compute = float((6.0 * d["N"] * d["D"]).max())
     elif not (np.isfinite(compute) and compute > 0):
         raise ConfigError(f"compute: must be a finite FLOP count > 0 (got {compute!r})")
+    if bootstrap and bootstrap < 2:
+        raise ConfigError(f"bootstrap: number of resamples must be >= 2 (got {bootstrap})")
+    with _one_blas_thread():
+        return _fit_scaling_law(logN, logD, logL, compute, bootstrap, seed)
+
+
+def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int) -> ScalingLawFit:
     grid_starts = _grid_starts(logN, logD, logL, N_STARTS)
     theta, fval = _fit_theta(logN, logD, logL, grid_starts)
     law = _law_from_theta(theta, compute)
     ci = None
     if bootstrap:
-        if bootstrap < 2:
-            raise ConfigError(f"bootstrap: number of resamples must be >= 2 (got {bootstrap})")
         rng = np.random.default_rng(seed)
         n = len(logL)
         samples = []
@@ -459,7 +478,7 @@ def fit_scaling_law(df: pd.DataFrame, compute: float | None = None, bootstrap: i
             v = np.array([s[k] for s in samples], dtype=float)
             v = v[np.isfinite(v)]
             ci[k] = (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))) if len(v) else (float("nan"),) * 2
-    return ScalingLawFit(**law, compute=float(compute), n_points=len(d), objective=fval, ci=ci)
+    return ScalingLawFit(**law, compute=float(compute), n_points=len(logL), objective=fval, ci=ci)
 
 
 # --------------------------------------------------------------------------- WSD branches
