@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     elif kind == "scaling-law":
         print(_law_text(d))
     else:
-        print(fit.loss_vs_data().to_string(float_format=lambda v: f"{v:.4g}"))
+        print(_table(d["points"], ["model", "N", "D", "loss"]))
         print(_law_text(d["scaling_law"]) if d["scaling_law"] else
               "no scaling law: needs >= 5 branches over >= 2 model sizes and >= 2 token counts")
     if args.plot:
