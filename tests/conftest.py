@@ -1,0 +1,188 @@
+"""Shared fixtures: real clusters and servers on this machine (markers: ray, slurm, mlflow_server).
+
+    ray_address            session  "127.0.0.1:PORT" of a local Ray cluster started for this session
+    slurm_cluster          session  SlurmInfo(partition, node, cpus, conf, logs) of the single-node Slurm
+    mlflow_server          session  "http://127.0.0.1:PORT" of an MLflow server (SQLite store)
+    mlflow_server_control  function the MlflowServer behind it: .stop() / .start() / .restart() /
+                                    .is_up(); the server is up again after the test whatever it did
+    free_port()            function (import it: `from conftest import free_port`)
+
+Set WINDTUNNEL_KEEP_CLUSTERS=1 to leave Slurm running after the session. With CI=true a cluster
+that cannot start fails the tests instead of skipping them.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from windtunnel import clusters
+from windtunnel.clusters import free_port  # noqa: F401  (re-exported for tests)
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _unavailable(reason: str):
+    """Skip on a developer's machine; fail in CI, where every cluster must run."""
+    if IN_CI:
+        pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
+# ----------------------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """A local Ray cluster for this session (`ray start --head` on a free port, its own temp dir,
+    so a plain `ray.init()` elsewhere never joins it); RAY_ADDRESS is cleared while it lives.
+    Tests connect with `ray.init(address=ray_address)` and call `ray.shutdown()` when done."""
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    port = clusters.free_port()
+    # Short path: Ray's unix sockets live below it and must stay under 107 characters.
+    temp_dir = tempfile.mkdtemp(prefix="wt-ray-", dir="/tmp")
+    try:
+        address = clusters.ray_up(port=port, num_cpus=2, temp_dir=temp_dir, address_file=None, quiet=True)
+    except clusters.ClusterError as e:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        _unavailable(f"local Ray cluster did not start: {e}")
+    try:
+        yield address
+    finally:
+        if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+            sys.modules["ray"].shutdown()
+        clusters.ray_down(port=port, address_file=None, quiet=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+# --------------------------------------------------------------------------------------- Slurm
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """The machine's single-node Slurm, brought up (and installed) through windtunnel.clusters.
+
+    Sessions share it: the last session out stops it, and only when a fixture started it.
+    """
+    reason = clusters.slurm_cannot_start_reason()
+    if reason:
+        _unavailable(reason)
+    try:
+        info = clusters.slurm_acquire()
+    except clusters.ClusterError as e:
+        pytest.fail(f"single-node Slurm did not come up: {e}", pytrace=False)
+    try:
+        yield info
+    finally:
+        clusters.slurm_release(keep=bool(os.environ.get("WINDTUNNEL_KEEP_CLUSTERS")))
+
+
+# -------------------------------------------------------------------------------------- MLflow
+
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1:PORT with a SQLite store and local artifacts under `root`.
+
+    stop() and start() keep the port and the store, so runs logged before a stop are there after.
+    """
+
+    def __init__(self, root: Path, port: int | None = None, startup_timeout_s: float = 90):
+        self.root = Path(root)
+        self.port = port or clusters.free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.root / "server.log"
+        self.startup_timeout_s = startup_timeout_s
+        self._proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        return [str(mlflow) if mlflow.exists() else "mlflow", "server",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--default-artifact-root", str(self.root / "artifacts"),
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
+
+    def is_up(self, timeout: float = 2) -> bool:
+        """True when /health answers 200."""
+        try:
+            with urllib.request.urlopen(f"{self.uri}/health", timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def start(self) -> str:
+        if self._proc is not None and self._proc.poll() is None and self.is_up():
+            return self.uri
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+            # Own session: stop() signals the whole group (the server and its uvicorn worker).
+            self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                          env=env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.is_up():
+                return self.uri
+            if self._proc.poll() is not None:
+                break
+            time.sleep(0.5)
+        self.stop()
+        tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+        raise RuntimeError(f"mlflow server on port {self.port} did not answer /health: {tail[0]} (log: {self.log})")
+
+    def stop(self, timeout: float = 20) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The uvicorn worker may outlive the parent for a moment: wait for the port to close.
+        deadline = time.monotonic() + 10
+        while self.is_up(timeout=0.5) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+    def restart(self) -> str:
+        self.stop()
+        return self.start()
+
+
+@pytest.fixture(scope="session")
+def _mlflow_server_process(tmp_path_factory):
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
+    try:
+        server.start()
+    except RuntimeError as e:
+        pytest.fail(str(e), pytrace=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(_mlflow_server_process) -> str:
+    """Tracking URI of a session-wide MLflow server (SQLite backend, 127.0.0.1)."""
+    return _mlflow_server_process.uri
+
+
+@pytest.fixture
+def mlflow_server_control(_mlflow_server_process):
+    """The MlflowServer behind `mlflow_server`, for tests that take it down mid-way."""
+    yield _mlflow_server_process
+    _mlflow_server_process.start()  # no-op when it is up

@@ -1,0 +1,185 @@
+"""The real clusters of this machine: single-node Slurm (submitit), local Ray, MLflow server."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import submitit
+
+from conftest import free_port
+from windtunnel import clusters
+
+WINDTUNNEL = [sys.executable, "-m", "windtunnel.cli"]
+
+
+def _pickle_this_module_by_value():
+    # Slurm jobs unpickle our functions in a fresh interpreter where `tests/` is not importable.
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+# --------------------------------------------------------------------------------------- Slurm
+
+
+def _square(x: int):
+    return x * x, socket.gethostname(), os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+
+
+@pytest.mark.slurm
+def test_slurm_status_command(slurm_cluster):
+    r = subprocess.run([*WINDTUNNEL, "cluster", "slurm-status"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "slurmctld: running" in r.stdout and slurm_cluster.partition in r.stdout
+
+
+@pytest.mark.slurm
+def test_submitit_job_array(slurm_cluster, tmp_path):
+    _pickle_this_module_by_value()
+    ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm")
+    ex.update_parameters(timeout_min=5, slurm_partition=slurm_cluster.partition, cpus_per_task=1)
+    jobs = ex.map_array(_square, [1, 2, 3])
+    results = [j.result() for j in jobs]
+    assert [r[0] for r in results] == [1, 4, 9]
+    assert {r[1] for r in results} == {socket.gethostname()}
+    assert len({r[2] for r in results}) == 1 and results[0][2] is not None  # one array job
+    assert sorted(r[3] for r in results) == ["0", "1", "2"]
+
+
+class _SleepsPastItsLimit(submitit.helpers.Checkpointable):
+    """First run: record itself in a state file, then sleep past the time limit (Slurm sends
+    SIGUSR2, submitit calls checkpoint() and requeues). The requeued run finds the state of the
+    first and returns at once."""
+
+    def __init__(self, state_file: str):
+        self.state_file = state_file
+
+    def __call__(self):
+        p = Path(self.state_file)
+        runs = json.loads(p.read_text()) if p.exists() else []
+        runs.append({"restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "seen_before": len(runs)})
+        p.write_text(json.dumps(runs))
+        if len(runs) == 1:
+            time.sleep(600)
+        return runs
+
+
+@pytest.mark.slurm
+def test_submitit_requeues_checkpointable_at_time_limit(slurm_cluster, tmp_path):
+    """~1 minute: Slurm signals USR2 before the 1-minute limit, submitit requeues, the job reruns."""
+    _pickle_this_module_by_value()
+    ex = submitit.AutoExecutor(folder=tmp_path / "%j", cluster="slurm", slurm_max_num_timeout=2)
+    ex.update_parameters(timeout_min=1, slurm_partition=slurm_cluster.partition, cpus_per_task=1,
+                         slurm_signal_delay_s=30)
+    state = tmp_path / "state.json"
+    job = ex.submit(_SleepsPastItsLimit(str(state)))
+    runs = job.result()
+    assert len(runs) == 2, runs
+    assert runs[1]["seen_before"] == 1  # the second run read the first run's state
+    assert runs[1]["restart_count"] == "1"
+
+
+# ----------------------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.ray
+def test_ray_tasks_run_on_the_cluster(ray_address):
+    import ray
+
+    assert "RAY_ADDRESS" not in os.environ
+    ray.init(address=ray_address)
+    try:
+        @ray.remote
+        def where(i):
+            ctx = ray.get_runtime_context()
+            return i, os.getpid(), ctx.get_node_id()
+
+        out = ray.get([where.remote(i) for i in range(6)])
+        assert [o[0] for o in out] == list(range(6))
+        assert os.getpid() not in {o[1] for o in out}  # ran in the cluster's workers
+        node_ids = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+        assert {o[2] for o in out} <= node_ids
+        assert ray.cluster_resources()["CPU"] == 2  # the fixture's --num-cpus, not a fresh instance
+        gcs = ray.get_runtime_context().gcs_address
+        assert gcs.rsplit(":", 1)[1] == ray_address.rsplit(":", 1)[1]
+    finally:
+        ray.shutdown()
+
+
+@pytest.mark.ray
+def test_ray_up_is_idempotent_and_down_stops_only_its_cluster(ray_address, tmp_path):
+    addr_file = tmp_path / "address"
+    port = int(ray_address.rsplit(":", 1)[1])
+    # ray-up on a running cluster: prints the same address, starts nothing.
+    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", str(port), "--address-file", str(addr_file)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ray_address == addr_file.read_text().strip()
+    assert "already running" in r.stderr
+
+    # A second cluster comes up beside it; ray-down stops that one and leaves the fixture's.
+    other = free_port()
+    temp_dir = Path(f"/tmp/wt-ray-other-{os.getpid()}")
+    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", str(other), "--num-cpus", "1",
+                        "--temp-dir", str(temp_dir), "--address-file", str(addr_file)],
+                       capture_output=True, text=True, timeout=180)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert clusters.ray_is_up(f"127.0.0.1:{other}")
+    finally:
+        d = subprocess.run([*WINDTUNNEL, "cluster", "ray-down", "--address-file", str(addr_file)],
+                           capture_output=True, text=True, timeout=120)
+        subprocess.run(["rm", "-rf", str(temp_dir)])
+    assert d.returncode == 0 and f"127.0.0.1:{other}" in d.stdout, d.stdout + d.stderr
+    assert not addr_file.exists()
+    assert not clusters.ray_is_up(f"127.0.0.1:{other}")
+    assert clusters.ray_is_up(ray_address)
+
+
+# -------------------------------------------------------------------------------------- MLflow
+
+
+def _rest(uri: str, endpoint: str, body: dict) -> dict:
+    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/{endpoint}", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+@pytest.mark.mlflow_server
+def test_mlflow_nested_run_survives_server_restart(mlflow_server, mlflow_server_control):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    exp = client.create_experiment(f"clusters-test-{os.getpid()}-{time.time_ns()}")
+    parent = client.create_run(exp, run_name="sweep").info.run_id
+    child = client.create_run(exp, run_name="trial-0", tags={"mlflow.parentRunId": parent, "trial": "0"}).info.run_id
+    client.log_metric(child, "loss", 3.25, step=7)
+    client.set_terminated(child)
+    client.set_terminated(parent)
+
+    def children() -> list[dict]:
+        found = _rest(mlflow_server, "runs/search", {
+            "experiment_ids": [exp], "filter": f"tags.mlflow.parentRunId = '{parent}'"})
+        return found.get("runs", [])
+
+    runs = children()
+    assert [r["info"]["run_id"] for r in runs] == [child]
+    assert {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]} == {"loss": 3.25}
+
+    mlflow_server_control.stop()
+    assert not mlflow_server_control.is_up()
+    with pytest.raises(OSError):
+        _rest(mlflow_server, "experiments/get", {"experiment_id": exp})
+
+    assert mlflow_server_control.start() == mlflow_server  # same port, same store
+    runs = children()
+    assert [r["info"]["run_id"] for r in runs] == [child]
+    assert runs[0]["info"]["status"] == "FINISHED"
