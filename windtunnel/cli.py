@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "trial": ("windtunnel.commands.trial", "train one trial from config overrides and print its result"),
     "coord-check": ("windtunnel.commands.coord_check", "muP coordinate check across widths (sp vs mup)"),
     "data": ("windtunnel.commands.data", "prepare token shards from text (`data prepare`)"),
+    "sweep": ("windtunnel.commands.sweep", "run or resume a sweep: Optuna search, executors, MLflow"),
+    "report": ("windtunnel.commands.report", "regenerate a sweep's tables, plots and report.md"),
     "fit": ("windtunnel.commands.fit", "fit a law: lr-transfer, batch-size, scaling-law, wsd"),
     "cluster": ("windtunnel.commands.cluster", "start/stop a local Ray cluster or single-node Slurm"),
 }

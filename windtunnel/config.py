@@ -35,6 +35,8 @@ class ModelConfig:
     d_model: int = 128
     n_layers: int = 4
     n_heads: int = 4
+    head_dim: int = 0
+    """> 0 sets n_heads = d_model / head_dim, so width sweeps grow by adding heads."""
     d_ff: int = 0
     """SwiGLU hidden size; 0 = 8/3·d_model rounded up to a multiple of 64 (Llama)."""
     vocab_size: int = 0
@@ -58,6 +60,10 @@ class ModelConfig:
     """auto: Triton on CUDA, PyTorch references on CPU."""
 
     def __post_init__(self) -> None:
+        if self.head_dim:
+            _check(self.head_dim > 0 and self.d_model % self.head_dim == 0, "model.head_dim",
+                   f"must divide model.d_model={self.d_model}", self.head_dim)
+            self.n_heads = self.d_model // self.head_dim
         for name in ("d_model", "n_layers", "n_heads", "seq_len", "dim_model_base"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be > 0", getattr(self, name))
         _check(self.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = 8/3·d_model)", self.d_ff)
@@ -76,9 +82,6 @@ class ModelConfig:
     def ffn_dim(self) -> int:
         return self.d_ff or 64 * math.ceil(8 * self.d_model / 3 / 64)
 
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 @dataclass(kw_only=True)
@@ -171,6 +174,9 @@ class TrainConfig:
     """Token counts at which to save the (stable-phase) state for later decay branches."""
     init_from: str = ""
     """A saved state (save_at or checkpoint) to branch from: weights, optimizer, data order."""
+    branch_at: list[int] = field(default_factory=list)
+    """WSD branches: token counts where decays start. The trial runs the stable phase once,
+    saving its state at each, then decays `schedule.decay` of each branch's length from it."""
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -180,8 +186,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
         _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
                "must be auto, cpu, cuda or cuda:N", self.device)
-        for t in self.save_at:
-            _check(0 < t < self.tokens, "train.save_at", f"token counts must be in (0, train.tokens={self.tokens})", t)
+        for name in ("save_at", "branch_at"):
+            for t in getattr(self, name):
+                _check(0 < t < self.tokens, f"train.{name}", f"token counts must be in (0, train.tokens={self.tokens})", t)
 
 
 @dataclass(kw_only=True)

@@ -21,10 +21,11 @@ def repo_dir(name: str) -> Path:
 def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 
+    from windtunnel.sweep_config import SweepConfig
+
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
-    for group, cls in SECTIONS.items():
-        cs.store(group=group, name=f"{group}_schema", node=cls)
+    cs.store(name="sweep_schema", node=SweepConfig)
 
 
 def _one_line(e: Exception) -> str:
@@ -94,3 +95,41 @@ def _apply_overrides(d: dict, overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
         node[parts[-1]] = parse_value(value)
     return d
+
+
+def sweep_file(spec: str) -> Path:
+    """SWEEP is a name in sweeps/ or a path to a YAML file."""
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or "/" in spec:
+        if not p.is_file():
+            raise ConfigError(f"{spec}: no such sweep file")
+        return p
+    p = repo_dir("sweeps") / f"{spec}.yaml"
+    if not p.is_file():
+        names = sorted(f.stem for f in repo_dir("sweeps").glob("*.yaml"))
+        raise ConfigError(f"{spec}: no such sweep (allowed: {', '.join(names)}, or a path to a YAML file)")
+    return p
+
+
+def load_sweep(spec: str, overrides: list[str]):
+    """The SweepConfig of a sweep file + KEY=VALUE overrides; every error names the file."""
+    import dataclasses
+
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from windtunnel.sweep_config import SweepConfig, sweep_from_dict
+
+    path = sweep_file(spec)
+    content = load_yaml(path)
+    allowed = {f.name for f in dataclasses.fields(SweepConfig)} | {"defaults"}
+    for key in content:
+        if key not in allowed:
+            raise ConfigError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+    content.setdefault("name", path.stem)
+    _register_schemas()
+    ConfigStore.instance().store(group="sweep", name="current", node=OmegaConf.create(content), package="_global_")
+    try:
+        return sweep_from_dict(compose(["+sweep=current", *overrides], config_name="sweep"))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {str(e).removeprefix('overrides: ')}") from None

@@ -29,12 +29,12 @@ def coord_check(base: TrialConfig, widths: list[int], steps: int = 5, lr: float 
                 parametrizations: tuple[str, ...] | list[str] = ("sp", "mup"),
                 sp_init_std: float = SP_INIT_STD) -> list[dict]:
     """Rows {"parametrization", "width", "step", "layer", "value"}: mean |x_step - x_0|."""
-    head_dim = base.model.head_dim
+    head_dim = base.model.d_model // base.model.n_heads
     rows = []
     for par in parametrizations:
         for width in widths:
             cfg = with_overrides(base, {
-                "model.parametrization": par, "model.d_model": width, "model.n_heads": max(1, width // head_dim),
+                "model.parametrization": par, "model.d_model": width, "model.head_dim": head_dim,
                 "optim.lr": lr or DEFAULT_LR,
                 "model.init_std": sp_init_std if par == "sp" else base.model.init_std, "schedule.kind": "constant", "schedule.warmup": 0.0,
                 "train.tokens": steps * base.train.batch_size * base.model.seq_len, "train.device": "cpu",

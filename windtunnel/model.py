@@ -123,7 +123,7 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
     def _rope(self, T: int):
-        D = self.cfg.head_dim
+        D = self.cfg.d_model // self.cfg.n_heads
         return rope_cos_sin(T, D, self.cfg.rope_theta, self.wte.device, torch.float32)
 
     def hidden_states(self, idx: torch.Tensor):

@@ -1,0 +1,82 @@
+"""Local executor: one fresh process per bundle, at most `workers` at a time, one per GPU when
+GPUs are visible. A fresh process per bundle keeps workers stateless: a crash, an OOM or a
+SIGKILL loses one bundle, never the sweep."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from windtunnel.executors import WorkerLost
+from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d for d in env.split(",") if d.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+        return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+class LocalHandle:
+    def __init__(self, proc: subprocess.Popen, bundle_dir: Path, slot: int, log):
+        self.proc, self.bundle_dir, self.slot, self._log = proc, bundle_dir, slot, log
+
+    def done(self) -> bool:
+        return self.proc.poll() is not None
+
+    def result(self) -> list[dict]:
+        self.proc.wait()
+        self._log.close()
+        res = self.bundle_dir / RESULT
+        if not res.exists():
+            raise WorkerLost(f"worker exited with status {self.proc.returncode} before writing a result "
+                             f"(log: {self.bundle_dir / 'worker.log'})")
+        out = json.loads(res.read_text())
+        if not out["ok"]:
+            raise RuntimeError(out["error"])
+        return out["results"]
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class LocalExecutor:
+    def __init__(self, cfg: ExecutorConfig):
+        self.cfg = cfg
+        self.gpus = _visible_gpus()
+        threads = max(1, cfg.threads_per_worker)
+        self.slots = cfg.workers or (len(self.gpus) or max(1, (os.cpu_count() or 1) // threads))
+        self.free = list(range(self.slots))
+
+    def submit(self, payload: dict, bundle_dir: Path) -> LocalHandle:
+        slot = self.free.pop(0)
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        payload = {**payload, "threads": max(1, self.cfg.threads_per_worker)}
+        write_json_atomic(payload, bundle_dir / PAYLOAD)
+        (bundle_dir / RESULT).unlink(missing_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(payload["threads"]), "PYTHONUNBUFFERED": "1"}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        log = open(bundle_dir / "worker.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "windtunnel.worker", str(bundle_dir)], env=env,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return LocalHandle(proc, bundle_dir, slot, log)
+
+    def release(self, handle: LocalHandle) -> None:
+        self.free.append(handle.slot)
+
+    def reattach(self, bundle_dir: Path):
+        return None  # a local worker dies with its driver's session: re-run instead
+
+    def close(self) -> None:
+        pass

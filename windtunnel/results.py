@@ -1,0 +1,151 @@
+"""A sweep's results, regenerated from its study alone: trials.csv/.parquet, best.yaml, plots,
+report.md. Every file is written to a temp name and renamed, so none is ever half-written."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import yaml
+
+FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
+    """COMPLETE, PRUNED, or FAIL that was not replaced by a retry."""
+    return t.state in FINAL and not t.user_attrs.get("retried", False)
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        r = t.user_attrs.get("result", {})
+        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+                     **t.params, **fixed,
+                     "status": r.get("status", ""), "tokens": r.get("tokens"), "seconds": r.get("seconds"),
+                     "tokens_per_s": r.get("tokens_per_s"), "attempt": t.user_attrs.get("attempt", 1),
+                     "retried": bool(t.user_attrs.get("retried", False)),
+                     "reason": r.get("reason") or t.user_attrs.get("reason", "")})
+    return pd.DataFrame(rows)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            if t.value is not None and math.isfinite(t.value)]
+    return min(done, key=lambda t: t.value) if done else None
+
+
+def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
+    df = trials_frame(study)
+    _atomic(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
+    _atomic(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
+    best = best_trial(study)
+    if best is not None:
+        doc = {"sweep": study.study_name, "number": best.number, "value": best.value,
+               "params": best.params, "trial": best.user_attrs["config"]}
+        _atomic(sweep_dir / "best.yaml", lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
+    return df
+
+
+def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    done = df[df.state == "COMPLETE"].sort_values("number")
+    if done.empty:
+        return out
+    space = json.loads(study.user_attrs.get("space", "{}")).get("search", {})
+    searched = [n for n, s in space.items() if s.get("type") != "fixed" and n in df.columns]
+    if searched:
+        fig, axes = plt.subplots(1, len(searched), figsize=(4 * len(searched), 3.4), squeeze=False, sharey=True)
+        for ax, name in zip(axes[0], searched):
+            x = done[name]
+            if space[name].get("type") == "categorical":
+                x = x.astype(str)
+            ax.scatter(x, done.value, s=14, c=done.number, cmap="viridis")
+            if space[name].get("log"):
+                ax.set_xscale("log")
+            ax.set_xlabel(name)
+        axes[0][0].set_ylabel("final validation loss")
+        fig.suptitle(f"{study.study_name}: loss vs each searched hyperparameter (colour = trial number)")
+        fig.tight_layout()
+        out.append(sweep_dir / "loss_vs_params.png")
+        _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.scatter(done.number, done.value, s=12, label="trial")
+    ax.plot(done.number, done.value.cummin(), color="C3", label="best so far")
+    ax.set(xlabel="trial", ylabel="final validation loss", title=f"{study.study_name}: optimization history")
+    ax.legend()
+    fig.tight_layout()
+    out.append(sweep_dir / "history.png")
+    _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    imp = importances(study)
+    if imp:
+        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(imp)))
+        names = list(imp)[::-1]
+        ax.barh(names, [imp[n] for n in names])
+        ax.set(xlabel="importance (fANOVA)", title=f"{study.study_name}: parameter importance")
+        fig.tight_layout()
+        out.append(sweep_dir / "importance.png")
+        _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
+    return out
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    varying = {n for t in done for n in t.params if len({tt.params.get(n) for tt in done}) > 1}
+    if len(done) < 3 or not varying:
+        return {}
+    try:
+        return optuna.importance.get_param_importances(study, params=sorted(varying))
+    except (RuntimeError, ValueError):
+        return {}
+
+
+def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
+    """Everything a sweep produces, regenerated from the study: tables, best.yaml, plots, report."""
+    df = write_tables(study, sweep_dir)
+    plots = _plots(study, df, sweep_dir)
+    final = df[~df.retried]
+    n = final.state.value_counts().to_dict()
+    best = best_trial(study)
+    lines = [f"# Sweep `{study.study_name}`", "",
+             f"{len(final)} trials: {n.get('COMPLETE', 0)} complete, {n.get('PRUNED', 0)} pruned, "
+             f"{n.get('FAIL', 0)} failed ({int(df.retried.sum())} more were retried).", ""]
+    if best is not None:
+        lines += [f"**Best:** trial {best.number}, final validation loss **{best.value:.4f}**", "",
+                  "| parameter | value |", "|---|---|"]
+        lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in best.params.items()]
+        lines += ["", "`best.yaml` holds its full resolved config: `windtunnel trial --config best.yaml` re-runs it.", ""]
+    imp = importances(study)
+    if imp:
+        lines += ["**Parameter importance (fANOVA):** " + ", ".join(f"`{k}` {v:.2f}" for k, v in imp.items()), ""]
+    lines += [f"![{p.stem}]({p.name})" for p in plots]
+    top = final[final.state == "COMPLETE"].sort_values("value").head(10)
+    if not top.empty:
+        cols = ["number", "value"] + [c for c in top.columns if "." in c]
+        lines += ["", "## Top trials", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for _, r in top.iterrows():
+            lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    failed = final[final.state == "FAIL"]
+    if not failed.empty:
+        lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
+    report = sweep_dir / "report.md"
+    _atomic(report, lambda p: p.write_text("\n".join(lines) + "\n"))
+    return [sweep_dir / "trials.csv", sweep_dir / "best.yaml", report, *plots]

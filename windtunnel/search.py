@@ -1,0 +1,95 @@
+"""Optuna: the study a sweep owns, its samplers and pruners, and the search space as
+distributions. The driver (windtunnel/sweep.py) is the only caller of ask and tell; workers
+only report intermediate values (windtunnel/worker.py).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+
+from windtunnel.errors import ConfigError
+from windtunnel.sweep_config import Param, PrunerConfig, SamplerConfig, SweepConfig, grid_space, parse_search
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def storage_url(cfg: SweepConfig, sweep_dir: Path) -> str:
+    """The study's storage: a journal file by default (scripts/bench: cheaper than SQLite at
+    1,000 trials, and safe for several processes on one shared filesystem)."""
+    return cfg.storage or str(sweep_dir / "study.journal")
+
+
+def open_storage(url: str):
+    if url.endswith(".journal") or "://" not in url:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(url).parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(url))
+    return url
+
+
+def distribution(p: Param) -> optuna.distributions.BaseDistribution:
+    if p.type == "float":
+        return optuna.distributions.FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+    if p.type == "int":
+        return optuna.distributions.IntDistribution(int(p.low), int(p.high), log=p.log, step=int(p.step or 1))
+    if p.type == "categorical":
+        return optuna.distributions.CategoricalDistribution(list(p.choices))
+    raise ValueError(f"no distribution for a {p.type} param")
+
+
+def distributions(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
+    return {n: distribution(p) for n, p in parse_search(cfg.search, cfg.trial).items() if p.type != "fixed"}
+
+
+def fixed_params(cfg: SweepConfig) -> dict:
+    return {n: p.value for n, p in parse_search(cfg.search, cfg.trial).items() if p.type == "fixed"}
+
+
+def make_sampler(s: SamplerConfig, cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+    if s.type == "tpe":
+        # constant_liar: running trials count as observations, so parallel asks spread out
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=s.seed,
+                                          n_startup_trials=s.n_startup_trials)
+    if s.type == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    if s.type == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.type == "grid":
+        return optuna.samplers.GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=s.seed)
+    raise ConfigError(f"sampler.type: must be one of tpe, gp, cmaes, random, grid (got {s.type!r})")
+
+
+def make_pruner(p: PrunerConfig) -> optuna.pruners.BasePruner:
+    if p.type == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_evals)
+    if p.type == "hyperband":
+        return optuna.pruners.HyperbandPruner(reduction_factor=p.reduction_factor)
+    if p.type == "sha":
+        return optuna.pruners.SuccessiveHalvingPruner(reduction_factor=p.reduction_factor)
+    return optuna.pruners.NopPruner()
+
+
+def space_fingerprint(cfg: SweepConfig) -> str:
+    """What must not change when a study is resumed (Optuna issues 2199, 2328)."""
+    return json.dumps({"search": cfg.search, "sampler": cfg.sampler.type}, sort_keys=True, default=str)
+
+
+def open_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:
+    """Create the study, or load it and check its search space is the one it was made with."""
+    study = optuna.create_study(study_name=cfg.name, storage=open_storage(storage_url(cfg, sweep_dir)),
+                                sampler=make_sampler(cfg.sampler, cfg), pruner=make_pruner(cfg.pruner),
+                                direction="minimize", load_if_exists=True)
+    stored = study.user_attrs.get("space")
+    now = space_fingerprint(cfg)
+    if stored is None:
+        study.set_user_attr("space", now)
+    elif stored != now:
+        raise ConfigError(f"search: differs from the space study {cfg.name!r} was created with "
+                          f"(stored {stored}); use a new name or results_dir")
+    return study

@@ -1,0 +1,291 @@
+"""The sweep driver: owns the Optuna study (the only caller of ask and tell), keeps every
+executor slot busy with bundles of same-shape trials, tells each trial's own result, and logs
+it to MLflow. Re-running the same sweep continues it: trials left RUNNING by a dead driver are
+failed and re-enqueued with the same parameters (attempt + 1), so none is lost or duplicated.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+
+from windtunnel.config import to_dict, with_overrides
+from windtunnel.errors import ConfigError
+from windtunnel.executors import WorkerLost, make_executor
+from windtunnel.results import counts_as_finished, write_report, write_tables
+from windtunnel.search import distributions, fixed_params, open_study, storage_url
+from windtunnel.sweep_config import SweepConfig
+from windtunnel.trainer import bundle_key
+
+TS = optuna.trial.TrialState
+
+
+@dataclass
+class Bundle:
+    trials: list[optuna.trial.Trial]
+    dir: Path
+    handle: object = None
+    started: float = 0.0
+
+
+@dataclass
+class Tally:
+    ok: int = 0
+    pruned: int = 0
+    failed: int = 0
+    best: float = math.inf
+    told: list[int] = field(default_factory=list)
+
+
+def population_size(cfg: SweepConfig) -> int:
+    """population.size, or for auto: as many trials as fit in the device's memory (capped at 64)."""
+    if cfg.population.size != "auto":
+        return int(cfg.population.size)
+    import torch
+
+    if not torch.cuda.is_available():
+        return 4  # on CPU a few stacked trials amortise the Python overhead; more buys nothing
+    from windtunnel.model import count_params
+
+    m, t = cfg.model, cfg.train
+    vocab = m.vocab_size or 65536
+    params = count_params(m, vocab)
+    tokens = t.batch_size * m.seq_len
+    # fp32 weights, grads, two Adam moments + bf16 activations (~34·C bytes per token per layer,
+    # Korthikanti et al.) + one chunk of fp32 logits for the fused loss
+    per_trial = 16 * params + tokens * m.n_layers * m.d_model * 34 + 4 * 8192 * vocab
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(64, int(0.8 * free / per_trial)))
+
+
+class Driver:
+    def __init__(self, cfg: SweepConfig, progress: bool = True):
+        self.cfg = cfg
+        self.dir = Path(cfg.results_dir) / cfg.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.study = open_study(cfg, self.dir)
+        self.study.set_user_attr("fixed", json.dumps(fixed_params(cfg)))
+        self.study.set_user_attr("sweep", json.dumps(to_dict(cfg), default=str))
+        self.dists = distributions(cfg)
+        self.fixed = fixed_params(cfg)
+        self.K = population_size(cfg)
+        self.executor = make_executor(cfg.executor, self.dir)
+        self.running: list[Bundle] = []
+        self.ready: list[Bundle] = []  # asked ahead, waiting for a slot
+        self.tally = Tally()
+        self.progress = progress
+        self.tracker = self.parent = None
+        if cfg.tracking.enabled:
+            from windtunnel.tracking import Tracker
+
+            self.tracker = Tracker(cfg.tracking.uri, experiment=cfg.name, outbox=self.dir / "tracking" / "outbox.jsonl")
+            self.parent = self.tracker.start_invocation(
+                params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
+                        "executor": cfg.executor.type, "population": self.K},
+                tags={"windtunnel.sweep": cfg.name})
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+    def finished(self) -> int:
+        return sum(counts_as_finished(t) for t in self.study.get_trials(deepcopy=False))
+
+    def in_flight(self) -> int:
+        return sum(len(b.trials) for b in self.running + self.ready)
+
+    def remaining(self) -> int:
+        return self.cfg.n_trials - self.finished() - self.in_flight()
+
+    # -- ask ------------------------------------------------------------------------------------
+    def ask_bundles(self, n: int) -> None:
+        """Ask n trials and group the same-shape ones into bundles of at most K."""
+        groups: dict[str, list[optuna.trial.Trial]] = {}
+        for _ in range(n):
+            trial = self.study.ask(self.dists)
+            params = {**trial.params, **self.fixed}
+            try:
+                tcfg = with_overrides(self.cfg.trial, params)
+            except ConfigError as e:  # e.g. a sampled width that n_heads does not divide
+                self._tell(trial, "failed", None, {"reason": f"invalid config: {e}"})
+                continue
+            trial.set_user_attr("config", to_dict(tcfg))
+            groups.setdefault(bundle_key(tcfg), []).append(trial)
+        for trials in groups.values():
+            for i in range(0, len(trials), self.K):
+                part = trials[i:i + self.K]
+                self.ready.append(Bundle(part, self.dir / "bundles" / f"trial-{part[0].number:05d}"))
+
+    def fill(self) -> None:
+        free = self.slots_free()
+        while free > 0:
+            if not self.ready:
+                n = min(self.remaining(), self.K)
+                if n <= 0:
+                    return
+                self.ask_bundles(n)
+                continue
+            self.submit(self.ready.pop(0))
+            free -= 1
+        # ask ahead: the next bundle is sampled while the current ones train
+        if not self.ready and self.remaining() > 0:
+            self.ask_bundles(min(self.remaining(), self.K))
+
+    def slots_free(self) -> int:
+        return self.executor.slots - len(self.running)
+
+    def submit(self, b: Bundle) -> None:
+        payload = {"study": self.cfg.name, "storage": storage_url(self.cfg, self.dir),
+                   "pruner": to_dict(self.cfg.pruner), "bundle_dir": str(b.dir),
+                   "checkpoint_every": self.cfg.executor.checkpoint_every,
+                   "trials": [{"number": t.number, "trial_id": t._trial_id, "config": t.user_attrs["config"]}
+                              for t in b.trials]}
+        b.handle = self.executor.submit(payload, b.dir)
+        b.started = time.time()
+        for t in b.trials:
+            t.set_user_attr("bundle", str(b.dir))
+        self.running.append(b)
+
+    # -- tell -----------------------------------------------------------------------------------
+    def _tell(self, trial: optuna.trial.Trial, status: str, value: float | None, result: dict) -> None:
+        state = {"ok": TS.COMPLETE, "pruned": TS.PRUNED}.get(status, TS.FAIL)
+        if state == TS.COMPLETE and (value is None or not math.isfinite(value)):
+            state, result = TS.FAIL, {**result, "reason": result.get("reason") or "no final loss"}
+        record = {k: v for k, v in result.items() if k != "curve"}
+        trial.set_user_attr("result", {**record, "status": status})
+        self.study.tell(trial.number, value if state == TS.COMPLETE else None, state=state)
+        if state == TS.COMPLETE:
+            self.tally.ok += 1
+            self.tally.best = min(self.tally.best, value)
+        elif state == TS.PRUNED:
+            self.tally.pruned += 1
+        else:
+            self.tally.failed += 1
+        self.tally.told.append(trial.number)
+        if self.tracker is not None:
+            final = {"final_val_loss": value} if value is not None else {}
+            for key in ("tokens", "seconds", "tokens_per_s"):
+                if isinstance(result.get(key), (int, float)):
+                    final[key] = result[key]
+            self.tracker.log_trial(self.parent, trial.number, trial.user_attrs.get("attempt", 1),
+                                   params=_flatten(trial.user_attrs.get("config", {})),
+                                   curve=result.get("curve", []), metrics=final,
+                                   status={TS.COMPLETE: "FINISHED", TS.PRUNED: "KILLED"}.get(state, "FAILED"),
+                                   tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
+
+    def fail_or_retry(self, trial: optuna.trial.Trial, reason: str) -> None:
+        attempt = trial.user_attrs.get("attempt", 1)
+        if attempt <= self.cfg.executor.retries:
+            trial.set_user_attr("retried", True)
+            trial.set_user_attr("reason", f"{reason}; retried")
+            self.study.tell(trial.number, state=TS.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"attempt": attempt + 1, "retry_of": trial.number},
+                                     skip_if_exists=False)
+        else:
+            self._tell(trial, "failed", None, {"reason": f"{reason} (attempt {attempt}, no retries left)"})
+
+    def collect(self) -> None:
+        now = time.time()
+        for b in list(self.running):
+            timeout = self.cfg.executor.trial_timeout_s
+            if not b.handle.done():
+                if timeout and now - b.started > timeout:
+                    b.handle.cancel()
+                    self._finish(b, error=f"timed out after {timeout:.0f} s")
+                continue
+            try:
+                results = b.handle.result()
+            except WorkerLost as e:
+                self._finish(b, error=str(e))
+                continue
+            except Exception as e:  # the worker raised: deterministic, so no retry
+                for t in b.trials:
+                    self._tell(t, "failed", None, {"reason": f"{type(e).__name__}: {e}"})
+                self._finish(b)
+                continue
+            for t, r in zip(b.trials, results):
+                self._tell(t, r["status"], r.get("final_val_loss"), r)
+            self._finish(b)
+
+    def _finish(self, b: Bundle, error: str | None = None) -> None:
+        if error is not None:
+            for t in b.trials:
+                self.fail_or_retry(t, error)
+        self.running.remove(b)
+        self.executor.release(b.handle)
+
+    def recover(self) -> None:
+        """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
+        for ft in self.study.get_trials(deepcopy=False, states=(TS.RUNNING,)):
+            trial = optuna.trial.Trial(self.study, ft._trial_id)
+            handle = self.executor.reattach(Path(ft.user_attrs["bundle"])) if "bundle" in ft.user_attrs else None
+            if handle is None:
+                self.fail_or_retry(trial, "its driver died")
+            else:
+                self.running.append(Bundle([trial], handle.bundle_dir, handle, time.time()))
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.recover()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.cfg.n_trials, initial=self.finished(), unit="trial", dynamic_ncols=True,
+                       desc=self.cfg.name)
+        last_write = 0.0
+        try:
+            while True:
+                self.fill()
+                told = len(self.tally.told)
+                self.collect()
+                if bar is not None and len(self.tally.told) != told:
+                    bar.n = self.finished()
+                    t = self.tally
+                    bar.set_postfix_str(f"ok={t.ok} pruned={t.pruned} failed={t.failed} best={t.best:.4f}")
+                if time.time() - last_write > 10:
+                    write_tables(self.study, self.dir)
+                    last_write = time.time()
+                if not self.running and not self.ready and self.finished() >= self.cfg.n_trials:
+                    break
+                if not self.running and not self.ready and self.remaining() <= 0:
+                    break
+                time.sleep(0.05)
+        except KeyboardInterrupt:
+            for b in self.running:
+                b.handle.cancel()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        files = write_report(self.study, self.dir)
+        if self.tracker is not None:
+            self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
+            self.tracker.finish_invocation(self.parent)
+            self.tracker.flush(timeout=120)
+            self.tracker.close()
+        self.executor.close()
+        return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
+                "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files]}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _stop(*_):
+    raise KeyboardInterrupt
+
+
+def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+    # SIGTERM (a scheduler's stop) ends the driver like Ctrl-C: workers cancelled, study intact
+    signal.signal(signal.SIGTERM, _stop)
+    return Driver(cfg, progress).run()

@@ -1,0 +1,251 @@
+"""What a sweep is: a trial config (the base), a search space and how to run it.
+
+A sweep file (sweeps/NAME.yaml) is a Hydra config merged over conf/sweep.yaml; it may pick
+config groups (`defaults: [{override /model: proxy9m}]`) and set any trial field. The search
+space is explicit (Optuna's habit, not the Hydra sweeper's expression strings):
+
+    search:
+      optim.lr:        {type: float, low: 1.0e-3, high: 0.1, log: true}   # high is inclusive
+      model.d_model:   {type: int, low: 64, high: 256, step: 64}
+      model.parametrization: {type: categorical, choices: [sp, mup]}
+      schedule.decay:  {type: fixed, value: 0.1}
+      optim.lr:        {type: float, values: [0.001, 0.002, 0.004]}       # a grid (sampler: grid)
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from windtunnel.config import SECTIONS, TrialConfig, _check, _choice, trial_from_dict, with_overrides
+from windtunnel.errors import ConfigError
+
+SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
+PRUNERS = ("median", "hyperband", "sha", "none")
+EXECUTORS = ("local", "ray", "slurm")
+PARAM_TYPES = ("float", "int", "categorical", "fixed")
+PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "value", "values")
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    type: str = "tpe"
+    """tpe (multivariate, constant liar), gp, cmaes, random or grid."""
+    seed: int = 0
+    n_startup_trials: int = 10
+
+    def __post_init__(self) -> None:
+        _choice("sampler.type", self.type, SAMPLERS)
+        _check(self.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0", self.n_startup_trials)
+
+
+@dataclass(kw_only=True)
+class PrunerConfig:
+    type: str = "median"
+    """median, hyperband, sha (successive halving) or none; fed with validation losses."""
+    n_startup_trials: int = 5
+    n_warmup_evals: int = 2
+    """median: evaluations of a trial before it may be pruned."""
+    reduction_factor: int = 3
+
+    def __post_init__(self) -> None:
+        _choice("pruner.type", self.type, PRUNERS)
+        _check(self.reduction_factor >= 2, "pruner.reduction_factor", "must be >= 2", self.reduction_factor)
+
+
+@dataclass(kw_only=True)
+class ExecutorConfig:
+    type: str = "local"
+    workers: int = 0
+    """Parallel bundles. 0: one per visible GPU, else cores / threads_per_worker."""
+    threads_per_worker: int = 1
+    retries: int = 1
+    """A trial whose worker dies is re-run this many times, then failed."""
+    trial_timeout_s: float = 0.0
+    """A bundle running longer than this is killed and retried (0 = no deadline)."""
+    # ray
+    address: str = ""
+    """ray: '' starts a new local instance; auto, HOST:PORT or ray://HOST:PORT joins a cluster."""
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    """ray: fractional GPUs allowed (0.25 = four bundles share a GPU)."""
+    # slurm (submitit)
+    partition: str = ""
+    time_min: int = 60
+    cpus_per_job: int = 1
+    gpus_per_job: int = 0
+    mem_gb: float = 0.0
+    account: str = ""
+    qos: str = ""
+    sbatch_extra: dict[str, Any] = field(default_factory=dict)
+    """Extra sbatch flags, e.g. {constraint: h100}."""
+    array_parallelism: int = 64
+    max_requeues: int = 3
+    checkpoint_every: int = 0
+    """Tokens between resumable trial checkpoints (slurm default: a tenth of the budget)."""
+    folder: str = ""
+    """submitit's job folder ('' = <results>/<sweep>/slurm)."""
+
+    def __post_init__(self) -> None:
+        _choice("executor.type", self.type, EXECUTORS)
+        for name in ("workers", "retries", "threads_per_worker", "time_min", "array_parallelism"):
+            _check(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
+        _check(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
+
+
+@dataclass(kw_only=True)
+class TrackingConfig:
+    uri: str = ""
+    """'' = a local MLflow store under the results dir (no server); http://HOST:PORT = a server."""
+    enabled: bool = True
+
+
+@dataclass(kw_only=True)
+class PopulationConfig:
+    size: Any = 1
+    """Trials trained together on one device (an int, or auto: as many as fit in memory)."""
+
+    def __post_init__(self) -> None:
+        ok = self.size == "auto" or (isinstance(self.size, int) and self.size >= 1)
+        _check(ok, "population.size", "must be an integer >= 1 or auto", self.size)
+
+
+@dataclass(kw_only=True)
+class SweepConfig(TrialConfig):
+    name: str = ""
+    description: str = ""
+    search: dict[str, Any] = field(default_factory=dict)
+    objective: str = "final_val_loss"
+    """Minimised: the validation loss at the end of the token budget."""
+    n_trials: int = 20
+    storage: str = ""
+    """'' = an Optuna journal file <results_dir>/<name>/study.journal; or any Optuna storage URL
+    (sqlite:///..., postgresql://...) or a path ending in .journal."""
+    results_dir: str = "results"
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    pruner: PrunerConfig = field(default_factory=PrunerConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    population: PopulationConfig = field(default_factory=PopulationConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must be set", self.name)
+        _check(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        _choice("objective", self.objective, ("final_val_loss",))
+
+    @property
+    def trial(self) -> TrialConfig:
+        return TrialConfig(**{k: getattr(self, k) for k in SECTIONS})
+
+
+SWEEP_SECTIONS = {"sampler": SamplerConfig, "pruner": PrunerConfig, "executor": ExecutorConfig,
+                  "tracking": TrackingConfig, "population": PopulationConfig}
+
+
+def sweep_from_dict(d: dict) -> SweepConfig:
+    """Build and validate a SweepConfig from nested dicts (the composed Hydra config)."""
+    trial = trial_from_dict({k: d.get(k, {}) for k in SECTIONS})
+    parts: dict[str, Any] = {k: getattr(trial, k) for k in SECTIONS}
+    for name, cls in SWEEP_SECTIONS.items():
+        values = dict(d.get(name) or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        bad = set(values) - known
+        if bad:
+            raise ConfigError(f"{name}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+        parts[name] = cls(**values)
+    top = {f.name for f in dataclasses.fields(SweepConfig)} - set(SECTIONS) - set(SWEEP_SECTIONS)
+    bad = set(d) - top - set(SECTIONS) - set(SWEEP_SECTIONS) - {"defaults"}
+    if bad:
+        raise ConfigError(f"{sorted(bad)[0]}: unknown key (allowed: {', '.join(sorted(top | set(SECTIONS) | set(SWEEP_SECTIONS)))})")
+    parts.update({k: d[k] for k in top if k in d})
+    cfg = SweepConfig(**parts)
+    parse_search(cfg.search, cfg.trial)  # validates the space against the trial config
+    if cfg.sampler.type == "grid":
+        grid_space(parse_search(cfg.search, cfg.trial))
+    return cfg
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str
+    low: float | None = None
+    high: float | None = None
+    step: float | None = None
+    log: bool = False
+    choices: tuple = ()
+    value: Any = None
+    values: tuple = ()
+
+
+def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
+    """Check every entry of the search space; errors name the entry, the rule and the values."""
+    out = {}
+    for name, spec in search.items():
+        where = f"search.{name}"
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{where}: must be a mapping like {{type: float, low: 0.001, high: 0.1}} (got {spec!r})")
+        bad = set(spec) - set(PARAM_KEYS)
+        if bad:
+            raise ConfigError(f"{where}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(PARAM_KEYS)})")
+        kind = spec.get("type")
+        if kind not in PARAM_TYPES:
+            raise ConfigError(f"{where}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
+        p = Param(name=name, type=kind, low=spec.get("low"), high=spec.get("high"), step=spec.get("step"),
+                  log=bool(spec.get("log", False)), choices=tuple(spec.get("choices") or ()),
+                  value=spec.get("value"), values=tuple(spec.get("values") or ()))
+        if kind in ("float", "int"):
+            if p.values:
+                p = dataclasses.replace(p, low=min(p.values), high=max(p.values))
+            for bound in ("low", "high"):
+                v = getattr(p, bound)
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                    raise ConfigError(f"{where}.{bound}: must be a finite number (got {v!r})")
+            if p.low > p.high:
+                raise ConfigError(f"{where}: `low <= high` must hold (got low={p.low}, high={p.high})")
+            if p.log and p.low <= 0:
+                raise ConfigError(f"{where}.low: log scale needs low > 0 (got {p.low})")
+            if p.log and p.step is not None:
+                raise ConfigError(f"{where}.step: cannot be combined with log: true (got step={p.step})")
+            if kind == "int" and not all(float(v).is_integer() for v in (p.low, p.high)):
+                raise ConfigError(f"{where}: int bounds must be integers (got low={p.low}, high={p.high})")
+        elif kind == "categorical" and not p.choices:
+            raise ConfigError(f"{where}.choices: must be a non-empty list (got {spec.get('choices')!r})")
+        elif kind == "fixed" and "value" not in spec:
+            raise ConfigError(f"{where}.value: must be set for type fixed")
+        # the name must be a real trial field, and every value it can take must be valid there
+        for v in _probe_values(p):
+            try:
+                with_overrides(base, {name: v})
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+        out[name] = p
+    return out
+
+
+def _probe_values(p: Param) -> list:
+    if p.type in ("float", "int"):
+        vals = list(p.values) or [p.low, p.high]
+        return [int(v) for v in vals] if p.type == "int" else vals
+    if p.type == "categorical":
+        return list(p.choices)
+    return [p.value]
+
+
+def grid_space(space: dict[str, Param]) -> dict[str, list]:
+    """The grid sampler's points: `values`, categorical choices, or low..high by step."""
+    grid = {}
+    for name, p in space.items():
+        if p.type == "fixed":
+            continue
+        if p.type == "categorical":
+            grid[name] = list(p.choices)
+        elif p.values:
+            grid[name] = list(p.values)
+        elif p.step:
+            n = int(round((p.high - p.low) / p.step)) + 1
+            grid[name] = [p.low + i * p.step for i in range(n)]
+        else:
+            raise ConfigError(f"search.{name}: the grid sampler needs `values` or `step` (got a continuous range)")
+    return grid

@@ -1,0 +1,80 @@
+"""A stateless worker: train one bundle of trials and return each trial's result.
+
+Every executor runs the same function, `run_bundle(payload)`: the local executor in a fresh
+process (`python -m windtunnel.worker BUNDLE_DIR`), Ray as a task, Slurm as a submitit job.
+The payload holds each trial's full resolved config; the worker reads nothing else but the
+data, reports validation losses to the study's storage so the pruner sees them, and writes
+resumable checkpoints into the bundle folder so a requeued job continues where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+PAYLOAD, RESULT = "payload.json", "result.json"
+
+
+def _pruning_callback(payload: dict):
+    """on_eval for the trainer: report to the study, ask the pruner. None when not pruning."""
+    if not payload.get("storage") or payload.get("pruner", {}).get("type", "none") == "none":
+        return None
+    import optuna
+
+    from windtunnel.search import make_pruner, open_storage
+    from windtunnel.sweep_config import PrunerConfig
+
+    study = optuna.load_study(study_name=payload["study"], storage=open_storage(payload["storage"]),
+                              pruner=make_pruner(PrunerConfig(**payload["pruner"])))
+    trials = [optuna.trial.Trial(study, t["trial_id"]) for t in payload["trials"]]
+
+    def on_eval(k: int, tokens: int, val_loss: float) -> bool:
+        trials[k].report(val_loss, step=tokens)
+        return trials[k].should_prune()
+
+    return on_eval
+
+
+def run_bundle(payload: dict) -> list[dict]:
+    """Train the payload's trials as one population; one result dict per trial, in order."""
+    import torch
+
+    from windtunnel.config import trial_from_dict, with_overrides
+    from windtunnel.provenance import provenance
+    from windtunnel.trainer import Population
+
+    if payload.get("threads"):
+        torch.set_num_threads(int(payload["threads"]))
+    ckpt = {}
+    if payload.get("bundle_dir"):
+        ckpt = {"train.checkpoint_dir": str(Path(payload["bundle_dir"]) / "ckpt"),
+                "train.checkpoint_every": int(payload.get("checkpoint_every", 0))}
+    cfgs = [with_overrides(trial_from_dict(t["config"]), ckpt) for t in payload["trials"]]
+    pop = Population(cfgs)
+    results = pop.run(on_eval=_pruning_callback(payload))
+    prov = provenance(pop.device)
+    return [{"number": t["number"], **r.to_dict(), "provenance": prov} for t, r in zip(payload["trials"], results)]
+
+
+def write_json_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def main(bundle_dir: str) -> int:
+    d = Path(bundle_dir)
+    payload = json.loads((d / PAYLOAD).read_text())
+    try:
+        out = {"ok": True, "results": run_bundle(payload)}
+    except Exception as e:  # the driver records the reason; the sweep goes on
+        traceback.print_exc()
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    write_json_atomic(out, d / RESULT)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
