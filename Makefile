@@ -1,0 +1,42 @@
+# windtunnel: `make demo` runs the quickstart sweep, `make test` the test suite. Both install
+# what they need first (a .venv with windtunnel editable; torch's CPU build where no GPU answers).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PYTEST_ARGS ?= -m "not slow"
+
+.PHONY: install demo test test-all test-gpu sysdeps bench clean
+
+install: $(VENV)/.installed
+
+# torch first: with no GPU, the CPU build (torch==2.13.0, which lies on disk on the project's
+# machines; elsewhere pip takes it from PyPI or the CPU index); with a GPU, the default CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	if nvidia-smi -L >/dev/null 2>&1; then $(BIN)/pip install -q 'torch>=2.6'; \
+	else $(BIN)/pip install -q torch==2.13.0 || $(BIN)/pip install -q torch --index-url https://download.pytorch.org/whl/cpu; fi
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+demo: install
+	$(BIN)/windtunnel sweep quickstart
+
+# System services the tests drive for real: Slurm, munge, Chromium (apt, as root).
+sysdeps:
+	bash .ci/setup.sh
+
+test: install sysdeps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: install sysdeps
+	$(BIN)/python -m pytest -m ""
+
+test-gpu: install
+	$(BIN)/python -m pytest -m gpu
+
+bench: install
+	$(BIN)/python -m windtunnel.bench.driver
+
+clean:
+	rm -rf $(VENV) results/quickstart
