@@ -9,12 +9,15 @@ Gradients, with delta_i = do_i . o_i:
     dv_j = sum_i p_ij do_i,   ds_ij = p_ij (do_i . v_j - delta_i)
     dq'_i = sum_j ds_ij k'_j / sqrt(D),   dk'_j = sum_i ds_ij q'_i / sqrt(D)
     dq = dq' * cos - rotate_half(dq' * sin)   (rotate_half's transpose is -rotate_half; same for dk)
-Saved for backward: q, k, v (before RoPE), o and the row log-sum-exp (fp32, B*H*T floats). The
-roped q', k' and P are not saved: the backward recomputes them tile by tile, which costs FLOPs
-but no (B, H, T, T) or extra (B, H, T, D) buffers.
-Why RoPE is fused: unfused, RoPE reads and writes q and k once more each way (in eager PyTorch,
-about five passes); fused, it is a few FMAs on tiles already in registers (measured in bench.py,
-rows "triton" vs "triton, rope unfused").
+How RoPE is fused: one Triton pass writes q', k' (read q, k once, write once), the flash
+kernels run on them, and the backward applies RoPE's transpose to dq', dk' in the epilogue of
+the kernels that produce them, on tiles already in registers: no extra pass, no extra buffer.
+Roping inside the flash kernels' inner loops instead re-ropes every K (and, backward, Q) tile
+for every block that visits it; measured on an H100 it took fwd+bwd from 0.77 to 1.83 ms
+(256 x 4 heads x 512 x 64, bf16), slower than this pre-pass (bench.py rows "rope fused").
+Saved for backward: q', k' (which replace q, k: same memory), v, o and the row log-sum-exp
+(fp32, B*H*T floats). P is not saved: the backward recomputes it tile by tile, which costs
+FLOPs but no (B, H, T, T) buffer.
 """
 from __future__ import annotations
 
@@ -64,18 +67,32 @@ def _rotate_half(x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, stride_t, rows, cols, seq_len, C_ptr, S_ptr,
-               ROPE: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """A (BLOCK, D) tile of rows, zero past seq_len, with RoPE applied when ROPE."""
+def _rope_kernel(Q_ptr, K_ptr, QO_ptr, KO_ptr, C_ptr, S_ptr, stride_qb, stride_qh, stride_qt,
+                 stride_kb, stride_kh, stride_kt, n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    # Grid (T blocks, B*H, 2): axis 2 picks q or k, so one launch ropes both.
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    bh = tl.program_id(1)
+    b = (bh // n_heads).to(tl.int64)
+    h = (bh % n_heads).to(tl.int64)
+    if tl.program_id(2) == 0:
+        src = Q_ptr + b * stride_qb + h * stride_qh + rows[:, None] * stride_qt
+        dst = QO_ptr
+    else:
+        src = K_ptr + b * stride_kb + h * stride_kh + rows[:, None] * stride_kt
+        dst = KO_ptr
+    cols = tl.arange(0, HEAD_DIM)
+    # rotate_half(x)[j] = -x[j + D/2] (j < D/2), x[j - D/2] (j >= D/2): a second load of the
+    # same cache lines with the halves swapped, instead of shuffling registers.
+    rot = (cols + HEAD_DIM // 2) % HEAD_DIM
+    sign = tl.where(cols < HEAD_DIM // 2, -1.0, 1.0)
     mask = (rows < seq_len)[:, None]
-    x = tl.load(base + rows[:, None] * stride_t + cols[None, :], mask=mask, other=0.0)
-    if ROPE:
-        cs = rows[:, None] * HEAD_DIM + cols[None, :]
-        c = tl.load(C_ptr + cs, mask=mask, other=0.0)
-        s = tl.load(S_ptr + cs, mask=mask, other=0.0)
-        xf = x.to(tl.float32)
-        x = (xf * c + _rotate_half(xf, BLOCK, HEAD_DIM) * s).to(x.dtype)
-    return x
+    x = tl.load(src + cols[None, :], mask=mask, other=0.0)
+    x_rot = tl.load(src + rot[None, :], mask=mask, other=0.0).to(tl.float32) * sign[None, :]
+    cs = rows[:, None] * HEAD_DIM + cols[None, :]
+    c = tl.load(C_ptr + cs, mask=mask, other=0.0)
+    s = tl.load(S_ptr + cs, mask=mask, other=0.0)
+    y = x.to(tl.float32) * c + x_rot * s
+    tl.store(dst + bh.to(tl.int64) * seq_len * HEAD_DIM + cs, y.to(x.dtype), mask=mask)
 
 
 @triton.jit
@@ -89,12 +106,12 @@ def _unrope(dx, rows, cols, seq_len, C_ptr, S_ptr, BLOCK: tl.constexpr, HEAD_DIM
 
 
 @triton.jit
-def _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                   seq_len, qk_scale, C_ptr, S_ptr,
-                   MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols, seq_len, qk_scale,
+                   MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(k_base, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+    nmask = (offs_n < seq_len)[:, None]
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + cols[None, :], mask=nmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units: exp2 below is exp of the scaled scores
     if MASK:  # only the diagonal blocks pay for the causal mask
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
@@ -108,11 +125,11 @@ def _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr, C_ptr, S_ptr,
+    Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt, stride_ob, stride_oh, stride_ot,
     n_heads, seq_len, qk_scale,
-    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -122,20 +139,20 @@ def _attn_fwd_kernel(
     v_base = V_ptr + b * stride_vb + h * stride_vh
     offs_m = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    q = _load_tile(Q_ptr + b * stride_qb + h * stride_qh, stride_qt, offs_m, cols, seq_len,
-                   C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
+    rmask = offs_m < seq_len
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + cols[None, :],
+                mask=rmask[:, None], other=0.0)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for start_n in range(0, start_m, BLOCK_N):  # strictly below the diagonal: no mask
         acc, m_i, l_i = _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                                       seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_N, HEAD_DIM)
+                                       seq_len, qk_scale, False, BLOCK_N)
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
         acc, m_i, l_i = _attn_fwd_step(acc, m_i, l_i, q, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                                       seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_N, HEAD_DIM)
+                                       seq_len, qk_scale, True, BLOCK_N)
     # Every row sees at least key 0 (or itself), so l_i > 0 and m_i is finite.
     o = acc / l_i[:, None]
-    rmask = offs_m < seq_len
     tl.store(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=rmask)
     tl.store(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + cols[None, :],
              o.to(O_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -158,11 +175,10 @@ def _attn_bwd_delta_kernel(O_ptr, DO_ptr, DELTA_ptr, stride_ob, stride_oh, strid
 
 @triton.jit
 def _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m, offs_n, cols,
-                        seq_len, qk_scale, C_ptr, S_ptr,
-                        MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+                        seq_len, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q = _load_tile(q_base, stride_qt, offs_m, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
     rmask = offs_m < seq_len
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + cols[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(do_base + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
     lse = tl.load(lse_base + offs_m, mask=rmask, other=0.0)
     delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
@@ -191,7 +207,7 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
     nmask = (offs_n < seq_len)[:, None]
-    k = _load_tile(K_ptr + b * stride_kb + h * stride_kh, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
+    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + cols[None, :], mask=nmask, other=0.0)
     v = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
     q_base = Q_ptr + b * stride_qb + h * stride_qh
     do_base = DO_ptr + b * stride_db + h * stride_dh
@@ -199,19 +215,19 @@ def _attn_bwd_dkdv_kernel(
     delta_base = DELTA_ptr + bh.to(tl.int64) * seq_len
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    diag_end = start_n + BLOCK_N
+    diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
     full_end = diag_end + ((seq_len - diag_end) // BLOCK_M) * BLOCK_M
     for start_m in range(start_n, diag_end, BLOCK_M):  # diagonal: causal mask
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_M, HEAD_DIM)
+                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
     for start_m in range(diag_end, full_end, BLOCK_M):  # below it, all rows valid: no mask
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_M, HEAD_DIM)
-    for start_m in range(tl.maximum(full_end, diag_end), seq_len, BLOCK_M):  # ragged tail
+                                     offs_n, cols, seq_len, qk_scale, False, BLOCK_M)
+    for start_m in range(full_end, seq_len, BLOCK_M):  # ragged tail
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_M, HEAD_DIM)
+                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
     dk *= sm_scale
-    if ROPE:
+    if ROPE:  # dk' -> dk, on the tile in registers
         dk = _unrope(dk, offs_n, cols, seq_len, C_ptr, S_ptr, BLOCK_N, HEAD_DIM)
     out = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + cols[None, :]
     tl.store(DK_ptr + out, dk.to(DK_ptr.dtype.element_ty), mask=nmask)
@@ -220,11 +236,11 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                      seq_len, qk_scale, C_ptr, S_ptr,
-                      MASK: tl.constexpr, ROPE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+                      seq_len, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k = _load_tile(k_base, stride_kt, offs_n, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_N, HEAD_DIM)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=(offs_n < seq_len)[:, None], other=0.0)
+    nmask = (offs_n < seq_len)[:, None]
+    k = tl.load(k_base + offs_n[:, None] * stride_kt + cols[None, :], mask=nmask, other=0.0)
+    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
     if MASK:
         p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -249,7 +265,7 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
     rmask = offs_m < seq_len
-    q = _load_tile(Q_ptr + b * stride_qb + h * stride_qh, stride_qt, offs_m, cols, seq_len, C_ptr, S_ptr, ROPE, BLOCK_M, HEAD_DIM)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + cols[None, :], mask=rmask[:, None], other=0.0)
     do = tl.load(DO_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
     # Rows past the end get lse = +inf, so their p is 0 and nothing there can overflow.
     lse = tl.load(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=rmask, other=float("inf"))
@@ -259,12 +275,12 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for start_n in range(0, start_m, BLOCK_N):
         dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                               seq_len, qk_scale, C_ptr, S_ptr, False, ROPE, BLOCK_N, HEAD_DIM)
+                               seq_len, qk_scale, False, BLOCK_N)
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
         dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                               seq_len, qk_scale, C_ptr, S_ptr, True, ROPE, BLOCK_N, HEAD_DIM)
+                               seq_len, qk_scale, True, BLOCK_N)
     dq *= sm_scale
-    if ROPE:
+    if ROPE:  # dq' -> dq, on the tile in registers
         dq = _unrope(dq, offs_m, cols, seq_len, C_ptr, S_ptr, BLOCK_M, HEAD_DIM)
     tl.store(DQ_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + cols[None, :],
              dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
@@ -292,23 +308,32 @@ def _rope_tables(cos, sin, T, D):
     return cos[:T].float().contiguous(), sin[:T].float().contiguous()
 
 
-def attention_forward(q, k, v, cos, sin):
+def rope_qk(q, k, cos, sin):
+    """q', k' = apply_rope(q), apply_rope(k) in one Triton pass; contiguous (B, H, T, D)."""
+    B, H, T, D = q.shape
+    q_out, k_out = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device), torch.empty((B, H, T, D), dtype=k.dtype, device=k.device)
+    block_t = max(1, min(64, 4096 // D))
+    _rope_kernel[(triton.cdiv(T, block_t), B * H, 2)](
+        q, k, q_out, k_out, cos, sin, *_strides(q), *_strides(k), H, T, HEAD_DIM=D, BLOCK_T=block_t, num_warps=4)
+    return q_out, k_out
+
+
+def attention_forward(q, k, v):
     B, H, T, D = q.shape
     cfg = _config(D)
     o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
     bm, bn = cfg["fwd"]
-    rope = cos is not None
     _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
-        q, k, v, o, lse, cos if rope else q, sin if rope else q,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(o),
-        H, T, _LOG2E / math.sqrt(D),
-        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, _LOG2E / math.sqrt(D),
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"],
     )
     return o, lse
 
 
 def attention_backward(do, q, k, v, o, lse, cos, sin):
+    """Gradients to q, k, v; with cos/sin, q and k are the roped q', k' and dq, dk come out
+    through RoPE's transpose."""
     B, H, T, D = q.shape
     cfg = _config(D)
     if do.stride(-1) != 1:
@@ -333,12 +358,14 @@ def attention_backward(do, q, k, v, o, lse, cos, sin):
 
 
 class AttentionFunction(torch.autograd.Function):
-    """Saved for backward: q, k, v before RoPE, o, lse and the fp32 cos/sin (see module doc)."""
+    """Saved for backward: q', k' (roped; q, k without RoPE), v, o, lse and the fp32 cos/sin."""
 
     @staticmethod
     def forward(ctx, q, k, v, cos, sin):
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        o, lse = attention_forward(q, k, v, cos, sin)
+        if cos is not None:
+            q, k = rope_qk(q, k, cos, sin)
+        o, lse = attention_forward(q, k, v)
         ctx.save_for_backward(q, k, v, o, lse, cos, sin)
         return o
 

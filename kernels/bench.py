@@ -5,7 +5,9 @@
 Reference trial (DESIGN.md): d_model 256 and 512, 8 layers, head dim 64, seq 512, vocab 16384,
 16 sequences per step, bf16; "pop16" stacks 16 such trials (256 sequences), as the population
 trainer does. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between
-runs), eager launches (no CUDA graphs), so small shapes include the launch cost. GB/s counts the
+runs): "ms" with eager launches (what the model pays, host included: at one trial's shapes the
+host is the bottleneck), "ms_graph" replaying a CUDA graph of the same work (the GPU's own
+time; GB/s and TFLOP/s use it when present). GB/s counts the
 fewest bytes the op must move (each input read once, each output written once, fwd and bwd), the
 same for every implementation; a device-to-device copy of that many bytes is the ceiling.
 Writes kernels.md (table, command, machine) and kernels.json (one row per measurement).
@@ -54,8 +56,28 @@ def _fwd_bwd(f, inputs, *args):
     return run
 
 
-def record(kernel, impl, shape, fn, inputs, bytes_=None, flops=None, peak=False):
-    """Time fn (fwd + bwd); print and keep one row. Failures (OOM, missing backend) become rows too."""
+def _graph_ms(fn, inputs):
+    """GPU time without the host: fn captured once in a CUDA graph, replays timed (L2 flushed)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+            for x in inputs:
+                x.grad = None
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    ms = _bench(graph.replay)
+    del graph
+    return ms
+
+
+def record(kernel, impl, shape, fn, inputs, bytes_=None, flops=None, peak=False, graph=True):
+    """Time fn (fwd + bwd) with eager launches ("ms") and as a CUDA graph ("ms_graph": the GPU's
+    own time, which the GB/s and TFLOP/s columns use when present); print and keep one row.
+    Failures (OOM, a missing backend, a capture that syncs) become rows too."""
     row = {"kernel": kernel, "impl": impl, "shape": shape, "device": _device_name()}
     try:
         torch.cuda.synchronize()
@@ -68,15 +90,21 @@ def record(kernel, impl, shape, fn, inputs, bytes_=None, flops=None, peak=False)
             row["peak_mem_gb"] = round((torch.cuda.max_memory_allocated() - base) / 1e9, 3)
             for x in inputs:
                 x.grad = None
-        ms = _bench(fn, inputs)
-        row["ms"] = round(ms, 4)
+        row["ms"] = round(_bench(fn, inputs), 4)
+        if graph:
+            try:
+                row["ms_graph"] = round(_graph_ms(fn, inputs), 4)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = f"graph: {type(e).__name__}: {str(e).splitlines()[0][:100]}"
+        ms = row.get("ms_graph", row["ms"])
         if bytes_:
             row["gbps"] = round(bytes_ / ms / 1e6, 1)
         if flops:
             row["tflops"] = round(flops / ms / 1e9, 1)
     except Exception as e:  # noqa: BLE001 - a failing baseline is a row, not the end of the run
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
-        torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
     for x in inputs:
         x.grad = None
     ROWS.append(row)
@@ -101,13 +129,10 @@ def _liger(name):
 
 
 def bench_copy(shape, n_bytes):
-    src = torch.randn(n_bytes // 2, device="cuda", dtype=torch.bfloat16)
+    """The bandwidth ceiling: a device-to-device copy moving n_bytes (half read, half written)."""
+    src = torch.randn(n_bytes // 4, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    ms = _bench(lambda: dst.copy_(src))
-    row = {"kernel": "copy", "impl": "torch", "shape": shape, "device": _device_name(),
-           "ms": round(ms, 4), "gbps": round(2 * n_bytes / ms / 1e6, 1)}
-    ROWS.append(row)
-    print(json.dumps(row), flush=True)
+    record("copy", "torch", shape, lambda: dst.copy_(src), (), bytes_=n_bytes)
 
 
 def bench_rms_norm(d, K, use_compile):
@@ -115,7 +140,7 @@ def bench_rms_norm(d, K, use_compile):
     shape = f"x ({K}, {N}, {d}) bf16, w ({K}, {d}) fp32"
     x, r, w = _leaf(K, N, d), _leaf(K, N, d), _leaf(K, d, dtype=torch.float32)
     e = 2 * K * N * d  # bytes of one activation tensor
-    bench_copy(f"{e * 4 / 1e6:.0f} MB", e * 4)
+    bench_copy(f"{5 * e / 1e6:.0f} MB", 5 * e)
     plain, fused = 5 * e, 8 * e  # fwd x->y, bwd (dy, x)->dx; fused: fwd (x, r)->(y, h), bwd (dy, dh, h)->dx
     impls = {"triton": rms_norm, "eager": rms_norm_reference}
     if use_compile:
@@ -204,8 +229,8 @@ def bench_linear_ce(d, K, use_compile):
                flops=flops, peak=True)
     lf = _liger("liger_fused_linear_cross_entropy")
     if lf and K == 1:  # one trial; μP's scale folded into h (Liger has no logit scale)
-        record("linear_cross_entropy", "liger", shape,
-               lambda: lf((h[0] * scale[0]), w[0], targets[0]).backward(), (h, w), flops=flops, peak=True)
+        record("linear_cross_entropy", "liger", shape,  # syncs (.item()): no graph
+               lambda: lf((h[0] * scale[0]), w[0], targets[0]).backward(), (h, w), flops=flops, peak=True, graph=False)
 
 
 def bench_train_step(d, K):
@@ -235,7 +260,7 @@ def bench_train_step(d, K):
 
         shape = f"K={K} x {SEQS}x{SEQ_LEN} tokens, d {d}, {LAYERS} layers, fwd+bwd, bf16 autocast"
         record("train step", f"kernels={kernels}" + (" (eager)" if kernels == "torch" else ""), shape, step,
-               params, flops=flops, peak=True)
+               params, flops=flops, peak=True, graph=False)
         del model, params
 
 
@@ -253,14 +278,16 @@ def write(out_dir, argv, started):
     with open(os.path.join(out_dir, "kernels.json.tmp"), "w") as f:
         json.dump(ROWS, f, indent=1)
     os.replace(os.path.join(out_dir, "kernels.json.tmp"), os.path.join(out_dir, "kernels.json"))
-    cols = ["kernel", "impl", "shape", "ms", "gbps", "tflops", "peak_mem_gb", "error"]
+    cols = ["kernel", "impl", "shape", "ms", "ms_graph", "gbps", "tflops", "peak_mem_gb", "error"]
     lines = [
         "# Kernel benchmark", "",
         f"Command: `python -m windtunnel.kernels.bench {' '.join(argv)}`  ",
         f"Machine: {_device_name()}, torch {torch.__version__}, triton {__import__('triton').__version__}, "
         f"CUDA {torch.version.cuda}; {time.strftime('%Y-%m-%d', time.gmtime(started))}, {time.time() - started:.0f} s  ",
-        "Forward + backward, median of triton.testing.do_bench, eager launches. GB/s: the op's fewest bytes "
-        "(inputs read once, outputs written once, fwd + bwd) over its time; copy rows move the same bytes. "
+        "Forward + backward, median of triton.testing.do_bench: ms with eager launches (host included), "
+        "ms_graph as a replayed CUDA graph (GPU time; GB/s and TFLOP/s use it when present). GB/s: the op's fewest "
+        "bytes (inputs read once, outputs written once, fwd + bwd) over its time; copy rows move as many bytes as "
+        "the rms_norm or swiglu rows after them. "
         "TFLOP/s: attention 7·B·H·T²·D (causal), linear CE 6·K·N·V·C, train step model.flops_per_token(). "
         "peak_mem_gb: allocated above the inputs during one fwd + bwd.", "",
         "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
@@ -271,9 +298,11 @@ def write(out_dir, argv, started):
     for d in (256, 512):
         for K in (1, 16):
             tag = f"({K * SEQS}, {d // HEAD_DIM}, {SEQ_LEN}"
-            r = _ratio("attention", tag, "triton", "sdpa flash")
-            lines.append(f"- attention d={d} K={K}: triton / sdpa flash time = {r:.2f} (goal <= 1)" if r else
-                         f"- attention d={d} K={K}: n/a")
+            for a, b in (("triton", "sdpa flash"), ("triton, rope fused", "sdpa flash, rope compiled")):
+                for key in ("ms_graph", "ms"):
+                    r = _ratio("attention", tag, a, b, key)
+                    if r:
+                        lines.append(f"- attention d={d} K={K}: {a} / {b} {key} = {r:.2f} (goal <= 1)")
             for kern, sub in (("rms_norm", f"x ({K}, {SEQS * SEQ_LEN}, {d})"), ("rms_norm+residual", f"x ({K}, {SEQS * SEQ_LEN}, {d})"),
                               ("swiglu", f"({K}, {SEQS * SEQ_LEN}, {64 * -(-8 * d // (3 * 64))})")):
                 tr = next((x for x in ROWS if x["kernel"] == kern and x["impl"] == "triton" and sub in x["shape"] and "gbps" in x), None)
@@ -283,10 +312,11 @@ def write(out_dir, argv, started):
                     if cp:
                         lines.append(f"- {kern} d={d} K={K}: {tr['gbps']} GB/s = {tr['gbps'] / cp['gbps']:.0%} of copy (goal >= 85%)")
             sub = f"h ({K}, {SEQS * SEQ_LEN}, {d})"
-            t, m = _ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)"), \
-                _ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)", "peak_mem_gb")
-            if t and m:
-                lines.append(f"- linear CE d={d} K={K}: time {t:.2f}x unfused (goal <= 1.1), peak memory {m:.0%} (goal <= 25%)")
+            t, te, m = (_ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)", key)
+                        for key in ("ms_graph", "ms", "peak_mem_gb"))
+            if t and te and m:
+                lines.append(f"- linear CE d={d} K={K}: time {t:.2f}x unfused as graphs, {te:.2f}x eager (goal <= 1.1), "
+                             f"peak memory {m:.0%} (goal <= 25%)")
     for d in (256, 512):
         for K in (1, 16):
             rows = {x["impl"]: x for x in ROWS if x["kernel"] == "train step" and x["shape"].startswith(f"K={K} x") and f"d {d}," in x["shape"]}
@@ -325,6 +355,9 @@ def main(argv=None):
     finally:
         write(args.out, argv, started)
     print(open(os.path.join(args.out, "kernels.md")).read())
+    from . import linear_cross_entropy as lce
+    print("linear CE grad_weight accumulation: bf16 x bf16 -> fp32 baddbmm" if lce._MIXED_BADDBMM[0]
+          else "linear CE grad_weight accumulation: fallback (low-precision temp)")
 
 
 if __name__ == "__main__":

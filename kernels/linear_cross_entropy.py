@@ -80,9 +80,11 @@ def _cross_entropy_kernel(
             tl.store(z_row + cols, (g * (scale * grad_scale)).to(Z_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
-# Default chunk: at most this many logits (K * n * V) at once. 2^26 bf16 logits are 128 MiB,
-# enough rows per chunk (e.g. 4096 at V = 16384) for the matmuls to run near full speed.
+# Rows per chunk: as many as fit CHUNK_LOGITS logits (K * n * V; 2^26 bf16 logits are 128 MiB,
+# 4096 rows at V = 16384), but at least MIN_CHUNK_ROWS per trial, so a stacked population still
+# gets matmuls big enough to run near full speed.
 CHUNK_LOGITS = 1 << 26
+MIN_CHUNK_ROWS = 1024
 
 
 _MIXED_BADDBMM = [True]  # bf16 x bf16 -> fp32 baddbmm (CUDA, torch >= 2.8); cleared if missing
@@ -99,13 +101,13 @@ def _accumulate_grad_weight(grad_w, g_t, h_chunk):
             return
         except (TypeError, RuntimeError, NotImplementedError):
             _MIXED_BADDBMM[0] = False
-    grad_w += torch.bmm(g_t, h_chunk).float()
+    grad_w += torch.bmm(g_t, h_chunk)  # a low-precision temp, added into fp32
 
 
 def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_logits=None):
     K, N, C = h.shape
     V = weight.shape[1]
-    n = max(1, min(N, (chunk_logits or CHUNK_LOGITS) // max(1, K * V)))
+    n = max(1, min(N, max((chunk_logits or CHUNK_LOGITS) // max(1, K * V), MIN_CHUNK_ROWS)))
     loss = torch.empty((K, N), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if need_grad else None
     grad_w = torch.zeros((K, V, C), dtype=torch.float32, device=h.device) if need_grad else None

@@ -12,6 +12,8 @@ Statistics in fp32 whatever the storage dtype; outputs in x's dtype, dw in w's d
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -132,6 +134,7 @@ def rms_norm_forward(x, weight, eps, residual=None):
     return y, h
 
 
+@functools.lru_cache(maxsize=None)
 def _n_programs(device):
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count * 4

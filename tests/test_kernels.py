@@ -137,6 +137,7 @@ def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits
     torch.manual_seed(K_ * 100 + N + V)
     if chunk_logits:  # several chunks of rows, the last one ragged
         monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", chunk_logits)
+        monkeypatch.setattr(lce_mod, "MIN_CHUNK_ROWS", 1)
     h, w = _leaf(K_, N, C), _leaf(K_, V, C, scale=0.3)
     targets = torch.randint(0, V, (K_, N))
     s = torch.rand(K_) * 2 + 0.1 if scale == "per-trial" else scale
@@ -148,6 +149,7 @@ def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits
 def test_linear_cross_entropy_trials_stay_apart(ops, monkeypatch):
     """A NaN in trial 0's hidden states reaches neither trial 1's loss nor its gradients."""
     monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", 200)
+    monkeypatch.setattr(lce_mod, "MIN_CHUNK_ROWS", 1)
     torch.manual_seed(5)
     h, w = torch.randn(2, 9, 16), torch.randn(2, 40, 16)
     h[0, 3, 2] = float("nan")

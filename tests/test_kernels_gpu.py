@@ -36,7 +36,10 @@ def ops(monkeypatch):
 
 
 def _err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+    """||a - b|| / ||b||, with ||b|| floored at 1e-3 RMS: some exact gradients are ~0 (with T = 1,
+    softmax over one key is constant, so dq = dk = 0) and rounding noise is all there is."""
+    b = b.double()
+    return ((a.double() - b).norm() / max(b.norm().item(), 1e-3 * b.numel() ** 0.5)).item()
 
 
 def _compare(name, fn, ref, inputs, tol, *args):
@@ -98,6 +101,7 @@ def test_attention_fp16(ops):
 def test_linear_cross_entropy(ops, monkeypatch, chunk_logits):
     if chunk_logits:  # 21 rows a chunk: many chunks, a ragged last one
         monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", chunk_logits)
+        monkeypatch.setattr(lce_mod, "MIN_CHUNK_ROWS", 1)
     Kt, N, C, V = 3, 1000, 256, 16384
     h, w = _leaf((Kt, N, C), torch.bfloat16), _leaf((Kt, V, C), torch.bfloat16, 0.05)
     targets = torch.randint(0, V, (Kt, N), device="cuda")
