@@ -66,9 +66,14 @@ def test_decay_branched_from_stable_checkpoint_equals_unbranched_run(tmp_path):
 def test_resume_from_checkpoint_continues(tmp_path):
     cfg = tiny_trial(checkpoint_dir=str(tmp_path), checkpoint_every=10 * 8 * 32)
     full = train_trial(tiny_trial())
-    pop = Population([cfg])
-    pop.total_steps = 10  # stop early, as if killed after the checkpoint at step 10
-    pop.run()
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        raise Killed  # as if the process died right after the checkpoint at step 10
+
+    with pytest.raises(Killed):
+        Population([cfg]).run(on_checkpoint=kill)
     resumed = Population([cfg])
     out = resumed.run()[0]
     assert resumed.step == 30 and out.final_val_loss == pytest.approx(full.final_val_loss, rel=1e-6)
@@ -78,3 +83,16 @@ def test_bundle_key_ignores_per_trial_fields_only():
     a = tiny_trial()
     assert bundle_key(a) == bundle_key(with_overrides(a, {"optim.lr": 0.5, "model.scale_emb": 3.0, "train.seed": 7}))
     assert bundle_key(a) != bundle_key(with_overrides(a, {"model.d_model": 64}))
+
+
+def test_wsd_branches_decay_from_one_stable_run(tmp_path):
+    tps = 8 * 32
+    cfg = with_overrides(tiny_trial(checkpoint_dir=str(tmp_path)),
+                         {"train.branch_at": [8 * tps, 16 * tps], "schedule.decay": 0.2, "train.tokens": 20 * tps})
+    r = train_trial(cfg)
+    assert [b["decay_from"] for b in r.branches] == [8 * tps, 16 * tps]
+    assert [b["tokens"] for b in r.branches] == [10 * tps, 20 * tps]
+    assert r.branches[1]["final_val_loss"] < r.branches[0]["final_val_loss"]
+    # the longer branch equals a plain WSD run of its length with the same decay fraction
+    plain = train_trial(with_overrides(tiny_trial(), {"schedule.decay": 0.2, "train.tokens": 20 * tps}))
+    assert r.branches[1]["final_val_loss"] == pytest.approx(plain.final_val_loss, rel=1e-5)

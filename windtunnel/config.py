@@ -165,7 +165,7 @@ class TrainConfig:
     device: str = "auto"
     """auto: cuda if available, else cpu."""
     diverge_loss: float = 0.0
-    """A train loss above this stops the trial as diverged; 0 = 1.5 · ln(vocab)."""
+    """A train loss above this stops the trial as diverged; 0 = 1.5 × max(ln(vocab), first loss)."""
     checkpoint_dir: str = ""
     """Where resumable state is written; a run finding state there resumes from it."""
     checkpoint_every: int = 0
@@ -188,7 +188,7 @@ class TrainConfig:
                "must be auto, cpu, cuda or cuda:N", self.device)
         for name in ("save_at", "branch_at"):
             for t in getattr(self, name):
-                _check(0 < t < self.tokens, f"train.{name}", f"token counts must be in (0, train.tokens={self.tokens})", t)
+                _check(0 < t <= self.tokens, f"train.{name}", f"token counts must be in (0, train.tokens={self.tokens}]", t)
 
 
 @dataclass(kw_only=True)

@@ -56,6 +56,8 @@ class TrialResult:
     tokens_per_s: float = 0.0
     reason: str = ""
     params: int = 0
+    branches: list[dict] = field(default_factory=list)
+    """WSD branches: {"decay_from", "tokens", "final_val_loss"} per decay (train.branch_at)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,7 +113,8 @@ class Population:
         self.curves: list[list[dict]] = [[] for _ in range(self.K)]
         self.val = torch.from_numpy(self.shards.val_windows(c0.train.eval_batches * c0.train.batch_size,
                                                             c0.model.seq_len))
-        self.diverge_at = [c.train.diverge_loss or 1.5 * math.log(vocab) for c in cfgs]
+        self.ln_vocab = math.log(vocab)
+        self.diverge_at: list[float | None] = [c.train.diverge_loss or None for c in cfgs]
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
             else torch.autocast("cpu", enabled=False)
         self.forward = torch.compile(self.model) if c0.train.compile else self.model
@@ -214,6 +217,10 @@ class Population:
         while self.step < self.total_steps and any(self.active):
             factors = self.lr_factors()
             losses.append(self.train_step(factors))
+            if None in self.diverge_at:  # default bound: 1.5 × the larger of chance and the first loss
+                first = losses[-1].float().tolist()
+                self.diverge_at = [d or 1.5 * max(self.ln_vocab, f if math.isfinite(f) else 0.0)
+                                   for d, f in zip(self.diverge_at, first)]
             if bar is not None:
                 bar.update(1)
             if self.step % self.eval_interval == 0 or self.step == self.total_steps:
@@ -261,4 +268,37 @@ class Population:
 
 
 def train_trial(cfg: TrialConfig, **kwargs) -> TrialResult:
+    if cfg.train.branch_at:
+        return train_branches(cfg, **kwargs)
     return Population([cfg]).run(**kwargs)[0]
+
+
+def train_branches(cfg: TrialConfig, **kwargs) -> TrialResult:
+    """WSD's data scaling from one run: the stable phase once, up to the last branch point,
+    saving its state at each; then from each state a decay over `schedule.decay` of that
+    branch's length. The branch from S tokens ends at S / (1 - decay) tokens."""
+    from windtunnel.config import with_overrides
+
+    if not cfg.train.checkpoint_dir:
+        raise ConfigError("train.checkpoint_dir: must be set to hold the stable states of train.branch_at")
+    points = sorted(set(cfg.train.branch_at))
+    decay = cfg.schedule.decay
+    # the stable run warms up exactly as the longest branch does, run on its own
+    tps = cfg.train.batch_size * cfg.model.seq_len
+    warmup_steps = round(cfg.schedule.warmup * math.ceil(round(points[-1] / (1 - decay)) / tps))
+    stable = with_overrides(cfg, {"schedule.decay": 0.0, "schedule.warmup": warmup_steps / math.ceil(points[-1] / tps),
+                                  "train.tokens": points[-1], "train.save_at": points, "train.branch_at": []})
+    stable_result = Population([stable]).run(**kwargs)[0]
+    if stable_result.status != "ok":
+        return stable_result
+    branches, last, seconds = [], stable_result, stable_result.seconds
+    for s in points:
+        tokens = round(s / (1 - decay))
+        branch = with_overrides(cfg, {"train.tokens": tokens, "train.branch_at": [], "train.save_at": [],
+                                      "train.init_from": str(Path(cfg.train.checkpoint_dir) / f"stable-{s}.pt"),
+                                      "train.checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / f"branch-{s}")})
+        last = Population([branch]).run(**kwargs)[0]
+        seconds += last.seconds
+        branches.append({"decay_from": s, "tokens": last.tokens, "final_val_loss": last.final_val_loss,
+                         "status": last.status})
+    return dataclasses.replace(last, branches=branches, seconds=seconds)

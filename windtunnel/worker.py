@@ -43,7 +43,7 @@ def run_bundle(payload: dict) -> list[dict]:
 
     from windtunnel.config import trial_from_dict, with_overrides
     from windtunnel.provenance import provenance
-    from windtunnel.trainer import Population
+    from windtunnel.trainer import Population, resolve_device, train_branches
 
     if payload.get("threads"):
         torch.set_num_threads(int(payload["threads"]))
@@ -52,9 +52,15 @@ def run_bundle(payload: dict) -> list[dict]:
         ckpt = {"train.checkpoint_dir": str(Path(payload["bundle_dir"]) / "ckpt"),
                 "train.checkpoint_every": int(payload.get("checkpoint_every", 0))}
     cfgs = [with_overrides(trial_from_dict(t["config"]), ckpt) for t in payload["trials"]]
-    pop = Population(cfgs)
-    results = pop.run(on_eval=_pruning_callback(payload))
-    prov = provenance(pop.device)
+    on_eval = _pruning_callback(payload)
+    if any(c.train.branch_at for c in cfgs):  # WSD branches run one trial at a time
+        results = [train_branches(with_overrides(c, {"train.checkpoint_dir": f"{c.train.checkpoint_dir}/{i}"}))
+                   for i, c in enumerate(cfgs)]
+        device = resolve_device(cfgs[0].train.device)
+    else:
+        pop = Population(cfgs)
+        results, device = pop.run(on_eval=on_eval), pop.device
+    prov = provenance(device)
     return [{"number": t["number"], **r.to_dict(), "provenance": prov} for t, r in zip(payload["trials"], results)]
 
 
