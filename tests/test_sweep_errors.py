@@ -1,0 +1,53 @@
+"""Malformed sweep files: exit status 2, one line naming the file and the field, no traceback,
+no results directory left behind."""
+import subprocess
+import sys
+
+import pytest
+
+CASES = {
+    "unknown_key": ("n_trial: 5\n", "n_trial: unknown key"),
+    "bounds": ("search:\n  optim.lr: {type: float, low: 0.1, high: 0.01}\n", "search.optim.lr: `low <= high` must hold"),
+    "log_nonpositive": ("search:\n  optim.lr: {type: float, low: 0.0, high: 0.1, log: true}\n",
+                        "search.optim.lr.low: log scale needs low > 0"),
+    "sampler": ("sampler: {type: annealing}\n", "sampler.type: must be one of tpe, gp, cmaes, random, grid"),
+    "yaml": ("search:\n  optim.lr: {type: float, low: 1\n", "YAML syntax error"),
+    "unknown_field": ("search:\n  optim.learning_rate: {type: float, low: 0.001, high: 0.1}\n",
+                      "optim.learning_rate: unknown key"),
+    "bad_value": ("model:\n  parametrization: ntk\n", "model.parametrization: must be one of sp, mup"),
+}
+
+
+def _run(args, cwd):
+    return subprocess.run([sys.executable, "-m", "windtunnel.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_sweep_file(tmp_path, case):
+    text, expected = CASES[case]
+    f = tmp_path / f"{case}.yaml"
+    f.write_text(text)
+    p = _run(["sweep", str(f), f"results_dir={tmp_path / 'results'}"], tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert str(f) in lines[0] and expected in lines[0], lines[0]
+    assert not (tmp_path / "results").exists()
+
+
+def test_missing_sweep_file_and_bad_override(tmp_path):
+    p = _run(["sweep", str(tmp_path / "nope.yaml")], tmp_path)
+    assert p.returncode == 2 and "nope.yaml: no such sweep file" in p.stderr and len(p.stderr.splitlines()) == 1
+    p = _run(["sweep", "no_such_sweep"], tmp_path)
+    assert p.returncode == 2 and "allowed: " in p.stderr and "quickstart" in p.stderr
+    p = _run(["sweep", "quickstart", "executor.wrkers=2", f"results_dir={tmp_path / 'r'}"], tmp_path)
+    assert p.returncode == 2 and "wrkers" in p.stderr and len(p.stderr.splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_trial_cli_bad_config_exit_2(tmp_path):
+    for override, field in [("optim.lr=-1", "optim.lr"), ("model.d_model=102", "model.d_model"),
+                            ("model.parametrization=ntk", "model.parametrization")]:
+        p = _run(["trial", override], tmp_path)
+        assert p.returncode == 2 and field in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
