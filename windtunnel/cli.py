@@ -20,6 +20,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("windtunnel.commands.report", "regenerate a sweep's tables, plots and report.md"),
     "fit": ("windtunnel.commands.fit", "fit a law: lr-transfer, batch-size, scaling-law, wsd"),
     "cluster": ("windtunnel.commands.cluster", "start/stop a local Ray cluster or single-node Slurm"),
+    "transfer": ("windtunnel.commands.transfer", "rescale the winners to a target shape and export launchable configs"),
+    "train": ("windtunnel.commands.train", "the large-run trainer (torchrun, FSDP2, WSD, resume)"),
 }
 
 

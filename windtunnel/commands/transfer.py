@@ -1,0 +1,63 @@
+"""`windtunnel transfer RESULTS_DIR/SWEEP|BEST.yaml --target TARGET [KEY=VALUE ...] --out DIR`
+
+Rescales the sweep's winner to the target shape (windtunnel/transfer.py) and writes train.yaml,
+launch.sh, launch.sbatch, config.json and transfer.md into DIR (windtunnel/export.py).
+
+Batch size (tokens per step): --batch-size N, or --batch-size-law FILE.json at the target's
+loss (--loss L, or L(N, D) from --scaling-law FILE.json). Token budget: --tokens N, or
+--tokens-per-param R × N, or the scaling law's tokens per parameter. A given value always wins.
+KEY=VALUE set target fields: nodes=4 gpus_per_node=8 gpu_memory_gb=80 run_name=... (see
+conf/target/*.yaml and windtunnel.transfer.Target).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__.split("\n\n", 1)[1]
+    p.add_argument("source", metavar="RESULTS_DIR/SWEEP|BEST.yaml", help="a sweep's results folder or its best.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="target fields, e.g. nodes=4 run_name=r1")
+    # KEY=VALUE may come after options (`... --out DIR nodes=4`): plain parse_args would reject them
+    p.parse_args = p.parse_intermixed_args
+    p.add_argument("--target", required=True, metavar="TARGET",
+                   help="a name in conf/target/ (minicpm-1.2b, minicpm-2.4b, tiny-cpu) or a YAML path")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
+    p.add_argument("--batch-size", type=int, metavar="TOKENS", help="tokens per step (beats the law)")
+    p.add_argument("--batch-size-law", metavar="FILE.json", help="`windtunnel fit batch-size --json` output")
+    p.add_argument("--loss", type=float, metavar="L", help="the target's loss for the batch-size law (beats the scaling law)")
+    p.add_argument("--scaling-law", metavar="FILE.json", help="`windtunnel fit scaling-law|wsd --json` output")
+    p.add_argument("--tokens", type=int, metavar="N", help="token budget (beats tokens per parameter)")
+    p.add_argument("--tokens-per-param", type=float, metavar="R", help="token budget = R × parameters")
+    p.add_argument("--lr-batch-scaling", default="none", choices=("none", "sqrt"),
+                   help="none: keep μP's lr (MiniCPM, default); sqrt: × sqrt(batch / proxy batch) (PanGu-π Pro)")
+
+
+def run(args) -> int:
+    from windtunnel import export, transfer
+
+    winner = transfer.load_winner(args.source)
+    target = transfer.load_target(args.target, args.overrides)
+    laws = transfer.Laws(
+        batch_size=args.batch_size,
+        batch_size_law=transfer.load_law(args.batch_size_law, "batch-size") if args.batch_size_law else None,
+        loss=args.loss,
+        scaling_law=transfer.load_law(args.scaling_law, "scaling-law") if args.scaling_law else None,
+        tokens=args.tokens, tokens_per_param=args.tokens_per_param, lr_batch_scaling=args.lr_batch_scaling)
+    plan = transfer.plan(winner, target, laws)
+    inputs = {"source": args.source, "target": args.target, "overrides": " ".join(args.overrides) or None,
+              "--batch-size": args.batch_size, "--batch-size-law": args.batch_size_law, "--loss": args.loss,
+              "--scaling-law": args.scaling_law, "--tokens": args.tokens,
+              "--tokens-per-param": args.tokens_per_param, "--lr-batch-scaling": args.lr_batch_scaling}
+    paths = export.export(plan, args.out, inputs)
+    lr = plan.large_run
+    print(f"{lr['run_name']}: N={plan.value('N (parameters)'):,} tokens={plan.trial.train.tokens:,} "
+          f"batch={plan.value('batch size (tokens)'):,} tokens ({plan.trial.train.batch_size} seq = "
+          f"{plan.value('GPUs (world size)')} GPUs × {lr['micro_batch']} × {lr['grad_accum']}) "
+          f"steps={plan.value('total steps'):,} lr={transfer.fmt(plan.trial.optim.lr)} "
+          f"time≈{transfer.fmt(plan.value('estimated hours'))} h")
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0

@@ -1,0 +1,205 @@
+"""Export a transfer plan (windtunnel/transfer.py) as launchable files:
+
+    train.yaml     what `windtunnel train` takes: the target's TrialConfig + a `large_run` section
+    launch.sh      torchrun on one node (run it on each node for several; env NNODES, NODE_RANK...)
+    launch.sbatch  Slurm: nodes, GPUs, time; srun starts one torchrun per node
+    config.json    a Hugging Face-style MiniCPM config of the target
+    transfer.md    every number with its formula and source
+
+Every value placed in a script is shell-quoted (shlex.quote) or, on `#SBATCH` lines (which no
+shell reads), restricted to [A-Za-z0-9._:-]. Every file is written to a temp file and renamed,
+and all of them are rendered before the first is written, so an error leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from windtunnel.transfer import GIB, Plan, fmt, slug
+
+FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
+
+
+def _q(x) -> str:
+    return shlex.quote(str(x))
+
+
+def launch_sh(plan: Plan) -> str:
+    t, lr = plan.target, plan.large_run
+    return f"""#!/usr/bin/env bash
+# {slug(lr['run_name'])}: `windtunnel train` under torchrun, written by `windtunnel transfer`.
+# One node:     ./launch.sh [KEY=VALUE overrides of train.yaml ...]
+# Several:      on every node, MASTER_ADDR=<node 0> NNODES={t.nodes} ./launch.sh
+# Environment:  NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT override the defaults below.
+set -euo pipefail
+HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+RUN_NAME={_q(lr['run_name'])}
+DEFAULT_NNODES={_q(t.nodes)}
+DEFAULT_NPROC_PER_NODE={_q(t.gpus_per_node)}
+NNODES="${{NNODES:-$DEFAULT_NNODES}}"
+NPROC_PER_NODE="${{NPROC_PER_NODE:-$DEFAULT_NPROC_PER_NODE}}"
+MASTER_ADDR="${{MASTER_ADDR:-localhost}}"
+MASTER_PORT="${{MASTER_PORT:-29500}}"
+exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME" \\
+  -m windtunnel.cli train "$HERE/train.yaml" "$@"
+"""
+
+
+def launch_sbatch(plan: Plan, out_dir: Path) -> str:
+    t, lr = plan.target, plan.large_run
+    name = slug(lr["run_name"])
+    extra = ""
+    if t.partition:
+        extra += f"#SBATCH --partition={t.partition}\n"
+    if t.cpus_per_task:
+        extra += f"#SBATCH --cpus-per-task={int(t.cpus_per_task)}\n"
+    return f"""#!/bin/bash
+#SBATCH --job-name={name}
+#SBATCH --nodes={int(t.nodes)}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={int(t.gpus_per_node)}
+#SBATCH --time={plan.slurm_time}
+#SBATCH --output={name}-%j.out
+#SBATCH --open-mode=append
+{extra}# Written by `windtunnel transfer`. Submit: sbatch launch.sbatch [KEY=VALUE overrides of train.yaml ...]
+# The run resumes from its latest checkpoint, so a job that hits its time limit is resubmitted as is.
+set -euo pipefail
+HERE={_q(out_dir.resolve())}
+HERE="${{WINDTUNNEL_EXPORT_DIR:-$HERE}}"
+RUN_NAME={_q(lr['run_name'])}
+GPUS_PER_NODE={_q(t.gpus_per_node)}
+MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+MASTER_PORT="${{MASTER_PORT:-29500}}"
+srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
+  torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \\
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME-$SLURM_JOB_ID" \\
+  -m windtunnel.cli train "$HERE/train.yaml" "$@"
+"""
+
+
+def hf_config(plan: Plan) -> dict:
+    """A Hugging Face MiniCPM config. The forward multipliers come from parametrization.py, so an
+    sp model is written with the values that make MiniCPM's multipliers 1."""
+    from windtunnel import parametrization as mup
+
+    mc = plan.trial.model
+    mult = mup.model_multipliers(mc)
+    clean = lambda x: int(round(x)) if abs(x - round(x)) < 1e-9 * max(1.0, abs(x)) else float(f"{x:.12g}")  # noqa: E731
+    return {
+        "architectures": ["MiniCPMForCausalLM"],
+        "model_type": "minicpm",
+        "hidden_size": mc.d_model,
+        "num_hidden_layers": mc.n_layers,
+        "num_attention_heads": mc.n_heads,
+        "num_key_value_heads": mc.n_heads,
+        "intermediate_size": mc.ffn_dim,
+        "vocab_size": plan.target.vocab_size,
+        "max_position_embeddings": mc.seq_len,
+        "hidden_act": "silu",
+        "rms_norm_eps": mc.norm_eps,
+        "rope_theta": mc.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "scale_emb": clean(mult.embedding),
+        "scale_depth": clean(mult.residual * math.sqrt(mc.n_layers)),
+        "dim_model_base": clean(mc.d_model * mult.logit),
+        "initializer_range": mc.init_std,
+        "tie_word_embeddings": mc.tie_embeddings,
+        "torch_dtype": "bfloat16",
+        "use_cache": True,
+    }
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    esc = lambda s: str(s).replace("|", "\\|").replace("\n", " ")  # noqa: E731
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def transfer_md(plan: Plan, inputs: dict) -> str:
+    w, t, tr, lr = plan.winner, plan.target, plan.trial, plan.large_run
+    value = "n/a" if w.value is None else fmt(w.value)
+    parts = [
+        f"# Transfer: {lr['run_name']}",
+        "",
+        f"Proxy: sweep `{w.sweep}`, trial {w.number}, objective {value} (`{w.path}`), "
+        f"d_model {w.trial.model.d_model}, {w.trial.model.n_layers} layers, parametrization "
+        f"{w.trial.model.parametrization}.",
+        f"Target: `{t.name}`, d_model {t.d_model}, {t.n_layers} layers, {t.n_heads} heads, d_ff "
+        f"{tr.model.ffn_dim}, vocab {t.vocab_size}, seq_len {t.seq_len}; {t.nodes} node(s) × "
+        f"{t.gpus_per_node} GPUs of {fmt(t.gpu_memory_gb)} GB.",
+        "",
+        "Inputs: " + ", ".join(f"{k} = `{v}`" for k, v in inputs.items() if v is not None) + ".",
+        "",
+    ]
+    if plan.warnings:
+        parts += ["## Warnings", ""] + [f"- {x}" for x in plan.warnings] + [""]
+    parts += ["## Derivation", "",
+              "μP rules: windtunnel/parametrization.py (MiniCPM, arXiv 2404.06395); batch-size law: "
+              "MiniCPM; scaling law: Chinchilla approach 3; memory model: windtunnel/transfer.py.", "",
+              _table(["quantity", "value", "formula", "source"],
+                     [[r.name, fmt(r.value), r.formula, r.source] for r in plan.rows]), ""]
+    parts += ["## Per-group values the target trains with", "",
+              _table(["role", "init std", "lr", "weight decay"],
+                     [[g["role"], fmt(g["init_std"]), fmt(g["lr"]), fmt(g["weight_decay"])] for g in plan.groups]), ""]
+    mem = plan.memory
+    parts += ["## Memory per GPU (GiB)", "",
+              _table(["part", "GiB", "formula"], [
+                  ["states", fmt(mem["states"] / GIB), "16 bytes × N / GPUs (fp32 weights, grads, Adam m, v; FSDP)"],
+                  ["gathered", fmt(mem["gathered"] / GIB), "2 bytes × (2 blocks + root params), bf16 all-gathered"],
+                  ["activations", fmt(mem["activations"] / GIB),
+                   "micro × seq_len × (L · 2·(9·C + 4·F) + 8·V) bytes"],
+                  ["overhead", fmt(mem["overhead"] / GIB), "CUDA context, NCCL, allocator"],
+                  ["total", fmt(mem["total"] / GIB), "sum"],
+                  ["budget", fmt(mem["budget"] / GIB), f"memory_fraction {fmt(t.memory_fraction)} × "
+                                                      f"gpu_memory_gb {fmt(t.gpu_memory_gb)}"],
+              ]), ""]
+    parts += ["## Launch", "",
+              f"- one node: `./launch.sh` (torchrun, {t.gpus_per_node} processes)",
+              f"- Slurm: `sbatch launch.sbatch` ({t.nodes} node(s), time limit {plan.slurm_time})",
+              f"- checkpoints: `{tr.train.checkpoint_dir}` every {tr.train.checkpoint_every} tokens, "
+              f"stable save at {', '.join(map(str, tr.train.save_at)) or 'none'} tokens; a relaunch resumes "
+              "from the latest",
+              f"- loss log: `{lr['run_dir']}/loss.jsonl` (relative paths are relative to train.yaml's folder)",
+              ""]
+    return "\n".join(parts)
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
+    """Write the five files into out_dir (created); returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    texts = {
+        "train.yaml": "# `windtunnel train train.yaml`: written by `windtunnel transfer` (see transfer.md)\n"
+                      + yaml.safe_dump(plan.train_yaml(), sort_keys=False),
+        "launch.sh": launch_sh(plan),
+        "launch.sbatch": launch_sbatch(plan, out),
+        "config.json": json.dumps(hf_config(plan), indent=2) + "\n",
+        "transfer.md": transfer_md(plan, inputs or {}),
+    }
+    paths = []
+    for name in FILES:
+        p = out / name
+        _write_atomic(p, texts[name], 0o755 if name.startswith("launch") else 0o644)
+        paths.append(p)
+    return paths
