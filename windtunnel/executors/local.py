@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,17 @@ def _visible_gpus() -> list[str]:
         return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU")]
     except (OSError, subprocess.TimeoutExpired):
         return []
+
+
+def _die_with_parent() -> None:
+    """Linux: the worker gets SIGKILL when its driver dies, so a killed driver leaves no
+    orphan training on; the re-run driver replaces those trials."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 class LocalHandle:
@@ -69,7 +81,7 @@ class LocalExecutor:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
         log = open(bundle_dir / "worker.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "windtunnel.worker", str(bundle_dir)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
         return LocalHandle(proc, bundle_dir, slot, log)
 
     def release(self, handle: LocalHandle) -> None:

@@ -1,0 +1,1 @@
+"""Benchmark scripts: each prints a table; ratios are measured side by side in one run."""
