@@ -1,0 +1,25 @@
+"""`windtunnel train CONFIG [SECTION.KEY=VALUE ...]`: the large-run trainer (windtunnel/large_run.py).
+
+Run it under torchrun (the exported launch.sh and launch.sbatch do), or as one process. CONFIG is
+the train.yaml that `windtunnel transfer` writes; a relaunch resumes from the latest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_arguments(p) -> None:
+    p.add_argument("config", metavar="CONFIG", help="train.yaml (a TrialConfig + a large_run section)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
+                   help="e.g. large_run.stop_after_steps=10 train.tokens=1000000")
+    p.parse_args = p.parse_intermixed_args
+
+
+def run(args) -> int:
+    from windtunnel.large_run import main
+
+    result = main(args.config, args.overrides)
+    if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now: torchrun's env
+        print(json.dumps(result))
+    return 0

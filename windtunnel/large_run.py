@@ -1,0 +1,418 @@
+"""The large-run trainer: one model under torchrun with FSDP2, bf16 on GPU, WSD, resume.
+
+    windtunnel train train.yaml [KEY=VALUE ...]        one process, or under torchrun
+
+train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialConfig (model,
+data, optim, schedule, train) plus a `large_run` section (LargeRunConfig below). Relative paths
+in it are relative to the file's folder.
+
+- Process group from torchrun's environment (nccl on GPU, gloo on CPU); without torchrun, a
+  one-process group, so the same code path runs everywhere.
+- The model is windtunnel.model.Transformer with K = 1; its init, μP multipliers and the
+  AdamW parameter groups come from windtunnel/parametrization.py (the rules the wind tunnel
+  trained under). FSDP2 (`fully_shard`) per block, then the root.
+- Batch: train.batch_size sequences per step = world × large_run.micro_batch ×
+  large_run.grad_accum. Rank r's windows at step s come from the generator seeded with
+  (data_seed, s, r): the data order is a pure function of the step, so a resumed run sees the
+  batches the uninterrupted run would have seen (for the same world size), with no data state
+  to save.
+- Checkpoints (torch.distributed.checkpoint: each rank writes its shards; resharding on load,
+  so a resume may change the world size) every train.checkpoint_every tokens, at the stable
+  saves (train.save_at: the last stable state, to branch decays from) and at the end. Each is
+  written to a temp folder and renamed; `latest` (a file naming the newest) is replaced
+  atomically after it. A launch finding `latest` resumes from it. SIGTERM (Slurm's time limit,
+  preemption) saves at the end of the current step and exits.
+- Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
+  large_run.tracking_uri is set, logs to MLflow (one run per run_dir, reused on resume).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from windtunnel import data as data_mod
+from windtunnel import parametrization as mup
+from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+from windtunnel.errors import ConfigError
+from windtunnel.model import Transformer
+from windtunnel.schedule import lr_factor
+
+
+@dataclass(kw_only=True)
+class LargeRunConfig:
+    run_name: str = "run"
+    run_dir: str = ""
+    """Loss log, MLflow run id; '' = runs/<run_name>. Relative to the config file's folder."""
+    micro_batch: int = 1
+    """Sequences per GPU per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    tracking_uri: str = ""
+    """MLflow tracking URI; '' = no MLflow."""
+    experiment: str = "windtunnel-large-runs"
+    log_every: int = 1
+    """Steps between MLflow metric points (loss.jsonl gets every step)."""
+    stop_after_steps: int = 0
+    """Stop (without saving) once this many steps are done, as a crash would; 0 = run to the end."""
+    keep_last: int = 2
+    """step-* checkpoints kept (stable saves are always kept)."""
+
+    def __post_init__(self) -> None:
+        for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"large_run.{name}: must be >= 1 (got {getattr(self, name)!r})")
+        if self.stop_after_steps < 0:
+            raise ConfigError(f"large_run.stop_after_steps: must be >= 0 (got {self.stop_after_steps!r})")
+
+
+def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
+    d = dict(d)
+    lr = d.pop("large_run", None) or {}
+    if not isinstance(lr, dict):
+        raise ConfigError("large_run: must be a mapping")
+    known = {f.name for f in dataclasses.fields(LargeRunConfig)}
+    bad = sorted(set(lr) - known)
+    if bad:
+        raise ConfigError(f"large_run.{bad[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+    return trial_from_dict(d), LargeRunConfig(**lr)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
+    """(rank, world, device); torchrun's env if present, else a one-process group."""
+    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device_name} asked for, but no CUDA device is visible (allowed: auto, cpu)")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
+    if want_cuda:
+        torch.cuda.set_device(device)
+    backend = "nccl" if want_cuda else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, device_id=device if want_cuda else None)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _shard_dim1(param: torch.nn.Parameter):
+    """FSDP2 shards dim 0 by default, but every parameter here has a leading population axis
+    of size 1 (windtunnel/model.py), so dim 0 cannot be split. Dim 1 is the output/vocabulary/
+    width dimension of every matrix and the width of every norm vector: shard that."""
+    from torch.distributed.tensor import Shard
+
+    return Shard(1)
+
+
+def shard_model(model: Transformer, world: int, device: torch.device) -> None:
+    """fully_shard each block, then the root (torchtitan's order). On GPU, FSDP all-gathers in
+    bf16 and reduce-scatters in fp32; the master weights and Adam states stay fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mesh = init_device_mesh(device.type, (world,))
+    kw = {"mesh": mesh, "shard_placement_fn": _shard_dim1}
+    if device.type == "cuda":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, **kw)
+    fully_shard(model, **kw)
+
+
+def _local(x) -> torch.Tensor:
+    return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class LargeRun:
+    def __init__(self, cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path = "."):
+        self.cfg, self.run = cfg, run
+        base = Path(base_dir)
+        resolve = lambda p: p if Path(p).is_absolute() else str(base / p)  # noqa: E731
+        from windtunnel.transfer import slug
+
+        self.run_dir = Path(resolve(run.run_dir or f"runs/{slug(run.run_name)}"))
+        self.ckpt_dir = Path(resolve(cfg.train.checkpoint_dir or str(Path(self.run_dir) / "checkpoints")))
+        src = cfg.data.source
+        if src != "stdlib" and not Path(src).is_absolute() and (base / src).exists():
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(base / src)))
+        self.init_from = resolve(cfg.train.init_from) if cfg.train.init_from else ""
+
+        self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        T = cfg.model.seq_len
+        if cfg.train.batch_size != self.world * run.micro_batch * run.grad_accum:
+            raise ConfigError(
+                f"train.batch_size: must equal world size {self.world} × large_run.micro_batch {run.micro_batch} "
+                f"× large_run.grad_accum {run.grad_accum} = {self.world * run.micro_batch * run.grad_accum} "
+                f"(got {cfg.train.batch_size}; re-export for this GPU count)")
+        # one rank prepares (and caches) the shards; the others then open them
+        if self.rank != 0:
+            dist.barrier()
+        self.shards = data_mod.load(cfg.data)
+        if self.rank == 0:
+            dist.barrier()
+        vocab = cfg.model.vocab_size or self.shards.vocab_size
+        if vocab < self.shards.vocab_size:
+            raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {self.shards.vocab_size} (got {vocab})")
+
+        model = Transformer(cfg.model, vocab, population=1)
+        roles = model.param_roles()
+        # init is a pure function of (config, seed), drawn on the CPU: every rank builds the same
+        # weights, then fully_shard keeps each rank's shard
+        model.init_trial(0, cfg.model, torch.Generator().manual_seed(cfg.train.seed))
+        model.to(self.device)
+        shard_model(model, self.world, self.device)  # new DTensor parameters: build groups after this
+        groups: dict[tuple[float, float], list] = {}
+        for name, p in model.named_parameters():
+            r = mup.model_rule(roles[name], cfg.model)
+            groups.setdefault((r.lr_mult, r.wd_mult), []).append(p)
+        o = cfg.optim
+        self.base_lrs = [o.lr * lm for lm, _ in groups]
+        self.opt = torch.optim.AdamW(
+            [{"params": ps, "lr": o.lr * lm, "weight_decay": o.weight_decay * wm} for (lm, wm), ps in groups.items()],
+            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.model = model
+        self.tokens_per_step = cfg.train.batch_size * T
+        self.total_steps = math.ceil(cfg.train.tokens / self.tokens_per_step)
+        self.ckpt_interval = max(1, round(cfg.train.checkpoint_every / self.tokens_per_step)) \
+            if cfg.train.checkpoint_every else 0
+        self.stable_steps = {math.ceil(t / self.tokens_per_step): t for t in cfg.train.save_at}
+        every = cfg.train.eval_every or cfg.train.tokens // 10
+        self.eval_interval = max(1, round(every / self.tokens_per_step))
+        self.data_seed = cfg.train.data_seed if cfg.train.data_seed >= 0 else cfg.train.seed
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            else torch.autocast("cpu", enabled=False)
+        self.cfg = cfg
+        self.step = 0
+        self._sigterm = False
+        self._mlflow = None
+
+    # -- data -----------------------------------------------------------------------------------
+    def batch(self, step: int) -> torch.Tensor:
+        """(grad_accum, micro_batch, T + 1) windows of this rank at `step`: a pure function of
+        (data_seed, step, rank)."""
+        r = self.run
+        rng = np.random.default_rng([self.data_seed, step, self.rank])
+        w = self.shards.train_windows(rng, r.micro_batch * r.grad_accum, self.cfg.model.seq_len)
+        return torch.from_numpy(w).view(r.grad_accum, r.micro_batch, -1)
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        mb = self.run.micro_batch
+        n = self.cfg.train.eval_batches * mb * self.world
+        val = torch.from_numpy(self.shards.val_windows(n, self.cfg.model.seq_len))[self.rank::self.world]
+        total = torch.zeros(2, device=self.device, dtype=torch.float64)
+        for w in val.split(mb):
+            w = w.to(self.device)[None]
+            with self.autocast:
+                total[0] += self.model(w[..., :-1], w[..., 1:])[0].double() * w.shape[1]
+            total[1] += w.shape[1]
+        dist.all_reduce(total)
+        return (total[0] / total[1]).item()
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _state(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        msd, osd = get_state_dict(self.model, self.opt)
+        return {"model": msd, "optim": osd}
+
+    def save(self, name: str) -> None:
+        import torch.distributed.checkpoint as dcp
+
+        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".{name}.tmp"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        dcp.save(self._state(), checkpoint_id=str(tmp))
+        dist.barrier()
+        if self.rank == 0:
+            meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
+                    "time": time.time(), "config": to_dict(self.cfg)}
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _write_atomic(self.ckpt_dir / "latest", name + "\n")
+            steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
+            for old in steps[:-self.run.keep_last]:
+                if old.name != name:
+                    shutil.rmtree(old, ignore_errors=True)
+        dist.barrier()
+
+    def load(self, path: Path) -> int:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        if not (path / "meta.json").is_file():
+            raise ConfigError(f"train.init_from: {path} is not a checkpoint of `windtunnel train` (no meta.json)")
+        state = self._state()
+        dcp.load(state, checkpoint_id=str(path))
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return int(json.loads((path / "meta.json").read_text())["step"])
+
+    def latest(self) -> Path | None:
+        f = self.ckpt_dir / "latest"
+        return self.ckpt_dir / f.read_text().strip() if f.is_file() else None
+
+    # -- logging (rank 0) -------------------------------------------------------------------------
+    def _log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
+        with open(self.run_dir / "loss.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._mlflow is not None and "step" in record and (record["step"] % self.run.log_every == 0
+                                                             or "val_loss" in record):
+            metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+            self._mlflow.log_metrics(metrics, step=record["step"])
+
+    def _open_logs(self, start: int, resumed_from: str | None) -> None:
+        if self.rank != 0:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        log = self.run_dir / "loss.jsonl"
+        if log.exists():  # drop what the interrupted launch logged after its checkpoint
+            keep = [line for line in log.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= start]
+            _write_atomic(log, "".join(line + "\n" for line in keep))
+        if self.run.tracking_uri:
+            import mlflow
+
+            mlflow.set_tracking_uri(self.run.tracking_uri)
+            mlflow.set_experiment(self.run.experiment)
+            id_file = self.run_dir / "mlflow_run_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else None
+            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run.run_name)
+            if run_id is None:
+                _write_atomic(id_file, active.info.run_id + "\n")
+                flat = {f"{s}.{k}": v for s, sec in to_dict(self.cfg).items() for k, v in sec.items()}
+                flat.update({f"large_run.{k}": v for k, v in dataclasses.asdict(self.run).items()})
+                flat.update(world=self.world, device=str(self.device), torch=torch.__version__)
+                mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+            self._mlflow = mlflow
+        self._log({"event": "start", "step": start, "resumed_from": resumed_from, "world": self.world,
+                   "device": self.device.type, "total_steps": self.total_steps})
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        factor = lr_factor(self.cfg.schedule, self.step, self.total_steps)
+        for g, base in zip(self.opt.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+        windows = self.batch(self.step)
+        loss_sum = torch.zeros((), device=self.device)
+        for w in windows:
+            w = w.to(self.device, non_blocking=True)[None]  # (1, micro, T + 1): K = 1
+            with self.autocast:
+                loss = self.model(w[..., :-1], w[..., 1:])[0]
+            (loss / self.run.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        clip = self.cfg.optim.grad_clip or float("inf")
+        norm = _local(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        dist.all_reduce(loss_sum)
+        self.step += 1
+        return {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                "loss": loss_sum.item() / (self.run.grad_accum * self.world),
+                "lr": self.cfg.optim.lr * factor, "grad_norm": float(norm)}
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def train(self) -> dict:
+        resumed_from = None
+        latest = self.latest()
+        if latest is not None:
+            self.step, resumed_from = self.load(latest), latest.name
+        elif self.init_from:
+            self.step, resumed_from = self.load(Path(self.init_from)), str(self.init_from)
+        start = self.step
+        self._open_logs(start, resumed_from)
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
+        t0, last = time.perf_counter(), {}
+        try:
+            while self.step < self.total_steps:
+                if self.run.stop_after_steps and self.step >= self.run.stop_after_steps:
+                    break
+                last = self.train_step()
+                last["seconds"] = time.perf_counter() - t0
+                if not math.isfinite(last["loss"]):
+                    self._log({**last, "event": "diverged"})
+                    raise RuntimeError(f"loss {last['loss']} at step {self.step}: stopping (diverged)")
+                self._log(last)
+                if self.step % self.eval_interval == 0 or self.step == self.total_steps:
+                    self._log({"step": self.step, "tokens": last["tokens"], "val_loss": self.evaluate()})
+                if self.step in self.stable_steps:
+                    self.save(f"stable-{self.stable_steps[self.step]}")
+                elif self.step == self.total_steps or (self.ckpt_interval and self.step % self.ckpt_interval == 0):
+                    self.save(f"step-{self.step:09d}")
+                if self._stop_requested():
+                    if self.latest() is None or self.latest().name != f"step-{self.step:09d}":
+                        self.save(f"step-{self.step:09d}")
+                    self._log({"event": "sigterm", "step": self.step})
+                    break
+            done = self.step >= self.total_steps
+            if done:
+                self._log({"event": "done", "step": self.step})
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if self._mlflow is not None:
+                self._mlflow.end_run()
+        return {"start_step": start, "step": self.step, "total_steps": self.total_steps, "done": done,
+                "loss": last.get("loss"), "resumed_from": resumed_from}
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self._sigterm = True
+
+    @staticmethod
+    def _main_thread() -> bool:
+        import threading
+
+        return threading.current_thread() is threading.main_thread()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(config: str | Path, overrides: list[str] = ()) -> dict:
+    """Load CONFIG (+ dotted KEY=VALUE overrides), train, tear the process group down."""
+    from windtunnel.configure import load_yaml, parse_value
+
+    d = load_yaml(config)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"{item!r}: overrides are SECTION.KEY=VALUE (e.g. large_run.stop_after_steps=10)")
+        section, _, name = key.partition(".")
+        if not isinstance(d.get(section, {}), dict):
+            raise ConfigError(f"{key}: {section} is not a section")
+        d.setdefault(section, {})[name] = value if name in ("run_name", "run_dir", "tracking_uri") else parse_value(value)
+    cfg, run = load_config(d)
+    try:
+        return LargeRun(cfg, run, Path(config).resolve().parent).train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
