@@ -62,6 +62,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out = []
     done = df[df.state == "COMPLETE"].sort_values("number")
@@ -78,6 +79,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
             ax.scatter(x, done.value, s=14, c=done.number, cmap="viridis")
             if space[name].get("log"):
                 ax.set_xscale("log")
+                ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(name)
         axes[0][0].set_ylabel("final validation loss")
         fig.suptitle(f"{study.study_name}: loss vs each searched hyperparameter (colour = trial number)")
