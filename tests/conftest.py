@@ -126,6 +126,8 @@ class MlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+            # No background job runner (7 huey consumer processes): tracking is all we need.
+            env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
             # Own session: stop() signals the whole group (the server and its uvicorn worker).
             self._proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                           env=env, start_new_session=True)

@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 SLURM_SH = HERE / "slurm.sh"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 SLURM_LOGS = Path("/var/log/slurm")
+SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
 SLURM_PARTITION = "debug"
 # Sessions (pytest processes) that use the machine's one Slurm: one file per pid. The last one
 # out stops Slurm if a fixture started it (marker file), so parallel test sessions share it.
@@ -85,14 +86,21 @@ def slurm_down(quiet: bool = False) -> None:
 
 def slurm_is_up() -> bool:
     """True when slurmctld answers and the node can take jobs."""
-    if not shutil.which("sinfo"):
-        return False
+    if not shutil.which("sinfo") or not _pidfile_running(SLURMCTLD_PID):
+        return False  # sinfo would retry a dead controller for ~10 s
     try:
         r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], text=True, capture_output=True, timeout=10)
     except (subprocess.TimeoutExpired, OSError):
         return False
     state = r.stdout.strip().splitlines()[0] if r.returncode == 0 and r.stdout.strip() else ""
     return state.rstrip("*~#") in ("idle", "mixed", "allocated", "completing")
+
+
+def _pidfile_running(pidfile: Path) -> bool:
+    try:
+        return _running(int(pidfile.read_text().strip()))
+    except (OSError, ValueError):
+        return False
 
 
 def slurm_info() -> SlurmInfo:
@@ -156,6 +164,9 @@ def _ray_bin() -> str:
 
 def ray_is_up(address: str, timeout: float = 15) -> bool:
     """True when a GCS answers at HOST:PORT (`ray status` asks it for the cluster's resources)."""
+    host, _, port = address.rpartition(":")
+    if host in ("127.0.0.1", "localhost") and not _port_in_use(int(port)):
+        return False  # `ray status` would retry a dead GCS until its timeout
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
         r = subprocess.run([_ray_bin(), "status", "--address", address], capture_output=True,
@@ -271,19 +282,35 @@ def _signal_all(pids: list[int], sig: int) -> None:
 
 
 def ray_down(port: int = RAY_DEFAULT_PORT, address_file: Path | None = RAY_ADDRESS_FILE,
-             quiet: bool = False, grace_s: float = 10) -> int:
-    """Stop the Ray cluster on PORT: SIGTERM its processes, SIGKILL what is left after grace_s.
+             quiet: bool = False, grace_s: float = 3) -> int:
+    """Stop the Ray cluster on PORT; only its processes (see `_cluster_pids`), unlike `ray stop`,
+    which stops every Ray process of the machine.
 
-    Only that cluster's processes (see `_cluster_pids`), unlike `ray stop`, which stops every
-    Ray process of the machine. Returns how many processes it signalled; 0 when nothing ran.
+    In order, as `ray stop` does: the raylet with its workers and agents, then the other daemons,
+    then the GCS; each stage gets SIGTERM and, after grace_s, SIGKILL. (SIGTERM to all at once
+    leaves raylet and GCS waiting on each other.) Returns how many processes it signalled.
     """
     pids = _cluster_pids(port)
-    _signal_all(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_running(p) for p in pids):
-        time.sleep(0.2)
-    left = [p for p in pids if _running(p)]
-    _signal_all(left, signal.SIGKILL)
+    procs = _processes()
+    cmd = {p: procs.get(p, (0, ""))[1] for p in pids}
+    raylet = [p for p in pids if "/raylet/raylet " in cmd[p] or cmd[p].endswith("/raylet/raylet")]
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in procs.items():
+        children.setdefault(ppid, []).append(pid)
+    first = set(raylet)
+    todo = list(raylet)
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c in cmd and c not in first:
+                first.add(c)
+                todo.append(c)
+    gcs = {p for p in pids if "gcs_server" in cmd[p].split(" ", 1)[0]}
+    for stage in (sorted(first), [p for p in pids if p not in first and p not in gcs], sorted(gcs)):
+        _signal_all(stage, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(_running(p) for p in stage):
+            time.sleep(0.1)
+        _signal_all([p for p in stage if _running(p)], signal.SIGKILL)
     if address_file is not None and Path(address_file).exists():
         if Path(address_file).read_text().strip() == f"127.0.0.1:{port}":
             Path(address_file).unlink(missing_ok=True)
