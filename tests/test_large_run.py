@@ -1,0 +1,89 @@
+"""`windtunnel train` under torchrun (2 processes, gloo, CPU): export, stop after a checkpoint,
+relaunch, and compare with an uninterrupted run."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+
+pytestmark = pytest.mark.distributed
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def curve(run_dir: Path) -> tuple[dict[int, float], list[dict]]:
+    losses, events = {}, []
+    for line in (run_dir / "loss.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "event" in r:
+            events.append(r)
+        elif "loss" in r:
+            assert r["step"] not in losses, f"step {r['step']} logged twice"
+            losses[r["step"]] = r["loss"]
+    return losses, events
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
+    proxy = TrialConfig(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, kernels="torch"),
+        data=DataConfig(max_bytes=300_000),
+        optim=OptimConfig(lr=0.01),
+        schedule=ScheduleConfig(kind="wsd", warmup=0.1, decay=0.2),
+        train=TrainConfig(tokens=10_000, batch_size=8, device="cpu", seed=1),
+    )
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
+    out = tmp_path / "export"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "transfer", str(best), "--target", "tiny-cpu",
+                        "run_name=resume-test", "checkpoint_every=8192", "--out", str(out),
+                        "--batch-size", "2048", "--tokens", str(24 * 2048)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # 2 ranks × micro-batch 8 × accumulation 4 = 64 sequences of 32 tokens
+    common = ["large_run.micro_batch=8", "large_run.grad_accum=4", "train.eval_every=8192"]
+
+    def launch(*extra):
+        r = subprocess.run(["bash", str(out / "launch.sh"), *common, *extra], capture_output=True, text=True,
+                           env=env, timeout=120)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    # a launch that dies after step 10: the latest checkpoint is step 8 (every 8192 tokens = 4 steps)
+    first = launch("large_run.stop_after_steps=10")
+    assert first["step"] == 10 and not first["done"]
+    run_a = out / "runs" / "resume-test"
+    assert (run_a / "checkpoints" / "latest").read_text().strip() == "step-000000008"
+    second = launch()
+    assert second == {**second, "start_step": 8, "resumed_from": "step-000000008", "done": True, "step": 24}
+    # the uninterrupted run, same seeds
+    run_b = tmp_path / "uninterrupted"
+    launch(f"large_run.run_dir={run_b}", f"train.checkpoint_dir={run_b / 'checkpoints'}")
+
+    a, events = curve(run_a)
+    b, _ = curve(run_b)
+    assert [e["step"] for e in events if e["event"] == "start"] == [0, 8]
+    assert events[1]["resumed_from"] == "step-000000008" and events[1]["world"] == 2
+    assert sorted(a) == sorted(b) == list(range(1, 25))
+    for step in b:  # float32 on CPU, same reduction order: equal to rounding
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step
+    assert b[24] < b[1] - 1.0  # it learns
+    # the last stable state is kept for decay branches; old step checkpoints are pruned (keep_last 2)
+    names = sorted(p.name for p in (run_a / "checkpoints").iterdir())
+    stable = yaml.safe_load((out / "train.yaml").read_text())["train"]["save_at"]
+    assert f"stable-{stable[0]}" in names and "step-000000024" in names and "step-000000004" not in names

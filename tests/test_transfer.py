@@ -1,0 +1,193 @@
+"""Transfer and export: μP-rescaled values from first principles, safe scripts, HF config, transfer.md."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from windtunnel import export, transfer
+from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.errors import ConfigError
+
+PWN = "/tmp/pwned"
+EVIL = 'x"; touch /tmp/pwned; "'
+
+
+def proxy() -> TrialConfig:
+    return TrialConfig(
+        model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, kernels="torch", scale_emb=10.0,
+                          scale_depth=1.2, init_std=0.05, dim_model_base=16),
+        data=DataConfig(max_bytes=300_000),
+        optim=OptimConfig(lr=0.02, weight_decay=0.05),
+        schedule=ScheduleConfig(kind="wsd", warmup=0.05, decay=0.2, decay_shape="linear"),
+        train=TrainConfig(tokens=100_000, batch_size=8, device="cpu", seed=3),
+    )
+
+
+@pytest.fixture
+def best(tmp_path) -> Path:
+    sweep = tmp_path / "results" / "demo"
+    sweep.mkdir(parents=True)
+    (sweep / "best.yaml").write_text(yaml.safe_dump({"sweep": "demo", "number": 7, "value": 3.25,
+                                                     "trial": to_dict(proxy())}))
+    return sweep
+
+
+def cli(*args, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "windtunnel.cli", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=120)
+
+
+def test_transfer_gives_the_mup_rescaled_values(best, tmp_path):
+    target = transfer.load_target("tiny-cpu", ["d_model=128", "n_heads=4", "n_layers=3"])
+    plan = transfer.plan(transfer.load_winner(str(best)), target, transfer.Laws(batch_size=2048, tokens=65536))
+    groups = {g["role"]: g for g in plan.groups}
+    m = 128 / 16  # width multiplier at the target: d_model / dim_model_base
+    # from first principles (MiniCPM): hidden lr = lr / m, hidden std = init_std / sqrt(m); the
+    # embedding keeps lr and init_std; norms keep lr, start at 1, get no weight decay
+    assert groups["hidden"]["lr"] == pytest.approx(0.02 / m, rel=1e-12)
+    assert groups["hidden"]["init_std"] == pytest.approx(0.05 / math.sqrt(m), rel=1e-12)
+    assert groups["embedding"]["lr"] == pytest.approx(0.02) and groups["embedding"]["init_std"] == 0.05
+    assert groups["vector"]["weight_decay"] == 0 and groups["hidden"]["weight_decay"] == pytest.approx(0.05)
+    assert plan.value("residual multiplier") == pytest.approx(1.2 / math.sqrt(3))
+    assert plan.value("logit multiplier") == pytest.approx(16 / 128)
+    assert plan.value("embedding multiplier") == 10.0
+    mc = plan.trial.model
+    assert (mc.d_model, mc.n_layers, mc.n_heads, mc.scale_emb, mc.init_std, mc.dim_model_base) == (128, 3, 4, 10.0, 0.05, 16)
+    assert plan.trial.optim.lr == 0.02 and plan.trial.train.seed == 3
+    # batch: 2048 tokens = 64 sequences of 32 over 2 GPUs; schedule: the winner's warmup, 10% decay
+    lr = plan.large_run
+    assert plan.trial.train.batch_size == 64 == 2 * lr["micro_batch"] * lr["grad_accum"]
+    assert plan.value("total steps") == 32 and plan.trial.train.tokens == 65536
+    s = plan.trial.schedule
+    assert (s.kind, s.warmup, s.decay, s.decay_shape) == ("wsd", 0.05, 0.1, "linear")
+    assert (plan.value("warmup steps"), plan.value("decay steps")) == (2, 3)
+    assert plan.trial.train.save_at == [29 * 2048]  # the last stable state
+
+
+def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
+    bs_law = {"a": 1.21e9, "b": 6.24}
+    sl = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28, "tokens_per_param": 20.0}
+    (tmp_path / "bs.json").write_text(json.dumps(bs_law))
+    (tmp_path / "sl.json").write_text(json.dumps({"points": [], "scaling_law": sl}))  # a `fit wsd --json` file
+    laws = transfer.Laws(batch_size_law=transfer.load_law(str(tmp_path / "bs.json"), "batch-size"),
+                         scaling_law=transfer.load_law(str(tmp_path / "sl.json"), "scaling-law"))
+    target = transfer.load_target("minicpm-1.2b")
+    plan = transfer.plan(transfer.load_winner(str(best)), target, laws)
+    N = plan.value("N (parameters)")
+    assert N == 73440 * 1536 + 52 * (4 * 1536**2 + 3 * 1536 * 3840 + 2 * 1536) + 1536
+    D = round(20.0 * N)
+    L = 1.7 + 400.0 / N**0.34 + 410.0 / D**0.28
+    assert plan.value("D (tokens)") == D and plan.value("target loss L") == pytest.approx(L)
+    assert plan.value("batch size (tokens, wanted)") == pytest.approx(1.21e9 / L**6.24)
+    got = plan.value("batch size (tokens)")
+    assert abs(got / (1.21e9 / L**6.24) - 1) < 0.1
+    assert plan.memory["total"] <= plan.memory["budget"]
+    # a given value always wins over a fit
+    given = transfer.plan(transfer.load_winner(str(best)), target,
+                          dataclass_replace(laws, batch_size=4 * 2**20, tokens=10**9, loss=2.5))
+    assert given.value("batch size (tokens, wanted)") == 4 * 2**20 and given.value("D (tokens)") == 10**9
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_bad_input_is_one_line(best, tmp_path):
+    cases = [
+        (["--target", "nope"], "--target: unknown target 'nope'"),
+        (["--target", "tiny-cpu", "nodes=abc", "--tokens", "9"], "target.nodes: must be an integer"),
+        (["--target", "tiny-cpu", "bogus=1", "--tokens", "9"], "target.bogus: unknown key"),
+        (["--target", "tiny-cpu", "--tokens", "9"], "batch size: give --batch-size"),
+        (["--target", "minicpm-2.4b", "gpu_memory_gb=8", "--tokens", "9", "--batch-size", "4096"],
+         "target.gpu_memory_gb:"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "never"
+        r = cli("transfer", best, *args, "--out", out)
+        assert r.returncode == 2, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], r.stderr
+        assert not out.exists()
+
+
+def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
+    out = tmp_path / "out dir"  # a space in the path, too
+    r = cli("transfer", best, "--target", "tiny-cpu", f"run_name={EVIL}", "--out", out,
+            "--batch-size", "2048", "--tokens", "65536")
+    assert r.returncode == 0, r.stderr
+    for name in export.FILES:
+        assert (out / name).is_file()
+    assert not list(out.glob(".*.tmp"))
+    for script in ("launch.sh", "launch.sbatch"):
+        assert subprocess.run(["bash", "-n", str(out / script)]).returncode == 0
+
+    # the run name reaches torchrun as one intact argument and runs nothing
+    if os.path.exists(PWN):
+        os.remove(PWN)
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
+    (fake / "torchrun").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(out / "launch.sh"), "large_run.stop_after_steps=3"], capture_output=True,
+                       text=True, env=env, timeout=30)
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(r.stdout)
+    assert argv[argv.index("--rdzv_id") + 1] == EVIL
+    assert argv[-3:] == ["train", str(out / "train.yaml"), "large_run.stop_after_steps=3"]
+    assert argv[argv.index("--nproc_per_node") + 1] == "2"
+    assert not os.path.exists(PWN)
+    # the sbatch script under a fake srun/scontrol: same argv, nothing executed
+    (fake / "srun").write_text('#!/usr/bin/env bash\nwhile [[ "$1" == --* ]]; do shift; done\nexec "$@"\n')
+    (fake / "scontrol").write_text("#!/usr/bin/env bash\necho node0\n")
+    for f in ("srun", "scontrol"):
+        (fake / f).chmod(0o755)
+    r = subprocess.run(["bash", str(out / "launch.sbatch")], capture_output=True, text=True, timeout=30,
+                       env={**env, "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1", "SLURM_JOB_ID": "42"})
+    assert r.returncode == 0, r.stderr
+    argv = json.loads(r.stdout)
+    assert argv[argv.index("--rdzv_id") + 1] == EVIL + "-42"
+    assert argv[argv.index("--rdzv_endpoint") + 1] == "node0:29500"
+    assert not os.path.exists(PWN)
+    sbatch = (out / "launch.sbatch").read_text()
+    assert "#SBATCH --job-name=x_touch_tmp_pwned\n" in sbatch and "#SBATCH --gpus-per-node=2\n" in sbatch
+
+    # train.yaml is what `windtunnel train` takes; the run name survives intact, paths are slugs
+    from windtunnel.large_run import load_config
+
+    cfg, run = load_config(yaml.safe_load((out / "train.yaml").read_text()))
+    assert run.run_name == EVIL and run.run_dir == "runs/x_touch_tmp_pwned"
+    assert cfg.model.d_model == 64 and cfg.train.batch_size == 64
+
+    hf = json.loads((out / "config.json").read_text())
+    assert hf["architectures"] == ["MiniCPMForCausalLM"]
+    assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["vocab_size"]) == (64, 2, 4, 256)
+    assert hf["intermediate_size"] == cfg.model.ffn_dim == 192
+    assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"], hf["initializer_range"]) == (10, 1.2, 16, 0.05)
+    assert hf["tie_word_embeddings"] is True and hf["max_position_embeddings"] == 32
+
+    md = (out / "transfer.md").read_text()
+    target = transfer.load_target("tiny-cpu", [f"run_name={EVIL}"])
+    plan = transfer.plan(transfer.load_winner(str(best)), target, transfer.Laws(batch_size=2048, tokens=65536))
+    for row in plan.rows:
+        assert transfer.fmt(row.value) in md, row.name
+    for g in plan.groups:
+        assert f"| {g['role']} | {transfer.fmt(g['init_std'])} | {transfer.fmt(g['lr'])} |" in md
+    assert "0.005" in md  # hidden lr = 0.02 / (64 / 16)
+    assert "sweep demo, trial 7" in md
+
+
+def test_minicpm_targets_match_the_released_shapes():
+    t = transfer.load_target("minicpm-1.2b")
+    assert (t.d_model, t.n_layers, t.n_heads, t.d_ff, t.vocab_size, t.tie_embeddings) == (1536, 52, 24, 3840, 73440, True)
+    t = transfer.load_target("minicpm-2.4b")
+    assert (t.d_model, t.n_layers, t.n_heads, t.d_ff, t.vocab_size, t.tie_embeddings) == (2304, 40, 36, 5760, 122753, True)
+    with pytest.raises(ConfigError, match="target.d_model: must be divisible"):
+        transfer.load_target("minicpm-1.2b", ["n_heads=7"])
