@@ -87,3 +87,44 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     names = sorted(p.name for p in (run_a / "checkpoints").iterdir())
     stable = yaml.safe_load((out / "train.yaml").read_text())["train"]["save_at"]
     assert f"stable-{stable[0]}" in names and "step-000000024" in names and "step-000000004" not in names
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path):
+    import signal
+    import time
+
+    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
+                        data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
+    out = tmp_path / "export"
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "transfer", str(best), "--target", "tiny-cpu",
+                        "run_name=sig", "seq_len=16", "checkpoint_every=100000000", "--out", str(out),
+                        "--batch-size", "256", "--tokens", str(100_000 * 256)],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    log = out / "runs" / "sig" / "loss.jsonl"
+    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
+            time.sleep(0.1)
+        p.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+        p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    losses, events = curve(out / "runs" / "sig")
+    assert events[-1]["event"] == "sigterm"
+    last = max(losses)
+    assert 3 <= last < 100_000 and events[-1]["step"] == last
+    assert (out / "runs" / "sig" / "checkpoints" / "latest").read_text().strip() == f"step-{last:09d}"
+    r = subprocess.run(["bash", str(out / "launch.sh"), f"large_run.stop_after_steps={last + 2}"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (result["start_step"], result["step"]) == (last, last + 2)
