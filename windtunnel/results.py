@@ -135,6 +135,12 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
                   "| parameter | value |", "|---|---|"]
         lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in best.params.items()]
         lines += ["", "`best.yaml` holds its full resolved config: `windtunnel trial --config best.yaml` re-runs it.", ""]
+    for inv in study.user_attrs.get("invocations", []):
+        hours = inv["wall_s"] / 3600
+        lines += [f"Run: {inv['trials']} trials in {inv['wall_s'] / 60:.1f} min on {inv['slots']} slot(s), "
+                  f"population {inv['population']}, sampler {inv['sampler']}: "
+                  f"{inv['trials'] / max(hours * inv['slots'], 1e-9):.0f} trials per slot-hour; slots waited on "
+                  f"the driver {100 * inv['driver_wait_frac']:.2f}% of the time.", ""]
     imp = importances(study)
     if imp:
         lines += ["**Parameter importance (fANOVA):** " + ", ".join(f"`{k}` {v:.2f}" for k, v in imp.items()), ""]

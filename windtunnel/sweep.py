@@ -79,6 +79,9 @@ class Driver:
         self.ready: list[Bundle] = []  # asked ahead, waiting for a slot
         self.tally = Tally()
         self.progress = progress
+        # slot time spent waiting for the driver (ask, tell, bookkeeping) while trials remained
+        self.freed: list[float] = []
+        self.waited = 0.0
         self.tracker = self.parent = None
         if cfg.tracking.enabled:
             from windtunnel.tracking import Tracker
@@ -144,6 +147,8 @@ class Driver:
                               for t in b.trials]}
         b.handle = self.executor.submit(payload, b.dir)
         b.started = time.time()
+        if self.freed:
+            self.waited += b.started - self.freed.pop(0)
         for t in b.trials:
             t.set_user_attr("bundle", str(b.dir))
         self.running.append(b)
@@ -215,6 +220,7 @@ class Driver:
                 self.fail_or_retry(t, error)
         self.running.remove(b)
         self.executor.release(b.handle)
+        self.freed.append(time.time())
 
     def recover(self) -> None:
         """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
@@ -229,6 +235,7 @@ class Driver:
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
         self.recover()
+        start, done_before = time.time(), self.finished()
         bar = None
         if self.progress:
             from tqdm import tqdm
@@ -260,6 +267,11 @@ class Driver:
         finally:
             if bar is not None:
                 bar.close()
+        wall = time.time() - start
+        stats = {"wall_s": wall, "slots": self.executor.slots, "trials": self.finished() - done_before,
+                 "driver_wait_frac": self.waited / (wall * self.executor.slots) if wall > 0 else 0.0,
+                 "population": self.K, "sampler": self.cfg.sampler.type}
+        self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
         files = write_report(self.study, self.dir)
         if self.tracker is not None:
             self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
@@ -268,7 +280,7 @@ class Driver:
             self.tracker.close()
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
-                "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files]}
+                "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
