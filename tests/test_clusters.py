@@ -183,3 +183,18 @@ def test_mlflow_nested_run_survives_server_restart(mlflow_server, mlflow_server_
     runs = children()
     assert [r["info"]["run_id"] for r in runs] == [child]
     assert runs[0]["info"]["status"] == "FINISHED"
+
+
+# ------------------------------------------------------------------- no cluster needed (fast)
+
+
+def test_slurm_cannot_start_reason_names_root(monkeypatch):
+    monkeypatch.setattr(clusters, "slurm_is_up", lambda: False)
+    monkeypatch.setattr(clusters.os, "geteuid", lambda: 1000)
+    reason = clusters.slurm_cannot_start_reason()
+    assert reason is not None and "root" in reason and "slurm-up" in reason
+
+
+def test_cluster_command_rejects_bad_port():
+    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", "0"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--port" in r.stderr and "got 0" in r.stderr
