@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"windtunnel {name}", description=help_text)
     module.add_arguments(parser)
-    args = parser.parse_args(argv[1:])
+    args = parser.parse_intermixed_args(argv[1:])  # flags may come between KEY=VALUE overrides
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:

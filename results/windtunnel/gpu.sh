@@ -9,7 +9,7 @@
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
-export PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WINDTUNNEL_SWEEPS=$PWD/sweeps PYTHONUNBUFFERED=1
+export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WINDTUNNEL_SWEEPS=$PWD/sweeps PYTHONUNBUFFERED=1
 export WINDTUNNEL_CACHE=/tmp/wt-cache
 OUT=${OUT:-/tmp/out}
 stage=$1; shift
