@@ -15,6 +15,7 @@ Writes kernels.md (table, command, machine) and kernels.json (one row per measur
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -249,6 +250,8 @@ def bench_train_step(d, K):
     idx = torch.randint(0, VOCAB, (K, SEQS, SEQ_LEN), device="cuda")
     tgt = torch.randint(0, VOCAB, (K, SEQS, SEQ_LEN), device="cuda")
     for kernels in ("triton", "torch"):
+        gc.collect()
+        torch.cuda.empty_cache()  # the eager K=16, d=512 step needs ~66 GB of the 80
         cfg = ModelConfig(d_model=d, n_layers=LAYERS, n_heads=d // HEAD_DIM, seq_len=SEQ_LEN, vocab_size=VOCAB,
                           kernels=kernels)
         model = Transformer(cfg, VOCAB, population=K)
