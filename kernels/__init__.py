@@ -6,7 +6,8 @@ returns; the tests and the benchmark import it from there):
 
 - `rms_norm.py`: RMSNorm, optionally fused with the residual add before it.
 - `swiglu.py`: silu(gate) * up.
-- `attention.py`: causal flash attention with RoPE fused into the Q/K loads; `apply_rope` and
+- `attention.py`: causal flash attention with RoPE fused (one pre-pass forward, the backward in
+  the dq/dk epilogues); `apply_rope` and
   `rope_cos_sin` are the one source of RoPE for the model too.
 - `linear_cross_entropy.py`: LM head + cross-entropy in row chunks, μP logit scale folded in,
   one loss per stacked trial.
