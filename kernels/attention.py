@@ -1,4 +1,4 @@
-"""Causal attention with RoPE fused into the Q/K loads (flash attention, forward and backward).
+"""Causal flash attention (forward and backward) with RoPE fused: a pre-pass and the bwd epilogues.
 
 q, k, v: (B, H, T, D), D in 32/64/128, any T. Scale 1/sqrt(D). With cos, sin (T, D):
     apply_rope(x) = x * cos + rotate_half(x) * sin,   rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
