@@ -6,6 +6,7 @@
 # --vocab-size 16384 --max-bytes 24000000`. Each stage resumes from the study it finds.
 #   bash results/windtunnel/gpu.sh bench               # results/bench/population.*
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
+#   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
@@ -18,9 +19,13 @@ case $stage in
     python3 -m windtunnel.bench.population --out "$OUT" "$@" 2>&1 | tee "$OUT/population.log" ;;
   sweep)
     name=$1; shift
-    python3 -m windtunnel.cli sweep "$name" -q data.source="$PWD/.cache/stdlib-bpe16k" \
+    # a stage stops itself before the device's 10-minute limit; the next call resumes the study
+    timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli sweep "$name" -q data.source="$PWD/.cache/stdlib-bpe16k" \
       results_dir=results/windtunnel tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
     # bring back the study and tables, not the checkpoints
     tar czf "$OUT/$name.tgz" --exclude='*.pt' results/windtunnel/"$name" ;;
+  transfer)
+    python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
+      --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
