@@ -49,7 +49,7 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
     out = tmp_path / "export"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "transfer", str(best), "--target", "tiny-cpu",
                         "run_name=resume-test", "checkpoint_every=8192", "--out", str(out),
                         "--batch-size", "2048", "--tokens", str(24 * 2048)],
@@ -61,7 +61,8 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     def launch(*extra):
         r = subprocess.run(["bash", str(out / "launch.sh"), *common, *extra], capture_output=True, text=True,
                            env=env, timeout=120)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        errors = [line for line in r.stderr.splitlines() if "rror" in line or "abort" in line.lower()]
+        assert r.returncode == 0, "\n".join(errors[:20]) + r.stderr[-2000:]
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     # a launch that dies after step 10: the latest checkpoint is step 8 (every 8192 tokens = 4 steps)
@@ -100,7 +101,7 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path)
     best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
     out = tmp_path / "export"
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MASTER_PORT": str(free_port()),
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
     r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "transfer", str(best), "--target", "tiny-cpu",
                         "run_name=sig", "seq_len=16", "checkpoint_every=100000000", "--out", str(out),
                         "--batch-size", "256", "--tokens", str(100_000 * 256)],

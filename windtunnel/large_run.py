@@ -412,7 +412,9 @@ def main(config: str | Path, overrides: list[str] = ()) -> dict:
         d.setdefault(section, {})[name] = value if name in ("run_name", "run_dir", "tracking_uri") else parse_value(value)
     cfg, run = load_config(d)
     try:
-        return LargeRun(cfg, run, Path(config).resolve().parent).train()
+        result = LargeRun(cfg, run, Path(config).resolve().parent).train()
+        dist.barrier()  # no rank tears its gloo/nccl pairs down while another still uses them
+        return result
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
