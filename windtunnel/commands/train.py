@@ -13,7 +13,6 @@ def add_arguments(p) -> None:
     p.add_argument("config", metavar="CONFIG", help="train.yaml (a TrialConfig + a large_run section)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="e.g. large_run.stop_after_steps=10 train.tokens=1000000")
-    p.parse_args = p.parse_intermixed_args
 
 
 def run(args) -> int:

@@ -19,8 +19,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("source", metavar="RESULTS_DIR/SWEEP|BEST.yaml", help="a sweep's results folder or its best.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="target fields, e.g. nodes=4 run_name=r1")
-    # KEY=VALUE may come after options (`... --out DIR nodes=4`): plain parse_args would reject them
-    p.parse_args = p.parse_intermixed_args
     p.add_argument("--target", required=True, metavar="TARGET",
                    help="a name in conf/target/ (minicpm-1.2b, minicpm-2.4b, tiny-cpu) or a YAML path")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
