@@ -33,6 +33,15 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def curves_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per evaluation of every trial: the input of `windtunnel fit batch-size` and friends."""
+    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
+    rows = [{"number": t.number, "state": t.state.name, **t.params, **fixed, **point}
+            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("retried")
+            for point in t.user_attrs.get("result", {}).get("curve", [])]
+    return pd.DataFrame(rows)
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
@@ -49,6 +58,9 @@ def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
     df = trials_frame(study)
     _atomic(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
     _atomic(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
+    curves = curves_frame(study)
+    if not curves.empty:
+        _atomic(sweep_dir / "curves.csv", lambda p: curves.to_csv(p, index=False))
     best = best_trial(study)
     if best is not None:
         doc = {"sweep": study.study_name, "number": best.number, "value": best.value,
