@@ -158,8 +158,7 @@ class Driver:
         state = {"ok": TS.COMPLETE, "pruned": TS.PRUNED}.get(status, TS.FAIL)
         if state == TS.COMPLETE and (value is None or not math.isfinite(value)):
             state, result = TS.FAIL, {**result, "reason": result.get("reason") or "no final loss"}
-        record = {k: v for k, v in result.items() if k != "provenance"}  # provenance: one per bundle
-        trial.set_user_attr("result", {**record, "status": status})
+        trial.set_user_attr("result", {**result, "status": status})  # curve and provenance included
         self.study.tell(trial.number, value if state == TS.COMPLETE else None, state=state)
         if state == TS.COMPLETE:
             self.tally.ok += 1
