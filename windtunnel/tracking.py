@@ -1,0 +1,614 @@
+"""MLflow tracking for sweeps: every call appends one record to an outbox; a thread delivers it.
+
+    tracker = Tracker(uri, experiment="quickstart", outbox=sweep_dir / "tracking" / "outbox.jsonl")
+    parent = tracker.start_invocation(params, tags)          # parent run: one per sweep invocation
+    tracker.log_trial(parent, number, attempt, params, curve, metrics, status, tags)   # child run
+    tracker.log_artifacts(parent, [plot, best_yaml, report_md])
+    tracker.finish_invocation(parent)
+    tracker.flush(timeout=30); tracker.close()
+
+Why an outbox: a sweep must never wait for, or fail because of, a tracking server. A call only
+appends one JSON line (one `write` on an O_APPEND file, then fdatasync) and returns; it imports
+nothing from MLflow. A daemon thread reads the outbox in order and delivers it with
+`MlflowClient` (`log_batch` of <= 1000 metrics, <= 100 params, <= 100 tags: one call per point is
+~20x slower, mlflow issue 5269). What it delivered is kept in `tracking/state.json` (temp file +
+rename): per target URI, the byte offset reached in the outbox and the map local key -> run id.
+When the server is down the thread backs off and retries; what is left at exit stays in the
+outbox, and `windtunnel sync RESULTS_DIR[/SWEEP]` (`sync()` here) delivers it later.
+
+Nothing lost, nothing duplicated: each run carries its record's key as the tag `windtunnel.key`.
+Before a chunk of records is delivered, the keys it will create are written to the state as
+`pending`; a pending key is looked up with `search_runs` before its run is created, so a delivery
+cut off between `create_run` and the state write does not create a second run. Metric points
+carry the record's timestamp, so re-sending them after an interruption is a no-op in MLflow's SQL
+stores (they drop identical points). The HTTP client does no retries of its own
+(MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, unless set): a retried POST whose first answer was lost could
+create a second run, and a down server would stall the thread for minutes.
+
+uri "" is the local store `sqlite:///<sweep>/tracking/mlflow.db` (artifacts beside it), resolved
+from the outbox's own location at delivery time, so a moved results dir still syncs.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import math
+import os
+import re
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+STATE = "state.json"
+LOCK = "deliver.lock"
+MAX_METRICS = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
+MAX_PARAMS_TAGS = 100  # MAX_PARAMS_TAGS_PER_BATCH (params and tags each)
+MAX_ENTITIES = 1000  # MAX_ENTITIES_PER_BATCH (all three together)
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+CHUNK = 64  # records delivered between two state writes
+# The thread's own MLflow HTTP settings (used unless the user set them): fail fast, we retry.
+HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+# MLflow error codes that retrying cannot fix: the record is skipped with a warning
+PERMANENT = {"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID_STATE", "MALFORMED_REQUEST"}
+
+
+def local_uri(tracking_dir: Path) -> str:
+    """The default store of a sweep: a SQLite file beside its outbox."""
+    return f"sqlite:///{Path(tracking_dir).resolve()}/mlflow.db"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+# ----------------------------------------------------------------------------------- outbox
+
+
+class _Outbox:
+    """The append side: one `os.write` per record on an O_APPEND fd, then fdatasync."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(self.fd).st_size
+        if size:  # a record cut short by a crash: end it, so the next one starts on a fresh line
+            with open(self.path, "rb") as f:
+                f.seek(size - 1)
+                if f.read(1) != b"\n":
+                    os.write(self.fd, b"\n")
+
+    def append(self, record: dict) -> None:
+        data = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode()
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fdatasync(self.fd)
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        with self._lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+
+def _read_records(path: Path, offset: int) -> list[tuple[int, dict | None]]:
+    """Complete lines after `offset` as (end offset, record or None when unreadable)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    out, pos = [], offset
+    for line in data.split(b"\n")[:-1]:  # the last piece has no newline yet: not a record
+        pos += len(line) + 1
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            out.append((pos, rec if isinstance(rec, dict) and "op" in rec else None))
+        except ValueError:
+            out.append((pos, None))
+    return out
+
+
+# ------------------------------------------------------------------------------------ state
+
+
+def _load_state(tracking_dir: Path) -> dict:
+    try:
+        state = json.loads((tracking_dir / STATE).read_text())
+        if isinstance(state, dict) and isinstance(state.get("targets"), dict):
+            return state
+        log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
+    except FileNotFoundError:
+        pass
+    except ValueError:
+        log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
+    return {"version": 1, "targets": {}}
+
+
+def _save_state(tracking_dir: Path, state: dict) -> None:
+    tmp = tracking_dir / f".{STATE}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(state, f, separators=(",", ":"))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, tracking_dir / STATE)
+
+
+def _target_state(state: dict, uri: str) -> dict:
+    t = state["targets"].setdefault(uri, {})
+    for k, default in (("offsets", {}), ("experiments", {}), ("runs", {}), ("pending", [])):
+        t.setdefault(k, default)
+    return t
+
+
+# ------------------------------------------------------------------------------ MLflow side
+
+
+def _quiet_mlflow() -> None:
+    for name, value in HTTP_ENV.items():
+        os.environ.setdefault(name, value)
+    for name in ("mlflow", "alembic", "sqlalchemy"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_KEY_BAD = re.compile(r"[^\w\-. /:]")
+
+
+def _key(k: Any) -> str:
+    """A valid MLflow param/metric/tag name (alphanumerics, _ - . space / :), at most 250 chars."""
+    return _KEY_BAD.sub("_", str(k))[:MAX_KEY] or "_"
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _number(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+class _Busy(Exception):
+    """Another process (a `windtunnel sync`, or the sweep's thread) is delivering this outbox."""
+
+
+class _Delivery:
+    """Delivers one outbox to one MLflow URI, in order, resuming from the state file.
+
+    own_only: deliver the records addressed to `uri` (the thread, and `sync` without --uri);
+    otherwise every record goes to `uri` (`sync --uri`: copy a sweep's records to another store).
+    """
+
+    def __init__(self, tracking_dir: Path, uri: str, own_only: bool = True):
+        self.dir = Path(tracking_dir)
+        self.uri = uri
+        self.own_only = own_only
+        self.mode = "own" if own_only else "all"
+        self._client = None
+
+    @property
+    def resolved_uri(self) -> str:
+        return self.uri or local_uri(self.dir)
+
+    def client(self):
+        if self._client is None:
+            _quiet_mlflow()
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.resolved_uri)
+            _quiet_mlflow()  # the SQL store configures its loggers on first use
+        return self._client
+
+    def _selected(self, rec: dict | None) -> bool:
+        return rec is not None and (not self.own_only or rec.get("uri", "") == self.uri)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self, should_stop: Callable[[], bool] = lambda: False, wait_lock_s: float = 0.0,
+            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
+        """Deliver what is pending; returns (sent, still pending). Raises when MLflow fails."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / LOCK, "a") as lock:
+            deadline = time.monotonic() + wait_lock_s
+            while True:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise _Busy(f"{self.dir}: another process is delivering these records") from None
+                    time.sleep(0.2)
+            try:
+                return self._run_locked(should_stop, progress)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _run_locked(self, should_stop, progress) -> tuple[int, int]:
+        state = _load_state(self.dir)
+        t = _target_state(state, self.uri)
+        offset = int(t["offsets"].get(self.mode, 0))
+        records = _read_records(self.dir / "outbox.jsonl", offset)
+        sent = 0
+        i = 0
+        try:
+            while i < len(records) and not should_stop():
+                chunk = records[i:i + CHUNK]
+                creating = [r["key"] for _, r in chunk if self._selected(r) and r["op"] in ("invocation", "trial")
+                            and r.get("key") not in t["runs"]]
+                if creating:
+                    t["pending"] = sorted(set(t["pending"]) | set(creating))
+                    _save_state(self.dir, state)
+                for end, rec in chunk:
+                    if should_stop():
+                        break
+                    if rec is None:
+                        log.warning("%s: skipped an unreadable record ending at byte %d", self.dir / "outbox.jsonl", end)
+                    elif self._selected(rec):
+                        self._deliver_one(rec, t)
+                        sent += 1
+                    offset = end
+                    t["offsets"][self.mode] = offset
+                    i += 1
+                if progress is not None:
+                    progress(offset)
+        finally:
+            t["pending"] = [k for k in t["pending"] if k not in t["runs"]]
+            t["offsets"][self.mode] = offset
+            if sent or records:
+                _save_state(self.dir, state)
+        if progress is not None:
+            progress(offset)
+        left = sum(self._selected(r) for end, r in records if end > offset)
+        return sent, left
+
+    def _deliver_one(self, rec: dict, t: dict) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            getattr(self, f"_op_{rec['op']}")(rec, t)
+        except MlflowException as e:
+            if e.error_code not in PERMANENT:
+                raise
+            log.warning("MLflow at %s refused record %s (%s): %s; skipped", self.resolved_uri,
+                        rec.get("key"), rec.get("op"), str(e).splitlines()[0][:300])
+        except AttributeError:
+            log.warning("unknown tracking record op %r; skipped", rec.get("op"))
+
+    # -- experiments and runs ------------------------------------------------------------------
+    def _experiment_id(self, name: str, t: dict) -> str:
+        if name in t["experiments"]:
+            return t["experiments"][name]
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            if self.resolved_uri.startswith("sqlite:///"):
+                db = Path(self.resolved_uri[len("sqlite:///"):])
+                location = (db.parent / "artifacts" / name).resolve().as_uri()
+            try:
+                exp_id = client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:  # a concurrent creator won (mlflow issue 4123)
+                exp = client.get_experiment_by_name(name)
+                if exp is None:
+                    raise e
+                exp_id = exp.experiment_id
+        else:
+            exp_id = exp.experiment_id
+            if exp.lifecycle_stage == "deleted":
+                client.restore_experiment(exp_id)
+        t["experiments"][name] = exp_id
+        return exp_id
+
+    def _find_run(self, exp_id: str, key: str):
+        from mlflow.entities import ViewType
+
+        runs = self.client().search_runs([exp_id], filter_string=f"tags.`windtunnel.key` = '{key}'",
+                                         run_view_type=ViewType.ALL, max_results=10,
+                                         order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def _create_or_find(self, rec: dict, t: dict, run_name: str, start_time: int, tags: dict):
+        """(run id, found finished): the run of this record, created unless a previous delivery did."""
+        exp_id = self._experiment_id(rec["experiment"], t)
+        if rec["key"] in t["pending"]:
+            run = self._find_run(exp_id, rec["key"])
+            if run is not None:
+                return run.info.run_id, run.info.status in TERMINAL
+        run = self.client().create_run(exp_id, start_time=start_time, tags=tags, run_name=run_name)
+        return run.info.run_id, False
+
+    def _log_batch(self, run_id: str, metrics: list, params: dict, tags: dict) -> None:
+        from mlflow.entities import Param, RunTag
+
+        params_l = [Param(_key(k), str(v)[:MAX_PARAM_VALUE]) for k, v in params.items()]
+        tags_l = [RunTag(_key(k), str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+        while metrics or params_l or tags_l:
+            p, params_l = params_l[:MAX_PARAMS_TAGS], params_l[MAX_PARAMS_TAGS:]
+            g, tags_l = tags_l[:MAX_PARAMS_TAGS], tags_l[MAX_PARAMS_TAGS:]
+            n = min(MAX_METRICS, MAX_ENTITIES - len(p) - len(g))
+            m, metrics = metrics[:n], metrics[n:]
+            self.client().log_batch(run_id, metrics=m, params=p, tags=g)
+
+    # -- one method per record op --------------------------------------------------------------
+    def _op_invocation(self, rec: dict, t: dict) -> None:
+        key = rec["key"]
+        if key in t["runs"]:
+            return
+        tags = {"windtunnel.key": key, **{_key(k): str(v)[:MAX_TAG_VALUE] for k, v in (rec.get("tags") or {}).items()}}
+        run_id, _ = self._create_or_find(rec, t, rec.get("name") or key, rec["time"], tags)
+        self._log_batch(run_id, [], _flat(rec.get("params") or {}), {})
+        t["runs"][key] = run_id
+
+    def _op_trial(self, rec: dict, t: dict) -> None:
+        from mlflow.entities import Metric
+
+        key = rec["key"]
+        if key in t["runs"]:
+            return
+        parent_id = t["runs"].get(rec.get("parent", ""))
+        number, attempt = int(rec["number"]), int(rec["attempt"])
+        name = f"trial-{number:04d}" + (f"-attempt{attempt}" if attempt > 1 else "")
+        tags = {"windtunnel.key": key, "windtunnel.trial_number": str(number), "windtunnel.attempt": str(attempt)}
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+        ts = int(rec["time"])
+        final = rec.get("metrics") or {}
+        seconds = _number(final.get("seconds"))
+        start = ts - int(seconds * 1000) if seconds is not None and math.isfinite(seconds) and seconds >= 0 else ts
+        run_id, finished = self._create_or_find(rec, t, name, start, tags)
+        if not finished:
+            metrics, last = [], 0
+            for point in rec.get("curve") or []:
+                step = point.get("tokens", point.get("step"))
+                if _number(step) is None or not math.isfinite(step):
+                    continue
+                step = int(step)
+                last = max(last, step)
+                for name_ in ("train_loss", "val_loss", "lr"):
+                    v = _number(point.get(name_))
+                    if v is not None:
+                        metrics.append(Metric(name_, v, ts, step))
+            for k, v in _flat(final).items():
+                v = _number(v)
+                if v is not None:
+                    metrics.append(Metric(_key(k), v, ts, last))
+            self._log_batch(run_id, metrics, _flat(rec.get("params") or {}), rec.get("tags") or {})
+            status = rec.get("status", "FINISHED")
+            self.client().set_terminated(run_id, status=status if status in TERMINAL else "FINISHED", end_time=ts)
+        t["runs"][key] = run_id
+
+    def _op_artifacts(self, rec: dict, t: dict) -> None:
+        run_id = t["runs"].get(rec.get("parent", ""))
+        if run_id is None:
+            log.warning("artifacts record %s: its invocation was never delivered; skipped", rec.get("key"))
+            return
+        sweep_dir = self.dir.parent
+        for p in rec.get("paths") or []:
+            path = Path(p) if os.path.isabs(p) else sweep_dir / p
+            if not path.is_file():
+                log.warning("artifact %s no longer exists; skipped", path)
+                continue
+            rel = Path(p).parent if not os.path.isabs(p) else Path(".")
+            self.client().log_artifact(run_id, str(path), artifact_path=None if str(rel) == "." else str(rel))
+
+    def _op_finish(self, rec: dict, t: dict) -> None:
+        run_id = t["runs"].get(rec.get("parent", ""))
+        if run_id is not None:
+            status = rec.get("status", "FINISHED")
+            self.client().set_terminated(run_id, status=status if status in TERMINAL else "FINISHED",
+                                         end_time=int(rec["time"]))
+
+
+# ---------------------------------------------------------------------------------- Tracker
+
+
+class Tracker:
+    """The sweep's handle on MLflow. Every method appends one record and returns; see the module doc.
+
+    Thread lifecycle: the delivery thread starts in __init__ (a daemon: it never holds the
+    process up); `flush(timeout)` waits for it, `close()` stops it (records not yet delivered
+    stay in the outbox for `windtunnel sync`). Use one Tracker per outbox per process.
+    """
+
+    def __init__(self, uri: str, experiment: str, outbox: Path):
+        self.uri = (uri or "").strip()
+        self.experiment = str(experiment)
+        self.outbox_path = Path(outbox)
+        self.dir = self.outbox_path.parent
+        if self.outbox_path.name != "outbox.jsonl":
+            from windtunnel.errors import ConfigError
+
+            raise ConfigError(f"tracking outbox: must be named outbox.jsonl (got {self.outbox_path})")
+        self._outbox = _Outbox(self.outbox_path)
+        for name, value in HTTP_ENV.items():  # set here, before the thread's client reads them
+            os.environ.setdefault(name, value)
+        self._delivery = _Delivery(self.dir, self.uri, own_only=True)
+        self._delivered = 0  # outbox byte offset the thread has handled
+        self._cond = threading.Condition()
+        self._wake = threading.Event()
+        self._urgent = threading.Event()
+        self._stop = threading.Event()
+        self.last_error: str | None = None
+        self._thread = threading.Thread(target=self._loop, name="windtunnel-tracking", daemon=True)
+        self._thread.start()
+
+    @property
+    def resolved_uri(self) -> str:
+        return self._delivery.resolved_uri
+
+    # -- the calls: each appends one record ------------------------------------------------------
+    def _append(self, record: dict) -> None:
+        if self._outbox.fd < 0:
+            raise RuntimeError("Tracker is closed")
+        self._outbox.append({"uri": self.uri, "experiment": self.experiment, "time": _now_ms(), **record})
+        self._wake.set()
+
+    def start_invocation(self, params: dict, tags: dict) -> str:
+        key = f"inv-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self._append({"op": "invocation", "key": key, "name": f"{self.experiment}-{key[4:19]}",
+                      "params": params or {}, "tags": tags or {}})
+        return key
+
+    def log_trial(self, parent_key: str, number: int, attempt: int, params: dict, curve: list[dict],
+                  metrics: dict, status: str, tags: dict | None = None) -> None:
+        self._append({"op": "trial", "key": f"{parent_key}/trial-{int(number)}-{int(attempt)}", "parent": parent_key,
+                      "number": int(number), "attempt": int(attempt), "params": params or {},
+                      "curve": curve or [], "metrics": metrics or {}, "status": status, "tags": tags or {}})
+
+    def log_artifacts(self, parent_key: str, paths: list[Path]) -> None:
+        sweep_dir = self.dir.parent.resolve()
+        out = []
+        for p in paths:
+            p = Path(p).resolve()
+            out.append(str(p.relative_to(sweep_dir)) if p.is_relative_to(sweep_dir) else str(p))
+        self._append({"op": "artifacts", "key": f"{parent_key}/artifacts-{uuid.uuid4().hex[:8]}",
+                      "parent": parent_key, "paths": out})
+
+    def finish_invocation(self, parent_key: str, status: str = "FINISHED") -> None:
+        self._append({"op": "finish", "key": f"{parent_key}/finish", "parent": parent_key, "status": status})
+
+    # -- waiting and stopping ------------------------------------------------------------------
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every record appended so far is delivered; False when `timeout` ran out."""
+        if self._outbox.fd < 0:
+            return self._delivered >= self.outbox_path.stat().st_size
+        target = self._outbox.size()
+        deadline = time.monotonic() + timeout
+        self._urgent.set()
+        self._wake.set()
+        with self._cond:
+            while self._delivered < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, 0.5))
+        return True
+
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop the thread (it ends between two records) and close the outbox."""
+        self._stop.set()
+        self._urgent.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._outbox.close()
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _publish(self, offset: int) -> None:
+        with self._cond:
+            self._delivered = max(self._delivered, offset)
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            if self._delivered >= self._outbox_size():
+                self._wake.wait(5.0)
+                self._wake.clear()
+                if self._delivered >= self._outbox_size():
+                    continue
+            self._urgent.clear()
+            try:
+                self._delivery.run(should_stop=self._stop.is_set, progress=self._publish)
+                if failures:
+                    log.warning("MLflow at %s: delivering again", self.resolved_uri)
+                failures, self.last_error = 0, None
+            except _Busy:
+                self._urgent.wait(1.0)
+            except Exception as e:  # noqa: BLE001 - tracking must never take the sweep down
+                failures += 1
+                self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                if failures == 1:
+                    log.warning("MLflow at %s: %s; records wait in %s and are retried (or `windtunnel sync %s`)",
+                                self.resolved_uri, self.last_error, self.outbox_path, self.dir.parent)
+                self._urgent.wait(min(10.0, 0.5 * 2 ** (failures - 1)))
+
+    def _outbox_size(self) -> int:
+        try:
+            return self.outbox_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+
+# ------------------------------------------------------------------------------------- sync
+
+
+def outbox_dirs(path: Path) -> list[Path]:
+    """The tracking dirs under a sweep folder (RESULTS_DIR/SWEEP) or a results folder (RESULTS_DIR)."""
+    path = Path(path)
+    if (path / "tracking" / "outbox.jsonl").is_file():
+        return [path / "tracking"]
+    return sorted(p.parent for p in path.glob("*/tracking/outbox.jsonl"))
+
+
+def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, str | None]:
+    """(sent, pending, error) for one sweep's outbox."""
+    if uri is not None:
+        deliveries = [_Delivery(tracking_dir, uri.strip(), own_only=False)]
+    else:
+        uris = []
+        for _, rec in _read_records(tracking_dir / "outbox.jsonl", 0):
+            if rec is not None and rec.get("uri", "") not in uris:
+                uris.append(rec.get("uri", ""))
+        deliveries = [_Delivery(tracking_dir, u, own_only=True) for u in uris]
+    sent = pending = 0
+    error = None
+    for d in deliveries:
+        try:
+            s, p = d.run(wait_lock_s=wait_lock_s)
+            sent += s
+            pending += p
+        except Exception as e:  # noqa: BLE001
+            error = f"{d.resolved_uri}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+            state = _target_state(_load_state(tracking_dir), d.uri)
+            offset = int(state["offsets"].get(d.mode, 0))
+            pending += sum(d._selected(r) for _, r in _read_records(tracking_dir / "outbox.jsonl", offset))
+    return sent, pending, error
+
+
+def sync(results_sweep_dir: Path, uri: str | None = None) -> tuple[int, int]:
+    """Deliver a sweep's undelivered tracking records: (sent, still pending).
+
+    uri None: each record goes to the URI its sweep used; a uri: every record goes there.
+    results_sweep_dir may also be a results dir: every sweep in it is synced.
+    """
+    sent = pending = 0
+    for d in outbox_dirs(results_sweep_dir):
+        s, p, error = _sync_dir(d, uri)
+        if error:
+            log.warning("sync %s: %s", d.parent, error)
+        sent += s
+        pending += p
+    return sent, pending
