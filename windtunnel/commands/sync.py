@@ -1,0 +1,41 @@
+"""`windtunnel sync RESULTS_DIR[/SWEEP] [--uri URI]`: send tracking records a sweep could not deliver.
+
+A sweep appends every MLflow record to <results_dir>/<sweep>/tracking/outbox.jsonl and delivers it
+in the background; what a down server did not take waits there. This command delivers the rest
+(each record to the URI its sweep used, or all of them to --uri), skipping what already arrived.
+Exit 0 when nothing is left pending, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="RESULTS_DIR[/SWEEP]",
+                        help="a sweep's results folder (results/quickstart) or a results folder (all its sweeps)")
+    parser.add_argument("--uri", default=None,
+                        help="deliver every record to this MLflow tracking URI instead of the sweep's own "
+                             "('' = the sweep's local store)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from windtunnel.errors import ConfigError
+    from windtunnel.tracking import _sync_dir, outbox_dirs
+
+    path = Path(args.path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such folder (allowed: RESULTS_DIR or RESULTS_DIR/SWEEP)")
+    dirs = outbox_dirs(path)
+    if not dirs:
+        raise ConfigError(f"{path}: holds no tracking/outbox.jsonl (allowed: a folder `windtunnel sweep` wrote, "
+                          "or the results folder above it)")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    left_total = 0
+    for d in dirs:
+        sent, left, error = _sync_dir(d, args.uri)
+        left_total += left
+        line = f"{d.parent}: sent {sent}, {left} pending"
+        print(line + (f" ({error})" if error else ""))
+    return 0 if left_total == 0 else 1
