@@ -62,6 +62,14 @@ def fixed_params(cfg: SweepConfig) -> dict:
     return {n: p.value for n, p in parse_search(cfg.search, cfg.trial).items() if p.type == "fixed"}
 
 
+class _GridSampler(optuna.samplers.GridSampler):
+    """GridSampler calls study.stop() once the grid is covered, which only works inside
+    study.optimize; the driver stops at n_trials itself."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(s: SamplerConfig, cfg: SweepConfig) -> optuna.samplers.BaseSampler:
     if s.type == "tpe":
         # constant_liar: running trials count as observations, so parallel asks spread out
@@ -74,7 +82,7 @@ def make_sampler(s: SamplerConfig, cfg: SweepConfig) -> optuna.samplers.BaseSamp
     if s.type == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.type == "grid":
-        return optuna.samplers.GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=s.seed)
+        return _GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=s.seed)
     raise ConfigError(f"sampler.type: must be one of tpe, gp, cmaes, random, grid (got {s.type!r})")
 
 
