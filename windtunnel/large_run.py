@@ -105,7 +105,8 @@ def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
         if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
             dist.init_process_group(backend, device_id=device if want_cuda else None)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    device_id=device if want_cuda else None)
     return dist.get_rank(), dist.get_world_size(), device
 
 
