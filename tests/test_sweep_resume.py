@@ -64,7 +64,9 @@ def test_sigkill_driver_then_resume(tmp_path):
 
     import mlflow
 
-    client = mlflow.MlflowClient(f"sqlite:///{results / 'quickstart' / 'mlflow.db'}")
+    from windtunnel.tracking import local_uri
+
+    client = mlflow.MlflowClient(local_uri(results / "quickstart" / "tracking"))
     exp = client.get_experiment_by_name("quickstart")
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
