@@ -19,7 +19,8 @@ outbox, and `windtunnel sync RESULTS_DIR[/SWEEP]` (`sync()` here) delivers it la
 Nothing lost, nothing duplicated: each run carries its record's key as the tag `windtunnel.key`.
 Before a chunk of records is delivered, the keys it will create are written to the state as
 `pending`; a pending key is looked up with `search_runs` before its run is created, so a delivery
-cut off between `create_run` and the state write does not create a second run. Metric points
+cut off between `create_run` and the state write does not create a second run. Without a state
+(first delivery to a URI, or the file lost) every key is looked up. Metric points
 carry the record's timestamp, so re-sending them after an interruption is a no-op in MLflow's SQL
 stores (they drop identical points). The HTTP client does no retries of its own
 (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, unless set): a retried POST whose first answer was lost could
@@ -210,6 +211,7 @@ class _Delivery:
         self.own_only = own_only
         self.mode = "own" if own_only else "all"
         self._client = None
+        self._verify_all = True
 
     @property
     def resolved_uri(self) -> str:
@@ -251,6 +253,8 @@ class _Delivery:
         state = _load_state(self.dir)
         t = _target_state(state, self.uri)
         offset = int(t["offsets"].get(self.mode, 0))
+        # First delivery to this URI from this outbox, or a lost state file: runs may exist already.
+        self._verify_all = offset == 0
         records = _read_records(self.dir / "outbox.jsonl", offset)
         sent = 0
         i = 0
@@ -312,7 +316,9 @@ class _Delivery:
                 db = Path(self.resolved_uri[len("sqlite:///"):])
                 location = (db.parent / "artifacts" / name).resolve().as_uri()
             try:
-                exp_id = client.create_experiment(name, artifact_location=location)
+                # experimentKind: MLflow 3's UI shows a training experiment's runs, not a GenAI overview
+                exp_id = client.create_experiment(name, artifact_location=location,
+                                                  tags={"mlflow.experimentKind": "custom_model_development"})
             except MlflowException as e:  # a concurrent creator won (mlflow issue 4123)
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
@@ -336,7 +342,7 @@ class _Delivery:
     def _create_or_find(self, rec: dict, t: dict, run_name: str, start_time: int, tags: dict):
         """(run id, found finished): the run of this record, created unless a previous delivery did."""
         exp_id = self._experiment_id(rec["experiment"], t)
-        if rec["key"] in t["pending"]:
+        if self._verify_all or rec["key"] in t["pending"]:
             run = self._find_run(exp_id, rec["key"])
             if run is not None:
                 return run.info.run_id, run.info.status in TERMINAL

@@ -67,6 +67,13 @@ def server_command(tracking_dir: Path, port: int) -> list[str]:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
 
 
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table, best trial first. MLflow 3's plain /#/experiments/ID opens a
+    GenAI overview, and its runs table nests child runs under a collapsed parent unless sorted
+    by something other than start time: sorting by final_val_loss lists every trial."""
+    return f"{base}/#/experiments/{experiment_id}/runs?orderByKey=metrics.%60final_val_loss%60&orderByAsc=true"
+
+
 def _up(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=1) as r:
@@ -106,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"windtunnel ui: error: mlflow server exited with status {proc.returncode} "
                   f"(is port {args.port} free?)", file=sys.stderr)
             return 1
-        page = f"{url}/#/experiments/{exps[sweep]}" if sweep in exps else url
+        exp_id = exps.get(sweep) or (next(iter(exps.values())) if len(exps) == 1 else None)
+        page = experiment_url(url, exp_id) if exp_id else url
         print(f"MLflow UI of {sweep}: {page}", flush=True)
         print(f"  (store {tracking_dir / 'mlflow.db'}; Ctrl-C stops it)", flush=True)
         return proc.wait()
