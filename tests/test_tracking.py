@@ -1,0 +1,255 @@
+"""MLflow tracking through windtunnel.tracking: the outbox, its delivery thread, and `sync`.
+
+Against a real `mlflow server` (SQLite store, 127.0.0.1; the `mlflow_server` fixture of
+conftest.py), one that goes down mid-sweep, and the local store that needs no server.
+"""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from windtunnel.tracking import Tracker, sync
+
+N_TRIALS = 20
+
+
+def curve(number: int, points: int = 10) -> list[dict]:
+    """A distinct, deterministic loss curve per trial (tokens as the x axis)."""
+    return [{"step": s, "tokens": (s + 1) * 1024, "lr": 1e-3 * (1 + number) / (1 + s),
+             "train_loss": 5.0 - 0.1 * s + 0.01 * number, "val_loss": 5.2 - 0.1 * s + 0.01 * number}
+            for s in range(points)]
+
+
+def trial_params(number: int) -> dict:
+    return {"model.d_model": 64 + number, "optim.lr": 10 ** -(2 + number / 10), "seed": number, "model.mup": True}
+
+
+def log_trials(tracker: Tracker, parent: str, numbers, wide: bool = False) -> dict[int, dict]:
+    """Log trials; returns what was logged per number. Trial 0 (with wide=True) has 150 params
+    and 400 curve points (1,200 metric points): more than one log_batch holds."""
+    logged = {}
+    for n in numbers:
+        big = wide and n == 0
+        params = trial_params(n)
+        if big:
+            params.update({f"extra.p{i:03d}": i for i in range(150)})
+        c = curve(n, 400 if big else 10)
+        status = "FAILED" if n % 7 == 3 else "FINISHED"
+        metrics = {"final_val_loss": c[-1]["val_loss"], "tokens": c[-1]["tokens"], "seconds": 1.5}
+        tracker.log_trial(parent, n, 1, params=params, curve=c, metrics=metrics, status=status,
+                          tags={"windtunnel.state": "COMPLETE" if status == "FINISHED" else "FAIL"})
+        logged[n] = {"params": params, "curve": c, "metrics": metrics, "status": status}
+    return logged
+
+
+def children(client, experiment: str, parent_key: str):
+    """(parent run, {trial number: [child runs]}) of one invocation."""
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name(experiment)
+    assert exp is not None, f"experiment {experiment} was not created"
+    parents = client.search_runs([exp.experiment_id], f"tags.`windtunnel.key` = '{parent_key}'",
+                                 run_view_type=ViewType.ALL)
+    assert len(parents) == 1, f"{len(parents)} parent runs for {parent_key}"
+    parent = parents[0]
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'",
+                              run_view_type=ViewType.ALL, max_results=1000)
+    by_number: dict[int, list] = {}
+    for r in runs:
+        by_number.setdefault(int(r.data.tags["windtunnel.trial_number"]), []).append(r)
+    return parent, by_number
+
+
+def check_trials(client, experiment: str, parent_key: str, logged: dict[int, dict]) -> None:
+    """Every logged trial is exactly one child run of the parent, with its full history and params."""
+    parent, by_number = children(client, experiment, parent_key)
+    assert sorted(by_number) == sorted(logged), f"child runs for trials {sorted(by_number)}"
+    dupes = {n: len(rs) for n, rs in by_number.items() if len(rs) != 1}
+    assert not dupes, f"trials with more than one run: {dupes}"
+    for n, want in logged.items():
+        run = by_number[n][0]
+        assert run.info.status == want["status"], (n, run.info.status)
+        assert run.data.tags["windtunnel.attempt"] == "1"
+        assert run.info.run_name == f"trial-{n:04d}"
+        assert run.data.params == {k: str(v) for k, v in want["params"].items()}, f"trial {n} params"
+        for key in ("train_loss", "val_loss", "lr"):
+            hist = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+            expect = [(p["tokens"], p[key]) for p in want["curve"]]
+            assert len(hist) == len(expect), f"trial {n} {key}: {len(hist)} points, logged {len(expect)}"
+            for (step, v), (s2, v2) in zip(hist, expect):
+                assert step == s2 and math.isclose(v, v2, rel_tol=1e-12), (n, key, step, v, s2, v2)
+        for key, v in want["metrics"].items():
+            assert math.isclose(run.data.metrics[key], v), (n, key)
+            assert len(client.get_metric_history(run.info.run_id, key)) == 1
+
+
+@pytest.fixture
+def sweep_dir(tmp_path) -> Path:
+    return tmp_path / "results" / "sw"
+
+
+def outbox_of(sweep_dir: Path) -> Path:
+    return sweep_dir / "tracking" / "outbox.jsonl"
+
+
+@pytest.mark.mlflow_server
+def test_server_receives_invocation_and_twenty_trials(mlflow_server, sweep_dir):
+    from mlflow import MlflowClient
+
+    experiment = f"sweep-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(mlflow_server, experiment=experiment, outbox=outbox_of(sweep_dir))
+    parent = tracker.start_invocation(params={"n_trials": N_TRIALS, "sampler": "tpe"},
+                                      tags={"windtunnel.sweep": "sw"})
+    logged = log_trials(tracker, parent, range(N_TRIALS), wide=True)
+    (sweep_dir / "plots").mkdir(parents=True)
+    (sweep_dir / "report.md").write_text("# report\n")
+    (sweep_dir / "plots" / "history.png").write_bytes(b"\x89PNG fake")
+    tracker.log_artifacts(parent, [sweep_dir / "report.md", sweep_dir / "plots" / "history.png"])
+    tracker.finish_invocation(parent)
+    assert tracker.flush(timeout=90), f"not delivered: {tracker.last_error}"
+    tracker.close()
+
+    client = MlflowClient(mlflow_server)
+    check_trials(client, experiment, parent, logged)
+    run, _ = children(client, experiment, parent)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"n_trials": str(N_TRIALS), "sampler": "tpe"}
+    assert run.data.tags["windtunnel.sweep"] == "sw"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert names == {"report.md", "plots"}, names
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/history.png"]
+    assert sync(sweep_dir) == (0, 0)  # nothing left, nothing sent twice
+    check_trials(client, experiment, parent, logged)
+
+
+@pytest.mark.mlflow_server
+def test_server_down_mid_sweep_every_trial_arrives_once(mlflow_server, mlflow_server_control, sweep_dir):
+    """Stop the server after 7 trials, log 7 more, restart it, log the rest: flush delivers all once."""
+    from mlflow import MlflowClient
+
+    experiment = f"down-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(mlflow_server, experiment=experiment, outbox=outbox_of(sweep_dir))
+    parent = tracker.start_invocation(params={"n_trials": N_TRIALS}, tags={})
+    logged = log_trials(tracker, parent, range(0, 7))
+    assert tracker.flush(timeout=60), tracker.last_error
+    mlflow_server_control.stop()
+    assert not mlflow_server_control.is_up()
+    logged.update(log_trials(tracker, parent, range(7, 14)))
+    assert not tracker.flush(timeout=2)  # nowhere to deliver: flush gives up, logging went on
+    assert tracker.last_error, "the thread should have met the down server"
+    mlflow_server_control.start()
+    logged.update(log_trials(tracker, parent, range(14, N_TRIALS)))
+    tracker.finish_invocation(parent)
+    assert tracker.flush(timeout=90), f"not delivered after the restart: {tracker.last_error}"
+    tracker.close()
+    check_trials(MlflowClient(mlflow_server), experiment, parent, logged)
+
+
+@pytest.mark.mlflow_server
+def test_records_left_at_exit_are_sent_by_sync(mlflow_server, mlflow_server_control, sweep_dir):
+    """The sweep ends while the server is down: its records wait in the outbox; `windtunnel sync`
+    sends them once the server is back, and a second sync sends nothing."""
+    from mlflow import MlflowClient
+
+    experiment = f"exit-{uuid.uuid4().hex[:8]}"
+    tracker = Tracker(mlflow_server, experiment=experiment, outbox=outbox_of(sweep_dir))
+    parent = tracker.start_invocation(params={}, tags={})
+    logged = log_trials(tracker, parent, range(0, 5))
+    assert tracker.flush(timeout=60), tracker.last_error
+    mlflow_server_control.stop()
+    logged.update(log_trials(tracker, parent, range(5, 12)))
+    tracker.finish_invocation(parent)
+    assert not tracker.flush(timeout=1)
+    tracker.close()  # the sweep exits with 8 records undelivered
+
+    sent, pending = sync(sweep_dir)  # still down: nothing sent, nothing lost
+    assert (sent, pending) == (0, 8)
+    mlflow_server_control.start()
+    cli = subprocess.run([sys.executable, "-m", "windtunnel.cli", "sync", str(sweep_dir.parent)],
+                         capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert f"{sweep_dir}: sent 8, 0 pending" in cli.stdout, cli.stdout
+    assert sync(sweep_dir) == (0, 0)
+    client = MlflowClient(mlflow_server)
+    check_trials(client, experiment, parent, logged)
+    run, _ = children(client, experiment, parent)
+    assert run.info.status == "FINISHED"
+
+
+def test_local_store_needs_no_server(sweep_dir):
+    """uri '' logs into <sweep>/tracking/mlflow.db, with artifacts beside it."""
+    from mlflow import MlflowClient
+
+    tracker = Tracker("", experiment="sw", outbox=outbox_of(sweep_dir))
+    assert tracker.resolved_uri == f"sqlite:///{(sweep_dir / 'tracking').resolve()}/mlflow.db"
+    parent = tracker.start_invocation(params={"n_trials": 3}, tags={})
+    logged = log_trials(tracker, parent, range(3))
+    (sweep_dir / "best.yaml").write_text("lr: 0.01\n")
+    tracker.log_artifacts(parent, [sweep_dir / "best.yaml"])
+    tracker.finish_invocation(parent)
+    assert tracker.flush(timeout=60), tracker.last_error
+    tracker.close()
+    assert (sweep_dir / "tracking" / "mlflow.db").is_file()
+    client = MlflowClient(tracker.resolved_uri)
+    check_trials(client, "sw", parent, logged)
+    run, _ = children(client, "sw", parent)
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["best.yaml"]
+    assert (sweep_dir / "tracking" / "artifacts").is_dir()  # not ./mlruns of the working dir
+
+
+def test_lost_state_and_torn_record_neither_duplicate_nor_lose(sweep_dir):
+    """A delivery whose state file is lost (as if cut off before writing it) finds its runs by
+    their key instead of creating them again; a half-written last line is skipped."""
+    from mlflow import MlflowClient
+
+    tracker = Tracker("", experiment="sw", outbox=outbox_of(sweep_dir))
+    parent = tracker.start_invocation(params={}, tags={})
+    logged = log_trials(tracker, parent, range(4))
+    assert tracker.flush(timeout=60), tracker.last_error
+    tracker.close()
+    (sweep_dir / "tracking" / "state.json").unlink()
+    with open(outbox_of(sweep_dir), "a") as f:
+        f.write('{"op":"trial","key":"torn')  # a crash mid-append
+    assert sync(sweep_dir) == (5, 0)  # 5 records re-checked, all found already there
+
+    tracker = Tracker("", experiment="sw", outbox=outbox_of(sweep_dir))  # resume: appends after the torn line
+    logged.update(log_trials(tracker, parent, range(4, 6)))
+    assert tracker.flush(timeout=60), tracker.last_error
+    tracker.close()
+    check_trials(MlflowClient(tracker.resolved_uri), "sw", parent, logged)
+    lines = outbox_of(sweep_dir).read_text().splitlines()
+    assert lines[-3] == '{"op":"trial","key":"torn' and json.loads(lines[-1])["number"] == 5
+
+
+def test_unreachable_server_keeps_records_in_outbox(sweep_dir):
+    """Nothing listens on the URI: calls still return, flush says False, sync counts the rest."""
+    from conftest import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    tracker = Tracker(uri, experiment="sw", outbox=outbox_of(sweep_dir))
+    parent = tracker.start_invocation(params={}, tags={})
+    log_trials(tracker, parent, range(3))
+    assert not tracker.flush(timeout=1)
+    tracker.close()
+    assert len(outbox_of(sweep_dir).read_text().splitlines()) == 4
+    assert sync(sweep_dir) == (0, 4)
+
+
+def test_cli_errors(tmp_path):
+    """Bad paths are one-line errors with exit status 2."""
+    from windtunnel.cli import main
+
+    assert main(["sync", str(tmp_path / "missing")]) == 2
+    assert main(["sync", str(tmp_path)]) == 2
+    for name in ("a", "b"):
+        (tmp_path / name / "tracking").mkdir(parents=True)
+        (tmp_path / name / "tracking" / "mlflow.db").write_bytes(b"")
+    assert main(["ui", str(tmp_path)]) == 2  # two sweeps and no --sweep
+    assert main(["ui", str(tmp_path), "--sweep", "c"]) == 2
+    assert main(["ui", str(tmp_path), "--port", "0"]) == 2
