@@ -1,0 +1,64 @@
+"""Where a population's training step spends its time: phase times (synchronised) and the
+top GPU kernels from torch.profiler.
+
+    python -m windtunnel.bench.profile_step [--d-model 256] [--k 64] [--steps 3]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from windtunnel.bench.population import reference_trial
+from windtunnel.config import with_overrides
+from windtunnel.optim import clip_grad_norm_per_trial
+from windtunnel.trainer import Population
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--k", type=int, default=64)
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+    cfg = reference_trial(args.d_model)
+    pop = Population([with_overrides(cfg, {"train.seed": k}) for k in range(args.k)])
+    for _ in range(3):
+        pop.train_step(pop.lr_factors())
+    torch.cuda.synchronize()
+    phases = {"data": 0.0, "forward": 0.0, "backward": 0.0, "clip": 0.0, "optimizer": 0.0}
+
+    def lap(name, t0):
+        torch.cuda.synchronize()
+        phases[name] += time.perf_counter() - t0
+        return time.perf_counter()
+
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        x, y = pop._batch()
+        t = lap("data", t)
+        with pop.autocast:
+            loss = pop.model(x, y)
+        t = lap("forward", t)
+        loss.sum().backward()
+        t = lap("backward", t)
+        clip_grad_norm_per_trial(pop.opt.params, 1.0)
+        t = lap("clip", t)
+        pop.opt.step(torch.ones(args.k, device=pop.device))
+        for q in pop.opt.params:
+            q.grad = None
+        lap("optimizer", t)
+    total = sum(phases.values())
+    for k, v in phases.items():
+        print(f"{k:<10} {1000 * v / args.steps:8.1f} ms  {100 * v / total:5.1f}%")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(args.steps):
+            pop.train_step(pop.lr_factors())
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
