@@ -22,8 +22,8 @@ case $stage in
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study
     timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli sweep "$name" -q data.source="$PWD/.cache/stdlib-bpe16k" \
       results_dir=results/windtunnel tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
-    # bring back the study and tables, not the checkpoints
-    tar czf "$OUT/$name.tgz" --exclude='*.pt' results/windtunnel/"$name" ;;
+    # bring back the studies and tables (a name=... override renames the sweep), not checkpoints
+    tar czf "$OUT/$name.tgz" --exclude='*.pt' results/windtunnel ;;
   transfer)
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
