@@ -1,4 +1,4 @@
-"""MLflow tracking for sweeps: every call appends one record to an outbox; a thread delivers it.
+"""MLflow tracking for sweeps: every call appends one record to an outbox; a child process delivers it.
 
     tracker = Tracker(uri, experiment="quickstart", outbox=sweep_dir / "tracking" / "outbox.jsonl")
     parent = tracker.start_invocation(params, tags)          # parent run: one per sweep invocation
@@ -9,11 +9,13 @@
 
 Why an outbox: a sweep must never wait for, or fail because of, a tracking server. A call only
 appends one JSON line (one `write` on an O_APPEND file, then fdatasync) and returns; it imports
-nothing from MLflow. A daemon thread reads the outbox in order and delivers it with
+nothing from MLflow. A child process (`follow`, started by the Tracker; a process and not a
+thread, so that MLflow's Python work never holds the driver's GIL) reads the outbox in order and
+delivers it with
 `MlflowClient` (`log_batch` of <= 1000 metrics, <= 100 params, <= 100 tags: one call per point is
 ~20x slower, mlflow issue 5269). What it delivered is kept in `tracking/state.json` (temp file +
 rename): per target URI, the byte offset reached in the outbox and the map local key -> run id.
-When the server is down the thread backs off and retries; what is left at exit stays in the
+When the server is down the deliverer backs off and retries; what is left at exit stays in the
 outbox, and `windtunnel sync RESULTS_DIR[/SWEEP]` (`sync()` here) delivers it later.
 
 Nothing lost, nothing duplicated: each run carries its record's key as the tag `windtunnel.key`.
@@ -24,7 +26,7 @@ cut off between `create_run` and the state write does not create a second run. W
 carry the record's timestamp, so re-sending them after an interruption is a no-op in MLflow's SQL
 stores (they drop identical points). The HTTP client does no retries of its own
 (MLFLOW_HTTP_REQUEST_MAX_RETRIES=0, unless set): a retried POST whose first answer was lost could
-create a second run, and a down server would stall the thread for minutes.
+create a second run, and a down server would stall the deliverer for minutes.
 
 uri "" is the local store `sqlite:///<sweep>/tracking/mlflow.db` (artifacts beside it), resolved
 from the outbox's own location at delivery time, so a moved results dir still syncs.
@@ -46,6 +48,7 @@ from typing import Any, Callable
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
+STATUS = "deliverer.json"  # the deliverer's last error, for Tracker.last_error
 LOCK = "deliver.lock"
 MAX_METRICS = 1000  # mlflow.utils.validation.MAX_METRICS_PER_BATCH
 MAX_PARAMS_TAGS = 100  # MAX_PARAMS_TAGS_PER_BATCH (params and tags each)
@@ -54,7 +57,7 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 MAX_KEY = 250
 CHUNK = 64  # records delivered between two state writes
-# The thread's own MLflow HTTP settings (used unless the user set them): fail fast, we retry.
+# The deliverer's own MLflow HTTP settings (used unless the user set them): fail fast, we retry.
 HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -131,16 +134,18 @@ def _read_records(path: Path, offset: int) -> list[tuple[int, dict | None]]:
 # ------------------------------------------------------------------------------------ state
 
 
-def _load_state(tracking_dir: Path) -> dict:
+def _load_state(tracking_dir: Path, quiet: bool = False) -> dict:
     try:
         state = json.loads((tracking_dir / STATE).read_text())
         if isinstance(state, dict) and isinstance(state.get("targets"), dict):
             return state
-        log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
+        if not quiet:
+            log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
     except FileNotFoundError:
         pass
     except ValueError:
-        log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
+        if not quiet:
+            log.warning("%s: unreadable, delivering from the start (run keys prevent duplicates)", tracking_dir / STATE)
     return {"version": 1, "targets": {}}
 
 
@@ -195,13 +200,13 @@ def _number(v: Any) -> float | None:
 
 
 class _Busy(Exception):
-    """Another process (a `windtunnel sync`, or the sweep's thread) is delivering this outbox."""
+    """Another process (a `windtunnel sync`, or the sweep's deliverer) is delivering this outbox."""
 
 
 class _Delivery:
     """Delivers one outbox to one MLflow URI, in order, resuming from the state file.
 
-    own_only: deliver the records addressed to `uri` (the thread, and `sync` without --uri);
+    own_only: deliver the records addressed to `uri` (the deliverer, and `sync` without --uri);
     otherwise every record goes to `uri` (`sync --uri`: copy a sweep's records to another store).
     """
 
@@ -212,6 +217,7 @@ class _Delivery:
         self.mode = "own" if own_only else "all"
         self._client = None
         self._verify_all = True
+        self._created: set[str] = set()
 
     @property
     def resolved_uri(self) -> str:
@@ -319,6 +325,7 @@ class _Delivery:
                 # experimentKind: MLflow 3's UI shows a training experiment's runs, not a GenAI overview
                 exp_id = client.create_experiment(name, artifact_location=location,
                                                   tags={"mlflow.experimentKind": "custom_model_development"})
+                self._created.add(name)  # ours and new: it holds no runs to look up
             except MlflowException as e:  # a concurrent creator won (mlflow issue 4123)
                 exp = client.get_experiment_by_name(name)
                 if exp is None:
@@ -342,7 +349,7 @@ class _Delivery:
     def _create_or_find(self, rec: dict, t: dict, run_name: str, start_time: int, tags: dict):
         """(run id, found finished): the run of this record, created unless a previous delivery did."""
         exp_id = self._experiment_id(rec["experiment"], t)
-        if self._verify_all or rec["key"] in t["pending"]:
+        if (self._verify_all and rec["experiment"] not in self._created) or rec["key"] in t["pending"]:
             run = self._find_run(exp_id, rec["key"])
             if run is not None:
                 return run.info.run_id, run.info.status in TERMINAL
@@ -437,12 +444,18 @@ class _Delivery:
 class Tracker:
     """The sweep's handle on MLflow. Every method appends one record and returns; see the module doc.
 
-    Thread lifecycle: the delivery thread starts in __init__ (a daemon: it never holds the
-    process up); `flush(timeout)` waits for it, `close()` stops it (records not yet delivered
-    stay in the outbox for `windtunnel sync`). Use one Tracker per outbox per process.
+    Delivery runs in a child process (`python -m windtunnel.tracking TRACKING_DIR --uri URI`), not
+    a thread: delivering one trial costs ~25 ms of Python (MLflow's SQL store even more), which
+    in a thread would hold the driver's GIL. The child is started in __init__; its stdin is the
+    lifeline: a byte per record wakes it, and when the pipe closes (close(), or the driver dies)
+    it makes one last delivery pass and exits. `flush(timeout)` waits for it by reading the
+    state file; `close()` stops it. What is not delivered stays in the outbox for `sync`.
     """
 
     def __init__(self, uri: str, experiment: str, outbox: Path):
+        import subprocess
+        import sys
+
         self.uri = (uri or "").strip()
         self.experiment = str(experiment)
         self.outbox_path = Path(outbox)
@@ -452,28 +465,47 @@ class Tracker:
 
             raise ConfigError(f"tracking outbox: must be named outbox.jsonl (got {self.outbox_path})")
         self._outbox = _Outbox(self.outbox_path)
-        for name, value in HTTP_ENV.items():  # set here, before the thread's client reads them
-            os.environ.setdefault(name, value)
-        self._delivery = _Delivery(self.dir, self.uri, own_only=True)
-        self._delivered = 0  # outbox byte offset the thread has handled
-        self._cond = threading.Condition()
-        self._wake = threading.Event()
-        self._urgent = threading.Event()
-        self._stop = threading.Event()
-        self.last_error: str | None = None
-        self._thread = threading.Thread(target=self._loop, name="windtunnel-tracking", daemon=True)
-        self._thread.start()
+        self._mode = "own"
+        env = {**os.environ}
+        for name, value in HTTP_ENV.items():  # the child's own client: fail fast, it retries itself
+            env.setdefault(name, value)
+        self._proc = subprocess.Popen([sys.executable, "-m", "windtunnel.tracking", str(self.dir), "--uri", self.uri],
+                                      stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, close_fds=True,
+                                      start_new_session=True)  # Ctrl-C is for the driver; the pipe stops it
+        self._pipe = self._proc.stdin.fileno()
+        os.set_blocking(self._pipe, False)
 
     @property
     def resolved_uri(self) -> str:
-        return self._delivery.resolved_uri
+        return self.uri or local_uri(self.dir)
+
+    @property
+    def last_error(self) -> str | None:
+        """The deliverer's last error ('' or None once it delivers again)."""
+        try:
+            return json.loads((self.dir / STATUS).read_text()).get("error") or None
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def delivered(self) -> int:
+        """Outbox bytes handled for this tracker's URI (from the state file)."""
+        state = _load_state(self.dir, quiet=True)
+        return int(state["targets"].get(self.uri, {}).get("offsets", {}).get(self._mode, 0))
 
     # -- the calls: each appends one record ------------------------------------------------------
+    def _poke(self, byte: bytes) -> None:
+        if self._proc.stdin.closed:
+            return
+        try:
+            os.write(self._pipe, byte)
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass  # full: the child is awake anyway; gone: records wait for `sync`
+
     def _append(self, record: dict) -> None:
         if self._outbox.fd < 0:
             raise RuntimeError("Tracker is closed")
         self._outbox.append({"uri": self.uri, "experiment": self.experiment, "time": _now_ms(), **record})
-        self._wake.set()
+        self._poke(b"w")
 
     def start_invocation(self, params: dict, tags: dict) -> str:
         key = f"inv-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -501,29 +533,37 @@ class Tracker:
 
     # -- waiting and stopping ------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every record appended so far is delivered; False when `timeout` ran out."""
-        if self._outbox.fd < 0:
-            return self._delivered >= self.outbox_path.stat().st_size
-        target = self._outbox.size()
+        """Wait until every record appended so far is delivered; False when `timeout` ran out
+        (or the deliverer is gone)."""
+        target = self.outbox_path.stat().st_size
         deadline = time.monotonic() + timeout
-        self._urgent.set()
-        self._wake.set()
-        with self._cond:
-            while self._delivered < target:
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return False
-                self._cond.wait(min(left, 0.5))
-        return True
+        self._poke(b"f")  # retry now, not at the end of a backoff
+        while True:
+            if self.delivered() >= target:
+                return True
+            if time.monotonic() >= deadline or self._proc.poll() is not None:
+                return self.delivered() >= target
+            time.sleep(0.05)
 
     def close(self, timeout: float = 15.0) -> None:
-        """Stop the thread (it ends between two records) and close the outbox."""
-        self._stop.set()
-        self._urgent.set()
-        self._wake.set()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
+        """Close the outbox and the lifeline: the deliverer makes one last pass (at most `timeout`
+        seconds) and exits."""
+        import subprocess
+
         self._outbox.close()
+        try:
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.terminate()  # it stops between two records
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
 
     def __enter__(self) -> Tracker:
         return self
@@ -531,41 +571,98 @@ class Tracker:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # -- the thread ----------------------------------------------------------------------------
-    def _publish(self, offset: int) -> None:
-        with self._cond:
-            self._delivered = max(self._delivered, offset)
-            self._cond.notify_all()
-
-    def _loop(self) -> None:
-        failures = 0
-        while not self._stop.is_set():
-            if self._delivered >= self._outbox_size():
-                self._wake.wait(5.0)
-                self._wake.clear()
-                if self._delivered >= self._outbox_size():
-                    continue
-            self._urgent.clear()
+    def __del__(self) -> None:
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.stdin is not None and not proc.stdin.closed:
             try:
-                self._delivery.run(should_stop=self._stop.is_set, progress=self._publish)
-                if failures:
-                    log.warning("MLflow at %s: delivering again", self.resolved_uri)
-                failures, self.last_error = 0, None
-            except _Busy:
-                self._urgent.wait(1.0)
-            except Exception as e:  # noqa: BLE001 - tracking must never take the sweep down
-                failures += 1
-                self.last_error = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
-                if failures == 1:
-                    log.warning("MLflow at %s: %s; records wait in %s and are retried (or `windtunnel sync %s`)",
-                                self.resolved_uri, self.last_error, self.outbox_path, self.dir.parent)
-                self._urgent.wait(min(10.0, 0.5 * 2 ** (failures - 1)))
+                proc.stdin.close()
+            except OSError:
+                pass
 
-    def _outbox_size(self) -> int:
+
+# ------------------------------------------------------------------------------- deliverer
+
+
+def _write_status(tracking_dir: Path, error: str | None) -> None:
+    tmp = tracking_dir / f".{STATUS}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"pid": os.getpid(), "error": error, "time": _now_ms()}))
+    os.replace(tmp, tracking_dir / STATUS)
+
+
+def follow(tracking_dir: Path, uri: str, wake_fd: int = 0) -> int:
+    """The deliverer's loop (the Tracker's child process): deliver as records arrive, back off
+    while MLflow fails, and exit after one last pass once `wake_fd` reaches EOF or on SIGTERM."""
+    import select
+    import signal
+
+    tracking_dir = Path(tracking_dir)
+    delivery = _Delivery(tracking_dir, uri, own_only=True)
+    outbox = tracking_dir / "outbox.jsonl"
+    stopping = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stopping.update(now=True))
+    done, failures, eof, error = 0, 0, False, None
+
+    def wait(seconds: float) -> bool:
+        """Sleep until a byte arrives or `seconds` pass; True when asked to retry now ('f')."""
+        nonlocal eof
+        if eof:
+            return False
+        ready, _, _ = select.select([wake_fd], [], [], seconds)
+        if ready:
+            data = os.read(wake_fd, 65536)
+            if not data:
+                eof = True
+            return b"f" in data
+        return False
+
+    while not stopping["now"]:
+        last_pass = eof
         try:
-            return self.outbox_path.stat().st_size
+            size = outbox.stat().st_size
         except FileNotFoundError:
-            return 0
+            size = 0
+        if done < size:
+            try:
+                delivery.run(should_stop=lambda: stopping["now"],
+                             progress=lambda off: None)
+                done = size if not stopping["now"] else done
+                failures = 0
+                if error is not None:
+                    log.warning("MLflow at %s: delivering again", delivery.resolved_uri)
+                    error = None
+                    _write_status(tracking_dir, None)
+            except _Busy:
+                wait(1.0)
+                continue
+            except Exception as e:  # noqa: BLE001 - keep going: the sweep's records must get there
+                failures += 1
+                msg = f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+                if error is None:
+                    log.warning("MLflow at %s: %s; records wait in %s and are retried (or `windtunnel sync %s`)",
+                                delivery.resolved_uri, msg, outbox, tracking_dir.parent)
+                error = msg
+                _write_status(tracking_dir, error)
+                if last_pass:
+                    break
+                wait(min(10.0, 0.5 * 2 ** (failures - 1)))
+                continue
+        if last_pass:
+            break
+        wait(5.0)
+    return 0
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m windtunnel.tracking",
+                                description="deliver a sweep's tracking outbox as it grows (started by Tracker)")
+    p.add_argument("tracking_dir")
+    p.add_argument("--uri", default="")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="windtunnel tracking: %(message)s")
+    _quiet_mlflow()
+    return follow(Path(args.tracking_dir), args.uri)
 
 
 # ------------------------------------------------------------------------------------- sync
@@ -618,3 +715,7 @@ def sync(results_sweep_dir: Path, uri: str | None = None) -> tuple[int, int]:
         sent += s
         pending += p
     return sent, pending
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
