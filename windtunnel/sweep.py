@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,15 +170,8 @@ class Driver:
             self.tally.failed += 1
         self.tally.told.append(trial.number)
         if self.tracker is not None:
-            final = {"final_val_loss": value} if value is not None else {}
-            for key in ("tokens", "seconds", "tokens_per_s"):
-                if isinstance(result.get(key), (int, float)):
-                    final[key] = result[key]
-            self.tracker.log_trial(self.parent, trial.number, trial.user_attrs.get("attempt", 1),
-                                   params=_flatten(trial.user_attrs.get("config", {})),
-                                   curve=result.get("curve", []), metrics=final,
-                                   status={TS.COMPLETE: "FINISHED", TS.PRUNED: "KILLED"}.get(state, "FAILED"),
-                                   tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
+            track_trial(self.tracker, self.parent, trial.number, trial.user_attrs.get("attempt", 1),
+                        trial.user_attrs.get("config", {}), result, value, state)
 
     def fail_or_retry(self, trial: optuna.trial.Trial, reason: str) -> None:
         attempt = trial.user_attrs.get("attempt", 1)
@@ -275,11 +269,43 @@ class Driver:
         if self.tracker is not None:
             self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
             self.tracker.finish_invocation(self.parent)
-            self.tracker.flush(timeout=120)
+            if not self.tracker.flush(timeout=20):
+                print(f"MLflow: not every record was delivered ({self.tracker.last_error}); they wait in "
+                      f"{self.dir / 'tracking'}: `windtunnel sync {self.dir}` sends them", file=sys.stderr)
             self.tracker.close()
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
+
+
+def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, result: dict,
+                value: float | None, state: TS) -> None:
+    """One trial as an MLflow child run: resolved params, the loss curve over tokens, final metrics."""
+    final = {"final_val_loss": value} if value is not None else {}
+    for key in ("tokens", "seconds", "tokens_per_s"):
+        if isinstance(result.get(key), (int, float)):
+            final[key] = result[key]
+    tracker.log_trial(parent, number, attempt, params=_flatten(config), curve=result.get("curve", []),
+                      metrics=final, status={TS.COMPLETE: "FINISHED", TS.PRUNED: "KILLED"}.get(state, "FAILED"),
+                      tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
+
+
+def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> bool:
+    """Log a finished study's trials to MLflow after the fact (a sweep run with tracking off, e.g.
+    on a GPU machine without MLflow): one parent run, a child run per finished trial."""
+    from windtunnel.tracking import Tracker
+
+    tracker = Tracker(uri, experiment=study.study_name, outbox=sweep_dir / "tracking" / "outbox.jsonl")
+    parent = tracker.start_invocation(params={"replayed_from": "study"}, tags={"windtunnel.sweep": study.study_name})
+    for t in study.get_trials(deepcopy=False):
+        if counts_as_finished(t):
+            track_trial(tracker, parent, t.number, t.user_attrs.get("attempt", 1), t.user_attrs.get("config", {}),
+                        t.user_attrs.get("result", {}), t.value, t.state)
+    tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
+    tracker.finish_invocation(parent)
+    ok = tracker.flush(timeout=300)
+    tracker.close()
+    return ok
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

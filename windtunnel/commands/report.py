@@ -6,6 +6,9 @@ from pathlib import Path
 
 def add_arguments(p) -> None:
     p.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/quickstart")
+    p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                   help="also log the study's trials to MLflow (default: the sweep's local store), e.g. for "
+                        "a sweep that ran with tracking.enabled=false")
 
 
 def run(args) -> int:
@@ -24,4 +27,9 @@ def run(args) -> int:
     study = optuna.load_study(study_name=names[0], storage=storage)
     for f in write_report(study, d):
         print(f)
+    if args.mlflow is not None:
+        from windtunnel.sweep import replay_to_mlflow
+
+        ok = replay_to_mlflow(study, d, args.mlflow)
+        print(f"MLflow: {'delivered' if ok else 'some records wait in the outbox (windtunnel sync)'}")
     return 0

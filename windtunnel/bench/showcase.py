@@ -1,0 +1,66 @@
+"""results/windtunnel/summary.json from the committed artifacts of the GPU wind tunnel (each
+made by a command in results/windtunnel/calls.json):
+
+    python -m windtunnel.bench.showcase [--dir results/windtunnel]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import optuna
+import pandas as pd
+
+from windtunnel.fits import fit_batch_size, fit_lr_transfer
+from windtunnel.search import open_storage
+
+
+def _study(d: Path) -> optuna.Study:
+    return optuna.load_study(study_name=d.name, storage=open_storage(str(d / "study.journal")))
+
+
+def lr_width_frame(d: Path) -> pd.DataFrame:
+    df = pd.read_csv(d / "trials.csv")
+    df = df[~df.retried]
+    return pd.DataFrame({"parametrization": df["model.parametrization"], "width": df["model.d_model"],
+                         "lr": df["optim.lr"], "loss": df["value"]})
+
+
+def batch_size_frame(d: Path) -> pd.DataFrame:
+    """Loss of each (model, batch size) at token counts all batch sizes share (the evaluations)."""
+    c = pd.read_csv(d / "curves.csv")
+    seq = json.loads(_study(d).user_attrs["sweep"])["model"]["seq_len"]
+    every = json.loads(_study(d).user_attrs["sweep"])["train"]["eval_every"]
+    return pd.DataFrame({"model": "d" + c["model.d_model"].astype(str), "batch_size": c["train.batch_size"] * seq,
+                         "tokens": (c["tokens"] / every).round().astype(int) * every, "loss": c["val_loss"]})
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", default="results/windtunnel")
+    root = Path(p.parse_args(argv).dir)
+    lr = lr_width_frame(root / "lr_width")
+    lr.to_csv(root / "lr_width" / "lr_width.csv", index=False)
+    drift = fit_lr_transfer(lr).drift_steps
+    bs_df = batch_size_frame(root / "batch_size")
+    bs_df.to_csv(root / "batch_size" / "batch_size.csv", index=False)
+    bs = fit_batch_size(bs_df)
+    hp = _study(root / "mup_hp")
+    done = [t for t in hp.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("retried")]
+    hours = sum(i["wall_s"] * i["slots"] for i in hp.user_attrs["invocations"]) / 3600
+    transfer = json.loads((root / "transfer" / "transfer_check.json").read_text())
+    calls = json.loads((root / "calls.json").read_text())
+    device = hp.trials[0].user_attrs["result"]["provenance"]["device"]
+    summary = {"mup_lr_drift_steps": drift["mup"], "sp_lr_drift_steps": drift["sp"], "n_trials": len(done),
+               "trials_per_gpu_hour": len(done) / hours, "transfer_gap_pct": transfer["transfer_gap_pct"],
+               "bs_law": {"a": bs.a, "b": bs.b}, "device": device,
+               "gpu_minutes": sum(c["showcase_s"] for c in calls) / 60,
+               "best": {**hp.best_trial.params, "value": hp.best_value}}
+    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
