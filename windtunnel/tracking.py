@@ -471,7 +471,8 @@ class Tracker:
             env.setdefault(name, value)
         self._proc = subprocess.Popen([sys.executable, "-m", "windtunnel.tracking", str(self.dir), "--uri", self.uri],
                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, close_fds=True,
-                                      start_new_session=True)  # Ctrl-C is for the driver; the pipe stops it
+                                      start_new_session=True,  # Ctrl-C is for the driver; the pipe stops it
+                                      preexec_fn=lambda: os.nice(10))  # yield the CPU to the driver and trials
         self._pipe = self._proc.stdin.fileno()
         os.set_blocking(self._pipe, False)
 
