@@ -51,8 +51,9 @@ def test_nan_in_one_trial_leaves_the_others_unchanged():
     for k in (0, 1, 3):
         assert [p["val_loss"] for p in poisoned[k].curve] == [p["val_loss"] for p in clean[k].curve]
         assert poisoned[k].status == "ok" and math.isfinite(poisoned[k].final_val_loss)
-    # masked: its weights were zeroed, so it computes finite values and frees the others of NaN
-    assert all(torch.isfinite(p[2]).all() for p in pop.model.parameters())
+    # it left the stack: the population trains 3 trials now, none of them touched by the NaN
+    assert pop.model.K == 3 and pop.live == [0, 1, 3]
+    assert all(p.shape[0] == 3 and torch.isfinite(p).all() for p in pop.model.parameters())
 
 
 def test_pruned_trial_leaves_the_population():
@@ -60,3 +61,26 @@ def test_pruned_trial_leaves_the_population():
     out = pop.run(on_eval=lambda k, tokens, v: k == 1)
     assert out[1].status == "pruned" and len(out[1].curve) == 1
     assert [o.status for o in (out[0], out[2], out[3])] == ["ok"] * 3
+    assert pop.model.K == 3 and pop.opt.peak_lr.numel() == 3  # its compute is freed
+
+
+def test_resume_after_a_trial_left_the_stack(tmp_path):
+    """A checkpoint of a compacted stack resumes into the same shape and the same curves."""
+    cfgs = [with_overrides(c, {"train.checkpoint_dir": str(tmp_path), "train.checkpoint_every": 10 * 8 * 32})
+            for c in _cfgs()]
+    prune = lambda k, tokens, v: k == 1 and tokens == 5 * 8 * 32  # noqa: E731
+    full = Population(_cfgs()).run(on_eval=prune)
+
+    class Killed(Exception):
+        pass
+
+    def kill(step):
+        raise Killed
+
+    with pytest.raises(Killed):
+        Population(cfgs).run(on_eval=prune, on_checkpoint=kill)
+    resumed = Population(cfgs)
+    out = resumed.run(on_eval=prune)
+    assert resumed.live == [0, 2, 3] and out[1].status == "pruned"
+    for a, b in zip(out, full):
+        assert [p["val_loss"] for p in a.curve] == pytest.approx([p["val_loss"] for p in b.curve], rel=1e-5)

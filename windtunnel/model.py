@@ -160,10 +160,6 @@ class Transformer(nn.Module):
         _, _, h = self.hidden_states(idx)
         return _matmul(h * self.logit_mult.view(-1, 1, 1), self.head_weight()).float()
 
-    def num_params(self, per_trial: bool = True, embeddings: bool = True) -> int:
-        n = sum(p.numel() for name, p in self.named_parameters() if embeddings or name != "wte")
-        return n // self.K if per_trial else n
-
     def flops_per_token(self) -> float:
         """Training FLOPs per token of one trial: 6 × matmul params (LM head included) plus
         causal attention (PaLM appendix B: 12·L·C·T, halved for the causal mask)."""
@@ -179,7 +175,3 @@ def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     emb = vocab_size * C * (1 if cfg.tie_embeddings else 2)
     return emb + L * (4 * C * C + 3 * C * F + 2 * C) + C
 
-
-def non_embedding_params(cfg: ModelConfig) -> int:
-    C, F, L = cfg.d_model, cfg.ffn_dim, cfg.n_layers
-    return L * (4 * C * C + 3 * C * F + 2 * C) + C

@@ -37,7 +37,7 @@ class PopulationAdamW:
 
     @torch.no_grad()
     def step(self, lr_factor: torch.Tensor) -> None:
-        """One AdamW step; lr_factor (K,) is each trial's schedule factor (0 freezes a trial)."""
+        """One AdamW step; lr_factor (K,) is each trial's schedule factor."""
         self.t += 1
         b1, b2 = self.beta1, self.beta2
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
@@ -55,10 +55,11 @@ class PopulationAdamW:
             p.sub_(self.exp_avg[i] / denom * step_size[i].view(shape))
 
     @torch.no_grad()
-    def reset_trial(self, k: int) -> None:
-        for m, v in zip(self.exp_avg, self.exp_avg_sq):
-            m[k].zero_()
-            v[k].zero_()
+    def compact(self, idx: torch.Tensor) -> None:
+        """Keep only the trials at these stack positions (the population dropped the others)."""
+        self.exp_avg = [m[idx].contiguous() for m in self.exp_avg]
+        self.exp_avg_sq = [v[idx].contiguous() for v in self.exp_avg_sq]
+        self.lr_mult, self.wd, self.peak_lr = self.lr_mult[:, idx], self.wd[:, idx], self.peak_lr[idx]
 
     def state_dict(self) -> dict:
         return {"t": self.t, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}

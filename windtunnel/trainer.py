@@ -2,8 +2,8 @@
 
 A population stacks K trials on a leading axis (windtunnel/model.py). Each trial keeps its own
 init seed, data stream, hyperparameters, schedule, loss and status; the only things shared are
-shapes and kernels. A trial that diverges or is pruned is masked: its weights and optimizer
-state are zeroed (so it computes finite values and disturbs no one) and its lr is set to 0.
+shapes and kernels. A trial that diverges or is pruned leaves the stack: weights, optimizer
+state and multipliers are compacted to the live trials, so it frees its compute at once.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from windtunnel import data as data_mod
 from windtunnel.config import TrialConfig, to_dict
 from windtunnel.errors import ConfigError
-from windtunnel.model import Transformer
+from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_grad_norm_per_trial
 from windtunnel.schedule import lr_factor
 
@@ -107,7 +107,7 @@ class Population:
         every = c0.train.eval_every or c0.train.tokens // 10
         self.eval_interval = max(1, round(every / self.tokens_per_step))
         self.step = 0
-        self.active = [True] * self.K
+        self.live = list(range(self.K))  # slot i of the stack holds trial live[i]
         self.status = ["ok"] * self.K
         self.reasons = [""] * self.K
         self.curves: list[list[dict]] = [[] for _ in range(self.K)]
@@ -124,7 +124,7 @@ class Population:
     # -- state ----------------------------------------------------------------------------------
     def _state(self) -> dict:
         return {"step": self.step, "model": self.model.state_dict(), "opt": self.opt.state_dict(),
-                "rngs": [r.bit_generator.state for r in self.rngs], "active": self.active,
+                "rngs": [r.bit_generator.state for r in self.rngs], "live": self.live,
                 "status": self.status, "reasons": self.reasons, "curves": self.curves,
                 "configs": [to_dict(c) for c in self.cfgs]}
 
@@ -138,6 +138,8 @@ class Population:
         if n not in (1, self.K):
             raise ConfigError(f"train.init_from: {path} holds {n} trials; this population has {self.K}")
         pick = (lambda xs: [xs[0]] * self.K) if n == 1 else (lambda xs: list(xs))
+        if n == self.K and s["live"] != self.live:  # the saved stack had lost trials: match its shape
+            self._compact([self.live.index(t) for t in s["live"]])
         with torch.no_grad():
             own = self.model.state_dict()
             for name, t in s["model"].items():
@@ -149,48 +151,63 @@ class Population:
         for r, st in zip(self.rngs, pick(s["rngs"])):
             r.bit_generator.state = st
         self.step = s["step"]
-        self.active, self.status = pick(s["active"]), pick(s["status"])
+        self.status = pick(s["status"])
         self.reasons = pick(s["reasons"])
         self.curves = [[dict(p) for p in c] for c in pick(s["curves"])]
 
-    def _mask(self, k: int, status: str, reason: str) -> None:
-        self.active[k], self.status[k], self.reasons[k] = False, status, reason
-        with torch.no_grad():
-            for p in self.model.parameters():
-                p[k].zero_()
-        self.opt.reset_trial(k)
+    @torch.no_grad()
+    def _compact(self, keep: list[int]) -> None:
+        """Keep only these slots of the stack: parameters, multipliers, optimizer state."""
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        for p in self.model.parameters():
+            p.data = p.data[idx].contiguous()
+            p.grad = None
+        for mod in self.model.modules():
+            for name, buf in mod._buffers.items():
+                if buf is not None:
+                    mod._buffers[name] = buf[idx].contiguous()
+        self.model.K = len(keep)
+        self.opt.compact(idx)
+        self.live = [self.live[i] for i in keep]
+
+    def _remove(self, trials: dict[int, tuple[str, str]]) -> None:
+        """Trials that diverged or were pruned leave the stack: {trial: (status, reason)}."""
+        for k, (status, reason) in trials.items():
+            self.status[k], self.reasons[k] = status, reason
+        if trials:
+            self._compact([i for i, t in enumerate(self.live) if t not in trials])
 
     # -- data and evaluation ----------------------------------------------------------------
     def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         c0 = self.cfgs[0]
-        w = np.stack([self.shards.train_windows(r, c0.train.batch_size, c0.model.seq_len) for r in self.rngs])
+        w = np.stack([self.shards.train_windows(self.rngs[k], c0.train.batch_size, c0.model.seq_len)
+                      for k in self.live])
         w = torch.from_numpy(w).to(self.device, non_blocking=True)  # (K, B, T+1)
         return w[..., :-1], w[..., 1:]
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
-        B = self.cfgs[0].train.batch_size
-        total = torch.zeros(self.K, device=self.device)
+        """Validation loss of each live slot."""
+        B, K = self.cfgs[0].train.batch_size, len(self.live)
+        total = torch.zeros(K, device=self.device)
         chunks = self.val.split(B)
         for w in chunks:
-            w = w.to(self.device).unsqueeze(0).expand(self.K, -1, -1)
+            w = w.to(self.device).unsqueeze(0).expand(K, -1, -1)
             with self.autocast:
                 total += self.forward(w[..., :-1], w[..., 1:]).float()
         return (total / len(chunks)).tolist()
 
     # -- the loop -------------------------------------------------------------------------------
     def lr_factors(self) -> list[float]:
-        return [lr_factor(c.schedule, self.step, self.total_steps) if a else 0.0
-                for c, a in zip(self.cfgs, self.active)]
+        """Each live slot's schedule factor at this step."""
+        return [lr_factor(self.cfgs[k].schedule, self.step, self.total_steps) for k in self.live]
 
     def train_step(self, factors: list[float]) -> torch.Tensor:
-        """One optimizer step of every trial; returns the (K,) train losses (on the device)."""
+        """One optimizer step of every live trial; returns their losses (on the device)."""
         x, y = self._batch()
         with self.autocast:
-            loss = self.forward(x, y)  # (K,)
-        active = torch.tensor(self.active, device=self.device)
-        # a masked trial's loss must not reach the sum: NaN * 0 would still be NaN
-        torch.where(active, loss, torch.zeros_like(loss)).sum().backward()
+            loss = self.forward(x, y)  # (live,)
+        loss.sum().backward()  # each trial's loss reaches only its own slice of the stack
         clip_grad_norm_per_trial(self.opt.params, self.cfgs[0].optim.grad_clip)
         self.opt.step(torch.tensor(factors, device=self.device))
         for p in self.opt.params:
@@ -214,13 +231,12 @@ class Population:
             from tqdm import tqdm
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         start, start_step, losses = time.perf_counter(), self.step, []
-        while self.step < self.total_steps and any(self.active):
+        while self.step < self.total_steps and self.live:
             factors = self.lr_factors()
             losses.append(self.train_step(factors))
             if None in self.diverge_at:  # default bound: 1.5 × the larger of chance and the first loss
-                first = losses[-1].float().tolist()
-                self.diverge_at = [d or 1.5 * max(self.ln_vocab, f if math.isfinite(f) else 0.0)
-                                   for d, f in zip(self.diverge_at, first)]
+                for k, f in zip(self.live, losses[-1].float().tolist()):
+                    self.diverge_at[k] = self.diverge_at[k] or 1.5 * max(self.ln_vocab, f if math.isfinite(f) else 0.0)
             if bar is not None:
                 bar.update(1)
             if self.step % self.eval_interval == 0 or self.step == self.total_steps:
@@ -246,25 +262,23 @@ class Population:
                 status=self.status[k], final_val_loss=final, curve=curve,
                 tokens=curve[-1]["tokens"] if curve else 0, seconds=seconds,
                 tokens_per_s=done / seconds if seconds > 0 else 0.0, reason=self.reasons[k],
-                params=self.model.num_params()))
+                params=count_params(c0.model, self.model.vocab_size)))
         return results
 
     def _record(self, train_losses: list[float], factors: list[float], on_eval) -> None:
+        """An evaluation: curve points, divergence, the pruner; then leavers leave the stack."""
         tokens = self.step * self.tokens_per_step
         val = self.evaluate()
-        for k in range(self.K):
-            if not self.active[k]:
-                continue
-            tl, vl = train_losses[k], val[k]
-            point = {"step": self.step, "tokens": tokens, "lr": self.cfgs[k].optim.lr * factors[k],
-                     "train_loss": tl, "val_loss": vl}
+        leaving = {}
+        for slot, k in enumerate(self.live):
+            tl, vl = train_losses[slot], val[slot]
+            self.curves[k].append({"step": self.step, "tokens": tokens, "lr": self.cfgs[k].optim.lr * factors[slot],
+                                   "train_loss": tl, "val_loss": vl})
             if not (math.isfinite(tl) and math.isfinite(vl)) or tl > self.diverge_at[k]:
-                self.curves[k].append(point)
-                self._mask(k, "diverged", f"loss {tl:.4g} at {tokens} tokens (bound {self.diverge_at[k]:.4g})")
-                continue
-            self.curves[k].append(point)
-            if on_eval is not None and on_eval(k, tokens, vl):
-                self._mask(k, "pruned", f"pruned at {tokens} tokens (val loss {vl:.4f})")
+                leaving[k] = ("diverged", f"loss {tl:.4g} at {tokens} tokens (bound {self.diverge_at[k]:.4g})")
+            elif on_eval is not None and on_eval(k, tokens, vl):
+                leaving[k] = ("pruned", f"pruned at {tokens} tokens (val loss {vl:.4f})")
+        self._remove(leaving)
 
 
 def train_trial(cfg: TrialConfig, **kwargs) -> TrialResult:
