@@ -76,3 +76,29 @@ def test_sigkill_driver_then_resume(tmp_path):
         if r.data.tags.get("windtunnel.state") == "COMPLETE":
             hist = client.get_metric_history(r.info.run_id, "val_loss")
             assert len(hist) == 3 and hist[-1].step == 59 * 1024  # evals at 20, 40, 59 steps of 1024 tokens
+
+
+def test_sigkill_a_worker_its_trial_is_retried(tmp_path):
+    results = tmp_path / "results"
+    cmd = _cmd(results)
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=4"
+    driver = subprocess.Popen(cmd + ["tracking.enabled=false"], cwd=tmp_path, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    deadline, killed = time.time() + 120, None
+    while killed is None and time.time() < deadline:
+        ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
+        pids = [int(p) for p in ps.stdout.split()]
+        if pids:
+            time.sleep(2)  # mid-trial
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.2)
+    out, _ = driver.communicate(timeout=600)
+    assert killed and driver.returncode == 0, out.decode()[-2000:]
+    study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
+    trials = study.get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    retried = [t for t in trials if t.user_attrs.get("retried")]
+    assert len(final) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
+    assert len(retried) == 1 and "worker exited" in retried[0].user_attrs["reason"]
+    assert any(t.user_attrs.get("retry_of") == retried[0].number and t.params == retried[0].params for t in final)
