@@ -1,0 +1,141 @@
+"""Ray executor: each bundle is a Ray task calling `windtunnel.worker.run_bundle(payload)`.
+
+Placement only: search, pruning and retries stay in the driver (Ray Tune's Optuna wrapper fixes
+the pruner and once swallowed `tell` errors; STYLE.md). A task asks for
+`cpus_per_trial × trials` CPUs and `min(1, gpus_per_trial × trials)` GPUs (fractional: 0.25 lets
+four one-trial bundles share a GPU; Ray only books it, the trials really share the device), and
+has `max_retries=0`: a worker that dies (SIGKILL, OOM, node lost) surfaces as `WorkerLost` and
+the driver decides whether to retry.
+
+    executor.address=''                 a new local instance (127.0.0.1, no dashboard)
+    executor.address=auto               the cluster `ray start` left in /tmp/ray on this machine
+    executor.address=HOST:PORT          a cluster's GCS
+    executor.address=ray://HOST:PORT    Ray Client (a login node outside the cluster)
+
+Workers on other nodes need the same Python environment (windtunnel importable), the data, and
+the sweep folder on a shared filesystem (the study journal, for pruning).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from windtunnel.executors import WorkerLost
+from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+
+
+def run_bundle_task(payload: dict) -> dict:
+    """The task body: what `python -m windtunnel.worker` does, returning the outcome.
+
+    Writes `worker.pid` (this worker's process, for a test that kills it) and `result.json` into
+    the bundle folder when that folder is reachable from this node."""
+    import traceback
+
+    from windtunnel.worker import run_bundle
+
+    d = Path(payload["bundle_dir"]) if payload.get("bundle_dir") else None
+    if d is not None and d.is_dir():
+        (d / "worker.pid").write_text(f"{os.getpid()}\n")
+    try:
+        out = {"ok": True, "results": run_bundle(payload)}
+    except Exception as e:  # deterministic: the driver fails the trials, no retry
+        traceback.print_exc()
+        out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+    if d is not None and d.is_dir():
+        write_json_atomic(out, d / RESULT)
+    return out
+
+
+class RayHandle:
+    def __init__(self, ref, bundle_dir: Path):
+        self.ref, self.bundle_dir = ref, bundle_dir
+
+    def done(self) -> bool:
+        import ray
+
+        ready, _ = ray.wait([self.ref], timeout=0)
+        return bool(ready)
+
+    def result(self) -> list[dict]:
+        import ray
+        from ray import exceptions as rx
+
+        try:
+            out = ray.get(self.ref)
+        except rx.RayTaskError as e:
+            # the task body catches Exception: what gets here is SystemExit / KeyboardInterrupt
+            # (the worker was told to exit) or a failure to deserialize: the worker is gone
+            raise WorkerLost(f"Ray worker ended abnormally: {str(e).splitlines()[0]}") from e
+        except rx.TaskCancelledError as e:
+            raise WorkerLost("Ray task was cancelled") from e
+        except rx.RayError as e:  # WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError...
+            raise WorkerLost(f"Ray worker lost ({type(e).__name__}): {str(e).strip().splitlines()[0]}") from e
+        if not out["ok"]:
+            raise RuntimeError(out["error"])
+        return out["results"]
+
+    def cancel(self) -> None:
+        import ray
+
+        try:
+            ray.cancel(self.ref, force=True)
+        except Exception:  # already finished, or its worker is gone
+            pass
+
+
+class RayExecutor:
+    def __init__(self, cfg: ExecutorConfig):
+        import ray
+
+        self.cfg = cfg
+        env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
+        self.connected = not ray.is_initialized()  # a notebook may have connected already: keep it
+        if self.connected and cfg.address:
+            ray.init(address=cfg.address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
+        elif self.connected:  # a new instance of our own, nothing listening beyond 127.0.0.1
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
+                     dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env,
+                     log_to_driver=False, logging_level="WARNING")
+        self.slots = cfg.workers or self._capacity()
+        self._remote = ray.remote(run_bundle_task)
+
+    def _capacity(self) -> int:
+        """How many one-trial bundles the cluster holds at once: its GPUs / gpus_per_trial when
+        trials take GPUs, else its CPUs / cpus_per_trial."""
+        import ray
+
+        res = ray.cluster_resources()
+        if self.cfg.gpus_per_trial > 0:
+            n = res.get("GPU", 0) / self.cfg.gpus_per_trial
+            if n < 1:
+                raise RuntimeError(f"executor.gpus_per_trial={self.cfg.gpus_per_trial}: the Ray cluster has "
+                                   f"{res.get('GPU', 0):g} GPUs (set executor.gpus_per_trial=0 to train on CPUs)")
+        else:
+            n = res.get("CPU", 0) / max(self.cfg.cpus_per_trial, 1e-9)
+        return max(1, int(n + 1e-9))
+
+    def submit(self, payload: dict, bundle_dir: Path) -> RayHandle:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        n = len(payload["trials"])
+        cpus = self.cfg.cpus_per_trial * n
+        gpus = min(1.0, self.cfg.gpus_per_trial * n) if self.cfg.gpus_per_trial > 0 else 0
+        payload = {**payload, "threads": max(1, int(cpus))}
+        write_json_atomic(payload, bundle_dir / PAYLOAD)  # for the record: what this bundle ran
+        (bundle_dir / RESULT).unlink(missing_ok=True)
+        ref = self._remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, retry_exceptions=False,
+                                   name=f"run_bundle:{bundle_dir.name}").remote(payload)
+        return RayHandle(ref, bundle_dir)
+
+    def release(self, handle: RayHandle) -> None:
+        pass
+
+    def reattach(self, bundle_dir: Path):
+        # Ray tasks share their owner's fate: the dead driver's tasks died with it. Re-run them.
+        return None
+
+    def close(self) -> None:
+        import ray
+
+        if self.connected and ray.is_initialized():
+            ray.shutdown()  # disconnects from a cluster; stops the instance this executor started
