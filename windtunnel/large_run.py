@@ -356,6 +356,9 @@ class LargeRun:
                     break
                 last = self.train_step()
                 last["seconds"] = time.perf_counter() - t0
+                last["world"] = self.world
+                if self.device.type == "cuda":
+                    last["max_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 if not math.isfinite(last["loss"]):
                     self._log({**last, "event": "diverged"})
                     raise RuntimeError(f"loss {last['loss']} at step {self.step}: stopping (diverged)")

@@ -161,12 +161,7 @@ class Transformer(nn.Module):
         return _matmul(h * self.logit_mult.view(-1, 1, 1), self.head_weight()).float()
 
     def flops_per_token(self) -> float:
-        """Training FLOPs per token of one trial: 6 × matmul params (LM head included) plus
-        causal attention (PaLM appendix B: 12·L·C·T, halved for the causal mask)."""
-        cfg = self.cfg
-        C, F, L, V, T = cfg.d_model, cfg.ffn_dim, cfg.n_layers, self.vocab_size, cfg.seq_len
-        matmul = L * (4 * C * C + 3 * C * F) + V * C
-        return 6 * matmul + 6 * L * C * T
+        return flops_per_token(self.cfg, self.vocab_size)
 
 
 def count_params(cfg: ModelConfig, vocab_size: int) -> int:
@@ -175,3 +170,11 @@ def count_params(cfg: ModelConfig, vocab_size: int) -> int:
     emb = vocab_size * C * (1 if cfg.tie_embeddings else 2)
     return emb + L * (4 * C * C + 3 * C * F + 2 * C) + C
 
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int) -> float:
+    """Training FLOPs per token of one trial: 6 × matmul params (LM head included) plus causal
+    attention (PaLM appendix B: 12·L·C·T, halved for the causal mask)."""
+    C, F, L, T = cfg.d_model, cfg.ffn_dim, cfg.n_layers, cfg.seq_len
+    matmul = L * (4 * C * C + 3 * C * F) + vocab_size * C
+    return 6 * matmul + 6 * L * C * T

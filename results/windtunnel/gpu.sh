@@ -27,5 +27,16 @@ case $stage in
   transfer)
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
+  large)  # issue 9 on one GPU: export a ~0.5B config, launch it, SIGKILL the rank after a checkpoint, relaunch
+    python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out /tmp/run --tokens 9830400 \
+      --batch-size 32768 run_name=h100-0.5b checkpoint_every=1638400
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    (cd /tmp/run && bash launch.sh > "$OUT/launch1.log" 2>&1 &)
+    until grep -q '"step": 160,' /tmp/run/runs/h100-0.5b/loss.jsonl 2>/dev/null; do sleep 1; done
+    pkill -9 -f "windtunnel.cli train" || true; sleep 5
+    (cd /tmp/run && bash launch.sh > "$OUT/launch2.log" 2>&1) || true
+    cp /tmp/run/runs/h100-0.5b/loss.jsonl /tmp/run/train.yaml /tmp/run/transfer.md "$OUT/"
+    python3 -m windtunnel.bench.large_run_stats /tmp/run/runs/h100-0.5b/loss.jsonl --config /tmp/run/train.yaml \
+      | tee "$OUT/large_run.json" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
