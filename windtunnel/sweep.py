@@ -146,12 +146,12 @@ class Driver:
                    "checkpoint_every": self.cfg.executor.checkpoint_every,
                    "trials": [{"number": t.number, "trial_id": t._trial_id, "config": t.user_attrs["config"]}
                               for t in b.trials]}
+        for t in b.trials:  # before submitting: a driver killed right after can re-attach (slurm)
+            t.set_user_attr("bundle", str(b.dir))
         b.handle = self.executor.submit(payload, b.dir)
         b.started = time.time()
         if self.freed:
             self.waited += b.started - self.freed.pop(0)
-        for t in b.trials:
-            t.set_user_attr("bundle", str(b.dir))
         self.running.append(b)
 
     # -- tell -----------------------------------------------------------------------------------
@@ -203,7 +203,9 @@ class Driver:
                     self._tell(t, "failed", None, {"reason": f"{type(e).__name__}: {e}"})
                 self._finish(b)
                 continue
-            for t, r in zip(b.trials, results):
+            by_number = {r["number"]: r for r in results}
+            for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
+                r = by_number[t.number]
                 self._tell(t, r["status"], r.get("final_val_loss"), r)
             self._finish(b)
 
@@ -217,13 +219,16 @@ class Driver:
 
     def recover(self) -> None:
         """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
+        bundles: dict[str, list[optuna.trial.Trial]] = {}  # a bundle's trials share one job
         for ft in self.study.get_trials(deepcopy=False, states=(TS.RUNNING,)):
-            trial = optuna.trial.Trial(self.study, ft._trial_id)
-            handle = self.executor.reattach(Path(ft.user_attrs["bundle"])) if "bundle" in ft.user_attrs else None
+            bundles.setdefault(ft.user_attrs.get("bundle", ""), []).append(optuna.trial.Trial(self.study, ft._trial_id))
+        for bdir, trials in bundles.items():
+            handle = self.executor.reattach(Path(bdir)) if bdir else None
             if handle is None:
-                self.fail_or_retry(trial, "its driver died")
+                for trial in trials:
+                    self.fail_or_retry(trial, "its driver died")
             else:
-                self.running.append(Bundle([trial], handle.bundle_dir, handle, time.time()))
+                self.running.append(Bundle(trials, handle.bundle_dir, handle, time.time()))
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:

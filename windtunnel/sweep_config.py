@@ -86,12 +86,23 @@ class ExecutorConfig:
     """Tokens between resumable trial checkpoints (slurm default: a tenth of the budget)."""
     folder: str = ""
     """submitit's job folder ('' = <results>/<sweep>/slurm)."""
+    poll_s: float = 3.0
+    """slurm: seconds between `squeue` looks at the sweep's jobs (never sacct; submitit issue 1759)."""
 
     def __post_init__(self) -> None:
         _choice("executor.type", self.type, EXECUTORS)
         for name in ("workers", "retries", "threads_per_worker", "time_min", "array_parallelism"):
             _check(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
         _check(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
+        _check(self.cpus_per_trial > 0, "executor.cpus_per_trial", "must be > 0", self.cpus_per_trial)
+        for name in ("max_requeues", "gpus_per_job", "mem_gb", "checkpoint_every"):
+            _check(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
+        _check(self.cpus_per_job >= 1, "executor.cpus_per_job", "must be >= 1", self.cpus_per_job)
+        _check(isinstance(self.sbatch_extra, dict), "executor.sbatch_extra", "must be a mapping of sbatch flags",
+               self.sbatch_extra)
+        _check(self.poll_s >= 1, "executor.poll_s", "must be >= 1 (squeue is shared by everyone)", self.poll_s)
+        if self.type == "slurm":
+            _check(self.time_min >= 1, "executor.time_min", "must be >= 1 for slurm", self.time_min)
 
 
 @dataclass(kw_only=True)

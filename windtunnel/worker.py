@@ -52,6 +52,7 @@ def run_bundle(payload: dict) -> list[dict]:
         ckpt = {"train.checkpoint_dir": str(Path(payload["bundle_dir"]) / "ckpt"),
                 "train.checkpoint_every": int(payload.get("checkpoint_every", 0))}
     cfgs = [with_overrides(trial_from_dict(t["config"]), ckpt) for t in payload["trials"]]
+    resumed = _resumed_from(Path(payload["bundle_dir"]) / "ckpt" / "latest.pt") if payload.get("bundle_dir") else None
     on_eval = _pruning_callback(payload)
     if any(c.train.branch_at for c in cfgs):  # WSD branches run one trial at a time
         results = [train_branches(with_overrides(c, {"train.checkpoint_dir": f"{c.train.checkpoint_dir}/{i}"}))
@@ -61,7 +62,20 @@ def run_bundle(payload: dict) -> list[dict]:
         pop = Population(cfgs)
         results, device = pop.run(on_eval=on_eval), pop.device
     prov = provenance(device)
-    return [{"number": t["number"], **r.to_dict(), "provenance": prov} for t, r in zip(payload["trials"], results)]
+    extra = {"resumed_from_step": resumed} if resumed is not None else {}
+    return [{"number": t["number"], **r.to_dict(), "provenance": prov, **extra}
+            for t, r in zip(payload["trials"], results)]
+
+
+def _resumed_from(latest: Path) -> int | None:
+    """The step of the checkpoint a requeued job resumes from (the trainer loads it); logged."""
+    if not latest.exists():
+        return None
+    import torch
+
+    step = int(torch.load(latest, map_location="cpu", mmap=True, weights_only=False)["step"])
+    print(f"windtunnel.worker: resumed from step {step} ({latest})", flush=True)
+    return step
 
 
 def write_json_atomic(obj, path: Path) -> None:
