@@ -47,6 +47,20 @@ def run_bundle_task(payload: dict) -> dict:
     return out
 
 
+def _token_auth_like_ray_start() -> None:
+    """Ray 2.5x+: `ray start` turns token authentication on when a token exists (~/.ray/auth_token,
+    which any plain `ray.init()` creates), but `ray.init(address=HOST:PORT)` does not, and is then
+    refused. Do what `ray start` does; a token-mode client also joins a cluster without auth."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 class RayHandle:
     def __init__(self, ref, bundle_dir: Path):
         self.ref, self.bundle_dir = ref, bundle_dir
@@ -92,6 +106,7 @@ class RayExecutor:
         env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
         self.connected = not ray.is_initialized()  # a notebook may have connected already: keep it
         if self.connected and cfg.address:
+            _token_auth_like_ray_start()
             ray.init(address=cfg.address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
         elif self.connected:  # a new instance of our own, nothing listening beyond 127.0.0.1
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,

@@ -1,0 +1,114 @@
+"""executor=ray against a real local Ray cluster, connected by address (fixture `ray_address`):
+a sweep of 8 trials, each with an MLflow child run and a trials.csv row; and a Ray worker
+SIGKILLed mid-trial: that trial is retried, the sweep completes, every trial accounted for."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from windtunnel.search import open_storage
+
+pytestmark = pytest.mark.ray
+
+
+def _sweep_cmd(results: Path, address: str, n: int, tokens: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"n_trials={n}",
+            f"results_dir={results}", f"train.tokens={tokens}", "train.eval_every=20000", "population.size=1",
+            "executor=ray", f"executor.address={address}", *extra]
+
+
+def _env() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def _check_accounted(results: Path, n: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run."""
+    sweep = results / "quickstart"
+    study = optuna.load_study(study_name="quickstart", storage=open_storage(str(sweep / "study.journal")))
+    trials = study.get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
+    for t in trials:
+        if t.user_attrs.get("retried"):  # a replaced trial was re-run once, with the same parameters
+            again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+            assert len(again) == 1 and again[0].params == t.params
+
+    df = pd.read_csv(sweep / "trials.csv")
+    assert df.number.is_unique
+    assert sorted(df[~df.retried].number) == sorted(t.number for t in final)
+
+    import mlflow
+
+    from windtunnel.tracking import local_uri
+
+    client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children) == sorted(t.number for t in final)
+    return trials
+
+
+def test_ray_sweep_by_address(tmp_path, ray_address):
+    results = tmp_path / "results"
+    r = subprocess.run(_sweep_cmd(results, ray_address, 8, 40000), cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = _check_accounted(results, 8)
+    assert not any(t.user_attrs.get("retried") for t in trials)
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 4
+    # the bundles ran as Ray tasks in the cluster's workers, not in the driver
+    pids = {int((results / "quickstart" / "bundles" / f"trial-{t.number:05d}" / "worker.pid").read_text())
+            for t in trials}
+    assert pids and all(p != os.getpid() for p in pids)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_ray_worker_sigkill_is_retried(tmp_path, ray_address):
+    results = tmp_path / "results"
+    n = 4
+    # ~5 s trials (200k tokens on one core); no pruner, so every trial runs to its end
+    driver = subprocess.Popen(_sweep_cmd(results, ray_address, n, 200000, "pruner.type=none", "executor.retries=1"),
+                              cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    bundles = results / "quickstart" / "bundles"
+    victim = None
+    deadline = time.time() + 180
+    while victim is None and time.time() < deadline and driver.poll() is None:
+        for pidfile in sorted(bundles.glob("trial-*/worker.pid")):
+            if (pidfile.parent / "result.json").exists():
+                continue
+            pid = int(pidfile.read_text())
+            if "ray::" in _cmdline(pid):  # Ray names its worker processes after the running task
+                victim = (pidfile.parent, pid)
+                break
+        time.sleep(0.2)
+    assert victim is not None, driver.stdout.read().decode()[-3000:] if driver.poll() is not None else "no worker"
+    time.sleep(1.0)  # mid-trial: the worker has imported torch and is training
+    bundle_dir, pid = victim
+    assert not (bundle_dir / "result.json").exists()
+    os.kill(pid, signal.SIGKILL)
+
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out.decode()[-3000:]
+    assert not (bundle_dir / "result.json").exists()  # the killed task never finished
+    trials = _check_accounted(results, n)
+    killed = json.loads((bundle_dir / "payload.json").read_text())["trials"][0]["number"]
+    t = next(t for t in trials if t.number == killed)
+    assert t.user_attrs.get("retried"), t.user_attrs
+    assert "WorkerLost" in t.user_attrs.get("reason", "") or "Ray worker lost" in t.user_attrs.get("reason", ""), \
+        t.user_attrs.get("reason")
+    retry = next(r for r in trials if r.user_attrs.get("retry_of") == killed)
+    assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["attempt"] == 2
