@@ -77,12 +77,24 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def test_ray_worker_sigkill_is_retried(tmp_path, ray_address):
+@pytest.fixture
+def _drivers():
+    """Drivers a failing test leaves running are killed."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_ray_worker_sigkill_is_retried(tmp_path, ray_address, _drivers):
     results = tmp_path / "results"
     n = 4
     # ~5 s trials (200k tokens on one core); no pruner, so every trial runs to its end
     driver = subprocess.Popen(_sweep_cmd(results, ray_address, n, 200000, "pruner.type=none", "executor.retries=1"),
                               cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _drivers.append(driver)
     bundles = results / "quickstart" / "bundles"
     victim = None
     deadline = time.time() + 180

@@ -1,0 +1,198 @@
+"""executor=slurm against the real single-node Slurm (fixture `slurm_cluster`, partition debug):
+a sweep of 8 trials as job arrays, each with an MLflow child run and a trials.csv row; a job
+scancel'ed mid-trial and a job that reaches its time limit are requeued and resume from their
+checkpoint (not step 0); a SIGKILLed driver, re-run, re-attaches to its running jobs and replaces
+only what was lost: no duplicates, nothing lost."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+from windtunnel.search import open_storage
+
+pytestmark = pytest.mark.slurm
+TS = optuna.trial.TrialState
+
+
+def _sweep_cmd(results: Path, partition: str, n: int, tokens: int, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"n_trials={n}",
+            f"results_dir={results}", f"train.tokens={tokens}", "train.eval_every=20000", "population.size=1",
+            "executor=slurm", f"executor.partition={partition}", "executor.poll_s=2", *extra]
+
+
+def _study(results: Path) -> optuna.Study | None:
+    journal = results / "quickstart" / "study.journal"
+    if not journal.exists():
+        return None
+    try:
+        return optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
+    except KeyError:
+        return None
+
+
+def _check_accounted(results: Path, n: int) -> list[optuna.trial.FrozenTrial]:
+    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run."""
+    sweep = results / "quickstart"
+    trials = _study(results).get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
+    for t in trials:
+        if t.user_attrs.get("retried"):  # a replaced trial was re-run once, with the same parameters
+            again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+            assert len(again) == 1 and again[0].params == t.params
+
+    df = pd.read_csv(sweep / "trials.csv")
+    assert df.number.is_unique
+    assert sorted(df[~df.retried].number) == sorted(t.number for t in final)
+
+    import mlflow
+
+    from windtunnel.tracking import local_uri
+
+    client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children) == sorted(t.number for t in final)
+    return trials
+
+
+@pytest.fixture(autouse=True)
+def _cleanup(tmp_path):
+    """Whatever a failing test leaves: its drivers are killed, its sweep's jobs cancelled."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    jobs = _our_jobs(tmp_path / "results")
+    if jobs:
+        subprocess.run(["scancel", *jobs], capture_output=True, timeout=30)
+
+
+def _our_jobs(results: Path) -> list[str]:
+    """Jobs of this sweep that Slurm still runs or holds."""
+    ids = {p.read_text().strip() for p in (results / "quickstart" / "bundles").glob("*/job_id")}
+    if not ids:
+        return []
+    r = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return sorted(ids & set(r.stdout.split()))
+
+
+def _result(bundle: Path) -> dict:
+    return json.loads((bundle / "result.json").read_text())["results"][0]
+
+
+def test_slurm_sweep_job_arrays(tmp_path, slurm_cluster):
+    results = tmp_path / "results"
+    r = subprocess.run(_sweep_cmd(results, slurm_cluster.partition, 8, 40000, "executor.workers=4"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = _check_accounted(results, 8)
+    assert not any(t.user_attrs.get("retried") for t in trials)
+    job_ids = [(results / "quickstart" / "bundles" / f"trial-{t.number:05d}" / "job_id").read_text().strip()
+               for t in trials]
+    assert any("_" in j for j in job_ids), job_ids  # bundles ready together went out as a job array
+    assert list((results / "quickstart" / "slurm").iterdir())  # submitit's job folders and logs
+    assert _our_jobs(results) == []
+
+
+def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"the sweep ended before {what}: {proc.stdout.read().decode()[-3000:]}")
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_slurm_scancel_mid_trial_resumes_from_checkpoint(tmp_path, slurm_cluster, _cleanup):
+    results = tmp_path / "results"
+    # one ~10 s trial (400k tokens on one core), a checkpoint every 40k tokens
+    driver = subprocess.Popen(_sweep_cmd(results, slurm_cluster.partition, 1, 400000, "pruner.type=none",
+                                         "executor.checkpoint_every=40000"),
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _cleanup.append(driver)
+    bundle = results / "quickstart" / "bundles" / "trial-00000"
+    _wait_for(lambda: (bundle / "ckpt" / "latest.pt").exists(), 180, "a checkpoint", driver)
+    job = (bundle / "job_id").read_text().strip()
+    assert not (bundle / "result.json").exists()
+    subprocess.run(["scancel", job], check=True, timeout=30)
+
+    out, _ = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out.decode()[-3000:]
+    trials = _check_accounted(results, 1)
+    assert trials[0].state == TS.COMPLETE and not trials[0].user_attrs.get("retried")
+    res = _result(bundle)
+    assert res["resumed_from_step"] > 0, res  # resumed from its checkpoint, not from step 0
+    assert res["tokens"] >= 400000 - 1024
+    log = (bundle / "worker.log").read_text()
+    assert "resubmitted from its checkpoint" in log and f"resumed from step {res['resumed_from_step']}" in log, log
+    assert (bundle / "job_id").read_text().strip() != job  # a new job in the same bundle folder
+
+
+def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
+    results = tmp_path / "results"
+    n = 5
+    cmd = _sweep_cmd(results, slurm_cluster.partition, n, 200000, "pruner.type=none", "executor.workers=2")
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _cleanup.append(driver)
+
+    def running_jobs():  # a trial finished and two bundles are training in Slurm
+        study = _study(results)
+        if study is None or sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) < 1:
+            return None
+        return _our_jobs(results) if len(_our_jobs(results)) >= 2 else None
+
+    _wait_for(running_jobs, 240, "a finished trial and two running jobs", driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    study = _study(results)
+    orphaned = {t.number: Path(t.user_attrs["bundle"]) for t in study.get_trials(deepcopy=False, states=(TS.RUNNING,))
+                if "bundle" in t.user_attrs and (Path(t.user_attrs["bundle"]) / "job_id").exists()}
+    assert orphaned, "the killed driver left no submitted job behind"
+    assert _our_jobs(results), "Slurm jobs outlive their driver"
+
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    trials = _check_accounted(results, n)
+    by_number = {t.number: t for t in trials}
+    for number, bundle in orphaned.items():  # re-attached: told from their own job, not replaced
+        t = by_number[number]
+        assert t.state == TS.COMPLETE and not t.user_attrs.get("retried"), (number, t.state, t.user_attrs.get("reason"))
+        assert t.value == pytest.approx(_result(bundle)["final_val_loss"])
+    # every job was submitted once: no bundle ran twice
+    jobs = [p.read_text().strip() for p in (results / "quickstart" / "bundles").glob("*/job_id")]
+    assert len(jobs) == len(set(jobs))
+    assert _our_jobs(results) == []
+
+
+@pytest.mark.slow
+def test_slurm_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
+    results = tmp_path / "results"
+    # one trial of ~75 s (3M tokens on one core) under a 1-minute limit: Slurm signals the job
+    # before its limit, submitit checkpoints and requeues it, the job resumes from the checkpoint
+    r = subprocess.run(_sweep_cmd(results, slurm_cluster.partition, 1, 3_000_000, "pruner.type=none",
+                                  "train.eval_every=300000", "executor.time_min=1", "executor.max_requeues=4"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    trials = _check_accounted(results, 1)
+    assert trials[0].state == TS.COMPLETE and not trials[0].user_attrs.get("retried")
+    bundle = results / "quickstart" / "bundles" / "trial-00000"
+    res = _result(bundle)
+    assert res["resumed_from_step"] > 0, res
+    assert res["tokens"] >= 3_000_000 - 1024
+    assert len(res["curve"]) == 10  # every evaluation once, whatever the restarts
+    log = (bundle / "worker.log").read_text()
+    assert "(restart 1)" in log, log  # Slurm restarted the same job (requeue), not a new one
