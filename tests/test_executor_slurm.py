@@ -178,21 +178,42 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
     assert _our_jobs(results) == []
 
 
+def _tokens_for(seconds: float) -> int:
+    """A quickstart trial budget that takes about `seconds` on one core of this machine (measured),
+    in whole multiples of 10 steps of 1024 tokens, so it evaluates exactly 10 times."""
+    import torch
+
+    from windtunnel.configure import load_sweep
+    from windtunnel.config import with_overrides
+    from windtunnel.trainer import train_trial
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = load_sweep("quickstart", ["train.tokens=61440", "train.eval_every=61440"]).trial
+        rate = train_trial(with_overrides(cfg, {"train.device": "cpu"})).tokens_per_s
+    finally:
+        torch.set_num_threads(threads)
+    return max(1, int(rate * seconds / 10240)) * 10240
+
+
 @pytest.mark.slow
 def test_slurm_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
     results = tmp_path / "results"
-    # one trial of ~75 s (3M tokens on one core) under a 1-minute limit: Slurm signals the job
-    # before its limit, submitit checkpoints and requeues it, the job resumes from the checkpoint
-    r = subprocess.run(_sweep_cmd(results, slurm_cluster.partition, 1, 3_000_000, "pruner.type=none",
-                                  "train.eval_every=300000", "executor.time_min=1", "executor.max_requeues=4"),
-                       cwd=tmp_path, capture_output=True, text=True, timeout=480)
+    # one trial of ~80 s on one core under a 1-minute limit (KillWait 5 s, OverTimeLimit 0):
+    # Slurm sends USR2 before the limit, submitit calls checkpoint() and requeues the job, and the
+    # requeued job resumes from the trainer's checkpoint in the bundle folder
+    tokens = _tokens_for(80)
+    r = subprocess.run(_sweep_cmd(results, slurm_cluster.partition, 1, tokens, "pruner.type=none",
+                                  f"train.eval_every={tokens // 10}", "executor.time_min=1", "executor.max_requeues=4"),
+                       cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     trials = _check_accounted(results, 1)
     assert trials[0].state == TS.COMPLETE and not trials[0].user_attrs.get("retried")
     bundle = results / "quickstart" / "bundles" / "trial-00000"
     res = _result(bundle)
     assert res["resumed_from_step"] > 0, res
-    assert res["tokens"] >= 3_000_000 - 1024
+    assert res["tokens"] == tokens
     assert len(res["curve"]) == 10  # every evaluation once, whatever the restarts
     log = (bundle / "worker.log").read_text()
     assert "(restart 1)" in log, log  # Slurm restarted the same job (requeue), not a new one
