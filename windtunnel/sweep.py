@@ -221,7 +221,13 @@ class Driver:
         """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
         bundles: dict[str, list[optuna.trial.Trial]] = {}  # a bundle's trials share one job
         for ft in self.study.get_trials(deepcopy=False, states=(TS.RUNNING,)):
-            bundles.setdefault(ft.user_attrs.get("bundle", ""), []).append(optuna.trial.Trial(self.study, ft._trial_id))
+            trial = optuna.trial.Trial(self.study, ft._trial_id)
+            if "config" not in ft.user_attrs:  # died while asking: its params may be partial; ask anew
+                trial.set_user_attr("retried", True)
+                trial.set_user_attr("reason", "asked by a driver that died before running it")
+                self.study.tell(ft.number, state=TS.FAIL)
+                continue
+            bundles.setdefault(ft.user_attrs.get("bundle", ""), []).append(trial)
         for bdir, trials in bundles.items():
             handle = self.executor.reattach(Path(bdir)) if bdir else None
             if handle is None:
