@@ -1,0 +1,56 @@
+"""A real sweep against a real MLflow server on 127.0.0.1, taken down for part of the sweep:
+the sweep keeps going and, once the server is back, every trial's metrics arrive exactly once."""
+import subprocess
+import sys
+import time
+
+import mlflow
+import optuna
+import pytest
+
+from windtunnel.search import open_storage
+
+pytestmark = pytest.mark.mlflow_server
+N = 6
+
+
+def _finished(journal):
+    if not journal.exists():
+        return 0
+    try:
+        study = optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
+    except KeyError:
+        return 0
+    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def test_server_down_for_part_of_a_sweep(tmp_path, mlflow_server, mlflow_server_control):
+    results = tmp_path / "results"
+    journal = results / "quickstart" / "study.journal"
+    cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"n_trials={N}",
+           f"results_dir={results}", "train.tokens=60000", "train.eval_every=20000", "executor.workers=2",
+           "population.size=1", "pruner.type=none", f"tracking.uri={mlflow_server}"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while _finished(journal) < 2 and time.time() < deadline:
+        time.sleep(0.3)
+    mlflow_server_control.stop()  # down while the rest of the sweep runs
+    while _finished(journal) < N - 1 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.3)
+    mlflow_server_control.start()
+    out, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, out.decode()[-3000:]
+    # whatever the driver could not deliver before it exited, `windtunnel sync` sends now
+    sync = subprocess.run([sys.executable, "-m", "windtunnel.cli", "sync", str(results / "quickstart")],
+                          capture_output=True, text=True, timeout=300)
+    assert sync.returncode == 0, sync.stdout + sync.stderr
+
+    client = mlflow.MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    numbers = sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children)
+    assert numbers == list(range(N))  # every trial, once
+    for r in children:
+        assert len(client.get_metric_history(r.info.run_id, "val_loss")) == 3
+        assert r.data.metrics["final_val_loss"] > 0
