@@ -25,7 +25,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .attention import apply_rope, attention, attention_reference, rope_cos_sin
+from .attention import apply_rope, attention, rope_cos_sin
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .rms_norm import rms_norm, rms_norm_reference
 from .swiglu import swiglu, swiglu_reference

@@ -4,7 +4,6 @@ scancel'ed mid-trial and a job that reaches its time limit are requeued and resu
 checkpoint (not step 0); a SIGKILLed driver, re-run, re-attaches to its running jobs and replaces
 only what was lost: no duplicates, nothing lost."""
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from windtunnel.config import SECTIONS, TrialConfig, trial_from_dict
+from windtunnel.config import TrialConfig, trial_from_dict
 from windtunnel.errors import ConfigError
 
 

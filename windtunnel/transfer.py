@@ -41,7 +41,6 @@ import dataclasses
 import json
 import math
 import re
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,7 +394,7 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     mc = trial0.model
     N = row("N (parameters)", count_params(mc, target.vocab_size),
             "V·C·(1 if tied else 2) + L·(4·C² + 3·C·F + 2·C) + C", "windtunnel.model.count_params")
-    width = row("m (width multiplier)", mup.width_mult(mc.d_model, mc.dim_model_base), "d_model / dim_model_base",
+    row("m (width multiplier)", mup.width_mult(mc.d_model, mc.dim_model_base), "d_model / dim_model_base",
                 "windtunnel.parametrization.width_mult")
     row("proxy m", mup.width_mult(w.model.d_model, w.model.dim_model_base), "proxy d_model / dim_model_base", src_w)
 
