@@ -8,7 +8,7 @@
     tracker.flush(timeout=30); tracker.close()
 
 Why an outbox: a sweep must never wait for, or fail because of, a tracking server. A call only
-appends one JSON line (one `write` on an O_APPEND file, then fdatasync) and returns; it imports
+appends one JSON line (one `write` on an O_APPEND file) and returns; it imports
 nothing from MLflow. A child process (`follow`, started by the Tracker; a process and not a
 thread, so that MLflow's Python work never holds the driver's GIL) reads the outbox in order and
 delivers it with
@@ -78,7 +78,9 @@ def _now_ms() -> int:
 
 
 class _Outbox:
-    """The append side: one `os.write` per record on an O_APPEND fd, then fdatasync."""
+    """The append side: one `os.write` per record on an O_APPEND fd. No fsync, as for the study's
+    journal (windtunnel/search.py): a killed process loses nothing that reached the OS; only a
+    machine crash could, and a torn last line is ended on the next open."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -98,7 +100,6 @@ class _Outbox:
             view = memoryview(data)
             while view:
                 view = view[os.write(self.fd, view):]
-            os.fdatasync(self.fd)
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size

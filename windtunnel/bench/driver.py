@@ -4,7 +4,8 @@ GPU would wait on the driver between bundles.
 
     python -m windtunnel.bench.driver [--trials 1000] [--measure 30] [--out results/bench]
 
-DESIGN.md's anchors: Optuna alone cost 43 ms per ask+tell with SQLite and 9 ms in memory.
+DESIGN.md's anchors: Optuna alone cost 43 ms per ask+tell with SQLite and 9 ms in memory, with
+4 float parameters; the search space here is the same four (mup_hp's μP knobs).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from windtunnel.configure import load_sweep
 from windtunnel.search import distributions
 from windtunnel.sweep import Driver
 
+# MiniCPM's four μP knobs, as DESIGN.md's Optuna measurement (4 float parameters)
 SPACE = ["optim.lr", "model.init_std", "model.scale_emb", "model.scale_depth"]
 
 
@@ -48,6 +50,7 @@ def measure(sampler: str, storage: str, prefill: int, n: int, tracking: bool) ->
         if st:
             overrides.append(f"storage={st}")
         cfg = load_sweep("mup_hp", overrides)
+        cfg.search = {k: cfg.search[k] for k in SPACE}
         driver = Driver(cfg, progress=False)
         _prefill(driver, prefill)
         result = {"status": "ok", "tokens": 4_000_000, "seconds": 60.0, "tokens_per_s": 66_666.0,
