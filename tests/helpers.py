@@ -12,3 +12,49 @@ def tiny_trial(**train) -> TrialConfig:
         train=TrainConfig(**{"tokens": 30 * 8 * 32, "batch_size": 8, "eval_every": 5 * 8 * 32,
                              "eval_batches": 2, "device": "cpu", **train}),
     )
+
+
+def quickstart_study(results):
+    """The quickstart study under results/, or None while the driver has not created it yet."""
+    import optuna
+
+    from windtunnel.search import open_storage
+
+    journal = results / "quickstart" / "study.journal"
+    if not journal.exists():
+        return None
+    try:
+        return optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
+    except KeyError:
+        return None
+
+
+def finished_count(results) -> int:
+    study = quickstart_study(results)
+    return 0 if study is None else sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+
+
+def check_accounted(results, n: int):
+    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run
+    (in the sweep's local store); a replaced trial was re-run once, with the same parameters."""
+    import mlflow
+    import pandas as pd
+
+    from windtunnel.tracking import local_uri
+
+    sweep = results / "quickstart"
+    trials = quickstart_study(results).get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
+    for t in trials:
+        if t.user_attrs.get("retried") and "config" in t.user_attrs:
+            again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+            assert len(again) == 1 and again[0].params == t.params
+    df = pd.read_csv(sweep / "trials.csv")
+    assert df.number.is_unique
+    assert sorted(df[~df.retried].number) == sorted(t.number for t in final)
+    client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
+    exp = client.get_experiment_by_name("quickstart")
+    children = [r for r in client.search_runs([exp.experiment_id], max_results=1000) if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children) == sorted(t.number for t in final)
+    return trials

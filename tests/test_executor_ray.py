@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 
-from windtunnel.search import open_storage
+from helpers import check_accounted
 
 pytestmark = pytest.mark.ray
 
@@ -28,40 +27,12 @@ def _env() -> dict:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def _check_accounted(results: Path, n: int) -> list[optuna.trial.FrozenTrial]:
-    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run."""
-    sweep = results / "quickstart"
-    study = optuna.load_study(study_name="quickstart", storage=open_storage(str(sweep / "study.journal")))
-    trials = study.get_trials(deepcopy=False)
-    final = [t for t in trials if not t.user_attrs.get("retried")]
-    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
-    for t in trials:
-        if t.user_attrs.get("retried"):  # a replaced trial was re-run once, with the same parameters
-            again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
-            assert len(again) == 1 and again[0].params == t.params
-
-    df = pd.read_csv(sweep / "trials.csv")
-    assert df.number.is_unique
-    assert sorted(df[~df.retried].number) == sorted(t.number for t in final)
-
-    import mlflow
-
-    from windtunnel.tracking import local_uri
-
-    client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
-    exp = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children) == sorted(t.number for t in final)
-    return trials
-
-
 def test_ray_sweep_by_address(tmp_path, ray_address):
     results = tmp_path / "results"
     r = subprocess.run(_sweep_cmd(results, ray_address, 8, 40000), cwd=tmp_path, env=_env(),
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    trials = _check_accounted(results, 8)
+    trials = check_accounted(results, 8)
     assert not any(t.user_attrs.get("retried") for t in trials)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 4
     # the bundles ran as Ray tasks in the cluster's workers, not in the driver
@@ -116,7 +87,7 @@ def test_ray_worker_sigkill_is_retried(tmp_path, ray_address, _drivers):
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, out.decode()[-3000:]
     assert not (bundle_dir / "result.json").exists()  # the killed task never finished
-    trials = _check_accounted(results, n)
+    trials = check_accounted(results, n)
     killed = json.loads((bundle_dir / "payload.json").read_text())["trials"][0]["number"]
     t = next(t for t in trials if t.number == killed)
     assert t.user_attrs.get("retried"), t.user_attrs

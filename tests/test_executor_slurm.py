@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 
 import optuna
-import pandas as pd
 import pytest
 
-from windtunnel.search import open_storage
+from helpers import check_accounted, quickstart_study
 
 pytestmark = pytest.mark.slurm
 TS = optuna.trial.TrialState
@@ -24,43 +23,6 @@ def _sweep_cmd(results: Path, partition: str, n: int, tokens: int, *extra: str) 
     return [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"n_trials={n}",
             f"results_dir={results}", f"train.tokens={tokens}", "train.eval_every=20000", "population.size=1",
             "executor=slurm", f"executor.partition={partition}", "executor.poll_s=2", *extra]
-
-
-def _study(results: Path) -> optuna.Study | None:
-    journal = results / "quickstart" / "study.journal"
-    if not journal.exists():
-        return None
-    try:
-        return optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
-    except KeyError:
-        return None
-
-
-def _check_accounted(results: Path, n: int) -> list[optuna.trial.FrozenTrial]:
-    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run."""
-    sweep = results / "quickstart"
-    trials = _study(results).get_trials(deepcopy=False)
-    final = [t for t in trials if not t.user_attrs.get("retried")]
-    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
-    for t in trials:
-        if t.user_attrs.get("retried"):  # a replaced trial was re-run once, with the same parameters
-            again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
-            assert len(again) == 1 and again[0].params == t.params
-
-    df = pd.read_csv(sweep / "trials.csv")
-    assert df.number.is_unique
-    assert sorted(df[~df.retried].number) == sorted(t.number for t in final)
-
-    import mlflow
-
-    from windtunnel.tracking import local_uri
-
-    client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
-    exp = client.get_experiment_by_name("quickstart")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert sorted(int(r.data.tags["windtunnel.trial_number"]) for r in children) == sorted(t.number for t in final)
-    return trials
 
 
 @pytest.fixture(autouse=True)
@@ -95,7 +57,7 @@ def test_slurm_sweep_job_arrays(tmp_path, slurm_cluster):
     r = subprocess.run(_sweep_cmd(results, slurm_cluster.partition, 8, 40000, "executor.workers=4"),
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    trials = _check_accounted(results, 8)
+    trials = check_accounted(results, 8)
     assert not any(t.user_attrs.get("retried") for t in trials)
     job_ids = [(results / "quickstart" / "bundles" / f"trial-{t.number:05d}" / "job_id").read_text().strip()
                for t in trials]
@@ -131,7 +93,7 @@ def test_slurm_scancel_mid_trial_resumes_from_checkpoint(tmp_path, slurm_cluster
 
     out, _ = driver.communicate(timeout=300)
     assert driver.returncode == 0, out.decode()[-3000:]
-    trials = _check_accounted(results, 1)
+    trials = check_accounted(results, 1)
     assert trials[0].state == TS.COMPLETE and not trials[0].user_attrs.get("retried")
     res = _result(bundle)
     assert res["resumed_from_step"] > 0, res  # resumed from its checkpoint, not from step 0
@@ -149,7 +111,7 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
     _cleanup.append(driver)
 
     def running_jobs():  # a trial finished and two bundles are training in Slurm
-        study = _study(results)
+        study = quickstart_study(results)
         if study is None or sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)) < 1:
             return None
         return _our_jobs(results) if len(_our_jobs(results)) >= 2 else None
@@ -157,7 +119,7 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
     _wait_for(running_jobs, 240, "a finished trial and two running jobs", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    study = _study(results)
+    study = quickstart_study(results)
     orphaned = {t.number: Path(t.user_attrs["bundle"]) for t in study.get_trials(deepcopy=False, states=(TS.RUNNING,))
                 if "bundle" in t.user_attrs and (Path(t.user_attrs["bundle"]) / "job_id").exists()}
     assert orphaned, "the killed driver left no submitted job behind"
@@ -165,7 +127,7 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
 
     rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    trials = _check_accounted(results, n)
+    trials = check_accounted(results, n)
     by_number = {t.number: t for t in trials}
     for number, bundle in orphaned.items():  # re-attached: told from their own job, not replaced
         t = by_number[number]
@@ -207,7 +169,7 @@ def test_slurm_time_limit_requeues_and_resumes(tmp_path, slurm_cluster):
                                   f"train.eval_every={tokens // 10}", "executor.time_min=1", "executor.max_requeues=4"),
                        cwd=tmp_path, capture_output=True, text=True, timeout=540)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    trials = _check_accounted(results, 1)
+    trials = check_accounted(results, 1)
     assert trials[0].state == TS.COMPLETE and not trials[0].user_attrs.get("retried")
     bundle = results / "quickstart" / "bundles" / "trial-00000"
     res = _result(bundle)

@@ -5,37 +5,25 @@ import sys
 import time
 
 import mlflow
-import optuna
 import pytest
 
-from windtunnel.search import open_storage
+from helpers import finished_count
 
 pytestmark = pytest.mark.mlflow_server
 N = 6
 
 
-def _finished(journal):
-    if not journal.exists():
-        return 0
-    try:
-        study = optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
-    except KeyError:
-        return 0
-    return sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-
-
 def test_server_down_for_part_of_a_sweep(tmp_path, mlflow_server, mlflow_server_control):
     results = tmp_path / "results"
-    journal = results / "quickstart" / "study.journal"
     cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"n_trials={N}",
            f"results_dir={results}", "train.tokens=60000", "train.eval_every=20000", "executor.workers=2",
            "population.size=1", "pruner.type=none", f"tracking.uri={mlflow_server}"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 240
-    while _finished(journal) < 2 and time.time() < deadline:
+    while finished_count(results) < 2 and time.time() < deadline:
         time.sleep(0.3)
     mlflow_server_control.stop()  # down while the rest of the sweep runs
-    while _finished(journal) < N - 1 and time.time() < deadline and driver.poll() is None:
+    while finished_count(results) < N - 1 and time.time() < deadline and driver.poll() is None:
         time.sleep(0.3)
     mlflow_server_control.start()
     out, _ = driver.communicate(timeout=600)
