@@ -19,13 +19,13 @@ DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
 TOKENIZERS = ("byte", "bpe")
 
 
-def _check(ok: bool, path: str, rule: str, value: Any) -> None:
+def check_field(ok: bool, path: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{path}: {rule} (got {value!r})")
 
 
-def _choice(path: str, value: Any, allowed: tuple) -> None:
-    _check(value in allowed, path, f"must be one of {', '.join(allowed)}", value)
+def check_choice(path: str, value: Any, allowed: tuple) -> None:
+    check_field(value in allowed, path, f"must be one of {', '.join(allowed)}", value)
 
 
 @dataclass(kw_only=True)
@@ -61,22 +61,22 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.head_dim:
-            _check(self.head_dim > 0 and self.d_model % self.head_dim == 0, "model.head_dim",
+            check_field(self.head_dim > 0 and self.d_model % self.head_dim == 0, "model.head_dim",
                    f"must divide model.d_model={self.d_model}", self.head_dim)
             self.n_heads = self.d_model // self.head_dim
         for name in ("d_model", "n_layers", "n_heads", "seq_len", "dim_model_base"):
-            _check(getattr(self, name) > 0, f"model.{name}", "must be > 0", getattr(self, name))
-        _check(self.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = 8/3·d_model)", self.d_ff)
-        _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the data)", self.vocab_size)
-        _check(self.d_model % self.n_heads == 0, "model.d_model",
+            check_field(getattr(self, name) > 0, f"model.{name}", "must be > 0", getattr(self, name))
+        check_field(self.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = 8/3·d_model)", self.d_ff)
+        check_field(self.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = from the data)", self.vocab_size)
+        check_field(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}", self.d_model)
-        _check((self.d_model // self.n_heads) % 2 == 0, "model.n_heads",
+        check_field((self.d_model // self.n_heads) % 2 == 0, "model.n_heads",
                "must leave an even head dim (RoPE rotates pairs)", self.n_heads)
-        _choice("model.parametrization", self.parametrization, PARAMETRIZATIONS)
-        _choice("model.kernels", self.kernels, KERNELS)
+        check_choice("model.parametrization", self.parametrization, PARAMETRIZATIONS)
+        check_choice("model.kernels", self.kernels, KERNELS)
         for name in ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps"):
             v = getattr(self, name)
-            _check(math.isfinite(v) and v > 0, f"model.{name}", "must be a finite number > 0", v)
+            check_field(math.isfinite(v) and v > 0, f"model.{name}", "must be a finite number > 0", v)
 
     @property
     def ffn_dim(self) -> int:
@@ -100,10 +100,10 @@ class DataConfig:
     """Where prepared shards are kept; '' = ~/.cache/windtunnel/data."""
 
     def __post_init__(self) -> None:
-        _choice("data.tokenizer", self.tokenizer, TOKENIZERS)
-        _check(257 <= self.vocab_size <= 2**32 - 1, "data.vocab_size", "must be in [257, 2^32-1]", self.vocab_size)
-        _check(self.max_bytes > 0, "data.max_bytes", "must be > 0", self.max_bytes)
-        _check(0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
+        check_choice("data.tokenizer", self.tokenizer, TOKENIZERS)
+        check_field(257 <= self.vocab_size <= 2**32 - 1, "data.vocab_size", "must be in [257, 2^32-1]", self.vocab_size)
+        check_field(self.max_bytes > 0, "data.max_bytes", "must be > 0", self.max_bytes)
+        check_field(0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
 
 
 @dataclass(kw_only=True)
@@ -119,12 +119,12 @@ class OptimConfig:
     """Clip each trial's global gradient norm; 0 = off."""
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "must be a finite number > 0", self.lr)
-        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
+        check_field(math.isfinite(self.lr) and self.lr > 0, "optim.lr", "must be a finite number > 0", self.lr)
+        check_field(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0", self.weight_decay)
         for name in ("beta1", "beta2"):
-            _check(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)", getattr(self, name))
-        _check(self.eps > 0, "optim.eps", "must be > 0", self.eps)
-        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", self.grad_clip)
+            check_field(0 <= getattr(self, name) < 1, f"optim.{name}", "must be in [0, 1)", getattr(self, name))
+        check_field(self.eps > 0, "optim.eps", "must be > 0", self.eps)
+        check_field(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", self.grad_clip)
 
 
 @dataclass(kw_only=True)
@@ -141,13 +141,13 @@ class ScheduleConfig:
     """lr at the end of the decay, as a fraction of the peak."""
 
     def __post_init__(self) -> None:
-        _choice("schedule.kind", self.kind, SCHEDULES)
-        _choice("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
-        _check(0 <= self.warmup < 1, "schedule.warmup", "must be in [0, 1)", self.warmup)
-        _check(0 <= self.decay <= 1, "schedule.decay", "must be in [0, 1]", self.decay)
-        _check(self.warmup + (self.decay if self.kind == "wsd" else 0) <= 1, "schedule.warmup",
+        check_choice("schedule.kind", self.kind, SCHEDULES)
+        check_choice("schedule.decay_shape", self.decay_shape, DECAY_SHAPES)
+        check_field(0 <= self.warmup < 1, "schedule.warmup", "must be in [0, 1)", self.warmup)
+        check_field(0 <= self.decay <= 1, "schedule.decay", "must be in [0, 1]", self.decay)
+        check_field(self.warmup + (self.decay if self.kind == "wsd" else 0) <= 1, "schedule.warmup",
                "warmup + decay must be <= 1", self.warmup)
-        _check(0 < self.final_lr_frac <= 1, "schedule.final_lr_frac", "must be in (0, 1]", self.final_lr_frac)
+        check_field(0 < self.final_lr_frac <= 1, "schedule.final_lr_frac", "must be in (0, 1]", self.final_lr_frac)
 
 
 @dataclass(kw_only=True)
@@ -181,14 +181,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "eval_batches"):
-            _check(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
+            check_field(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
-            _check(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
-        _check(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
+            check_field(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        check_field(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
                "must be auto, cpu, cuda or cuda:N", self.device)
         for name in ("save_at", "branch_at"):
             for t in getattr(self, name):
-                _check(0 < t <= self.tokens, f"train.{name}", f"token counts must be in (0, train.tokens={self.tokens}]", t)
+                check_field(0 < t <= self.tokens, f"train.{name}", f"token counts must be in (0, train.tokens={self.tokens}]", t)
 
 
 @dataclass(kw_only=True)

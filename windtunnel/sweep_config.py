@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from windtunnel.config import SECTIONS, TrialConfig, _check, _choice, trial_from_dict, with_overrides
+from windtunnel.config import SECTIONS, TrialConfig, check_field, check_choice, trial_from_dict, with_overrides
 from windtunnel.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
@@ -36,8 +36,8 @@ class SamplerConfig:
     n_startup_trials: int = 10
 
     def __post_init__(self) -> None:
-        _choice("sampler.type", self.type, SAMPLERS)
-        _check(self.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0", self.n_startup_trials)
+        check_choice("sampler.type", self.type, SAMPLERS)
+        check_field(self.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0", self.n_startup_trials)
 
 
 @dataclass(kw_only=True)
@@ -50,8 +50,8 @@ class PrunerConfig:
     reduction_factor: int = 3
 
     def __post_init__(self) -> None:
-        _choice("pruner.type", self.type, PRUNERS)
-        _check(self.reduction_factor >= 2, "pruner.reduction_factor", "must be >= 2", self.reduction_factor)
+        check_choice("pruner.type", self.type, PRUNERS)
+        check_field(self.reduction_factor >= 2, "pruner.reduction_factor", "must be >= 2", self.reduction_factor)
 
 
 @dataclass(kw_only=True)
@@ -90,19 +90,19 @@ class ExecutorConfig:
     """slurm: seconds between `squeue` looks at the sweep's jobs (never sacct; submitit issue 1759)."""
 
     def __post_init__(self) -> None:
-        _choice("executor.type", self.type, EXECUTORS)
+        check_choice("executor.type", self.type, EXECUTORS)
         for name in ("workers", "retries", "threads_per_worker", "time_min", "array_parallelism"):
-            _check(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
-        _check(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
-        _check(self.cpus_per_trial > 0, "executor.cpus_per_trial", "must be > 0", self.cpus_per_trial)
+            check_field(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
+        check_field(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
+        check_field(self.cpus_per_trial > 0, "executor.cpus_per_trial", "must be > 0", self.cpus_per_trial)
         for name in ("max_requeues", "gpus_per_job", "mem_gb", "checkpoint_every"):
-            _check(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
-        _check(self.cpus_per_job >= 1, "executor.cpus_per_job", "must be >= 1", self.cpus_per_job)
-        _check(isinstance(self.sbatch_extra, dict), "executor.sbatch_extra", "must be a mapping of sbatch flags",
+            check_field(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
+        check_field(self.cpus_per_job >= 1, "executor.cpus_per_job", "must be >= 1", self.cpus_per_job)
+        check_field(isinstance(self.sbatch_extra, dict), "executor.sbatch_extra", "must be a mapping of sbatch flags",
                self.sbatch_extra)
-        _check(self.poll_s >= 1, "executor.poll_s", "must be >= 1 (squeue is shared by everyone)", self.poll_s)
+        check_field(self.poll_s >= 1, "executor.poll_s", "must be >= 1 (squeue is shared by everyone)", self.poll_s)
         if self.type == "slurm":
-            _check(self.time_min >= 1, "executor.time_min", "must be >= 1 for slurm", self.time_min)
+            check_field(self.time_min >= 1, "executor.time_min", "must be >= 1 for slurm", self.time_min)
 
 
 @dataclass(kw_only=True)
@@ -119,7 +119,7 @@ class PopulationConfig:
 
     def __post_init__(self) -> None:
         ok = self.size == "auto" or (isinstance(self.size, int) and self.size >= 1)
-        _check(ok, "population.size", "must be an integer >= 1 or auto", self.size)
+        check_field(ok, "population.size", "must be an integer >= 1 or auto", self.size)
 
 
 @dataclass(kw_only=True)
@@ -141,9 +141,9 @@ class SweepConfig(TrialConfig):
     population: PopulationConfig = field(default_factory=PopulationConfig)
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "name", "must be set", self.name)
-        _check(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
-        _choice("objective", self.objective, ("final_val_loss",))
+        check_field(bool(self.name), "name", "must be set", self.name)
+        check_field(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
+        check_choice("objective", self.objective, ("final_val_loss",))
 
     @property
     def trial(self) -> TrialConfig:
