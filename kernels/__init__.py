@@ -1,6 +1,6 @@
 """Triton kernels with their PyTorch references, chosen in one place.
 
-`select(kind, device)` returns the four ops the model calls. Each op lives in its own file with
+`select(kind, device)` returns the four ops the model calls and the optimizer's update. Each op lives in its own file with
 its pure-PyTorch reference beside the Triton kernels (the reference is what `select("torch")`
 returns; the tests and the benchmark import it from there):
 
@@ -11,6 +11,7 @@ returns; the tests and the benchmark import it from there):
   `rope_cos_sin` are the one source of RoPE for the model too.
 - `linear_cross_entropy.py`: LM head + cross-entropy in row chunks, μP logit scale folded in,
   one loss per stacked trial.
+- `adamw.py`: AdamW's update for stacked trials in one pass, per-trial clipping folded in.
 """
 from __future__ import annotations
 
@@ -22,19 +23,21 @@ import torch
 
 from windtunnel.errors import ConfigError
 
-from . import attention, linear_cross_entropy, rms_norm, swiglu
+from . import adamw, attention, linear_cross_entropy, rms_norm, swiglu
 
 KINDS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
 class Ops:
-    """The model's four kernel entry points (see each module for shapes and formulas)."""
+    """The model's four kernel entry points and the optimizer's update (see each module for
+    shapes and formulas)."""
 
     rms_norm: Callable
     swiglu: Callable
     attention: Callable
     linear_cross_entropy: Callable
+    adamw: Callable
 
 
 TORCH_OPS = Ops(
@@ -42,6 +45,7 @@ TORCH_OPS = Ops(
     swiglu=swiglu.swiglu_reference,
     attention=attention.attention_reference,
     linear_cross_entropy=linear_cross_entropy.linear_cross_entropy_reference,
+    adamw=adamw.adamw_reference,
 )
 
 
@@ -50,6 +54,7 @@ TRITON_OPS = Ops(
     swiglu=swiglu.swiglu,
     attention=attention.attention,
     linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
+    adamw=adamw.adamw,
 )
 
 

@@ -273,6 +273,43 @@ def bench_train_step(d, K):
         del model, params
 
 
+def bench_trainer_step(d, steps=30):
+    """The whole training step of one reference trial as the trainer runs it (data, forward,
+    backward, clipping, AdamW; host included, synchronised once at the end), against eager
+    PyTorch: PyTorch's ops, no graph."""
+    try:
+        from windtunnel.bench.population import reference_trial
+        from windtunnel.config import with_overrides
+        from windtunnel.trainer import Population
+    except ImportError as e:
+        print(f"trainer step skipped: {e}", flush=True)
+        return
+    shape = f"K=1 x {SEQS}x{SEQ_LEN} tokens, d {d}, {LAYERS} layers, data+fwd+bwd+clip+AdamW"
+    flops = None
+    for impl, kernels, graph in (("eager PyTorch", "torch", False), ("triton", "triton", False),
+                                 ("triton + CUDA graph", "triton", True)):
+        row = {"kernel": "trainer step", "impl": impl, "shape": shape, "device": _device_name()}
+        try:
+            pop = Population([with_overrides(reference_trial(d, kernels=kernels), {"train.cuda_graph": graph})])
+            flops = pop.model.flops_per_token() * pop.tokens_per_step
+            for _ in range(5):  # warm-up: autotuning, the graph's recording
+                pop.train_step(pop.lr_factors())
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                pop.train_step(pop.lr_factors())
+            torch.cuda.synchronize()
+            row["ms"] = round(1000 * (time.perf_counter() - t0) / steps, 4)
+            row["tflops"] = round(flops / row["ms"] / 1e9, 1)
+            del pop
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        gc.collect()
+        torch.cuda.empty_cache()
+        ROWS.append(row)
+        print(json.dumps(row), flush=True)
+
+
 def _ratio(kernel, shape_sub, a, b, key="ms"):
     def get(impl):
         for r in ROWS:
@@ -335,6 +372,12 @@ def write(out_dir, argv, started):
                 if "ms_graph" in a and "ms_graph" in b:
                     line += f"; both as CUDA graphs {b['ms_graph'] / a['ms_graph']:.2f}x"
                 lines.append(line)
+    for d in (256, 512):
+        t = _ratio("trainer step", f"d {d},", "eager PyTorch", "triton + CUDA graph")
+        t0 = _ratio("trainer step", f"d {d},", "eager PyTorch", "triton")
+        if t:
+            lines.append(f"- trainer step d={d} K=1 (data+fwd+bwd+clip+AdamW, host included): eager PyTorch / "
+                         f"Triton + CUDA graph = {t:.2f}x (goal >= 1.5)" + (f"; Triton without the graph {t0:.2f}x" if t0 else ""))
     with open(os.path.join(out_dir, "kernels.md.tmp"), "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(os.path.join(out_dir, "kernels.md.tmp"), os.path.join(out_dir, "kernels.md"))
@@ -345,7 +388,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="results/bench")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows (slow to compile)")
-    p.add_argument("--only", default="", help="comma list of: rms_norm, swiglu, attention, linear_ce, train_step")
+    p.add_argument("--only", default="", help="comma list of: rms_norm, swiglu, attention, linear_ce, train_step, trainer_step")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench: needs a CUDA GPU")
@@ -359,7 +402,8 @@ def main(argv=None):
                                  ("swiglu", lambda: bench_swiglu(d, K, not args.no_compile)),
                                  ("attention", lambda: bench_attention(d, K)),
                                  ("linear_ce", lambda: bench_linear_ce(d, K, not args.no_compile)),
-                                 ("train_step", lambda: bench_train_step(d, K))):
+                                 ("train_step", lambda: bench_train_step(d, K)),
+                                 ("trainer_step", lambda: bench_trainer_step(d) if K == 1 else None)):
                     if not only or name in only:
                         fn()
                         torch.cuda.empty_cache()

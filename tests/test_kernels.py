@@ -166,11 +166,59 @@ def test_linear_cross_entropy_trials_stay_apart(ops, monkeypatch):
     _check("grad_w[1]", gw[1:], gw1)
 
 
-def test_rms_norm_trials_stay_apart(ops):
+@pytest.mark.parametrize("x_shape,w_shape", [((17, 37), (37,)), ((2, 9, 300), (300,)), ((3, 2, 50, 33), (3, 33)),
+                                             ((5, 70, 100), (5, 100)), ((2, 100, 256), (2, 256))])
+def test_rms_norm_scale(ops, x_shape, w_shape):
+    """h = residual + scale[k] * x: ragged row blocks, several programs adding into one dw row, K >= 3."""
+    torch.manual_seed(hash(x_shape) % 2**31)
+    x, w, r = _leaf(*x_shape), _leaf(*w_shape, scale=0.5), _leaf(*x_shape)
+    s = torch.rand(w_shape[0] if len(w_shape) == 2 else 1) * 2 + 0.1  # a buffer: no gradient
+    _compare("rms_norm+res*scale", lambda x, w, r: ops.rms_norm(x, w, 1e-6, residual=r, scale=s),
+             lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-6, residual=r, scale=s), (x, w, r))
+
+
+# fp16 (numpy's own type, rounded to nearest in the interpreter as on a GPU; its bf16 is not).
+@pytest.mark.parametrize("x_dtype,r_dtype,w_dtype", [(torch.float16, torch.float32, torch.float32),
+                                                     (torch.float32, torch.float16, torch.float16)])
+@pytest.mark.parametrize("scale", [False, True])
+def test_rms_norm_mixed_dtypes(ops, x_dtype, r_dtype, w_dtype, scale):
+    """h and y take the residual's dtype, dx x's, dresidual the residual's, dw w's."""
+    torch.manual_seed(11 + scale)
+    x, r = torch.randn(3, 40, 100).to(x_dtype).requires_grad_(), torch.randn(3, 40, 100).to(r_dtype).requires_grad_()
+    w = (torch.randn(3, 100) * 0.5).to(w_dtype).requires_grad_()
+    s = torch.rand(3) + 0.5 if scale else None
+    out = ops.rms_norm(x, w, 1e-6, residual=r, scale=s)
+    ref = K.TORCH_OPS.rms_norm(x, w, 1e-6, residual=r, scale=s)
+    seed = [torch.randn_like(o) for o in ref]
+    # the reference rounds g_h to the residual's dtype before scaling it: an fp16 ulp (~1e-3 at 1) apart
+    for name, a, b in zip(("y", "h", "dx", "dw", "dresidual"), (*out, *_grads(out, (x, w, r), seed)),
+                          (*ref, *_grads(ref, (x, w, r), seed))):
+        assert a.dtype == b.dtype, f"{name}: {a.dtype} != {b.dtype}"
+        _check(name, a.float(), b.float(), rtol=2e-3, atol=1e-3)
+
+
+def test_rms_norm_scale_needs_residual(ops):
+    x, w = torch.randn(2, 5, 8), torch.randn(2, 8)
+    for f in (ops.rms_norm, K.TORCH_OPS.rms_norm):
+        with pytest.raises(ValueError) as err:
+            f(x, w, 1e-6, scale=torch.ones(2))
+        assert str(err.value) == "rms_norm: scale needs residual (it scales x, the branch added to the residual)"
+        with pytest.raises(ValueError, match=r"rms_norm: scale \(3,\) must be \(2,\)"):
+            f(x, w, 1e-6, residual=x, scale=torch.ones(3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_rms_norm_trials_stay_apart(ops, fused):
     x, w = torch.randn(2, 5, 24), torch.randn(2, 24)
     x[0, 1, 1] = float("nan")
-    x, w = x.requires_grad_(), w.requires_grad_()
-    y = ops.rms_norm(x, w, 1e-6)
-    gx, gw = torch.autograd.grad(y.sum(), (x, w))
-    for t in (y[1], gx[1], gw[1]):
+    x, w, r = x.requires_grad_(), w.requires_grad_(), torch.randn(2, 5, 24, requires_grad=True)
+    if fused:
+        y, h = ops.rms_norm(x, w, 1e-6, residual=r, scale=torch.tensor([0.5, 2.0]))
+        gx, gw, gr = torch.autograd.grad(y.sum() + h.sum(), (x, w, r))
+        checked = (y[1], h[1], gx[1], gw[1], gr[1])
+    else:
+        y = ops.rms_norm(x, w, 1e-6)
+        gx, gw = torch.autograd.grad(y.sum(), (x, w))
+        checked = (y[1], gx[1], gw[1])
+    for t in checked:
         assert torch.isfinite(t).all()

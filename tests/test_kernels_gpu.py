@@ -75,6 +75,18 @@ def test_rms_norm(ops, dtype, x_shape, w_shape, residual):
                  (x, w), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype,r_dtype", [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+                                           (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("x_shape,w_shape", [((5, 1000, 512), (512,)), ((3, 2, 333, 250), (3, 250))])
+def test_rms_norm_scale(ops, dtype, r_dtype, x_shape, w_shape):
+    """h = residual + scale[k] * x, x's and the residual's dtypes equal or not."""
+    x, w, r = _leaf(x_shape, dtype), _leaf(w_shape, torch.float32, 0.5), _leaf(x_shape, r_dtype)
+    s = torch.rand(w_shape[0] if len(w_shape) == 2 else 1, device="cuda") + 0.5
+    tol = TOL.get(dtype, TOL.get(r_dtype))
+    _compare("rms_norm+res*scale", lambda x, w, r: ops.rms_norm(x, w, 1e-5, residual=r, scale=s),
+             lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-5, residual=r, scale=s), (x, w, r), tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu(ops, dtype):
     g, u = _leaf((3, 1000, 683), dtype, 2.0), _leaf((3, 1000, 683), dtype)

@@ -178,6 +178,10 @@ class TrainConfig:
     """WSD branches: token counts where decays start. The trial runs the stable phase once,
     saving its state at each, then decays `schedule.decay` of each branch's length from it."""
     compile: bool = False
+    """torch.compile the model (PyTorch's kernels fused by Inductor instead of the Triton set)."""
+    cuda_graph: bool = True
+    """On CUDA without compile: record the training step once as a CUDA graph and replay it, so
+    small trials are not bound by the host launching kernels."""
 
     def __post_init__(self) -> None:
         for name in ("tokens", "batch_size", "eval_batches"):

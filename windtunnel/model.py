@@ -72,11 +72,23 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, K)
         self.eps = cfg.norm_eps
 
-    def forward(self, h, res_mult, B: int, cos, sin, ops: Ops):
-        """h: (K, N, C) residual stream; res_mult: (K, 1, 1) μP residual-branch scale."""
-        a = self.attn(ops.rms_norm(h, self.attn_norm, self.eps), B, cos, sin, ops)
-        y, h = ops.rms_norm(a * res_mult, self.mlp_norm, self.eps, residual=h)  # h += branch; y = norm(h)
-        return h + self.mlp(y, ops) * res_mult
+    def forward(self, h, pending, res_mult, B: int, cos, sin, ops: Ops):
+        """h: (K, N, C) residual stream without `pending`, the previous block's branch output
+        (None for the first block). Returns (this block's input, the stream after attention,
+        the MLP branch still to be added)."""
+        x, h = add_norm(h, pending, self.attn_norm, res_mult, self.eps, ops)
+        block_input = h
+        y, h = add_norm(h, self.attn(x, B, cos, sin, ops), self.mlp_norm, res_mult, self.eps, ops)
+        return block_input, h, self.mlp(y, ops)
+
+
+def add_norm(h, branch, weight, res_mult, eps: float, ops: Ops):
+    """h += res_mult · branch (μP's residual-branch scale, per trial), then y = RMSNorm(h): one
+    kernel, so the stream stays in its own dtype (bf16 under autocast) and is read once.
+    Returns (y, h)."""
+    if branch is None:
+        return ops.rms_norm(h, weight, eps), h
+    return ops.rms_norm(branch, weight, eps, residual=h, scale=res_mult)
 
 
 class Transformer(nn.Module):
@@ -134,14 +146,20 @@ class Transformer(nn.Module):
         offsets = (torch.arange(K, device=idx.device) * V).view(K, 1, 1)
         x = nn.functional.embedding((idx + offsets).view(K, B * T), self.wte.view(K * V, -1))
         x = x * self.emb_mult.view(K, 1, 1)
+        if torch.is_autocast_enabled(x.device.type):  # the residual stream in autocast's dtype
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = self._rope(T)
         ops = self.ops(idx.device)
-        outs, h = [], x
-        res = self.res_mult.view(K, 1, 1)
-        for block in self.layers:
-            h = block(h, res, B, cos, sin, ops)
-            outs.append(h)
-        return x, outs, ops.rms_norm(h, self.norm, self.cfg.norm_eps)
+        # Each branch is added by the next norm (add_norm), so a block's output exists first
+        # inside the next block.
+        outs, h, pending = [], x, None
+        for i, block in enumerate(self.layers):
+            block_input, h, pending = block(h, pending, self.res_mult, B, cos, sin, ops)
+            if i:
+                outs.append(block_input)
+        final, h = add_norm(h, pending, self.norm, self.res_mult, self.cfg.norm_eps, ops)
+        outs.append(h)
+        return x, outs, final
 
     def head_weight(self) -> torch.Tensor:
         return self.wte if self.lm_head is None else self.lm_head

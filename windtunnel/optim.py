@@ -4,15 +4,17 @@ Each parameter has a leading trial axis. A trial's step size is its own peak lr 
 schedule factor × the μP lr multiplier of the parameter's role (windtunnel/parametrization.py,
 the one source of those multipliers); weight decay likewise. With K = 1 this is exactly
 torch.optim.AdamW with μP's parameter groups (tests/test_trainer.py checks it).
+
+Everything a step reads lives on the device (the step count too), so a CUDA graph can replay
+it; the update itself is one fused pass per parameter (windtunnel.kernels.adamw) on CUDA.
 """
 from __future__ import annotations
-
-import math
 
 import torch
 
 from windtunnel import parametrization as mup
 from windtunnel.config import TrialConfig
+from windtunnel.kernels import select
 
 
 class PopulationAdamW:
@@ -33,26 +35,23 @@ class PopulationAdamW:
         self.peak_lr = torch.tensor([c.optim.lr for c in cfgs], dtype=torch.float32, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
+        self.t = torch.zeros((), dtype=torch.float64, device=device)  # steps taken, on the device
+        self.update = select(cfgs[0].model.kernels, device).adamw
 
     @torch.no_grad()
-    def step(self, lr_factor: torch.Tensor) -> None:
-        """One AdamW step; lr_factor (K,) is each trial's schedule factor."""
+    def step(self, lr_factor: torch.Tensor, grad_scale: torch.Tensor | None = None) -> None:
+        """One AdamW step; lr_factor (K,) is each trial's schedule factor, grad_scale (K,) its
+        gradient clipping factor (clip_scale_per_trial)."""
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        grads = [p.grad for p in self.params]
-        torch._foreach_lerp_(self.exp_avg, grads, 1 - b1)
-        torch._foreach_mul_(self.exp_avg_sq, b2)
-        torch._foreach_addcmul_(self.exp_avg_sq, grads, grads, value=1 - b2)
+        bc1 = 1 - self.beta1 ** self.t
+        bc2_rsqrt = (1 - self.beta2 ** self.t).rsqrt().float()
         lr = self.peak_lr * lr_factor  # (K,)
-        step_size = (lr * self.lr_mult) / bc1  # (P, K)
+        step_size = (lr * self.lr_mult) / bc1.float()  # (P, K)
         decay = 1 - lr * self.lr_mult * self.wd  # decoupled: scaled by the group's lr, as AdamW does
-        for i, p in enumerate(self.params):
-            shape = (-1,) + (1,) * (p.ndim - 1)
-            denom = (self.exp_avg_sq[i].sqrt() / math.sqrt(bc2)).add_(self.eps)
-            p.mul_(decay[i].view(shape))
-            p.sub_(self.exp_avg[i] / denom * step_size[i].view(shape))
+        if grad_scale is None:
+            grad_scale = torch.ones_like(lr)
+        self.update(self.params, [p.grad for p in self.params], self.exp_avg, self.exp_avg_sq,
+                    step_size, decay, grad_scale, bc2_rsqrt, self.beta1, self.beta2, self.eps)
 
     @torch.no_grad()
     def compact(self, idx: torch.Tensor) -> None:
@@ -62,21 +61,19 @@ class PopulationAdamW:
         self.lr_mult, self.wd, self.peak_lr = self.lr_mult[:, idx], self.wd[:, idx], self.peak_lr[idx]
 
     def state_dict(self) -> dict:
-        return {"t": self.t, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
+        return {"t": int(self.t.item()), "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
 
     def load_state_dict(self, state: dict) -> None:
-        self.t = state["t"]
+        self.t.fill_(state["t"])
         for dst, src in zip(self.exp_avg + self.exp_avg_sq, state["exp_avg"] + state["exp_avg_sq"]):
             dst.copy_(src.expand_as(dst))  # a K=1 state broadcasts into a population of branches
 
 
 @torch.no_grad()
-def clip_grad_norm_per_trial(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
-    """Clip each trial's global gradient norm separately; returns the (K,) norms before clipping."""
-    sq = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in params)
-    norm = sq.sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in params:
-            p.grad.mul_(scale.view((-1,) + (1,) * (p.ndim - 1)).to(p.grad.dtype))
-    return norm
+def clip_scale_per_trial(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Each trial's gradient clipping factor (K,), min(1, max_norm / its global grad norm); the
+    optimizer applies it in its update, sparing a pass over the gradients."""
+    norm = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in params).sqrt()
+    if max_norm <= 0:
+        return torch.ones_like(norm)
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -4,6 +4,10 @@ A population stacks K trials on a leading axis (windtunnel/model.py). Each trial
 init seed, data stream, hyperparameters, schedule, loss and status; the only things shared are
 shapes and kernels. A trial that diverges or is pruned leaves the stack: weights, optimizer
 state and multipliers are compacted to the live trials, so it frees its compute at once.
+
+On CUDA the whole step (forward, backward, clipping, AdamW) is recorded once as a CUDA graph
+and replayed: a one-trial step launches hundreds of small kernels, and the host launching them
+would otherwise set the pace. A change of the stack's shape (a trial leaving) records it anew.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from windtunnel import data as data_mod
 from windtunnel.config import TrialConfig, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer, count_params
-from windtunnel.optim import PopulationAdamW, clip_grad_norm_per_trial
+from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
 from windtunnel.schedule import lr_factor
 
 # Fields that may differ between trials of one population; everything else must match.
@@ -115,9 +119,13 @@ class Population:
                                                             c0.model.seq_len))
         self.ln_vocab = math.log(vocab)
         self.diverge_at: list[float | None] = [c.train.diverge_loss or None for c in cfgs]
-        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            else torch.autocast("cpu", enabled=False)
+        # no autocast cache: a cached cast made inside a graph capture would outlive it
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False) \
+            if self.device.type == "cuda" else torch.autocast("cpu", enabled=False)
         self.forward = torch.compile(self.model) if c0.train.compile else self.model
+        self.use_graph = c0.train.cuda_graph and not c0.train.compile and self.device.type == "cuda"
+        self.graph = None  # (torch.cuda.CUDAGraph, static batch, static factors, static loss)
+        self.eager_steps = 0  # eager steps since the stack last changed shape (the graph's warm-up)
         if c0.train.init_from:
             self._load(Path(c0.train.init_from), branch=True)
 
@@ -169,6 +177,7 @@ class Population:
         self.model.K = len(keep)
         self.opt.compact(idx)
         self.live = [self.live[i] for i in keep]
+        self.graph, self.eager_steps = None, 0
 
     def _remove(self, trials: dict[int, tuple[str, str]]) -> None:
         """Trials that diverged or were pruned leave the stack: {trial: (status, reason)}."""
@@ -178,12 +187,12 @@ class Population:
             self._compact([i for i, t in enumerate(self.live) if t not in trials])
 
     # -- data and evaluation ----------------------------------------------------------------
-    def _batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self) -> torch.Tensor:
+        """Each live trial's next windows from its own data stream: (K, B, T + 1) on the device."""
         c0 = self.cfgs[0]
         w = np.stack([self.shards.train_windows(self.rngs[k], c0.train.batch_size, c0.model.seq_len)
                       for k in self.live])
-        w = torch.from_numpy(w).to(self.device, non_blocking=True)  # (K, B, T+1)
-        return w[..., :-1], w[..., 1:]
+        return torch.from_numpy(w).to(self.device, non_blocking=True)
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
@@ -202,18 +211,51 @@ class Population:
         """Each live slot's schedule factor at this step."""
         return [lr_factor(self.cfgs[k].schedule, self.step, self.total_steps) for k in self.live]
 
+    def _step(self, windows: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+        """Forward, backward, clipping and AdamW: device work only, so a CUDA graph can hold it."""
+        with self.autocast:
+            loss = self.forward(windows[..., :-1], windows[..., 1:])  # (live,)
+        loss.sum().backward()  # each trial's loss reaches only its own slice of the stack
+        self.opt.step(factors, clip_scale_per_trial(self.opt.params, self.cfgs[0].optim.grad_clip))
+        return loss.detach()
+
     def train_step(self, factors: list[float]) -> torch.Tensor:
         """One optimizer step of every live trial; returns their losses (on the device)."""
-        x, y = self._batch()
-        with self.autocast:
-            loss = self.forward(x, y)  # (live,)
-        loss.sum().backward()  # each trial's loss reaches only its own slice of the stack
-        clip_grad_norm_per_trial(self.opt.params, self.cfgs[0].optim.grad_clip)
-        self.opt.step(torch.tensor(factors, device=self.device))
-        for p in self.opt.params:
-            p.grad = None
+        windows = self._batch()
+        factors = torch.tensor(factors, dtype=torch.float32).to(self.device, non_blocking=True)
         self.step += 1
-        return loss.detach()
+        if self.graph is not None:
+            graph, static_windows, static_factors, static_loss = self.graph
+            static_windows.copy_(windows)
+            static_factors.copy_(factors)
+            graph.replay()
+            return static_loss.clone()
+        if not self.use_graph:
+            loss = self._step(windows, factors)
+            for p in self.opt.params:
+                p.grad = None
+            return loss
+        # Warm-up steps run on a side stream (PyTorch's rule before capture); the third step
+        # is recorded, then replayed to take it.
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            if self.eager_steps < 2:
+                loss = self._step(windows, factors)
+                for p in self.opt.params:
+                    p.grad = None
+            else:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.empty_cache()  # the warm-up's freed blocks; the graph has its own pool
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, stream=side):
+                    static_loss = self._step(windows, factors)
+                self.graph = (graph, windows, factors, static_loss)
+                graph.replay()
+                loss = static_loss.clone()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.eager_steps += 1
+        return loss
 
     def run(self, on_eval: Callable[[int, int, float], bool] | None = None, progress: bool = False,
             on_checkpoint: Callable[[int], None] | None = None) -> list[TrialResult]:

@@ -5,6 +5,9 @@
 # here with `windtunnel data prepare stdlib --out .cache/stdlib-bpe16k --tokenizer bpe
 # --vocab-size 16384 --max-bytes 24000000`. Each stage resumes from the study it finds.
 #   bash results/windtunnel/gpu.sh bench               # results/bench/population.*
+#   bash results/windtunnel/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.kernels.bench)
+#   bash results/windtunnel/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
+#   bash results/windtunnel/gpu.sh profile [ARGS]      # where a population step's time goes
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 set -euo pipefail
@@ -17,6 +20,12 @@ stage=$1; shift
 case $stage in
   bench)
     python3 -m windtunnel.bench.population --out "$OUT" "$@" 2>&1 | tee "$OUT/population.log" ;;
+  kernels)
+    python3 -m windtunnel.kernels.bench --out "$OUT" "$@" 2>&1 | tee "$OUT/kernels.log" ;;
+  tests)
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_trainer_gpu.py tests/test_adamw_kernel.py 2>&1 | tee "$OUT/tests.log" ;;
+  profile)
+    python3 -m windtunnel.bench.profile_step "$@" 2>&1 | tee "$OUT/profile.log" ;;
   sweep)
     name=$1; shift
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study

@@ -12,7 +12,7 @@ import torch
 
 from windtunnel.bench.population import reference_trial
 from windtunnel.config import with_overrides
-from windtunnel.optim import clip_grad_norm_per_trial
+from windtunnel.optim import clip_scale_per_trial
 from windtunnel.trainer import Population
 
 
@@ -36,16 +36,16 @@ def main(argv=None) -> int:
 
     for _ in range(args.steps):
         t = time.perf_counter()
-        x, y = pop._batch()
+        w = pop._batch()
         t = lap("data", t)
         with pop.autocast:
-            loss = pop.model(x, y)
+            loss = pop.model(w[..., :-1], w[..., 1:])
         t = lap("forward", t)
         loss.sum().backward()
         t = lap("backward", t)
-        clip_grad_norm_per_trial(pop.opt.params, 1.0)
+        scale = clip_scale_per_trial(pop.opt.params, 1.0)
         t = lap("clip", t)
-        pop.opt.step(torch.ones(args.k, device=pop.device))
+        pop.opt.step(torch.ones(args.k, device=pop.device), scale)
         for q in pop.opt.params:
             q.grad = None
         lap("optimizer", t)
