@@ -1,13 +1,13 @@
 """Triton kernels with their PyTorch references, chosen in one place.
 
-`select(kind, device)` returns the four ops the model calls and the optimizer's update. Each op lives in its own file with
+`select(kind, device)` returns the ops the model calls and the optimizer's update. Each op lives in its own file with
 its pure-PyTorch reference beside the Triton kernels (the reference is what `select("torch")`
 returns; the tests and the benchmark import it from there):
 
 - `rms_norm.py`: RMSNorm, optionally fused with the residual add before it.
 - `swiglu.py`: silu(gate) * up.
 - `attention.py`: causal flash attention with RoPE fused (one pre-pass forward, the backward in
-  the dq/dk epilogues); `apply_rope` and
+  the dq/dk epilogues), and `attention_qkv` on the model's fused projection; `apply_rope` and
   `rope_cos_sin` are the one source of RoPE for the model too.
 - `linear_cross_entropy.py`: LM head + cross-entropy in row chunks, μP logit scale folded in,
   one loss per stacked trial.
@@ -30,12 +30,13 @@ KINDS = ("auto", "torch", "triton")
 
 @dataclass(frozen=True)
 class Ops:
-    """The model's four kernel entry points and the optimizer's update (see each module for
+    """The model's kernel entry points and the optimizer's update (see each module for
     shapes and formulas)."""
 
     rms_norm: Callable
     swiglu: Callable
     attention: Callable
+    attention_qkv: Callable
     linear_cross_entropy: Callable
     adamw: Callable
 
@@ -44,6 +45,7 @@ TORCH_OPS = Ops(
     rms_norm=rms_norm.rms_norm_reference,
     swiglu=swiglu.swiglu_reference,
     attention=attention.attention_reference,
+    attention_qkv=attention.attention_qkv_reference,
     linear_cross_entropy=linear_cross_entropy.linear_cross_entropy_reference,
     adamw=adamw.adamw_reference,
 )
@@ -53,6 +55,7 @@ TRITON_OPS = Ops(
     rms_norm=rms_norm.rms_norm,
     swiglu=swiglu.swiglu,
     attention=attention.attention,
+    attention_qkv=attention.attention_qkv,
     linear_cross_entropy=linear_cross_entropy.linear_cross_entropy,
     adamw=adamw.adamw,
 )

@@ -318,10 +318,12 @@ def rope_qk(q, k, cos, sin):
     return q_out, k_out
 
 
-def attention_forward(q, k, v):
+def attention_forward(q, k, v, o=None):
+    """o (B, H, T, D) and lse; o may be given, e.g. a strided view of a (B, T, H, D) buffer."""
     B, H, T, D = q.shape
     cfg = _config(D)
-    o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
+    if o is None:
+        o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
     bm, bn = cfg["fwd"]
     _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
@@ -331,9 +333,9 @@ def attention_forward(q, k, v):
     return o, lse
 
 
-def attention_backward(do, q, k, v, o, lse, cos, sin):
+def attention_backward(do, q, k, v, o, lse, cos, sin, grads=None):
     """Gradients to q, k, v; with cos/sin, q and k are the roped q', k' and dq, dk come out
-    through RoPE's transpose."""
+    through RoPE's transpose. grads: (dq, dk, dv) to write, all with the same strides."""
     B, H, T, D = q.shape
     cfg = _config(D)
     if do.stride(-1) != 1:
@@ -341,7 +343,7 @@ def attention_backward(do, q, k, v, o, lse, cos, sin):
     delta = torch.empty_like(lse)
     _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * H)](
         o, do, delta, *_strides(o), *_strides(do), H, T, HEAD_DIM=D, BLOCK_M=64)
-    dq, dk, dv = (torch.empty((B, H, T, D), dtype=t.dtype, device=t.device) for t in (q, k, v))
+    dq, dk, dv = grads or (torch.empty((B, H, T, D), dtype=t.dtype, device=t.device) for t in (q, k, v))
     rope = cos is not None
     c, s = (cos, sin) if rope else (q, q)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
@@ -375,13 +377,63 @@ class AttentionFunction(torch.autograd.Function):
         return (*attention_backward(do, q, k, v, o, lse, cos, sin), None, None)
 
 
-def attention(q, k, v, cos=None, sin=None):
-    """Triton causal attention, RoPE fused when cos/sin are given (see module doc)."""
+def _check(q, k, v, cos, sin):
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"attention: q, k, v must share one (B, H, T, D) shape, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[-1] not in HEAD_DIMS:
         raise ValueError(f"attention: head dim must be one of {HEAD_DIMS}, got {q.shape[-1]}")
     if (cos is None) != (sin is None):
         raise ValueError("attention: give both cos and sin, or neither")
-    cos, sin = _rope_tables(cos, sin, q.shape[2], q.shape[3])
+    return _rope_tables(cos, sin, q.shape[2], q.shape[3])
+
+
+def attention(q, k, v, cos=None, sin=None):
+    """Triton causal attention, RoPE fused when cos/sin are given (see module doc)."""
+    cos, sin = _check(q, k, v, cos, sin)
     return AttentionFunction.apply(q, k, v, cos, sin)
+
+
+# -- the model's layout: one (B, T, 3, H, D) projection in, (B, T, H, D) out ---------------------
+# q, k, v are strided views of the projection and o is written straight into (B, T, H, D), so
+# neither direction copies between layouts: without this, splitting the projection's gradient
+# (autograd stacks dq, dk, dv) and transposing o and dqkv cost three full passes per layer.
+
+def _split(qkv):
+    return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (B, H, T, D) views
+
+
+def attention_qkv_reference(qkv, cos=None, sin=None):
+    """Pure PyTorch: qkv (B, T, 3, H, D) -> (B, T, H, D) (attention_reference on its views)."""
+    return attention_reference(*_split(qkv), cos, sin).transpose(1, 2)
+
+
+class AttentionQKVFunction(torch.autograd.Function):
+    """As AttentionFunction, with the projection's layout in and out (see above)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin):
+        q, k, v = _split(qkv)
+        if cos is not None:
+            q, k = rope_qk(q, k, cos, sin)
+        B, T, _, H, D = qkv.shape
+        out = torch.empty((B, T, H, D), dtype=qkv.dtype, device=qkv.device)
+        o, lse = attention_forward(q, k, v, out.transpose(1, 2))
+        ctx.save_for_backward(q, k, v, o, lse, cos, sin)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, o, lse, cos, sin = ctx.saved_tensors
+        dqkv = torch.empty((*dout.shape[:2], 3, *dout.shape[2:]), dtype=q.dtype, device=q.device)
+        attention_backward(dout.transpose(1, 2), q, k, v, o, lse, cos, sin, grads=_split(dqkv))
+        return dqkv, None, None
+
+
+def attention_qkv(qkv, cos=None, sin=None):
+    """Triton causal attention on the fused projection: qkv (B, T, 3, H, D) -> (B, T, H, D)."""
+    if qkv.dim() != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"attention_qkv: qkv must be (B, T, 3, H, D), got {tuple(qkv.shape)}")
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    cos, sin = _check(*_split(qkv), cos, sin)
+    return AttentionQKVFunction.apply(qkv, cos, sin)

@@ -123,6 +123,16 @@ def test_attention_strided_inputs(ops):
     _compare("attention strided", fn, ref, tuple(base))
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_qkv(ops, rope):
+    """The model's layout: one (B, T, 3, H, D) projection in, (B, T, H, D) out, ragged T."""
+    torch.manual_seed(5 + rope)
+    qkv = _leaf(2, 37, 3, 2, 32)
+    cs = rope_cos_sin(37, 32, device="cpu") if rope else (None, None)
+    _compare(f"attention_qkv rope={rope}", ops.attention_qkv, K.TORCH_OPS.attention_qkv, (qkv,), *cs)
+    assert ops.attention_qkv(qkv, *cs).is_contiguous()  # (B, T, H, D) is a free view of (B, T, C)
+
+
 def test_apply_rope_is_a_rotation():
     x = torch.randn(2, 3, 9, 32, dtype=torch.float64)
     cos, sin = rope_cos_sin(9, 32, device="cpu", dtype=torch.float64)

@@ -109,6 +109,14 @@ def test_attention_fp16(ops):
              *rope_cos_sin(300, 64, device="cuda"))
 
 
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_qkv(ops, rope):
+    """The model's layout (B, T, 3, H, D) -> (B, T, H, D), ragged T; NaN-poisoned outputs."""
+    qkv = _leaf((4, 300, 3, 2, 64), torch.bfloat16)
+    cs = rope_cos_sin(300, 64, device="cuda") if rope else (None, None)
+    _compare(f"attention_qkv rope={rope}", ops.attention_qkv, K.TORCH_OPS.attention_qkv, (qkv,), TOL[torch.bfloat16], *cs)
+
+
 @pytest.mark.parametrize("chunk_logits", [None, 1 << 20])
 def test_linear_cross_entropy(ops, monkeypatch, chunk_logits):
     if chunk_logits:  # 21 rows a chunk: many chunks, a ragged last one

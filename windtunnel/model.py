@@ -40,11 +40,9 @@ class Attention(nn.Module):
     def forward(self, x, B: int, cos, sin, ops: Ops):
         K, N, C = x.shape
         T, H = N // B, self.n_heads
-        qkv = _matmul(x, self.wqkv).view(K * B, T, 3, H, C // H)  # (KB, T, 3, H, D)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 × (KB, H, T, D)
-        y = ops.attention(q, k, v, cos, sin)  # (KB, H, T, D)
-        y = y.transpose(1, 2).reshape(K, N, C)
-        return _matmul(y, self.wo)
+        qkv = _matmul(x, self.wqkv).view(K * B, T, 3, H, C // H)
+        y = ops.attention_qkv(qkv, cos, sin)  # (KB, T, H, D)
+        return _matmul(y.reshape(K, N, C), self.wo)
 
 
 class MLP(nn.Module):
