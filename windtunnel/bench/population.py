@@ -88,6 +88,13 @@ def main(argv=None) -> int:
     dev = device_name(torch.device("cuda"))
     rows = []
 
+    def table() -> str:
+        fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
+        lines = ["| name | d_model | trials | tokens/s | model TFLOP/s | peak GB |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['name']} | {r['d_model']} | {r['trials']} | {fmt(r['tokens_per_s'], ',.0f')} | "
+                  f"{fmt(r['tflops'], '.1f')} | {fmt(r['peak_gb'], '.1f')} |" for r in rows]
+        return "\n".join(lines)
+
     def add(name, d, k, fn):
         try:
             r = fn()
@@ -97,28 +104,24 @@ def main(argv=None) -> int:
         torch.cuda.reset_peak_memory_stats()
         rows.append({"name": name, "d_model": d, "trials": k, **r, "device": dev})
         print(json.dumps(rows[-1]), flush=True)
+        if args.out:  # after every row: a run cut short keeps what it measured
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "population.json").write_text(json.dumps(rows, indent=1))
+            (out / "population.md").write_text(
+                "# Population training throughput (one GPU)\n\n"
+                f"Command: `python -m windtunnel.bench.population --d-models {args.d_models} --ks {args.ks} "
+                f"--processes {args.processes} --steps {args.steps} --out {args.out}`\nDevice: {dev}\n\n"
+                + table() + "\n")
 
     for d in (int(x) for x in args.d_models.split(",")):
         add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch"), 1, args.steps))
         add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
-        for n in (int(x) for x in args.processes.split(",")):
+        for n in (int(x) for x in args.processes.split(",") if x):
             add("processes", d, n, lambda: _processes(d, n, args.steps))
         for k in (int(x) for x in args.ks.split(",")):
             add("population", d, k, lambda: throughput(reference_trial(d), k, args.steps))
-    fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
-    table = ["| name | d_model | trials | tokens/s | model TFLOP/s | peak GB |", "|---|---|---|---|---|---|"]
-    table += [f"| {r['name']} | {r['d_model']} | {r['trials']} | {fmt(r['tokens_per_s'], ',.0f')} | "
-              f"{fmt(r['tflops'], '.1f')} | {fmt(r['peak_gb'], '.1f')} |" for r in rows]
-    print("\n".join(table))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "population.json").write_text(json.dumps(rows, indent=1))
-        (out / "population.md").write_text(
-            "# Population training throughput (one GPU)\n\n"
-            f"Command: `python -m windtunnel.bench.population --d-models {args.d_models} --ks {args.ks} "
-            f"--processes {args.processes} --steps {args.steps} --out {args.out}`\nDevice: {dev}\n\n"
-            + "\n".join(table) + "\n")
+    print(table())
     return 0
 
 
