@@ -28,12 +28,12 @@ from windtunnel.provenance import device_name
 from windtunnel.trainer import Population
 
 
-def reference_trial(d_model: int, kernels: str = "auto", compile: bool = False) -> TrialConfig:
+def reference_trial(d_model: int, kernels: str = "auto", compile: bool = False, cuda_graph: bool = True) -> TrialConfig:
     return TrialConfig(
         model=ModelConfig(d_model=d_model, n_layers=8, head_dim=64, seq_len=512, vocab_size=16384, kernels=kernels),
         data=DataConfig(max_bytes=4_000_000),  # byte-level text; the model's vocab stays 16384
         optim=OptimConfig(lr=0.01), schedule=ScheduleConfig(kind="constant", warmup=0.0),
-        train=TrainConfig(tokens=10**9, batch_size=16, device="cuda", compile=compile))
+        train=TrainConfig(tokens=10**9, batch_size=16, device="cuda", compile=compile, cuda_graph=cuda_graph))
 
 
 def throughput(cfg: TrialConfig, K: int, steps: int, warmup: int = 3, barrier: Path | None = None) -> dict:
@@ -115,7 +115,7 @@ def main(argv=None) -> int:
                 + table() + "\n")
 
     for d in (int(x) for x in args.d_models.split(",")):
-        add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch"), 1, args.steps))
+        add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch", cuda_graph=False), 1, args.steps))
         add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
         for n in (int(x) for x in args.processes.split(",") if x):
             add("processes", d, n, lambda: _processes(d, n, args.steps))
