@@ -211,12 +211,16 @@ class Population:
         """Each live slot's schedule factor at this step."""
         return [lr_factor(self.cfgs[k].schedule, self.step, self.total_steps) for k in self.live]
 
-    def _step(self, windows: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
-        """Forward, backward, clipping and AdamW: device work only, so a CUDA graph can hold it."""
+    def _step(self, windows: torch.Tensor, factors: torch.Tensor, free_grads: bool = False) -> torch.Tensor:
+        """Forward, backward, clipping and AdamW: device work only, so a CUDA graph can hold it
+        (a recorded step keeps its gradient buffers; an eager one frees them)."""
         with self.autocast:
             loss = self.forward(windows[..., :-1], windows[..., 1:])  # (live,)
         loss.sum().backward()  # each trial's loss reaches only its own slice of the stack
         self.opt.step(factors, clip_scale_per_trial(self.opt.params, self.cfgs[0].optim.grad_clip))
+        if free_grads:
+            for p in self.opt.params:
+                p.grad = None
         return loss.detach()
 
     def train_step(self, factors: list[float]) -> torch.Tensor:
@@ -231,19 +235,14 @@ class Population:
             graph.replay()
             return static_loss.clone()
         if not self.use_graph:
-            loss = self._step(windows, factors)
-            for p in self.opt.params:
-                p.grad = None
-            return loss
+            return self._step(windows, factors, free_grads=True)
         # Warm-up steps run on a side stream (PyTorch's rule before capture); the third step
         # is recorded, then replayed to take it.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             if self.eager_steps < 2:
-                loss = self._step(windows, factors)
-                for p in self.opt.params:
-                    p.grad = None
+                loss = self._step(windows, factors, free_grads=True)
             else:
                 torch.cuda.synchronize(self.device)
                 torch.cuda.empty_cache()  # the warm-up's freed blocks; the graph has its own pool
