@@ -15,10 +15,10 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import optuna
 
+from windtunnel.bench import write_results
 from windtunnel.configure import load_sweep
 from windtunnel.search import distributions
 from windtunnel.sweep import Driver
@@ -92,10 +92,7 @@ def main(argv=None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "driver.json").write_text(json.dumps(rows, indent=1))
-        (out / "driver.md").write_text(
+        write_results(args.out, "driver", rows,
             "# Driver overhead per trial (ask + tell + tracking)\n\n"
             f"Command: `python -m windtunnel.bench.driver --trials {args.trials} --measure {args.measure} --out {args.out}`\n"
             f"Machine: {rows[0]['device']}, 2 cores.\n\n{table}\n")

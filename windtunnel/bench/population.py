@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from windtunnel.bench import write_results
 from windtunnel.config import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig,
                                with_overrides)
 from windtunnel.provenance import device_name
@@ -105,10 +106,7 @@ def main(argv=None) -> int:
         rows.append({"name": name, "d_model": d, "trials": k, **r, "device": dev})
         print(json.dumps(rows[-1]), flush=True)
         if args.out:  # after every row: a run cut short keeps what it measured
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "population.json").write_text(json.dumps(rows, indent=1))
-            (out / "population.md").write_text(
+            write_results(args.out, "population", rows,
                 "# Population training throughput (one GPU)\n\n"
                 f"Command: `python -m windtunnel.bench.population --d-models {args.d_models} --ks {args.ks} "
                 f"--processes {args.processes} --steps {args.steps} --out {args.out}`\nDevice: {dev}\n\n"
