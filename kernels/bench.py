@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .attention import apply_rope, attention, rope_cos_sin
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
-from .rms_norm import rms_norm, rms_norm_reference
+from .rms_norm import rms_norm, rms_norm_backward, rms_norm_forward, rms_norm_reference
 from .swiglu import swiglu, swiglu_reference
 
 SEQS, SEQ_LEN, VOCAB, HEAD_DIM, LAYERS = 16, 512, 16384, 64, 8
@@ -142,6 +142,17 @@ def bench_copy(shape, n_bytes):
     record("copy", "torch", shape, lambda: dst.copy_(src), (), bytes_=n_bytes)
 
 
+def bench_copy_pair(a, b):
+    """Two copies in one graph, moving a then b bytes: the ceiling for an op done in two launches."""
+    srcs = [torch.randn(n // 4, device="cuda", dtype=torch.bfloat16) for n in (a, b)]
+    dsts = [torch.empty_like(s) for s in srcs]
+
+    def run():
+        for s, t in zip(srcs, dsts):
+            t.copy_(s)
+    record("copy", "torch, 2 launches", f"{a / 1e6:.0f} + {b / 1e6:.0f} MB", run, (), bytes_=a + b)
+
+
 def bench_rms_norm(d, K, use_compile):
     N = SEQS * SEQ_LEN
     shape = f"x ({K}, {N}, {d}) bf16, w ({K}, {d}) fp32"
@@ -156,6 +167,16 @@ def bench_rms_norm(d, K, use_compile):
         record("rms_norm", impl, shape, _fwd_bwd(lambda x, w: f(x, w, 1e-5), (x, w)), (x, w), bytes_=plain)
         record("rms_norm+residual", impl, shape, _fwd_bwd(lambda x, w, r: f(x, w, 1e-5, residual=r), (x, w, r)),
                (x, w, r), bytes_=fused)
+    # Plain RMSNorm is two launches, a copy one: each phase against a copy of its own bytes, and
+    # fwd + bwd against two copies in one graph (each launch has a fixed cost that small tensors show).
+    xd, wd, dy = x.detach(), w.detach(), torch.randn_like(x)
+    dw = torch.zeros(K, d, device="cuda")
+    bench_copy(f"{2 * e / 1e6:.0f} MB", 2 * e)
+    record("rms_norm fwd", "triton", shape, lambda: rms_norm_forward(xd, wd, 1e-5, zero_dw=True), (), bytes_=2 * e)
+    bench_copy(f"{3 * e / 1e6:.0f} MB", 3 * e)
+    record("rms_norm bwd", "triton", shape,
+           lambda: rms_norm_backward(dy, None, xd.reshape(-1, d), wd, 1e-5, dw=dw), (), bytes_=3 * e)
+    bench_copy_pair(2 * e, 3 * e)
     if K == 1:  # Liger takes one (C,) weight
         lr, lar = _liger("liger_rms_norm"), _liger("liger_fused_add_rms_norm")
         w1 = w[0].detach().requires_grad_()
@@ -349,7 +370,8 @@ def write(out_dir, argv, started):
                     r = _ratio("attention", tag, a, b, key)
                     if r:
                         lines.append(f"- attention d={d} K={K}: {a} / {b} {key} = {r:.2f} (goal <= 1)")
-            for kern, sub in (("rms_norm", f"x ({K}, {SEQS * SEQ_LEN}, {d})"), ("rms_norm+residual", f"x ({K}, {SEQS * SEQ_LEN}, {d})"),
+            for kern, sub in (("rms_norm", f"x ({K}, {SEQS * SEQ_LEN}, {d})"), ("rms_norm fwd", f"x ({K}, {SEQS * SEQ_LEN}, {d})"),
+                              ("rms_norm bwd", f"x ({K}, {SEQS * SEQ_LEN}, {d})"), ("rms_norm+residual", f"x ({K}, {SEQS * SEQ_LEN}, {d})"),
                               ("swiglu", f"({K}, {SEQS * SEQ_LEN}, {64 * -(-8 * d // (3 * 64))})")):
                 tr = next((x for x in ROWS if x["kernel"] == kern and x["impl"] == "triton" and sub in x["shape"] and "gbps" in x), None)
                 if tr:
@@ -357,6 +379,10 @@ def write(out_dir, argv, started):
                     cp = next((x for x in reversed(ROWS[:idx]) if x["kernel"] == "copy"), None)
                     if cp:
                         lines.append(f"- {kern} d={d} K={K}: {tr['gbps']} GB/s = {tr['gbps'] / cp['gbps']:.0%} of copy (goal >= 85%)")
+                    pair = next((x for x in ROWS[idx:] if x["impl"] == "torch, 2 launches" and "gbps" in x), None)
+                    if kern == "rms_norm" and pair:
+                        lines.append(f"- rms_norm d={d} K={K}: fwd + bwd = {tr['gbps'] / pair['gbps']:.0%} of two copies "
+                                     "moving the forward's then the backward's bytes in one graph")
             sub = f"h ({K}, {SEQS * SEQ_LEN}, {d})"
             t, te, m = (_ratio("linear_cross_entropy", sub, "triton (fused)", "eager (unfused)", key)
                         for key in ("ms_graph", "ms", "peak_mem_gb"))

@@ -21,10 +21,13 @@ import triton
 import triton.language as tl
 
 # Launch heuristics: fixed numbers, no autotuning (the same launches every run, graph-capturable).
-# Chosen on an H100 (fwd+bwd as CUDA graphs, bf16 x (1 | 16, 8192, 256 | 512)); tune them there.
+# Chosen on an H100 with `python -m windtunnel.kernels.tune_rms_norm` (each phase as a CUDA graph,
+# bf16 x (1 | 16, 8192, 256 | 512)): no one setting is best at every shape; these are within 4% of
+# the best at each.
 FWD_TILE = 2048  # forward elements per program: rows per program = FWD_TILE // next_pow2(C), 1 to 64
 BWD_TILE = 2048  # backward elements per step of a program's row loop, likewise
-ELEMS_PER_THREAD = 32  # warps = tile // (32 * ELEMS_PER_THREAD), 1 to 16: fewer warps, cheaper dw reduction
+FWD_ELEMS_PER_THREAD = 16  # warps = tile // (32 * elements per thread), 1 to 16
+BWD_ELEMS_PER_THREAD = 32  # likewise in the backward: fewer warps, cheaper dw reduction
 BWD_PROGRAMS_PER_SM = 2  # backward programs per SM at least: each ends in a costly dw reduction + atomic add
 BWD_MAX_STEPS = 16  # more backward programs when each would walk more row blocks than this
 BWD_STAGES = 3  # software-pipelining depth of the backward's row loop (num_stages)
@@ -123,11 +126,11 @@ def _rms_norm_bwd_kernel(
     tl.atomic_add(DW_ptr + k * n_cols + cols, tl.sum(dw, axis=0), mask=cmask, sem="relaxed")
 
 
-def _config(n_cols, tile):
+def _config(n_cols, tile, elems_per_thread):
     """(BLOCK_SIZE, BLOCK_ROWS, num_warps) for rows of n_cols and about `tile` elements a step."""
     block = triton.next_power_of_2(n_cols)
     rows = max(1, min(64, tile // block))
-    return block, rows, max(1, min(16, block * rows // (32 * ELEMS_PER_THREAD)))
+    return block, rows, max(1, min(16, block * rows // (32 * elems_per_thread)))
 
 
 def _as_rows(t, n_cols):
@@ -171,7 +174,7 @@ def rms_norm_forward(x, weight, eps, residual=None, scale=None, zero_dw=False):
         r2 = h = x2
     y = torch.empty_like(h)
     dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if zero_dw else None
-    block, block_rows, warps = _config(n_cols, FWD_TILE)
+    block, block_rows, warps = _config(n_cols, FWD_TILE, FWD_ELEMS_PER_THREAD)
     grid = max(triton.cdiv(n_rows, block_rows), n_groups if zero_dw else 1)  # program k zeroes dw[k]
     _rms_norm_fwd_kernel[(grid,)](
         y, y.stride(0), h, h.stride(0), x2, x2.stride(0), r2, r2.stride(0),
@@ -200,7 +203,7 @@ def rms_norm_backward(dy, dh, h, weight, eps, scale=None, x_dtype=None, dw=None)
     rows_per_w = n_rows // n_groups
     dy = _as_rows(dy, n_cols)
     dh = _as_rows(dh, n_cols) if dh is not None else None
-    block, block_rows, warps = _config(n_cols, BWD_TILE)
+    block, block_rows, warps = _config(n_cols, BWD_TILE, BWD_ELEMS_PER_THREAD)
     blocks = triton.cdiv(rows_per_w, block_rows)  # row blocks per trial
     n_p = max(1, min(blocks, max(_sm_count(h.device) * BWD_PROGRAMS_PER_SM // n_groups, triton.cdiv(blocks, BWD_MAX_STEPS))))
     dx = torch.empty((n_rows, n_cols), dtype=x_dtype or h.dtype, device=h.device)

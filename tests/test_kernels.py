@@ -143,8 +143,11 @@ def test_apply_rope_is_a_rotation():
 
 @pytest.mark.parametrize("K_,N,C,V,scale", [(1, 1, 16, 50, 1.0), (1, 33, 24, 1000, 0.25), (3, 17, 31, 101, "per-trial")])
 @pytest.mark.parametrize("chunk_logits", [None, 300])
-def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits):
+@pytest.mark.parametrize("max_block", [None, 64])
+def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits, max_block):
     torch.manual_seed(K_ * 100 + N + V)
+    if max_block:  # rows longer than a block: the two-pass kernel
+        monkeypatch.setattr(lce_mod, "MAX_BLOCK", max_block)
     if chunk_logits:  # several chunks of rows, the last one ragged
         monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", chunk_logits)
         monkeypatch.setattr(lce_mod, "MIN_CHUNK_ROWS", 1)

@@ -24,7 +24,42 @@ from windtunnel.kernels.attention import rope_cos_sin
 
 def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(K, N, in) @ (K, out, in)^T -> (K, N, out): one batched GEMM for all trials."""
-    return torch.bmm(x, w.transpose(1, 2))
+    return BatchedLinear.apply(x, w)
+
+
+class BatchedLinear(torch.autograd.Function):
+    """x @ w^T per trial, with the weight's layout and dtype handled by hand. Left to autocast,
+    the fp32 weight is cast through its transposed view (a strided copy) and its gradient comes
+    back as a transposed low-precision tensor that is cast and copied again; here the weight is
+    cast contiguously once, and its gradient is one GEMM writing the weight's dtype directly."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, w.dtype)
+        x, w_c = x.to(dtype), w.to(dtype)
+        ctx.save_for_backward(x, w_c)
+        ctx.w_dtype = w.dtype
+        with torch.autocast(dev, enabled=False):
+            return torch.bmm(x, w_c.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_c = ctx.saved_tensors
+        dy = dy.to(x.dtype)
+        dx = torch.bmm(dy, w_c) if ctx.needs_input_grad[0] else None
+        dw = _bmm_to(dy.transpose(1, 2), x, ctx.w_dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def _bmm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b in `dtype`: straight from the GEMM on CUDA (bf16 x bf16 -> fp32), else cast after."""
+    if a.dtype != dtype and a.device.type == "cuda":
+        try:
+            return torch.bmm(a, b, out_dtype=dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    return torch.bmm(a, b).to(dtype)
 
 
 class Attention(nn.Module):

@@ -8,6 +8,7 @@
 #   bash results/windtunnel/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.kernels.bench)
 #   bash results/windtunnel/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash results/windtunnel/gpu.sh profile [ARGS]      # where a population step's time goes
+#   bash results/windtunnel/gpu.sh tune [ARGS]         # RMSNorm's launch constants (kernels.tune_rms_norm)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 set -euo pipefail
@@ -26,6 +27,8 @@ case $stage in
     python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py tests/test_trainer_gpu.py tests/test_adamw_kernel.py 2>&1 | tee "$OUT/tests.log" ;;
   profile)
     python3 -m windtunnel.bench.profile_step "$@" 2>&1 | tee "$OUT/profile.log" ;;
+  tune)
+    python3 -m windtunnel.kernels.tune_rms_norm "$@" 2>&1 | tee "$OUT/tune_rms_norm.log" ;;
   sweep)
     name=$1; shift
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study
