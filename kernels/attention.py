@@ -289,11 +289,17 @@ def _attn_bwd_dq_kernel(
 _LOG2E = 1.4426950408889634
 
 
+# Launches per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); for dkdv BLOCK_N is the key
+# block a program owns and BLOCK_M the query block it steps by (BLOCK_N % BLOCK_M == 0; fwd and
+# dq need BLOCK_M % BLOCK_N == 0). Chosen on an H100 with `python -m windtunnel.kernels.tune attention`.
+CONFIGS = {
+    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),  # head dims 32 and 64
+    128: dict(fwd=(128, 64, 8, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
+}
+
+
 def _config(head_dim):
-    """Tile sizes (fwd BLOCK_M, BLOCK_N; bwd key block, query block) and warps per head dim."""
-    if head_dim <= 64:
-        return dict(fwd=(128, 64), dkdv=(32, 128), dq=(128, 32), warps=4, stages=3)
-    return dict(fwd=(128, 64), dkdv=(32, 64), dq=(64, 32), warps=8, stages=2)
+    return CONFIGS[64 if head_dim <= 64 else 128]
 
 
 def _strides(t):
@@ -325,10 +331,10 @@ def attention_forward(q, k, v, o=None):
     if o is None:
         o = torch.empty((B, H, T, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B * H, T), dtype=torch.float32, device=q.device)
-    bm, bn = cfg["fwd"]
+    bm, bn, warps, stages = cfg["fwd"]
     _attn_fwd_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, o, lse, *_strides(q), *_strides(k), *_strides(v), *_strides(o), H, T, _LOG2E / math.sqrt(D),
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"],
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -348,14 +354,14 @@ def attention_backward(do, q, k, v, o, lse, cos, sin, grads=None):
     c, s = (cos, sin) if rope else (q, q)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               H, T, _LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
-    bm, bn = cfg["dkdv"]
+    bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
         q, k, v, do, dk, dv, lse, delta, c, s, *common,
-        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
-    bm, bn = cfg["dq"]
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, dq, lse, delta, c, s, *common,
-        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=cfg["warps"], num_stages=cfg["stages"])
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     return dq, dk, dv
 
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 # Launch heuristics: fixed numbers, no autotuning (the same launches every run, graph-capturable).
-# Chosen on an H100 with `python -m windtunnel.kernels.tune_rms_norm` (each phase as a CUDA graph,
+# Chosen on an H100 with `python -m windtunnel.kernels.tune rms_norm` (each phase as a CUDA graph,
 # bf16 x (1 | 16, 8192, 256 | 512)): no one setting is best at every shape; these are within 4% of
 # the best at each.
 FWD_TILE = 2048  # forward elements per program: rows per program = FWD_TILE // next_pow2(C), 1 to 64

@@ -8,7 +8,7 @@
 #   bash results/windtunnel/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.kernels.bench)
 #   bash results/windtunnel/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash results/windtunnel/gpu.sh profile [ARGS]      # where a population step's time goes
-#   bash results/windtunnel/gpu.sh tune [ARGS]         # RMSNorm's launch constants (kernels.tune_rms_norm)
+#   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention (kernels.tune)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 set -euo pipefail
@@ -28,7 +28,7 @@ case $stage in
   profile)
     python3 -m windtunnel.bench.profile_step "$@" 2>&1 | tee "$OUT/profile.log" ;;
   tune)
-    python3 -m windtunnel.kernels.tune_rms_norm "$@" 2>&1 | tee "$OUT/tune_rms_norm.log" ;;
+    python3 -m windtunnel.kernels.tune "$@" 2>&1 | tee "$OUT/tune_$1.log" ;;
   sweep)
     name=$1; shift
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study

@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-models", default="256,512")
     p.add_argument("--ks", default="1,4,16,32,64")
     p.add_argument("--processes", default="4,8")
+    p.add_argument("--baselines", default="eager,compile", help="one-trial baselines: comma list of eager, compile")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", help="folder for population.json and population.md")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
@@ -109,12 +110,14 @@ def main(argv=None) -> int:
             write_results(args.out, "population", rows,
                 "# Population training throughput (one GPU)\n\n"
                 f"Command: `python -m windtunnel.bench.population --d-models {args.d_models} --ks {args.ks} "
-                f"--processes {args.processes} --steps {args.steps} --out {args.out}`\nDevice: {dev}\n\n"
+                f"--processes {args.processes} --baselines {args.baselines} --steps {args.steps} --out {args.out}`\nDevice: {dev}\n\n"
                 + table() + "\n")
 
     for d in (int(x) for x in args.d_models.split(",")):
-        add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch", cuda_graph=False), 1, args.steps))
-        add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
+        if "eager" in args.baselines:
+            add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch", cuda_graph=False), 1, args.steps))
+        if "compile" in args.baselines:
+            add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
         for n in (int(x) for x in args.processes.split(",") if x):
             add("processes", d, n, lambda: _processes(d, n, args.steps))
         for k in (int(x) for x in args.ks.split(",")):
