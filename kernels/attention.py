@@ -293,7 +293,7 @@ _LOG2E = 1.4426950408889634
 # block a program owns and BLOCK_M the query block it steps by (BLOCK_N % BLOCK_M == 0; fwd and
 # dq need BLOCK_M % BLOCK_N == 0). Chosen on an H100 with `python -m windtunnel.kernels.tune attention`.
 CONFIGS = {
-    64: dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 4, 3)),  # head dims 32 and 64
+    64: dict(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3)),  # head dims 32 and 64
     128: dict(fwd=(128, 64, 8, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
 }
 

@@ -146,7 +146,7 @@ def test_apply_rope_is_a_rotation():
 @pytest.mark.parametrize("max_block", [None, 64])
 def test_linear_cross_entropy(ops, monkeypatch, K_, N, C, V, scale, chunk_logits, max_block):
     torch.manual_seed(K_ * 100 + N + V)
-    if max_block:  # rows longer than a block: the two-pass kernel
+    if max_block:  # rows longer than a block: the kernel's passes loop over blocks
         monkeypatch.setattr(lce_mod, "MAX_BLOCK", max_block)
     if chunk_logits:  # several chunks of rows, the last one ragged
         monkeypatch.setattr(lce_mod, "CHUNK_LOGITS", chunk_logits)
