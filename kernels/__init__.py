@@ -12,6 +12,7 @@ returns; the tests and the benchmark import it from there):
 - `linear_cross_entropy.py`: LM head + cross-entropy in row chunks, μP logit scale folded in,
   one loss per stacked trial.
 - `adamw.py`: AdamW's update for stacked trials in one pass, per-trial clipping folded in.
+- `linear.py`: the batched linear layer (cuBLAS; the weight's cast and gradient dtype by hand).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ import torch
 
 from windtunnel.errors import ConfigError
 
-from . import adamw, attention, linear_cross_entropy, rms_norm, swiglu
+from . import adamw, attention, linear, linear_cross_entropy, rms_norm, swiglu
 
 KINDS = ("auto", "torch", "triton")
 
@@ -33,6 +34,7 @@ class Ops:
     """The model's kernel entry points and the optimizer's update (see each module for
     shapes and formulas)."""
 
+    linear: Callable
     rms_norm: Callable
     swiglu: Callable
     attention: Callable
@@ -42,6 +44,7 @@ class Ops:
 
 
 TORCH_OPS = Ops(
+    linear=linear.batched_linear_reference,
     rms_norm=rms_norm.rms_norm_reference,
     swiglu=swiglu.swiglu_reference,
     attention=attention.attention_reference,
@@ -52,6 +55,7 @@ TORCH_OPS = Ops(
 
 
 TRITON_OPS = Ops(
+    linear=linear.batched_linear,
     rms_norm=rms_norm.rms_norm,
     swiglu=swiglu.swiglu,
     attention=attention.attention,

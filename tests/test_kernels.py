@@ -235,3 +235,26 @@ def test_rms_norm_trials_stay_apart(ops, fused):
         checked = (y[1], gx[1], gw[1])
     for t in checked:
         assert torch.isfinite(t).all()
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_batched_linear(autocast):
+    """The model's linear layer (cuBLAS, no Triton: runs anywhere) against plain bmm: same output
+    and gradients, the weight's gradient in the weight's own dtype (fp32 under bf16 autocast)."""
+    from windtunnel.kernels.linear import batched_linear, batched_linear_reference
+
+    torch.manual_seed(3)
+    x, w = _leaf(3, 17, 24), _leaf(3, 10, 24, scale=0.2)
+    dy = torch.randn(3, 17, 10)
+    results = []
+    for f in (batched_linear, batched_linear_reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = f(x, w)
+        results.append((y, *torch.autograd.grad((y.float() * dy).sum(), (x, w))))
+    (y, gx, gw), (y_ref, gx_ref, gw_ref) = results
+    assert y.dtype == y_ref.dtype and gw.dtype == torch.float32 and gx.dtype == x.dtype
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else {}  # bf16: the two round at different points
+    for name, a, b in (("y", y, y_ref), ("grad_x", gx, gx_ref), ("grad_w", gw, gw_ref)):
+        _check(name, a.float(), b.float(), **tol)
+    with pytest.raises(ValueError, match="batched_linear"):
+        batched_linear(x, w[:2])

@@ -22,46 +22,6 @@ from windtunnel.kernels import Ops, select
 from windtunnel.kernels.attention import rope_cos_sin
 
 
-def _matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """(K, N, in) @ (K, out, in)^T -> (K, N, out): one batched GEMM for all trials."""
-    return BatchedLinear.apply(x, w)
-
-
-class BatchedLinear(torch.autograd.Function):
-    """x @ w^T per trial, with the weight's layout and dtype handled by hand. Left to autocast,
-    the fp32 weight is cast through its transposed view (a strided copy) and its gradient comes
-    back as a transposed low-precision tensor that is cast and copied again; here the weight is
-    cast contiguously once, and its gradient is one GEMM writing the weight's dtype directly."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        dev = x.device.type
-        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, w.dtype)
-        x, w_c = x.to(dtype), w.to(dtype)
-        ctx.save_for_backward(x, w_c)
-        ctx.w_dtype = w.dtype
-        with torch.autocast(dev, enabled=False):
-            return torch.bmm(x, w_c.transpose(1, 2))
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w_c = ctx.saved_tensors
-        dy = dy.to(x.dtype)
-        dx = torch.bmm(dy, w_c) if ctx.needs_input_grad[0] else None
-        dw = _bmm_to(dy.transpose(1, 2), x, ctx.w_dtype) if ctx.needs_input_grad[1] else None
-        return dx, dw
-
-
-def _bmm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b in `dtype`: straight from the GEMM on CUDA (bf16 x bf16 -> fp32), else cast after."""
-    if a.dtype != dtype and a.device.type == "cuda":
-        try:
-            return torch.bmm(a, b, out_dtype=dtype)
-        except (TypeError, RuntimeError, NotImplementedError):
-            pass
-    return torch.bmm(a, b).to(dtype)
-
-
 class Attention(nn.Module):
     ROLES = {"wqkv": "hidden", "wo": "hidden"}
 
@@ -75,9 +35,9 @@ class Attention(nn.Module):
     def forward(self, x, B: int, cos, sin, ops: Ops):
         K, N, C = x.shape
         T, H = N // B, self.n_heads
-        qkv = _matmul(x, self.wqkv).view(K * B, T, 3, H, C // H)
+        qkv = ops.linear(x, self.wqkv).view(K * B, T, 3, H, C // H)
         y = ops.attention_qkv(qkv, cos, sin)  # (KB, T, H, D)
-        return _matmul(y.reshape(K, N, C), self.wo)
+        return ops.linear(y.reshape(K, N, C), self.wo)
 
 
 class MLP(nn.Module):
@@ -91,7 +51,7 @@ class MLP(nn.Module):
         self.w_down = nn.Parameter(torch.empty(K, C, F))
 
     def forward(self, x, ops: Ops):
-        return _matmul(ops.swiglu(_matmul(x, self.w_gate), _matmul(x, self.w_up)), self.w_down)
+        return ops.linear(ops.swiglu(ops.linear(x, self.w_gate), ops.linear(x, self.w_up)), self.w_down)
 
 
 class Block(nn.Module):
@@ -209,7 +169,7 @@ class Transformer(nn.Module):
     def logits(self, idx: torch.Tensor) -> torch.Tensor:
         """(K, N, V) logits, for inspection (the coordinate check); training never calls this."""
         _, _, h = self.hidden_states(idx)
-        return _matmul(h * self.logit_mult.view(-1, 1, 1), self.head_weight()).float()
+        return self.ops(idx.device).linear(h * self.logit_mult.view(-1, 1, 1), self.head_weight()).float()
 
     def flops_per_token(self) -> float:
         return flops_per_token(self.cfg, self.vocab_size)

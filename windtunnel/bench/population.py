@@ -120,7 +120,7 @@ def main(argv=None) -> int:
             add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
         for n in (int(x) for x in args.processes.split(",") if x):
             add("processes", d, n, lambda: _processes(d, n, args.steps))
-        for k in (int(x) for x in args.ks.split(",")):
+        for k in (int(x) for x in args.ks.split(",") if x):
             add("population", d, k, lambda: throughput(reference_trial(d), k, args.steps))
     print(table())
     return 0
