@@ -44,7 +44,7 @@ case $stage in
       --batch-size 32768 run_name=h100-0.5b checkpoint_every=1638400
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     (cd /tmp/run && bash launch.sh > "$OUT/launch1.log" 2>&1 &)
-    until grep -q '"step": 160,' /tmp/run/runs/h100-0.5b/loss.jsonl 2>/dev/null; do sleep 1; done
+    timeout 300 bash -c 'until grep -q "\"step\": 160," /tmp/run/runs/h100-0.5b/loss.jsonl 2>/dev/null; do sleep 1; done' || true
     pkill -9 -f "windtunnel.cli train" || true; sleep 5
     (cd /tmp/run && bash launch.sh > "$OUT/launch2.log" 2>&1) || true
     cp /tmp/run/runs/h100-0.5b/loss.jsonl /tmp/run/train.yaml /tmp/run/transfer.md "$OUT/"
