@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# How the committed GPU results were made: run from the repository root on a lent H100 (the
+# How the committed GPU results were made: run from the repository root on a lent H100 or H200 (the
 # `device` tool; its python3 has torch 2.11 and triton 3.6). Packages it lacks travel as wheels
 # in .whl/ (optuna, hydra-core, omegaconf, ...); the BPE shards in .cache/stdlib-bpe16k were made
 # here with `windtunnel data prepare stdlib --out .cache/stdlib-bpe16k --tokenizer bpe
