@@ -5,11 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 
 from helpers import check_accounted, finished_count
 from windtunnel.search import open_storage
+from windtunnel.worker import RESULT
 
 N = 6
 
@@ -58,19 +60,26 @@ def test_sigkill_a_worker_its_trial_is_retried(tmp_path):
     results = tmp_path / "results"
     cmd = _cmd(results)
     cmd[cmd.index(f"n_trials={N}")] = "n_trials=4"
+    cmd[cmd.index("train.tokens=60000")] = "train.tokens=300000"  # seconds of training: room to kill mid-trial
     driver = subprocess.Popen(cmd + ["tracking.enabled=false"], cwd=tmp_path, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT)
-    deadline, killed = time.time() + 120, None
+    deadline, killed, seen = time.time() + 120, None, {}
     while killed is None and time.time() < deadline:
         ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
-        pids = [int(p) for p in ps.stdout.split()]
-        if pids:
-            time.sleep(2)  # mid-trial
-            os.kill(pids[0], signal.SIGKILL)
-            killed = pids[0]
+        for pid in map(int, ps.stdout.split()):
+            try:
+                bundle = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode())
+            except (FileNotFoundError, IndexError):  # exited since pgrep
+                continue
+            # past its imports (a second in) and not done: the kill lands mid-trial, before the result
+            if time.time() - seen.setdefault(pid, time.time()) > 1 and not (bundle / RESULT).exists():
+                os.kill(pid, signal.SIGKILL)
+                killed = bundle
+                break
         time.sleep(0.2)
     out, _ = driver.communicate(timeout=600)
     assert killed and driver.returncode == 0, out.decode()[-2000:]
+    assert not (killed / RESULT).exists()  # it died mid-trial
     study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
     trials = study.get_trials(deepcopy=False)
     final = [t for t in trials if not t.user_attrs.get("retried")]
