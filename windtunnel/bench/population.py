@@ -84,6 +84,9 @@ def main(argv=None) -> int:
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--barrier", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    baselines = set(filter(None, args.baselines.split(",")))
+    if baselines - {"eager", "compile"}:
+        p.error(f"--baselines: {', '.join(sorted(baselines - {'eager', 'compile'}))} unknown; allowed: eager, compile")
     if args.child:
         print(json.dumps(throughput(reference_trial(args.child), 1, args.steps, barrier=Path(args.barrier))))
         return 0
@@ -114,9 +117,9 @@ def main(argv=None) -> int:
                 + table() + "\n")
 
     for d in (int(x) for x in args.d_models.split(",")):
-        if "eager" in args.baselines:
+        if "eager" in baselines:
             add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch", cuda_graph=False), 1, args.steps))
-        if "compile" in args.baselines:
+        if "compile" in baselines:
             add("compile", d, 1, lambda: throughput(reference_trial(d, kernels="torch", compile=True), 1, args.steps))
         for n in (int(x) for x in args.processes.split(",") if x):
             add("processes", d, n, lambda: _processes(d, n, args.steps))
