@@ -2,7 +2,10 @@
 already in the study, for each sampler and storage. No training runs: this is the time a
 GPU would wait on the driver between bundles.
 
-    python -m windtunnel.bench.driver [--trials 1000] [--measure 30] [--out results/bench]
+    python -m windtunnel.bench.driver [--trials 1000] [--measure 30] [--bundle 52] [--out results/bench]
+
+Then the driver's real pattern: a whole bundle asked at once, its trials pending (no tell between
+the asks), with 400 and --trials finished trials in the study.
 
 DESIGN.md's anchors: Optuna alone cost 43 ms per ask+tell with SQLite and 9 ms in memory, with
 4 float parameters; the search space here is the same four (mup_hp's μP knobs).
@@ -72,10 +75,27 @@ def measure(sampler: str, storage: str, prefill: int, n: int, tracking: bool) ->
             "tracking_delivered": delivered, "device": f"cpu ({platform.processor() or platform.machine()})"}
 
 
+def measure_bundle(sampler: str, prefill: int, k: int) -> dict:
+    """One bundle of k trials asked at once, as the driver asks ahead: no tell between the asks,
+    so the k trials are pending while the sampler proposes the next (GP conditions on them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_sweep("mup_hp", [f"results_dir={tmp}", f"sampler.type={sampler}", "tracking.enabled=false",
+                                    f"population.size={k}"])
+        driver = Driver(cfg, progress=False)
+        _prefill(driver, prefill)
+        t0 = time.perf_counter()
+        driver.ask_bundles(k)
+        seconds = time.perf_counter() - t0
+    return {"sampler": sampler, "storage": "journal", "tracking": False, "trials_in_study": prefill, "bundle": k,
+            "s_per_bundle": seconds, "ms_per_trial": 1000 * seconds / k,
+            "device": f"cpu ({platform.processor() or platform.machine()})"}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--trials", type=int, default=1000, help="finished trials in the study before timing")
     p.add_argument("--measure", type=int, default=30, help="trials timed per row (GP: at most 5)")
+    p.add_argument("--bundle", type=int, default=52, help="trials per bundle for the bundle rows (mup_hp's auto K on an H100)")
     p.add_argument("--out", help="folder for driver.json and driver.md")
     args = p.parse_args(argv)
     rows = []
@@ -85,16 +105,26 @@ def main(argv=None) -> int:
             rows.append(measure(sampler, storage, args.trials, n, tracking=True))
             print(json.dumps(rows[-1]), flush=True)
     rows.append(measure("tpe", "journal", args.trials, args.measure, tracking=False))
+    bundles = []
+    for sampler in ("tpe", "gp"):
+        for prefill in sorted({400, args.trials}):
+            bundles.append(measure_bundle(sampler, prefill, args.bundle))
+            print(json.dumps(bundles[-1]), flush=True)
     header = "| sampler | storage | tracking | trials in study | ms per trial (median) | p90 |\n|---|---|---|---|---|---|"
     lines = [header] + [f"| {r['sampler']} | {r['storage']}{' (default)' if r['storage'] == 'journal' else ''} | "
                         f"{'MLflow' if r['tracking'] else 'off'} | {r['trials_in_study']} | {r['ms_per_trial']:.1f} | "
                         f"{r['ms_p90']:.1f} |" for r in rows]
+    lines += ["", f"A bundle of {args.bundle} trials asked at once (all of mup_hp's five knobs, no tracking):", "",
+              "| sampler | trials in study | seconds per bundle | ms per trial |", "|---|---|---|---|"]
+    lines += [f"| {r['sampler']} | {r['trials_in_study']} | {r['s_per_bundle']:.1f} | {r['ms_per_trial']:.0f} |"
+              for r in bundles]
+    rows += bundles
     table = "\n".join(lines)
     print(table)
     if args.out:
         write_results(args.out, "driver", rows,
             "# Driver overhead per trial (ask + tell + tracking)\n\n"
-            f"Command: `python -m windtunnel.bench.driver --trials {args.trials} --measure {args.measure} --out {args.out}`\n"
+            f"Command: `python -m windtunnel.bench.driver --trials {args.trials} --measure {args.measure} --bundle {args.bundle} --out {args.out}`\n"
             f"Machine: {rows[0]['device']}, 2 cores.\n\n{table}\n")
     return 0
 
