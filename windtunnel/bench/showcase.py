@@ -36,6 +36,17 @@ def batch_size_frame(d: Path) -> pd.DataFrame:
                          "tokens": (c["tokens"] / every).round().astype(int) * every, "loss": c["val_loss"]})
 
 
+def search_run(d: Path) -> dict:
+    """How one search ran: trials, GPU-minutes, the share of it the GPU waited on the driver."""
+    study = _study(d)
+    runs = study.user_attrs["invocations"]
+    wall = sum(i["wall_s"] * i["slots"] for i in runs)
+    return {"sampler": runs[-1]["sampler"], "n_trials": sum(i["trials"] for i in runs),
+            "gpu_minutes": round(wall / 60, 2),
+            "driver_wait_pct": round(100 * sum(i["driver_wait_frac"] * i["wall_s"] * i["slots"] for i in runs) / wall, 3),
+            "device": study.trials[0].user_attrs["result"]["provenance"]["device"]}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="results/windtunnel")
@@ -56,7 +67,9 @@ def main(argv=None) -> int:
                "trials_per_gpu_hour": len(done) / hours, "transfer_gap_pct": transfer["transfer_gap_pct"],
                "bs_law": {"a": bs.a, "b": bs.b}, "device": device,
                "gpu_minutes": sum(c["showcase_s"] for c in calls) / 60,
-               "best": {**hp.best_trial.params, "value": hp.best_value}}
+               "best": {**hp.best_trial.params, "value": hp.best_value},
+               # each full 400-trial search of mup_hp, by sampler (issue 6: < 15 GPU-min, wait < 5%)
+               "searches": {name: search_run(root / name) for name in ("mup_hp", "mup_hp_gp400")}}
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
