@@ -49,7 +49,7 @@ def linear_cross_entropy_reference(h, weight, targets, logit_scale):
 def _cross_entropy_kernel(
     Z_ptr, Z_row_stride, T_ptr, T_row_stride, LOSS_ptr, LOSS_row_stride, SCALE_ptr,
     rows_per_trial, n_cols, grad_scale,
-    HAS_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_GRAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, L2_HINTS: tl.constexpr,
 ):
     # One program per row of a (K, n, V) logits chunk; row = trial * n + i.
     row = tl.program_id(0).to(tl.int64)
@@ -63,8 +63,11 @@ def _cross_entropy_kernel(
     d = 0.0
     for start in range(0, n_cols, BLOCK_SIZE):
         cols = start + tl.arange(0, BLOCK_SIZE)
-        z = tl.load(z_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32) * scale
-        z = tl.where(cols < n_cols, z, float("-inf"))
+        if L2_HINTS:  # keep the row in L2 for pass 2
+            z = tl.load(z_row + cols, mask=cols < n_cols, other=0.0, eviction_policy="evict_last")
+        else:
+            z = tl.load(z_row + cols, mask=cols < n_cols, other=0.0)
+        z = tl.where(cols < n_cols, z.to(tl.float32) * scale, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, 0))
         d = d * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
         m = m_new
@@ -78,8 +81,11 @@ def _cross_entropy_kernel(
         for start in range(0, n_cols, BLOCK_SIZE):
             cols = start + tl.arange(0, BLOCK_SIZE)
             z = tl.load(z_row + cols, mask=cols < n_cols, other=0.0).to(tl.float32) * scale
-            g = tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)
-            tl.store(z_row + cols, (g * (scale * grad_scale)).to(Z_ptr.dtype.element_ty), mask=cols < n_cols)
+            g = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * (scale * grad_scale)
+            if L2_HINTS:  # the gradient is read next by the matmuls, not by this kernel
+                tl.store(z_row + cols, g.to(Z_ptr.dtype.element_ty), mask=cols < n_cols, eviction_policy="evict_first")
+            else:
+                tl.store(z_row + cols, g.to(Z_ptr.dtype.element_ty), mask=cols < n_cols)
 
 
 # Rows per chunk: as many as fit CHUNK_LOGITS logits (K * n * V; 2^26 bf16 logits are 128 MiB,
@@ -87,8 +93,15 @@ def _cross_entropy_kernel(
 # gets matmuls big enough to run near full speed.
 CHUNK_LOGITS = 1 << 26
 MIN_CHUNK_ROWS = 1024
-# Widest block of a row one program loads at a time (16 warps, 32 fp32 values a thread)
-MAX_BLOCK = 16384
+# Launch constants of the CE kernel (fixed, so a CUDA graph records the same launch every run):
+# the widest block of a row one program loads at a time, its warps, and whether its loads and
+# stores carry L2 eviction hints. Chosen on an H200 with `python -m windtunnel.kernels.tune
+# cross_entropy` (results/bench/ce_tune_h200.log): small programs looping over the row keep more
+# rows in flight per SM; 1.5x faster than one 16-warp program holding the whole row (16384, 16,
+# no hints) on each chunk of the K = 1, 16 and 64 reference shapes, 74-81% of a copy's bandwidth.
+MAX_BLOCK = 4096
+CE_WARPS = 4
+CE_L2_HINTS = True
 
 
 _MIXED_BADDBMM = [True]  # bf16 x bf16 -> fp32 baddbmm (CUDA, torch >= 2.8); cleared if missing
@@ -125,7 +138,7 @@ def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_lo
         l_chunk = loss[:, start:end]
         _cross_entropy_kernel[(K * (end - start),)](
             z, z.stride(1), t_chunk, t_chunk.stride(0), l_chunk, l_chunk.stride(0), scales,
-            end - start, V, 1.0 / N, HAS_GRAD=need_grad, BLOCK_SIZE=block, num_warps=16,
+            end - start, V, 1.0 / N, HAS_GRAD=need_grad, BLOCK_SIZE=block, L2_HINTS=CE_L2_HINTS, num_warps=CE_WARPS,
         )
         if need_grad:
             grad_h[:, start:end] = torch.bmm(z, weight)

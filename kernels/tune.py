@@ -3,13 +3,17 @@ autotuned at run time, so every run makes the same launches and a CUDA graph can
 
     python -m windtunnel.kernels.tune rms_norm [--shapes 1x8192x256,...]      # K x rows x C
     python -m windtunnel.kernels.tune attention [--shapes 16x4x512x64,...]    # B x H x T x D
+    python -m windtunnel.kernels.tune cross_entropy [--shapes 64x1024x16384,...]  # K x rows x V
 
 Every time is a replayed CUDA graph (the GPU's own time, L2 flushed), as in
 windtunnel.kernels.bench. rms_norm: forward and backward timed apart, each against a copy of as
 many bytes, then the best pair fwd + bwd (plain RMSNorm: the fused form runs the same kernels).
 attention: each kernel's candidate launches checked against the current ones' outputs and
 ranked by the geometric mean of their times over the shapes (the forward alone; the backward
-as a whole, its dkdv launch tuned first, then dq's). Set the printed winners in the modules.
+as a whole, its dkdv launch tuned first, then dq's). cross_entropy: the CE kernel on one chunk
+of logits (it reads the chunk and overwrites it with the gradient) against a copy of as many
+bytes, then the whole fused LM head + CE with the current and the best launch. Set the printed
+winners in the modules.
 """
 from __future__ import annotations
 
@@ -20,8 +24,10 @@ import math
 import multiprocessing as mp
 
 import torch
+import triton
 
 from . import attention as A
+from . import linear_cross_entropy as L
 from . import rms_norm as R
 from .bench import _bench, _graph_ms
 
@@ -44,8 +50,7 @@ def _configs(grid):
 
 
 def _set(cfg):
-    for k, v in cfg.items():
-        setattr(R, k, v)
+    _set_module(R, cfg)
 
 
 def tune_shape(K, N, C, top):
@@ -163,17 +168,67 @@ def tune_attention(shapes, top):
     print(f"\nbest for head dim {D}: {cfg}")
 
 
+CE_GRID = {"MAX_BLOCK": (2048, 4096, 8192, 16384), "CE_WARPS": (4, 8, 16, 32), "CE_L2_HINTS": (False, True)}
+
+
+def tune_cross_entropy(K, n, V, top):
+    """The CE kernel on a (K, n, V) bf16 chunk of logits (n rows per trial)."""
+    z = torch.randn(K, n, V, device="cuda").to(torch.bfloat16)
+    t = torch.randint(0, V, (K, n), device="cuda")
+    loss = torch.empty(K, n, device="cuda")
+    scales = torch.ones(K, device="cuda")
+    copy = _copy_ms(2 * z.numel() * z.element_size())  # the chunk read once and written once
+    base = {k: getattr(L, k) for k in CE_GRID}
+    rows = []
+    for cfg in _configs(CE_GRID):
+        block = min(triton.next_power_of_2(V), cfg["MAX_BLOCK"])
+        if block != cfg["MAX_BLOCK"] and cfg != base:
+            continue  # the same launch as a smaller MAX_BLOCK already timed
+
+        def run(cfg=cfg, block=block):
+            L._cross_entropy_kernel[(K * n,)](
+                z, z.stride(1), t, t.stride(0), loss, loss.stride(0), scales, n, V, 1.0 / n,
+                HAS_GRAD=True, BLOCK_SIZE=block, L2_HINTS=cfg["CE_L2_HINTS"], num_warps=cfg["CE_WARPS"])
+        try:
+            rows.append((_graph_ms(run, []), cfg))
+        except Exception as e:  # noqa: BLE001 - a launch the GPU cannot hold
+            print(f"  {cfg}: skipped ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+    rows.sort(key=lambda r: r[0])
+    print(f"\nCE kernel on a ({K}, {n}, {V}) bf16 chunk: copy of as many bytes {1000 * copy:.1f} us")
+    for ms, cfg in rows[:top]:
+        print(f"  {1000 * ms:8.1f} us  {100 * copy / ms:5.1f}% of copy  {cfg}" + ("  (current)" if cfg == base else ""))
+    cur = next(ms for ms, cfg in rows if cfg == base)
+    print(f"  current {1000 * cur:.1f} us ({100 * copy / cur:.1f}%)")
+    # the whole op: LM head, CE and both gradient matmuls, at N = 8 chunks of rows per trial
+    h = torch.randn(K, 8 * n, 256, device="cuda").to(torch.bfloat16)
+    w = torch.randn(K, V, 256, device="cuda").to(torch.bfloat16) * 0.05
+    tt = torch.randint(0, V, (K, 8 * n), device="cuda")
+    for name, cfg in (("current", base), ("best", rows[0][1])):
+        _set_module(L, cfg)
+        ms = _graph_ms(lambda: L.linear_cross_entropy_forward(h, w, tt, scales, True, chunk_logits=K * n * V), [])
+        print(f"linear CE h {tuple(h.shape)}, W {tuple(w.shape)}, {name}: {ms:.2f} ms  {cfg}")
+    _set_module(L, base)
+
+
+def _set_module(module, cfg):
+    for k, v in cfg.items():
+        setattr(module, k, v)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kernel", choices=("rms_norm", "attention"))
+    p.add_argument("kernel", choices=("rms_norm", "attention", "cross_entropy"))
     p.add_argument("--shapes", help="comma list; default: the reference trial's at K = 1 and 16 (rms_norm) "
-                   "or 1 and 64 (attention), d_model 256 and 512")
+                   "or 1 and 64 (attention), d_model 256 and 512; cross_entropy: the K = 1, 16 and 64 chunks")
     p.add_argument("--top", type=int, default=6, help="configurations printed per phase or kernel")
     args = p.parse_args(argv)
     print(torch.cuda.get_device_name())
     if args.kernel == "rms_norm":
         for s in (args.shapes or "1x8192x256,16x8192x256,1x8192x512,16x8192x512").split(","):
             tune_shape(*map(int, s.split("x")), args.top)
+    elif args.kernel == "cross_entropy":
+        for s in (args.shapes or "1x4096x16384,16x1024x16384,64x1024x16384").split(","):
+            tune_cross_entropy(*map(int, s.split("x")), args.top)
     else:
         shapes = [tuple(map(int, s.split("x"))) for s in (args.shapes or "16x4x512x64,1024x4x512x64,16x8x512x64,512x8x512x64").split(",")]
         tune_attention(shapes, args.top)

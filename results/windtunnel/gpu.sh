@@ -11,6 +11,7 @@
 #   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention (kernels.tune)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
+#   bash results/windtunnel/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
@@ -50,5 +51,7 @@ case $stage in
     cp /tmp/run/runs/h100-0.5b/loss.jsonl /tmp/run/train.yaml /tmp/run/transfer.md "$OUT/"
     python3 -m windtunnel.bench.large_run_stats /tmp/run/runs/h100-0.5b/loss.jsonl --config /tmp/run/train.yaml \
       | tee "$OUT/large_run.json" ;;
+  py)
+    python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -1,7 +1,10 @@
 """Where a population's training step spends its time: phase times (synchronised) and the
 top GPU kernels from torch.profiler.
 
-    python -m windtunnel.bench.profile_step [--d-model 256] [--k 64] [--steps 3]
+    python -m windtunnel.bench.profile_step [--d-model 256] [--k 64] [--steps 3] [--ops]
+
+--ops adds the PyTorch operators (with their input shapes) that launched the most GPU time:
+where the "elementwise" and "copy" kernels come from.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--k", type=int, default=64)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--ops", action="store_true", help="also list the operators by GPU time, with input shapes")
     args = p.parse_args(argv)
     cfg = reference_trial(args.d_model)
     # eager launches: the phases need synchronising between them (a CUDA graph runs the same kernels)
@@ -66,6 +70,14 @@ def main(argv=None) -> int:
     total = sum(groups.values())
     for g, ms in sorted(groups.items(), key=lambda x: -x[1]):
         print(f"{g:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+    if args.ops:
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
+            for _ in range(args.steps):
+                pop.train_step(pop.lr_factors())
+            torch.cuda.synchronize()
+        print(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=80))
     return 0
 
 
