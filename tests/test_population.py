@@ -84,3 +84,21 @@ def test_resume_after_a_trial_left_the_stack(tmp_path):
     assert resumed.live == [0, 2, 3] and out[1].status == "pruned"
     for a, b in zip(out, full):
         assert [p["val_loss"] for p in a.curve] == pytest.approx([p["val_loss"] for p in b.curve], rel=1e-5)
+
+
+def test_parallel_init_draws_the_same_weights_as_serial():
+    """Trials are drawn in threads on a GPU worker; each has its own generator, so the weights
+    must not depend on the thread count (nor on which trial a thread happens to draw first)."""
+    from windtunnel.model import Transformer
+    from windtunnel.trainer import _init_trials
+
+    cfgs = _cfgs()
+    serial, threaded = (Transformer(cfgs[0].model, 64, population=len(cfgs)) for _ in range(2))
+    _init_trials(serial, cfgs, threads=1)
+    _init_trials(threaded, cfgs, threads=4)
+    for (name, a), b in zip(serial.state_dict().items(), threaded.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and trial k's slice is what it gets alone, from its own seed
+    alone = Transformer(cfgs[2].model, 64, population=1)
+    alone.init_trial(0, cfgs[2].model, torch.Generator().manual_seed(cfgs[2].train.seed))
+    assert torch.equal(alone.wte[0], threaded.wte[2])

@@ -87,3 +87,32 @@ def test_sigkill_a_worker_its_trial_is_retried(tmp_path):
     assert len(final) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
     assert len(retried) == 1 and "worker exited" in retried[0].user_attrs["reason"]
     assert any(t.user_attrs.get("retry_of") == retried[0].number and t.params == retried[0].params for t in final)
+
+
+def test_standby_workers_start_ahead_and_leave_nothing_behind(tmp_path):
+    """executor.standby=true (the GPU default): each bundle after a slot's first runs in a process
+    started while the previous one trained; the sweep's end, or its driver's SIGKILL, leaves no
+    waiting worker behind."""
+    results = tmp_path / "results"
+    cmd = _cmd(results) + ["executor.standby=true", "tracking.enabled=false"]
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=4"
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
+    assert [t.state for t in study.get_trials(deepcopy=False)] == [optuna.trial.TrialState.COMPLETE] * 4
+    logs = sorted((results / "quickstart" / "bundles").glob("trial-*/worker.log"))
+    ahead = ["started ahead" in p.read_text() for p in logs]
+    assert len(logs) == 4 and ahead.count(False) == 2 and ahead.count(True) == 2, ahead  # each slot's first is cold
+    assert subprocess.run(["pgrep", "-f", f"windtunnel.worker --standby {results}"], capture_output=True).stdout == b""
+
+    # a killed driver takes its waiting workers with it (PR_SET_PDEATHSIG), as its running ones
+    cmd[cmd.index(f"results_dir={results}")] = f"results_dir={results}2"
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and b"" == subprocess.run(
+            ["pgrep", "-f", f"windtunnel.worker --standby {results}2"], capture_output=True).stdout:
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    time.sleep(1)
+    assert subprocess.run(["pgrep", "-f", f"windtunnel.worker.*{results}2"], capture_output=True).stdout == b""

@@ -120,7 +120,7 @@ class Transformer(nn.Module):
             if r.init_std == 0.0:
                 p[k].fill_(1.0)
             else:  # drawn on the CPU so a seed gives the same weights on any device
-                p[k].copy_(torch.randn(p.shape[1:], generator=generator) * r.init_std)
+                p[k].normal_(0.0, r.init_std, generator=generator)  # = randn(...) * std, in place
 
     def ops(self, device: torch.device) -> Ops:
         """The kernels for this device, picked in one place (windtunnel.kernels.select)."""

@@ -267,6 +267,7 @@ class Driver:
         except KeyboardInterrupt:
             for b in self.running:
                 b.handle.cancel()
+            self.executor.close()
             raise
         finally:
             if bar is not None:

@@ -64,6 +64,9 @@ class ExecutorConfig:
     """A trial whose worker dies is re-run this many times, then failed."""
     trial_timeout_s: float = 0.0
     """A bundle running longer than this is killed and retried (0 = no deadline)."""
+    standby: Any = "auto"
+    """local: start each slot's next worker process while its bundle trains, so Python, torch and
+    CUDA are loaded when the next bundle comes (auto: when GPUs are visible; true; false)."""
     # ray
     address: str = ""
     """ray: '' starts a new local instance; auto, HOST:PORT or ray://HOST:PORT joins a cluster."""
@@ -91,6 +94,7 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         check_choice("executor.type", self.type, EXECUTORS)
+        check_field(self.standby in ("auto", True, False), "executor.standby", "must be auto, true or false", self.standby)
         for name in ("workers", "retries", "threads_per_worker", "time_min", "array_parallelism"):
             check_field(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
         check_field(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)

@@ -84,6 +84,34 @@ def write_json_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def standby(bundles: str) -> int:
+    """Load what a bundle needs (torch, the trainer, CUDA), then wait on stdin for the folder
+    of the bundle to run; EOF (the sweep ended first) exits. The local executor starts this
+    while the previous bundle trains."""
+    import time
+
+    t0 = time.perf_counter()
+    import torch
+
+    import windtunnel.trainer  # noqa: F401  (the model, kernels and data modules with it)
+    try:
+        import optuna  # noqa: F401  (the pruner's study)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.init()
+    ready = time.perf_counter() - t0
+    line = sys.stdin.readline().strip()
+    if not line:
+        return 0
+    log = os.open(Path(line) / "worker.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    for fd in (1, 2):  # from here on the bundle's own log
+        os.dup2(log, fd)
+    os.close(log)
+    print(f"windtunnel.worker: started ahead (ready after {ready:.1f} s, in {bundles})", flush=True)
+    return main(line)
+
+
 def main(bundle_dir: str) -> int:
     d = Path(bundle_dir)
     payload = json.loads((d / PAYLOAD).read_text())
@@ -97,4 +125,4 @@ def main(bundle_dir: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(standby(sys.argv[2]) if sys.argv[1] == "--standby" else main(sys.argv[1]))

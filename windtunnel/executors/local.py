@@ -1,6 +1,10 @@
 """Local executor: one fresh process per bundle, at most `workers` at a time, one per GPU when
 GPUs are visible. A fresh process per bundle keeps workers stateless: a crash, an OOM or a
-SIGKILL loses one bundle, never the sweep."""
+SIGKILL loses one bundle, never the sweep.
+
+With `standby` (the default on GPUs) each slot's next process is started while its bundle
+trains: it loads Python, torch and CUDA (seconds the GPU would otherwise idle between bundles)
+and then waits on its stdin for the folder of the bundle it is to run."""
 from __future__ import annotations
 
 import json
@@ -38,7 +42,7 @@ def _die_with_parent() -> None:
 
 
 class LocalHandle:
-    def __init__(self, proc: subprocess.Popen, bundle_dir: Path, slot: int, log):
+    def __init__(self, proc: subprocess.Popen, bundle_dir: Path, slot: int, log=None):
         self.proc, self.bundle_dir, self.slot, self._log = proc, bundle_dir, slot, log
 
     def done(self) -> bool:
@@ -46,7 +50,8 @@ class LocalHandle:
 
     def result(self) -> list[dict]:
         self.proc.wait()
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
         res = self.bundle_dir / RESULT
         if not res.exists():
             raise WorkerLost(f"worker exited with status {self.proc.returncode} before writing a result "
@@ -69,6 +74,21 @@ class LocalExecutor:
         threads = max(1, cfg.threads_per_worker)
         self.slots = cfg.workers or (len(self.gpus) or max(1, (os.cpu_count() or 1) // threads))
         self.free = list(range(self.slots))
+        self.standby = cfg.standby is True or (cfg.standby == "auto" and bool(self.gpus))
+        self.waiting: dict[int, subprocess.Popen] = {}  # slot -> its next worker, started ahead
+
+    def _spawn(self, slot: int, args: list[str], **io) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, self.cfg.threads_per_worker)), "PYTHONUNBUFFERED": "1"}
+        if self.gpus:
+            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+        return subprocess.Popen([sys.executable, "-m", "windtunnel.worker", *args], env=env,
+                                preexec_fn=_die_with_parent, **io)
+
+    def _start_standby(self, slot: int, bundles: Path) -> None:
+        """Start slot's next worker now; it runs the next bundle submitted to this slot."""
+        with open(bundles / f".standby-{slot}.log", "wb") as early:  # its output until it gets a bundle
+            self.waiting[slot] = self._spawn(slot, ["--standby", str(bundles)], stdin=subprocess.PIPE,
+                                             stdout=early, stderr=subprocess.STDOUT)
 
     def submit(self, payload: dict, bundle_dir: Path) -> LocalHandle:
         slot = self.free.pop(0)
@@ -76,12 +96,20 @@ class LocalExecutor:
         payload = {**payload, "threads": max(1, self.cfg.threads_per_worker)}
         write_json_atomic(payload, bundle_dir / PAYLOAD)
         (bundle_dir / RESULT).unlink(missing_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": str(payload["threads"]), "PYTHONUNBUFFERED": "1"}
-        if self.gpus:
-            env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
-        log = open(bundle_dir / "worker.log", "ab")
-        proc = subprocess.Popen([sys.executable, "-m", "windtunnel.worker", str(bundle_dir)], env=env,
-                                stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        proc, log = self.waiting.pop(slot, None), None
+        if proc is not None and proc.poll() is None:
+            try:  # the worker opens the bundle's log itself
+                proc.stdin.write(f"{bundle_dir}\n".encode())
+                proc.stdin.close()
+            except BrokenPipeError:  # it died while waiting: start one the usual way
+                proc = None
+        else:
+            proc = None
+        if proc is None:
+            log = open(bundle_dir / "worker.log", "ab")
+            proc = self._spawn(slot, [str(bundle_dir)], stdout=log, stderr=subprocess.STDOUT)
+        if self.standby:
+            self._start_standby(slot, bundle_dir.parent)
         return LocalHandle(proc, bundle_dir, slot, log)
 
     def release(self, handle: LocalHandle) -> None:
@@ -91,4 +119,12 @@ class LocalExecutor:
         return None  # a local worker dies with its driver's session: re-run instead
 
     def close(self) -> None:
-        pass
+        for proc in self.waiting.values():  # EOF on stdin: a waiting worker exits at once
+            if proc.poll() is None:
+                proc.stdin.close()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.waiting.clear()
