@@ -100,6 +100,9 @@ def test_standby_workers_start_ahead_and_leave_nothing_behind(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
     assert [t.state for t in study.get_trials(deepcopy=False)] == [optuna.trial.TrialState.COMPLETE] * 4
+    run_stats = study.user_attrs["invocations"][-1]  # the share of slot time spent training, reported
+    assert 0 < run_stats["train_frac"] < 1 and run_stats["driver_wait_frac"] < 1
+    assert f"trained {100 * run_stats['train_frac']:.0f}% of it" in (results / "quickstart" / "report.md").read_text()
     logs = sorted((results / "quickstart" / "bundles").glob("trial-*/worker.log"))
     ahead = ["started ahead" in p.read_text() for p in logs]
     assert len(logs) == 4 and ahead.count(False) == 2 and ahead.count(True) == 2, ahead  # each slot's first is cold

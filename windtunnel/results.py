@@ -152,7 +152,9 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         lines += [f"Run: {inv['trials']} trials in {inv['wall_s'] / 60:.1f} min on {inv['slots']} slot(s), "
                   f"population {inv['population']}, sampler {inv['sampler']}: "
                   f"{inv['trials'] / max(hours * inv['slots'], 1e-9):.0f} trials per slot-hour; slots waited on "
-                  f"the driver {100 * inv['driver_wait_frac']:.2f}% of the time.", ""]
+                  f"the driver {100 * inv['driver_wait_frac']:.2f}% of the time"
+                  + (f" and trained {100 * inv['train_frac']:.0f}% of it (the rest: starting workers, setting up "
+                     "populations)" if "train_frac" in inv else "") + ".", ""]
     imp = importances(study)
     if imp:
         lines += ["**Parameter importance (fANOVA):** " + ", ".join(f"`{k}` {v:.2f}" for k, v in imp.items()), ""]

@@ -83,6 +83,7 @@ class Driver:
         # slot time spent waiting for the driver (ask, tell, bookkeeping) while trials remained
         self.freed: list[float] = []
         self.waited = 0.0
+        self.trained = 0.0  # slot time the bundles' trainers report as training (their `seconds`)
         self.tracker = self.parent = None
         if cfg.tracking.enabled:
             from windtunnel.tracking import Tracker
@@ -204,6 +205,7 @@ class Driver:
                 self._finish(b)
                 continue
             by_number = {r["number"]: r for r in results}
+            self.trained += max((r.get("seconds") or 0.0 for r in results), default=0.0)
             for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
                 r = by_number[t.number]
                 self._tell(t, r["status"], r.get("final_val_loss"), r)
@@ -275,6 +277,7 @@ class Driver:
         wall = time.time() - start
         stats = {"wall_s": wall, "slots": self.executor.slots, "trials": self.finished() - done_before,
                  "driver_wait_frac": self.waited / (wall * self.executor.slots) if wall > 0 else 0.0,
+                 "train_frac": self.trained / (wall * self.executor.slots) if wall > 0 else 0.0,
                  "population": self.K, "sampler": self.cfg.sampler.type}
         self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
         files = write_report(self.study, self.dir)
