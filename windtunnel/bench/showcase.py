@@ -41,10 +41,13 @@ def search_run(d: Path) -> dict:
     study = _study(d)
     runs = study.user_attrs["invocations"]
     wall = sum(i["wall_s"] * i["slots"] for i in runs)
-    return {"sampler": runs[-1]["sampler"], "n_trials": sum(i["trials"] for i in runs),
-            "gpu_minutes": round(wall / 60, 2),
-            "driver_wait_pct": round(100 * sum(i["driver_wait_frac"] * i["wall_s"] * i["slots"] for i in runs) / wall, 3),
-            "device": study.trials[0].user_attrs["result"]["provenance"]["device"]}
+    share = lambda key: round(100 * sum(i[key] * i["wall_s"] * i["slots"] for i in runs) / wall, 3)  # noqa: E731
+    out = {"sampler": runs[-1]["sampler"], "n_trials": sum(i["trials"] for i in runs),
+           "gpu_minutes": round(wall / 60, 2), "driver_wait_pct": share("driver_wait_frac"),
+           "device": study.trials[0].user_attrs["result"]["provenance"]["device"]}
+    if all("train_frac" in i for i in runs):  # recorded since 2026-12-01
+        out["train_pct"] = share("train_frac")
+    return out
 
 
 def main(argv=None) -> int:
