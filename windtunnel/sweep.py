@@ -192,32 +192,33 @@ class Driver:
             if not b.handle.done():
                 if timeout and now - b.started > timeout:
                     b.handle.cancel()
-                    self._finish(b, error=f"timed out after {timeout:.0f} s")
+                    self._finish(b, now, error=f"timed out after {timeout:.0f} s")
                 continue
+            freed = time.time()  # the slot idles from here: telling its trials is driver time too
             try:
                 results = b.handle.result()
             except WorkerLost as e:
-                self._finish(b, error=str(e))
+                self._finish(b, freed, error=str(e))
                 continue
             except Exception as e:  # the worker raised: deterministic, so no retry
                 for t in b.trials:
                     self._tell(t, "failed", None, {"reason": f"{type(e).__name__}: {e}"})
-                self._finish(b)
+                self._finish(b, freed)
                 continue
             by_number = {r["number"]: r for r in results}
             self.trained += max((r.get("seconds") or 0.0 for r in results), default=0.0)
             for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
                 r = by_number[t.number]
                 self._tell(t, r["status"], r.get("final_val_loss"), r)
-            self._finish(b)
+            self._finish(b, freed)
 
-    def _finish(self, b: Bundle, error: str | None = None) -> None:
+    def _finish(self, b: Bundle, freed: float, error: str | None = None) -> None:
         if error is not None:
             for t in b.trials:
                 self.fail_or_retry(t, error)
         self.running.remove(b)
         self.executor.release(b.handle)
-        self.freed.append(time.time())
+        self.freed.append(freed)
 
     def recover(self) -> None:
         """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
