@@ -98,11 +98,7 @@ def _init_trials(model: Transformer, cfgs: list[TrialConfig], threads: int) -> N
     seconds of GPU idle per bundle on one thread."""
     def init(k: int) -> None:
         model.init_trial(k, cfgs[k].model, torch.Generator().manual_seed(cfgs[k].train.seed))
-    if threads <= 1 or len(cfgs) == 1:
-        for k in range(len(cfgs)):
-            init(k)
-        return
-    with ThreadPoolExecutor(min(threads, len(cfgs))) as pool:
+    with ThreadPoolExecutor(max(1, min(threads, len(cfgs)))) as pool:
         list(pool.map(init, range(len(cfgs))))  # list(): re-raises a thread's exception here
 
 

@@ -93,11 +93,9 @@ def standby(bundles: str) -> int:
     t0 = time.perf_counter()
     import torch
 
+    import optuna  # noqa: F401  (the pruner's study)
+
     import windtunnel.trainer  # noqa: F401  (the model, kernels and data modules with it)
-    try:
-        import optuna  # noqa: F401  (the pruner's study)
-    except ImportError:
-        pass
     if torch.cuda.is_available():
         torch.cuda.init()
     ready = time.perf_counter() - t0

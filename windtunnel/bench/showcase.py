@@ -37,11 +37,13 @@ def batch_size_frame(d: Path) -> pd.DataFrame:
 
 
 def search_run(d: Path) -> dict:
-    """How one search ran: trials, GPU-minutes, the share of it the GPU waited on the driver."""
+    """How one search ran: trials, GPU-minutes, the shares of them spent waiting on the driver and training."""
     study = _study(d)
     runs = study.user_attrs["invocations"]
     wall = sum(i["wall_s"] * i["slots"] for i in runs)
-    share = lambda key: round(100 * sum(i[key] * i["wall_s"] * i["slots"] for i in runs) / wall, 3)  # noqa: E731
+
+    def share(key: str) -> float:  # a per-invocation fraction, weighted by slot time, in %
+        return round(100 * sum(i[key] * i["wall_s"] * i["slots"] for i in runs) / wall, 3)
     out = {"sampler": runs[-1]["sampler"], "n_trials": sum(i["trials"] for i in runs),
            "gpu_minutes": round(wall / 60, 2), "driver_wait_pct": share("driver_wait_frac"),
            "device": study.trials[0].user_attrs["result"]["provenance"]["device"]}
