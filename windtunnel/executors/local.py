@@ -7,6 +7,7 @@ trains: it loads Python, torch and CUDA (seconds the GPU would otherwise idle be
 and then waits on its stdin for the folder of the bundle it is to run."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -30,15 +31,18 @@ def _visible_gpus() -> list[str]:
         return []
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(driver: int) -> None:
     """Linux: the worker gets SIGKILL when its driver dies, so a killed driver leaves no
-    orphan training on; the re-run driver replaces those trials."""
+    orphan training on; the re-run driver replaces those trials. (Runs in the child between
+    fork and exec: a driver that died before the prctl took effect is caught by the check.)"""
     try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
-        pass
+        return
+    if os.getppid() != driver:
+        os._exit(1)
 
 
 class LocalHandle:
@@ -82,7 +86,7 @@ class LocalExecutor:
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
         return subprocess.Popen([sys.executable, "-m", "windtunnel.worker", *args], env=env,
-                                preexec_fn=_die_with_parent, **io)
+                                preexec_fn=functools.partial(_die_with_parent, os.getpid()), **io)
 
     def _start_standby(self, slot: int, bundles: Path) -> None:
         """Start slot's next worker now; it runs the next bundle submitted to this slot."""
