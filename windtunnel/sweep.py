@@ -121,7 +121,10 @@ class Driver:
         for trials in groups.values():
             for i in range(0, len(trials), self.K):
                 part = trials[i:i + self.K]
-                self.ready.append(Bundle(part, self.dir / "bundles" / f"trial-{part[0].number:05d}"))
+                b = Bundle(part, self.dir / "bundles" / f"trial-{part[0].number:05d}")
+                for t in part:  # recorded before the bundle runs: a driver killed after can re-attach
+                    t.set_user_attr("bundle", str(b.dir))
+                self.ready.append(b)
 
     def fill(self) -> None:
         free = self.slots_free()
@@ -147,8 +150,6 @@ class Driver:
                    "checkpoint_every": self.cfg.executor.checkpoint_every,
                    "trials": [{"number": t.number, "trial_id": t._trial_id, "config": t.user_attrs["config"]}
                               for t in b.trials]}
-        for t in b.trials:  # before submitting: a driver killed right after can re-attach (slurm)
-            t.set_user_attr("bundle", str(b.dir))
         b.handle = self.executor.submit(payload, b.dir)
         b.started = time.time()
         if self.freed:
@@ -186,39 +187,43 @@ class Driver:
             self._tell(trial, "failed", None, {"reason": f"{reason} (attempt {attempt}, no retries left)"})
 
     def collect(self) -> None:
-        now = time.time()
+        """Bundles that ended: their slots go first to the bundles asked ahead (which need nothing
+        from these results), then their trials are told: bookkeeping no slot waits for."""
+        now, ended = time.time(), []
         for b in list(self.running):
             timeout = self.cfg.executor.trial_timeout_s
             if not b.handle.done():
                 if timeout and now - b.started > timeout:
                     b.handle.cancel()
-                    self._finish(b, now, error=f"timed out after {timeout:.0f} s")
+                    ended.append((b, now, f"timed out after {timeout:.0f} s"))
                 continue
-            freed = time.time()  # the slot idles from here: telling its trials is driver time too
+            freed = time.time()
             try:
-                results = b.handle.result()
-            except WorkerLost as e:
-                self._finish(b, freed, error=str(e))
-                continue
+                outcome = b.handle.result()
+            except WorkerLost as e:  # lost: retried
+                outcome = str(e)
             except Exception as e:  # the worker raised: deterministic, so no retry
+                outcome = e
+            ended.append((b, freed, outcome))
+        for b, freed, _ in ended:
+            self.running.remove(b)
+            self.executor.release(b.handle)
+            self.freed.append(freed)
+        while self.ready and self.slots_free() > 0:
+            self.submit(self.ready.pop(0))
+        for b, _, outcome in ended:
+            if isinstance(outcome, str):
                 for t in b.trials:
-                    self._tell(t, "failed", None, {"reason": f"{type(e).__name__}: {e}"})
-                self._finish(b, freed)
-                continue
-            by_number = {r["number"]: r for r in results}
-            self.trained += max((r.get("seconds") or 0.0 for r in results), default=0.0)
-            for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
-                r = by_number[t.number]
-                self._tell(t, r["status"], r.get("final_val_loss"), r)
-            self._finish(b, freed)
-
-    def _finish(self, b: Bundle, freed: float, error: str | None = None) -> None:
-        if error is not None:
-            for t in b.trials:
-                self.fail_or_retry(t, error)
-        self.running.remove(b)
-        self.executor.release(b.handle)
-        self.freed.append(freed)
+                    self.fail_or_retry(t, outcome)
+            elif isinstance(outcome, Exception):
+                for t in b.trials:
+                    self._tell(t, "failed", None, {"reason": f"{type(outcome).__name__}: {outcome}"})
+            else:
+                by_number = {r["number"]: r for r in outcome}
+                self.trained += max((r.get("seconds") or 0.0 for r in outcome), default=0.0)
+                for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
+                    r = by_number[t.number]
+                    self._tell(t, r["status"], r.get("final_val_loss"), r)
 
     def recover(self) -> None:
         """Trials a previous driver left RUNNING: re-attach where the executor can, else replace."""
