@@ -119,3 +119,19 @@ def test_standby_workers_start_ahead_and_leave_nothing_behind(tmp_path):
     driver.wait()
     time.sleep(1)
     assert subprocess.run(["pgrep", "-f", f"windtunnel.worker.*{results}2"], capture_output=True).stdout == b""
+
+
+def test_next_bundle_starts_before_the_ended_trials_are_told(tmp_path):
+    """One slot: bundle n+1 (asked ahead) is submitted before bundle n's trial is told, so the
+    slot never waits on the tell (and its MLflow logging)."""
+    results = tmp_path / "results"
+    cmd = _cmd(results) + ["executor.workers=1"]
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=3"
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 3
+    for ended, started in zip(trials, trials[1:]):
+        submitted = (results / "quickstart" / "bundles" / f"trial-{started.number:05d}" / "payload.json").stat().st_mtime
+        assert submitted <= ended.datetime_complete.timestamp(), (ended.number, started.number)
