@@ -31,10 +31,6 @@ BWD_ELEMS_PER_THREAD = 32  # likewise in the backward: fewer warps, cheaper dw r
 BWD_PROGRAMS_PER_SM = 2  # backward programs per SM at least: each ends in a costly dw reduction + atomic add
 BWD_MAX_STEPS = 16  # more backward programs when each would walk more row blocks than this
 BWD_STAGES = 3  # software-pipelining depth of the backward's row loop (num_stages)
-# Backward programs add their dw partials into this many fp32 rows per trial (program p into
-# row p % slots), and the last program of a trial to finish sums the rows into dw: with one row,
-# every program's atomics queue on the same C addresses, which limits how many programs pay.
-BWD_DW_SLOTS = 1
 
 
 def _per_trial(t, x):
@@ -61,8 +57,8 @@ def rms_norm_reference(x, weight, eps, residual=None, scale=None):
 @triton.jit
 def _rms_norm_fwd_kernel(
     Y_ptr, Y_row_stride, H_ptr, H_row_stride, X_ptr, X_row_stride, R_ptr, R_row_stride,
-    W_ptr, W_row_stride, S_ptr, WS_ptr, WS_row_stride, n_rows, n_cols, rows_per_w, n_groups, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ZERO_DW: tl.constexpr, DW_SLOTS: tl.constexpr,
+    W_ptr, W_row_stride, S_ptr, DW_ptr, n_rows, n_cols, rows_per_w, n_groups, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_SCALE: tl.constexpr, ZERO_DW: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     # BLOCK_ROWS rows per program: at C = 256 one row is too little work for a program.
@@ -85,29 +81,21 @@ def _rms_norm_fwd_kernel(
     w = tl.load(W_ptr + group[:, None] * W_row_stride + cols[None, :], mask=mask, other=0.0)
     y = x * rstd[:, None] * w.to(tl.float32)
     tl.store(Y_ptr + rows[:, None] * Y_row_stride + cols[None, :], y.to(Y_ptr.dtype.element_ty), mask=mask)
-    # The backward adds into its dw workspace atomically; zeroing it here spares it a memset
-    # launch. Program pid zeroes slot row pid % DW_SLOTS of trial pid // DW_SLOTS (and the
-    # trial's arrival counter after its rows, when there are several).
+    # The backward adds into dw atomically; zeroing it here spares it a memset launch.
     if ZERO_DW:  # noqa: SIM102 (compile-time flag outside, run-time test inside)
-        if pid < n_groups * DW_SLOTS:
-            row = WS_ptr + (pid // DW_SLOTS) * WS_row_stride
-            tl.store(row + (pid % DW_SLOTS) * n_cols + cols, tl.zeros((BLOCK_SIZE,), tl.float32), mask=cols < n_cols)
-            if DW_SLOTS > 1:  # noqa: SIM102
-                if pid % DW_SLOTS == 0:
-                    tl.store(row + DW_SLOTS * n_cols, 0.0)
+        if pid < n_groups:
+            tl.store(DW_ptr + pid * n_cols + cols, tl.zeros((BLOCK_SIZE,), tl.float32), mask=cols < n_cols)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
     DX_ptr, DX_row_stride, DR_ptr, DR_row_stride, DY_ptr, DY_row_stride, DH_ptr, DH_row_stride,
-    H_ptr, H_row_stride, W_ptr, W_row_stride, S_ptr, WS_ptr, WS_row_stride, CNT_ptr, DW_ptr,
-    rows_per_w, n_cols, eps,
-    HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, HAS_SCALE: tl.constexpr, DW_SLOTS: tl.constexpr,
+    H_ptr, H_row_stride, W_ptr, W_row_stride, S_ptr, DW_ptr, rows_per_w, n_cols, eps,
+    HAS_DH: tl.constexpr, HAS_DR: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_ROWS: tl.constexpr, BLOCK_SIZE: tl.constexpr, NUM_STAGES: tl.constexpr,
 ):
     # Grid (K, P): program (k, p) walks row blocks p, p + P, ... of trial k, so its dw partial
-    # sum is trial k's alone; it adds it into trial k's workspace (fp32, zeroed by the forward)
-    # once, at the end: into dw itself with one slot, else into slot row p % DW_SLOTS.
+    # sum is trial k's alone; it adds it into dw[k] (fp32, zeroed by the forward) once, at the end.
     k = tl.program_id(0)
     p = tl.program_id(1)
     n_p = tl.num_programs(1)
@@ -135,23 +123,7 @@ def _rms_norm_bwd_kernel(
             dh *= tl.load(S_ptr + k).to(tl.float32)
         tl.store(DX_ptr + rows[:, None] * DX_row_stride + cols[None, :], dh.to(DX_ptr.dtype.element_ty), mask=mask)
         dw += dy * x_hat
-    ws = WS_ptr + k * WS_row_stride
-    tl.atomic_add(ws + (p % DW_SLOTS) * n_cols + cols, tl.sum(dw, axis=0), mask=cmask, sem="relaxed")
-    if DW_SLOTS > 1:
-        # The last program of trial k to arrive sums the slot rows into dw[k]. The barrier and
-        # the counter's acq_rel atomic publish this program's adds before its arrival counts
-        # (the grid-sync pattern); the rows are read with atomics, at L2, where the adds landed,
-        # then cleared with the counter: the workspace is left as the forward zeroed it.
-        tl.debug_barrier()
-        counter = CNT_ptr + k * WS_row_stride + DW_SLOTS * n_cols
-        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-        if arrived == n_p - 1:
-            total = tl.zeros((BLOCK_SIZE,), tl.float32)
-            for s in tl.static_range(DW_SLOTS):
-                total += tl.atomic_add(ws + s * n_cols + cols, 0.0, mask=cmask, sem="acquire")
-                tl.store(ws + s * n_cols + cols, tl.zeros((BLOCK_SIZE,), tl.float32), mask=cmask)
-            tl.store(DW_ptr + k * n_cols + cols, total, mask=cmask)
-            tl.store(counter, 0)
+    tl.atomic_add(DW_ptr + k * n_cols + cols, tl.sum(dw, axis=0), mask=cmask, sem="relaxed")
 
 
 def _config(n_cols, tile, elems_per_thread):
@@ -159,22 +131,6 @@ def _config(n_cols, tile, elems_per_thread):
     block = triton.next_power_of_2(n_cols)
     rows = max(1, min(64, tile // block))
     return block, rows, max(1, min(16, block * rows // (32 * elems_per_thread)))
-
-
-def _bwd_plan(n_rows, n_cols, n_groups, device):
-    """The backward's launch: (block, block_rows, warps, programs per trial, dw slots). The
-    forward needs the slots too: it zeroes the workspace they live in."""
-    block, block_rows, warps = _config(n_cols, BWD_TILE, BWD_ELEMS_PER_THREAD)
-    blocks = triton.cdiv(n_rows // n_groups, block_rows)  # row blocks per trial
-    n_p = max(1, min(blocks, max(_sm_count(device) * BWD_PROGRAMS_PER_SM // n_groups, triton.cdiv(blocks, BWD_MAX_STEPS))))
-    return block, block_rows, warps, n_p, max(1, min(BWD_DW_SLOTS, n_p))
-
-
-def _workspace(n_groups, n_cols, slots, device, zeroed=False):
-    """The backward's fp32 dw workspace: per trial, `slots` rows of C, then (several slots) an
-    int32 arrival counter. With one slot it is dw itself, (K, C)."""
-    shape = (n_groups, slots * n_cols + (slots > 1))
-    return (torch.zeros if zeroed else torch.empty)(shape, dtype=torch.float32, device=device)
 
 
 def _as_rows(t, n_cols):
@@ -203,8 +159,8 @@ def _check(x, weight, residual, scale):
 
 
 def rms_norm_forward(x, weight, eps, residual=None, scale=None, zero_dw=False):
-    """Host wrapper: (y, h, ws) with y and h as row matrices (h is x itself without residual) and
-    ws the backward's dw workspace (`_workspace`), zeroed here (None unless zero_dw)."""
+    """Host wrapper: (y, h, dw) with y and h as row matrices (h is x itself without residual) and
+    dw the backward's fp32 accumulator, shaped like weight, zeroed here (None unless zero_dw)."""
     n_cols = x.shape[-1]
     x2 = _as_rows(x, n_cols)
     n_rows = x2.shape[0]
@@ -217,18 +173,17 @@ def rms_norm_forward(x, weight, eps, residual=None, scale=None, zero_dw=False):
     else:
         r2 = h = x2
     y = torch.empty_like(h)
-    slots = _bwd_plan(n_rows, n_cols, n_groups, x.device)[-1] if zero_dw else 1
-    ws = _workspace(n_groups, n_cols, slots, x.device) if zero_dw else None
+    dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if zero_dw else None
     block, block_rows, warps = _config(n_cols, FWD_TILE, FWD_ELEMS_PER_THREAD)
-    grid = max(triton.cdiv(n_rows, block_rows), n_groups * slots if zero_dw else 1)  # zeroing ws: a row each
+    grid = max(triton.cdiv(n_rows, block_rows), n_groups if zero_dw else 1)  # program k zeroes dw[k]
     _rms_norm_fwd_kernel[(grid,)](
         y, y.stride(0), h, h.stride(0), x2, x2.stride(0), r2, r2.stride(0),
-        w2, w2.stride(0), scale if scale is not None else w2, ws if zero_dw else w2, ws.stride(0) if zero_dw else 0,
+        w2, w2.stride(0), scale if scale is not None else w2, dw if zero_dw else w2,
         n_rows, n_cols, rows_per_w, n_groups, eps,
-        HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, ZERO_DW=zero_dw, DW_SLOTS=slots,
+        HAS_RESIDUAL=residual is not None, HAS_SCALE=scale is not None, ZERO_DW=zero_dw,
         BLOCK_ROWS=block_rows, BLOCK_SIZE=block, num_warps=warps,
     )
-    return y, h, ws
+    return y, h, dw
 
 
 @functools.cache
@@ -237,33 +192,33 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
 
 
-def rms_norm_backward(dy, dh, h, weight, eps, scale=None, x_dtype=None, ws=None):
+def rms_norm_backward(dy, dh, h, weight, eps, scale=None, x_dtype=None, dw=None):
     """Host wrapper: (dx, dresidual, dw) from dy (and dh, the gradient at h when fused). dx is in
     x_dtype (h's by default); dresidual is dx itself unless scale or the dtypes set them apart
-    (None when not fused); dw is accumulated in ws, the workspace the forward zeroed, or a new one."""
+    (None when not fused); dw is accumulated into the given fp32 buffer, zeroed, or a new one."""
     n_cols = h.shape[-1]
     w2 = weight.reshape(-1, n_cols)
     n_groups = w2.shape[0]
     n_rows = h.shape[0]
+    rows_per_w = n_rows // n_groups
     dy = _as_rows(dy, n_cols)
     dh = _as_rows(dh, n_cols) if dh is not None else None
-    block, block_rows, warps, n_p, slots = _bwd_plan(n_rows, n_cols, n_groups, h.device)
+    block, block_rows, warps = _config(n_cols, BWD_TILE, BWD_ELEMS_PER_THREAD)
+    blocks = triton.cdiv(rows_per_w, block_rows)  # row blocks per trial
+    n_p = max(1, min(blocks, max(_sm_count(h.device) * BWD_PROGRAMS_PER_SM // n_groups, triton.cdiv(blocks, BWD_MAX_STEPS))))
     dx = torch.empty((n_rows, n_cols), dtype=x_dtype or h.dtype, device=h.device)
     split = dh is not None and (scale is not None or dx.dtype != h.dtype)
     dr = torch.empty_like(h) if split else dx
-    if ws is None:
-        ws = _workspace(n_groups, n_cols, slots, h.device, zeroed=True)
-    slots = max(1, ws.shape[1] // n_cols)  # as the forward planned it
-    dw = ws if slots == 1 else torch.empty((n_groups, n_cols), dtype=torch.float32, device=h.device)
+    if dw is None:
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
     _rms_norm_bwd_kernel[(n_groups, n_p)](
         dx, dx.stride(0), dr, dr.stride(0), dy, dy.stride(0),
         dh if dh is not None else dy, (dh if dh is not None else dy).stride(0),
-        h, h.stride(0), w2, w2.stride(0), scale if scale is not None else w2,
-        ws, ws.stride(0), ws.view(torch.int32), dw, n_rows // n_groups, n_cols, eps,
-        HAS_DH=dh is not None, HAS_DR=split, HAS_SCALE=scale is not None, DW_SLOTS=slots,
+        h, h.stride(0), w2, w2.stride(0), scale if scale is not None else w2, dw, rows_per_w, n_cols, eps,
+        HAS_DH=dh is not None, HAS_DR=split, HAS_SCALE=scale is not None,
         BLOCK_ROWS=block_rows, BLOCK_SIZE=block, NUM_STAGES=BWD_STAGES, num_warps=warps,
     )
-    return dx, (dr if dh is not None else None), dw.view(weight.shape).to(weight.dtype)
+    return dx, (dr if dh is not None else None), dw.to(weight.dtype)
 
 
 class RMSNormFunction(torch.autograd.Function):
@@ -272,7 +227,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps, residual, scale, need_dw):
-        y, h, ctx.ws = rms_norm_forward(x, weight, eps, residual, scale, zero_dw=need_dw)
+        y, h, ctx.dw = rms_norm_forward(x, weight, eps, residual, scale, zero_dw=need_dw)
         ctx.save_for_backward(h, weight, scale)
         ctx.eps, ctx.shape, ctx.x_dtype, ctx.fused = eps, x.shape, x.dtype, residual is not None
         if residual is None:
@@ -282,10 +237,10 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         h, weight, scale = ctx.saved_tensors
-        ws, ctx.ws = ctx.ws, None  # used once: a second backward (retain_graph) zeroes its own
+        dw_buf, ctx.dw = ctx.dw, None  # used once: a second backward (retain_graph) zeroes its own
         if dy is None:
             dy = torch.zeros_like(h)
-        dx, dr, dw = rms_norm_backward(dy, dh if ctx.fused else None, h, weight, ctx.eps, scale, ctx.x_dtype, ws)
+        dx, dr, dw = rms_norm_backward(dy, dh if ctx.fused else None, h, weight, ctx.eps, scale, ctx.x_dtype, dw_buf)
         return dx.view(ctx.shape), dw, None, (dr.view(ctx.shape) if ctx.fused else None), None, None
 
 

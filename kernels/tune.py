@@ -32,8 +32,8 @@ from . import rms_norm as R
 from .bench import _bench, _graph_ms
 
 FWD_GRID = {"FWD_TILE": (1024, 2048, 4096, 8192), "FWD_ELEMS_PER_THREAD": (8, 16, 32)}
-BWD_GRID = {"BWD_TILE": (1024, 2048, 4096), "BWD_ELEMS_PER_THREAD": (8, 16, 32),
-            "BWD_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "BWD_STAGES": (2, 3), "BWD_DW_SLOTS": (1, 4, 16)}
+BWD_GRID = {"BWD_TILE": (512, 1024, 2048, 4096), "BWD_ELEMS_PER_THREAD": (8, 16, 32),
+            "BWD_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "BWD_STAGES": (2, 3, 4)}
 
 
 def _copy_ms(n_bytes):
@@ -63,19 +63,16 @@ def tune_shape(K, N, C, top):
     # fewest bytes: fwd reads x, writes y; bwd reads x and dy, writes dx (w and dw are tiny)
     fwd_copy, bwd_copy, all_copy = _copy_ms(4 * numel), _copy_ms(6 * numel), _copy_ms(10 * numel)
     h = x.reshape(-1, C)
-
-    def forward():
-        return lambda: R.rms_norm_forward(x, w, eps, zero_dw=True)
-
-    def backward():  # a workspace with the slots of the launch being timed
-        ws = R.rms_norm_forward(x, w, eps, zero_dw=True)[2]
-        return lambda: R.rms_norm_backward(dy, None, h, w, eps, ws=ws)
+    dw = torch.zeros(K, C, device="cuda")
     results = {}
-    for phase, grid, make, copy in (("forward", FWD_GRID, forward, fwd_copy), ("backward", BWD_GRID, backward, bwd_copy)):
+    for phase, grid, fn, copy in (
+        ("forward", FWD_GRID, lambda: R.rms_norm_forward(x, w, eps, zero_dw=True), fwd_copy),
+        ("backward", BWD_GRID, lambda: R.rms_norm_backward(dy, None, h, w, eps, dw=dw), bwd_copy),
+    ):
         rows = []
         for cfg in _configs(grid):
             _set({**base, **cfg})
-            rows.append((_graph_ms(make(), []), cfg))
+            rows.append((_graph_ms(fn, []), cfg))
         rows.sort(key=lambda r: r[0])
         results[phase] = rows
         print(f"\nx ({K}, {N}, {C}) {phase}: copy of as many bytes {1000 * copy:.1f} us")

@@ -190,30 +190,6 @@ def test_rms_norm_scale(ops, x_shape, w_shape):
              lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-6, residual=r, scale=s), (x, w, r))
 
 
-@pytest.mark.parametrize("slots", [3, 16])
-@pytest.mark.parametrize("x_shape,w_shape", [((3, 90, 40), (3, 40)), ((300, 37), (37,))])
-def test_rms_norm_dw_slots(ops, monkeypatch, slots, x_shape, w_shape):
-    """dw summed through slot rows by each trial's last program (more slots than programs too);
-    the backward leaves its workspace zeroed, as a replayed backward needs it."""
-    from windtunnel.kernels import rms_norm as R
-
-    monkeypatch.setattr(R, "BWD_DW_SLOTS", slots)
-    monkeypatch.setattr(R, "BWD_TILE", 256)  # a few rows per block: several programs per trial
-    monkeypatch.setattr(R, "BWD_PROGRAMS_PER_SM", 4)
-    torch.manual_seed(slots)
-    x, w, r = _leaf(*x_shape), _leaf(*w_shape, scale=0.5), _leaf(*x_shape)
-    K_, C = (w_shape[0] if len(w_shape) == 2 else 1), x_shape[-1]
-    assert R._bwd_plan(x.numel() // C, C, K_, x.device)[3] > 1  # several programs share dw
-    _compare("rms_norm+res", lambda x, w, r: ops.rms_norm(x, w, 1e-6, residual=r),
-             lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-6, residual=r), (x, w, r))
-    y, h, ws = R.rms_norm_forward(x.detach(), w.detach(), 1e-6, zero_dw=True)
-    assert ws.shape == (K_, min(slots, R._bwd_plan(x.numel() // C, C, K_, x.device)[3]) * C + 1)
-    for _ in range(2):  # the same workspace twice: the second dw is right only if the first cleaned up
-        _, _, dw = R.rms_norm_backward(torch.ones_like(h), None, h, w.detach(), 1e-6, ws=ws)
-        assert not ws.any()
-    _check("dw", dw, torch.autograd.grad(K.TORCH_OPS.rms_norm(x, w, 1e-6).sum(), w)[0])
-
-
 # fp16 (numpy's own type, rounded to nearest in the interpreter as on a GPU; its bf16 is not).
 @pytest.mark.parametrize("x_dtype,r_dtype,w_dtype", [(torch.float16, torch.float32, torch.float32),
                                                      (torch.float32, torch.float16, torch.float16)])
