@@ -135,3 +135,31 @@ def test_next_bundle_starts_before_the_ended_trials_are_told(tmp_path):
     for ended, started in zip(trials, trials[1:]):
         submitted = (results / "quickstart" / "bundles" / f"trial-{started.number:05d}" / "payload.json").stat().st_mtime
         assert submitted <= ended.datetime_complete.timestamp(), (ended.number, started.number)
+
+
+def test_a_bundle_ends_at_its_result_not_its_exit(tmp_path, monkeypatch):
+    """A local worker that has written its result but is still exiting (a CUDA teardown takes
+    seconds) has ended: its slot is free and its result read at once; close() reaps it."""
+    from windtunnel.executors import local
+    from windtunnel.sweep_config import ExecutorConfig
+
+    monkeypatch.setattr(local, "EXIT_GRACE_S", 1.0)
+    ex = local.LocalExecutor(ExecutorConfig(type="local", workers=1, standby=False))
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    # a real process standing in for a worker whose exit is slow: result first, then 60 s more
+    script = ("import json, os, sys, time; from pathlib import Path; d = Path(sys.argv[1]); "
+              "(d / '.r.tmp').write_text(json.dumps({'ok': True, 'results': [{'number': 7}]})); "
+              f"os.replace(d / '.r.tmp', d / '{RESULT}'); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(bundle)])
+    handle = local.LocalHandle(proc, bundle, ex.free.pop(0))
+    deadline = time.time() + 30
+    while not handle.done() and time.time() < deadline:
+        time.sleep(0.05)
+    t0 = time.time()
+    assert handle.done() and proc.poll() is None  # ended, its process still alive
+    assert handle.result() == [{"number": 7}] and time.time() - t0 < 1
+    ex.release(handle)
+    assert ex.free == [0] and ex.exiting == [proc]
+    ex.close()
+    assert proc.poll() is not None and ex.exiting == []

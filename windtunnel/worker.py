@@ -118,8 +118,21 @@ def main(bundle_dir: str) -> int:
     except Exception as e:  # the driver records the reason; the sweep goes on
         traceback.print_exc()
         out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-    write_json_atomic(out, d / RESULT)
+    _free_device_memory()
+    write_json_atomic(out, d / RESULT)  # the bundle's end: the local executor gives the slot away now
     return 0
+
+
+def _free_device_memory() -> None:
+    """Hand the GPU memory back before the result is written: the next bundle may start on this
+    GPU while this process is still exiting (tearing down a CUDA context of tens of GB takes
+    seconds)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        import gc
+
+        gc.collect()  # the population's tensors and CUDA graphs, should a cycle hold them
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

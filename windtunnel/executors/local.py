@@ -4,7 +4,10 @@ SIGKILL loses one bundle, never the sweep.
 
 With `standby` (the default on GPUs) each slot's next process is started while its bundle
 trains: it loads Python, torch and CUDA (seconds the GPU would otherwise idle between bundles)
-and then waits on its stdin for the folder of the bundle it is to run."""
+and then waits on its stdin for the folder of the bundle it is to run.
+
+A bundle ends when its result.json appears, not when its process exits: the worker frees its
+GPU memory before writing it, and the exit (CUDA teardown, seconds) overlaps the next bundle."""
 from __future__ import annotations
 
 import functools
@@ -18,6 +21,9 @@ from pathlib import Path
 from windtunnel.executors import WorkerLost
 from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+
+
+EXIT_GRACE_S = 10.0  # at close, how long a worker whose result is in may take to exit before a SIGKILL
 
 
 def _visible_gpus() -> list[str]:
@@ -50,13 +56,14 @@ class LocalHandle:
         self.proc, self.bundle_dir, self.slot, self._log = proc, bundle_dir, slot, log
 
     def done(self) -> bool:
-        return self.proc.poll() is not None
+        return (self.bundle_dir / RESULT).exists() or self.proc.poll() is not None
 
     def result(self) -> list[dict]:
-        self.proc.wait()
+        res = self.bundle_dir / RESULT
+        if not res.exists():  # written atomically: present means complete
+            self.proc.wait()
         if self._log is not None:
             self._log.close()
-        res = self.bundle_dir / RESULT
         if not res.exists():
             raise WorkerLost(f"worker exited with status {self.proc.returncode} before writing a result "
                              f"(log: {self.bundle_dir / 'worker.log'})")
@@ -80,6 +87,7 @@ class LocalExecutor:
         self.free = list(range(self.slots))
         self.standby = cfg.standby is True or (cfg.standby == "auto" and bool(self.gpus))
         self.waiting: dict[int, subprocess.Popen] = {}  # slot -> its next worker, started ahead
+        self.exiting: list[subprocess.Popen] = []  # workers whose bundle ended, still exiting
 
     def _spawn(self, slot: int, args: list[str], **io) -> subprocess.Popen:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, self.cfg.threads_per_worker)), "PYTHONUNBUFFERED": "1"}
@@ -118,6 +126,7 @@ class LocalExecutor:
 
     def release(self, handle: LocalHandle) -> None:
         self.free.append(handle.slot)
+        self.exiting = [p for p in (*self.exiting, handle.proc) if p.poll() is None]
 
     def reattach(self, bundle_dir: Path):
         return None  # a local worker dies with its driver's session: re-run instead
@@ -132,3 +141,10 @@ class LocalExecutor:
                     proc.kill()
                     proc.wait()
         self.waiting.clear()
+        for proc in self.exiting:  # their results are in: wait for their exit, briefly
+            try:
+                proc.wait(timeout=EXIT_GRACE_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.exiting.clear()
