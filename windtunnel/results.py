@@ -154,7 +154,9 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
                   f"{inv['trials'] / max(hours * inv['slots'], 1e-9):.0f} trials per slot-hour; slots waited on "
                   f"the driver {100 * inv['driver_wait_frac']:.2f}% of the time"
                   + (f" and trained {100 * inv['train_frac']:.0f}% of it (the rest: starting workers, setting up "
-                     "populations)" if "train_frac" in inv else "") + ".", ""]
+                     "populations)" if "train_frac" in inv else "")
+                  + (f"; the driver spent {100 * inv['ask_frac']:.0f}% of its time asking the sampler"
+                     if "ask_frac" in inv else "") + ".", ""]
     imp = importances(study)
     if imp:
         lines += ["**Parameter importance (fANOVA):** " + ", ".join(f"`{k}` {v:.2f}" for k, v in imp.items()), ""]

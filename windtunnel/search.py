@@ -5,6 +5,7 @@ only report intermediate values (windtunnel/worker.py).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import optuna
@@ -76,6 +77,9 @@ def make_sampler(s: SamplerConfig, cfg: SweepConfig) -> optuna.samplers.BaseSamp
         return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=s.seed,
                                           n_startup_trials=s.n_startup_trials)
     if s.type == "gp":
+        import torch  # GPSampler fits its model with torch
+
+        torch.set_num_threads(s.threads or max(1, min(4, (os.cpu_count() or 1) // 4)))
         return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
     if s.type == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)

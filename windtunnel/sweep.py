@@ -22,6 +22,7 @@ from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig
 from windtunnel.trainer import bundle_key
+from windtunnel.worker import RESULT
 
 TS = optuna.trial.TrialState
 
@@ -64,6 +65,16 @@ def population_size(cfg: SweepConfig) -> int:
     return max(1, min(64, int(0.8 * free / per_trial)))
 
 
+def _ended_at(b: Bundle) -> float:
+    """When the bundle's slot really freed: its result's write time where the worker left one
+    (the driver may notice later, busy asking), else now."""
+    now = time.time()
+    try:
+        return min(now, (b.dir / RESULT).stat().st_mtime)
+    except OSError:
+        return now
+
+
 class Driver:
     def __init__(self, cfg: SweepConfig, progress: bool = True):
         self.cfg = cfg
@@ -84,6 +95,7 @@ class Driver:
         self.freed: list[float] = []
         self.waited = 0.0
         self.trained = 0.0  # slot time the bundles' trainers report as training (their `seconds`)
+        self.asking = 0.0  # driver time spent asking the sampler
         self.tracker = self.parent = None
         if cfg.tracking.enabled:
             from windtunnel.tracking import Tracker
@@ -107,6 +119,7 @@ class Driver:
     # -- ask ------------------------------------------------------------------------------------
     def ask_bundles(self, n: int) -> None:
         """Ask n trials and group the same-shape ones into bundles of at most K."""
+        t0 = time.time()
         groups: dict[str, list[optuna.trial.Trial]] = {}
         for _ in range(n):
             trial = self.study.ask(self.dists)
@@ -125,6 +138,7 @@ class Driver:
                 for t in part:  # recorded before the bundle runs: a driver killed after can re-attach
                     t.set_user_attr("bundle", str(b.dir))
                 self.ready.append(b)
+        self.asking += time.time() - t0
 
     def fill(self) -> None:
         free = self.slots_free()
@@ -197,7 +211,7 @@ class Driver:
                     b.handle.cancel()
                     ended.append((b, now, f"timed out after {timeout:.0f} s"))
                 continue
-            freed = time.time()
+            freed = _ended_at(b)
             try:
                 outcome = b.handle.result()
             except WorkerLost as e:  # lost: retried
@@ -284,6 +298,7 @@ class Driver:
         stats = {"wall_s": wall, "slots": self.executor.slots, "trials": self.finished() - done_before,
                  "driver_wait_frac": self.waited / (wall * self.executor.slots) if wall > 0 else 0.0,
                  "train_frac": self.trained / (wall * self.executor.slots) if wall > 0 else 0.0,
+                 "ask_frac": self.asking / wall if wall > 0 else 0.0,
                  "population": self.K, "sampler": self.cfg.sampler.type}
         self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
         files = write_report(self.study, self.dir)

@@ -34,10 +34,15 @@ class SamplerConfig:
     """tpe (multivariate, constant liar), gp, cmaes, random or grid."""
     seed: int = 0
     n_startup_trials: int = 10
+    threads: int = 0
+    """gp: CPU threads for its model fits in the driver (torch's intra-op threads); 0 = auto, a
+    quarter of the cores, 1 to 4. The workers share those cores, and a fit spread over all of
+    them stalls whenever one is busy."""
 
     def __post_init__(self) -> None:
         check_choice("sampler.type", self.type, SAMPLERS)
         check_field(self.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0", self.n_startup_trials)
+        check_field(self.threads >= 0, "sampler.threads", "must be >= 0 (0 = auto)", self.threads)
 
 
 @dataclass(kw_only=True)
