@@ -1,8 +1,11 @@
-"""Why GP's asks ran 5x slower inside a sweep than alone: a 64-trial GP bundle asked with 320
-trials in the study, by the driver's torch threads, alone and beside busy processes standing in
-for a training worker's host threads (each spins one core).
+"""A 64-trial GP bundle asked with 320 trials in the study, by the driver's torch threads, alone
+and beside busy processes standing in for a training worker's host threads (each spins one core).
 
-    bash results/windtunnel/gpu.sh py results/windtunnel/gp_ask_threads.py
+    bash results/windtunnel/gpu.sh py results/windtunnel/gp_ask_threads.py   # -> gp_ask_threads.log
+
+Inside mup_hp's GP sweep on the H200 host the same asks took 34-46 s with torch's 16 threads and
+14-17 s with 4 (sampler.threads); here, 11 s either way, with or without spinning cores: what
+the training worker does to a 16-thread fit is not a spinning core (not found out further).
 """
 import json
 import os

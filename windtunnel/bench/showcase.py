@@ -49,6 +49,8 @@ def search_run(d: Path) -> dict:
            "device": study.trials[0].user_attrs["result"]["provenance"]["device"]}
     if all("train_frac" in i for i in runs):  # recorded since 2026-12-01
         out["train_pct"] = share("train_frac")
+    if all("ask_frac" in i for i in runs):  # the driver's time asking the sampler, since session 6
+        out["driver_asking_pct"] = round(100 * sum(i["ask_frac"] * i["wall_s"] for i in runs) / sum(i["wall_s"] for i in runs), 1)
     return out
 
 
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
                "gpu_minutes": sum(c["showcase_s"] for c in calls) / 60,
                "best": {**hp.best_trial.params, "value": hp.best_value},
                # each full 400-trial search of mup_hp, by sampler (issue 6: < 15 GPU-min, wait < 5%)
-               "searches": {name: search_run(root / name) for name in ("mup_hp", "mup_hp_gp400")}}
+               "searches": {name: search_run(root / name) for name in ("mup_hp", "mup_hp_tpe400", "mup_hp_gp400")}}
     (root / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
