@@ -11,6 +11,7 @@ CASES = {
     "log_nonpositive": ("search:\n  optim.lr: {type: float, low: 0.0, high: 0.1, log: true}\n",
                         "search.optim.lr.low: log scale needs low > 0"),
     "sampler": ("sampler: {type: annealing}\n", "sampler.type: must be one of tpe, gp, cmaes, random, grid"),
+    "sampler_threads": ("sampler: {type: gp, threads: -2}\n", "sampler.threads: must be >= 0 (0 = auto)"),
     "yaml": ("search:\n  optim.lr: {type: float, low: 1\n", "YAML syntax error"),
     "unknown_field": ("search:\n  optim.learning_rate: {type: float, low: 0.001, high: 0.1}\n",
                       "optim.learning_rate: unknown key"),

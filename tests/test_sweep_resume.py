@@ -102,7 +102,9 @@ def test_standby_workers_start_ahead_and_leave_nothing_behind(tmp_path):
     assert [t.state for t in study.get_trials(deepcopy=False)] == [optuna.trial.TrialState.COMPLETE] * 4
     run_stats = study.user_attrs["invocations"][-1]  # the share of slot time spent training, reported
     assert 0 < run_stats["train_frac"] < 1 and run_stats["driver_wait_frac"] < 1
-    assert f"trained {100 * run_stats['train_frac']:.0f}% of it" in (results / "quickstart" / "report.md").read_text()
+    report = (results / "quickstart" / "report.md").read_text()
+    assert f"trained {100 * run_stats['train_frac']:.0f}% of it" in report
+    assert 0 < run_stats["ask_frac"] < 1 and f"spent {100 * run_stats['ask_frac']:.0f}% of its time asking" in report
     logs = sorted((results / "quickstart" / "bundles").glob("trial-*/worker.log"))
     ahead = ["started ahead" in p.read_text() for p in logs]
     assert len(logs) == 4 and ahead.count(False) == 2 and ahead.count(True) == 2, ahead  # each slot's first is cold
@@ -163,3 +165,16 @@ def test_a_bundle_ends_at_its_result_not_its_exit(tmp_path, monkeypatch):
     assert ex.free == [0] and ex.exiting == [proc]
     ex.close()
     assert proc.poll() is not None and ex.exiting == []
+
+
+def test_a_slot_is_freed_when_its_result_was_written(tmp_path):
+    """The driver may notice an ended bundle late (busy asking GP for the next one): the slot's
+    wait is counted from the result's write, so that time shows as the driver's."""
+    from windtunnel.sweep import Bundle, _ended_at
+
+    b = Bundle([], tmp_path)
+    t0 = time.time()
+    assert t0 <= _ended_at(b) <= time.time()  # no result: ended now
+    (tmp_path / RESULT).write_text("{}")
+    os.utime(tmp_path / RESULT, (t0 - 7, t0 - 7))
+    assert _ended_at(b) == t0 - 7
