@@ -172,9 +172,11 @@ def test_a_slot_is_freed_when_its_result_was_written(tmp_path):
     wait is counted from the result's write, so that time shows as the driver's."""
     from windtunnel.sweep import Bundle, _ended_at
 
-    b = Bundle([], tmp_path)
     t0 = time.time()
+    b = Bundle([], tmp_path, started=t0 - 60)
     assert t0 <= _ended_at(b) <= time.time()  # no result: ended now
     (tmp_path / RESULT).write_text("{}")
     os.utime(tmp_path / RESULT, (t0 - 7, t0 - 7))
     assert _ended_at(b) == t0 - 7
+    os.utime(tmp_path / RESULT, (t0 - 90, t0 - 90))  # before this driver submitted it: no wait of its
+    assert _ended_at(b) == t0 - 60

@@ -67,10 +67,11 @@ def population_size(cfg: SweepConfig) -> int:
 
 def _ended_at(b: Bundle) -> float:
     """When the bundle's slot really freed: its result's write time where the worker left one
-    (the driver may notice later, busy asking), else now."""
+    (the driver may notice later, busy asking), else now; never before this driver submitted or
+    re-attached it (a result written while no driver ran is no wait of this one's)."""
     now = time.time()
     try:
-        return min(now, (b.dir / RESULT).stat().st_mtime)
+        return min(now, max(b.started, (b.dir / RESULT).stat().st_mtime))
     except OSError:
         return now
 

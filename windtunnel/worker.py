@@ -125,8 +125,7 @@ def main(bundle_dir: str) -> int:
 
 def _free_device_memory() -> None:
     """Hand the GPU memory back before the result is written: the next bundle may start on this
-    GPU while this process is still exiting (tearing down a CUDA context of tens of GB takes
-    seconds)."""
+    GPU while this process is still exiting."""
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
         import gc

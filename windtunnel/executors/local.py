@@ -7,7 +7,8 @@ trains: it loads Python, torch and CUDA (seconds the GPU would otherwise idle be
 and then waits on its stdin for the folder of the bundle it is to run.
 
 A bundle ends when its result.json appears, not when its process exits: the worker frees its
-GPU memory before writing it, and the exit (CUDA teardown, seconds) overlaps the next bundle."""
+GPU memory before writing it, and its exit (interpreter and CUDA teardown) overlaps the next
+bundle."""
 from __future__ import annotations
 
 import functools
