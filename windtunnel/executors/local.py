@@ -24,7 +24,7 @@ from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
 
 
-EXIT_GRACE_S = 10.0  # at close, how long a worker whose result is in may take to exit before a SIGKILL
+EXIT_GRACE_S = 10.0  # at close, how long a waiting or finished worker may take to exit before a SIGKILL
 
 
 def _visible_gpus() -> list[str]:
@@ -136,16 +136,12 @@ class LocalExecutor:
         for proc in self.waiting.values():  # EOF on stdin: a waiting worker exits at once
             if proc.poll() is None:
                 proc.stdin.close()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self.waiting.clear()
-        for proc in self.exiting:  # their results are in: wait for their exit, briefly
+        # waiting workers, and those whose results are in but still exiting: a grace, then SIGKILL
+        for proc in (*self.waiting.values(), *self.exiting):
             try:
                 proc.wait(timeout=EXIT_GRACE_S)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.waiting.clear()
         self.exiting.clear()
