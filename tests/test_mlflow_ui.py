@@ -6,12 +6,13 @@ is saved in the test's tmp dir and copied to results/screenshots/mlflow_ui.png.
 from __future__ import annotations
 
 import os
+import queue
 import re
-import select
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -74,12 +75,17 @@ def test_ui_lists_trial_runs(filled_results, tmp_path):
     ui = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", "ui", str(filled_results), "--port", str(port)],
                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
+        # A reader thread, not select() on the buffered pipe: a readline() can pull the URL line
+        # into Python's buffer along with the one before it, and select() would then wait forever.
+        lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in ui.stdout], daemon=True).start()
         url = None
         deadline = time.monotonic() + 90
         while url is None and time.monotonic() < deadline and ui.poll() is None:
-            if not select.select([ui.stdout], [], [], 1.0)[0]:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
                 continue
-            line = ui.stdout.readline()
             m = re.search(r"MLflow UI of uisweep: (\S+)", line)
             url = m.group(1) if m else None
         assert url, f"`windtunnel ui` printed no URL (exit status {ui.poll()})"

@@ -95,8 +95,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port: {args.port} is taken by a running server (allowed: a free port)")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no job runner: the UI is all we need
-    # Own session, so stopping reaches the server's workers too.
-    proc = subprocess.Popen(server_command(tracking_dir, args.port), env=env, start_new_session=True)
+    # Own session, so stopping reaches the server's workers too. Its logs go to stderr: stdout
+    # carries only the URL lines below, so `windtunnel ui | head -1` is the URL.
+    proc = subprocess.Popen(server_command(tracking_dir, args.port), env=env, start_new_session=True,
+                            stdout=sys.stderr)
 
     def stop(*_):
         try:
