@@ -52,3 +52,19 @@ def test_trial_cli_bad_config_exit_2(tmp_path):
                             ("model.parametrization=ntk", "model.parametrization")]:
         p = _run(["trial", override], tmp_path)
         assert p.returncode == 2 and field in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("optim.lr=abc", "optim.lr: must be a number (got 'abc')"),
+    ("model.d_model=1.5", "model.d_model: must be an integer (got '1.5')"),
+    ("train.cuda_graph=maybe", "train.cuda_graph: must be true or false (got 'maybe')"),
+    ("model.d_modle=64", "model.d_modle: unknown key (allowed: d_ff, d_model, "),
+    ("optim.lr", "overrides: optim.lr: must be KEY=VALUE"),
+])
+def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
+    from windtunnel.configure import compose
+    from windtunnel.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        compose([override])
+    assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)

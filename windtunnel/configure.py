@@ -3,7 +3,9 @@ project's dataclasses (windtunnel/config.py). Nothing below the CLI imports Hydr
 """
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -33,6 +35,32 @@ def _one_line(e: Exception) -> str:
     return msg[0] if msg else type(e).__name__
 
 
+_KINDS = {"Float": "a number", "Integer": "an integer", "String": "a string"}
+
+
+def _override_error(e: Exception) -> str:
+    """Hydra's first line says only which override failed ("Error merging override optim.lr=abc");
+    the OmegaConf error beneath it names the field and what went wrong: say that, in our words."""
+    cause = e
+    while cause is not None and not getattr(cause, "full_key", None):
+        cause = cause.__cause__ or cause.__context__
+    if cause is None:
+        lines = str(e).strip().splitlines()
+        if m := re.match(r"Error parsing override '(.*)'", lines[0] if lines else ""):
+            return f"overrides: {m[1]}: must be KEY=VALUE ({lines[1] if len(lines) > 1 else 'unparsable'})"
+        return f"overrides: {_one_line(e)}"
+    key, first = cause.full_key, _one_line(cause)
+    if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
+        return f"{key}: must be {_KINDS.get(m[2], m[2])} (got {m[1]!r})"
+    if m := re.match(r"Value '(.*)' is not a valid bool", first):
+        return f"{key}: must be true or false (got {m[1]!r})"
+    if first.startswith("Key ") and " not in " in first:
+        owner = getattr(cause, "object_type", None)
+        known = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
+        return f"{key}: unknown key" + (f" (allowed: {', '.join(known)})" if known else "")
+    return f"{key}: {first}"
+
+
 def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | None = None) -> dict:
     """The composed config as plain nested dicts; a bad override raises ConfigError (one line)."""
     from hydra import compose as hydra_compose, initialize_config_dir
@@ -48,8 +76,8 @@ def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | 
         return OmegaConf.to_container(cfg, resolve=True)
     except ConfigError:
         raise
-    except Exception as e:  # Hydra/OmegaConf errors: keep the first line, which names the key
-        raise ConfigError(f"overrides: {_one_line(e)}") from None
+    except Exception as e:  # Hydra/OmegaConf errors, as one line naming the key
+        raise ConfigError(_override_error(e)) from None
 
 
 def trial_config(overrides: list[str], config_file: str | None = None) -> TrialConfig:
@@ -113,8 +141,6 @@ def sweep_file(spec: str) -> Path:
 
 def load_sweep(spec: str, overrides: list[str]):
     """The SweepConfig of a sweep file + KEY=VALUE overrides; every error names the file."""
-    import dataclasses
-
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
