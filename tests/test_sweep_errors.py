@@ -68,3 +68,26 @@ def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as e:
         compose([override])
     assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("section, key, value, expected", [
+    ("optim", "lr", "abc", "optim.lr: must be a number (got 'abc')"),
+    ("optim", "lr", True, "optim.lr: must be a number (got True)"),
+    ("model", "d_model", 1.5, "model.d_model: must be an integer (got 1.5)"),
+    ("train", "cuda_graph", "maybe", "train.cuda_graph: must be true or false (got 'maybe')"),
+    ("train", "save_at", [1, "x"], "train.save_at: must be a list of integers"),
+])
+def test_wrong_type_in_a_config_file_names_the_field(section, key, value, expected):
+    """`trial --config best.yaml` and the transfer build configs from plain dicts, not Hydra."""
+    import numpy as np
+
+    from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+    from windtunnel.errors import ConfigError
+
+    d = to_dict(TrialConfig())
+    d[section][key] = value
+    with pytest.raises(ConfigError, match="^" + expected.replace("(", r"\(").replace(")", r"\)")):
+        trial_from_dict(d)
+    d = to_dict(TrialConfig())
+    d["model"]["d_model"], d["optim"]["lr"] = np.int64(64), np.float32(0.02)  # what tables hand over
+    assert trial_from_dict(d).model.d_model == 64

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +27,24 @@ def check_field(ok: bool, path: str, rule: str, value: Any) -> None:
 
 def check_choice(path: str, value: Any, allowed: tuple) -> None:
     check_field(value in allowed, path, f"must be one of {', '.join(allowed)}", value)
+
+
+TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false", "str": "a string",
+              "list[int]": "a list of integers"}
+
+
+def _is(kind: str, v: Any) -> bool:
+    """Does v fit a field annotated `kind`? Numpy numbers and 256.0 for an int pass (tables and
+    JSON hand them over); bool is not a number here (`lr: true` is a typo)."""
+    if isinstance(v, bool) and kind != "bool":
+        return False
+    if kind == "float":
+        return isinstance(v, numbers.Real)
+    if kind == "int":
+        return isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
+    if kind == "list[int]":
+        return isinstance(v, (list, tuple)) and all(_is("int", x) for x in v)
+    return isinstance(v, {"bool": bool, "str": str}[kind])
 
 
 @dataclass(kw_only=True)
@@ -226,6 +245,9 @@ def trial_from_dict(d: dict) -> TrialConfig:
         bad = set(values) - known
         if bad:
             raise ConfigError(f"{name}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+        for f in dataclasses.fields(cls):  # before __post_init__, whose checks assume the types
+            if f.name in values and not _is(f.type, values[f.name]):
+                check_field(False, f"{name}.{f.name}", f"must be {TYPE_WORDS[f.type]}", values[f.name])
         parts[name] = cls(**values)
     return TrialConfig(**parts)
 

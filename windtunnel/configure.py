@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from windtunnel.config import TrialConfig, trial_from_dict
+from windtunnel.config import TYPE_WORDS, TrialConfig, trial_from_dict
 from windtunnel.errors import ConfigError
 
 
@@ -35,7 +35,7 @@ def _one_line(e: Exception) -> str:
     return msg[0] if msg else type(e).__name__
 
 
-_KINDS = {"Float": "a number", "Integer": "an integer", "String": "a string"}
+_OMEGACONF_TYPES = {"Float": "float", "Integer": "int", "String": "str"}  # -> config.TYPE_WORDS
 
 
 def _override_error(e: Exception) -> str:
@@ -51,9 +51,9 @@ def _override_error(e: Exception) -> str:
         return f"overrides: {_one_line(e)}"
     key, first = cause.full_key, _one_line(cause)
     if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
-        return f"{key}: must be {_KINDS.get(m[2], m[2])} (got {m[1]!r})"
+        return f"{key}: must be {TYPE_WORDS.get(_OMEGACONF_TYPES.get(m[2]), m[2])} (got {m[1]!r})"
     if m := re.match(r"Value '(.*)' is not a valid bool", first):
-        return f"{key}: must be true or false (got {m[1]!r})"
+        return f"{key}: must be {TYPE_WORDS['bool']} (got {m[1]!r})"
     if first.startswith("Key ") and " not in " in first:
         owner = getattr(cause, "object_type", None)
         known = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
