@@ -91,3 +91,16 @@ def test_wrong_type_in_a_config_file_names_the_field(section, key, value, expect
     d = to_dict(TrialConfig())
     d["model"]["d_model"], d["optim"]["lr"] = np.int64(64), np.float32(0.02)  # what tables hand over
     assert trial_from_dict(d).model.d_model == 64
+
+
+def test_large_run_section_is_checked_like_the_trial_sections():
+    from windtunnel.errors import ConfigError
+    from windtunnel.large_run import load_config
+
+    with pytest.raises(ConfigError, match=r"^large_run\.micro_batch: must be an integer \(got 'x'\)"):
+        load_config({"large_run": {"micro_batch": "x"}})
+    with pytest.raises(ConfigError, match=r"^large_run\.steps: unknown key \(allowed: .*micro_batch"):
+        load_config({"large_run": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"^large_run: must be a mapping"):
+        load_config({"large_run": [1]})
+    assert load_config({"large_run": {"micro_batch": 2}})[1].micro_batch == 2

@@ -233,23 +233,28 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
+    """cls(**values), after the checks its __post_init__ assumes: known keys, values of the
+    annotated types; each failure is one line naming `name.key`."""
+    if values is not None and not isinstance(values, dict):
+        raise ConfigError(f"{name}: must be a mapping of keys to values (got {values!r})")
+    values = dict(values or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    bad = sorted(set(values) - set(fields))
+    if bad:
+        raise ConfigError(f"{name}.{bad[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
+    for key, value in values.items():
+        kind = fields[key].type
+        check_field(_is(kind, value), f"{name}.{key}", f"must be {TYPE_WORDS[kind]}", value)
+    return cls(**values)
+
+
 def trial_from_dict(d: dict) -> TrialConfig:
     """Build a TrialConfig from nested dicts; unknown keys are errors that name the field."""
     unknown = set(d) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
-    parts = {}
-    for name, cls in SECTIONS.items():
-        values = dict(d.get(name) or {})
-        known = {f.name for f in dataclasses.fields(cls)}
-        bad = set(values) - known
-        if bad:
-            raise ConfigError(f"{name}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(sorted(known))})")
-        for f in dataclasses.fields(cls):  # before __post_init__, whose checks assume the types
-            if f.name in values and not _is(f.type, values[f.name]):
-                check_field(False, f"{name}.{f.name}", f"must be {TYPE_WORDS[f.type]}", values[f.name])
-        parts[name] = cls(**values)
-    return TrialConfig(**parts)
+    return TrialConfig(**{name: section_from_dict(name, cls, d.get(name)) for name, cls in SECTIONS.items()})
 
 
 def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:

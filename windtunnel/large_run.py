@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 from windtunnel import data as data_mod
 from windtunnel import parametrization as mup
-from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
@@ -78,14 +78,8 @@ class LargeRunConfig:
 
 def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
     d = dict(d)
-    lr = d.pop("large_run", None) or {}
-    if not isinstance(lr, dict):
-        raise ConfigError("large_run: must be a mapping")
-    known = {f.name for f in dataclasses.fields(LargeRunConfig)}
-    bad = sorted(set(lr) - known)
-    if bad:
-        raise ConfigError(f"large_run.{bad[0]}: unknown key (allowed: {', '.join(sorted(known))})")
-    return trial_from_dict(d), LargeRunConfig(**lr)
+    run = section_from_dict("large_run", LargeRunConfig, d.pop("large_run", None))
+    return trial_from_dict(d), run
 
 
 # --------------------------------------------------------------------------- distributed
