@@ -110,19 +110,20 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path)
     log = out / "runs" / "sig" / "loss.jsonl"
     p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True)
+    err = ""
     try:
         deadline = time.time() + 90
         while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
             time.sleep(0.1)
         p.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
-        p.communicate(timeout=60)
+        _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
     losses, events = curve(out / "runs" / "sig")
-    assert events[-1]["event"] == "sigterm"
+    assert events and events[-1]["event"] == "sigterm", f"events {events[-3:]}, torchrun: {err[-3000:]}"
     last = max(losses)
-    assert 3 <= last < 100_000 and events[-1]["step"] == last
+    assert 3 <= last < 100_000 and events[-1]["step"] == last, (last, events[-3:])
     assert (out / "runs" / "sig" / "checkpoints" / "latest").read_text().strip() == f"step-{last:09d}"
     r = subprocess.run(["bash", str(out / "launch.sh"), f"large_run.stop_after_steps={last + 2}"],
                        capture_output=True, text=True, env=env, timeout=120)
