@@ -16,6 +16,8 @@ CASES = {
     "unknown_field": ("search:\n  optim.learning_rate: {type: float, low: 0.001, high: 0.1}\n",
                       "optim.learning_rate: unknown key"),
     "bad_value": ("model:\n  parametrization: ntk\n", "model.parametrization: must be one of sp, mup"),
+    "float_on_int": ("search:\n  model.d_model: {type: float, low: 64, high: 256}\n",
+                     "search.model.d_model.type: model.d_model is an integer field (allowed: int, categorical, fixed)"),
 }
 
 

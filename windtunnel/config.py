@@ -233,6 +233,13 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def field_type(key: str) -> str | None:
+    """The annotated type of a dotted trial field ('model.d_model' -> 'int'); None if no such field."""
+    section, _, name = key.partition(".")
+    cls = SECTIONS.get(section)
+    return next((f.type for f in dataclasses.fields(cls) if f.name == name), None) if cls else None
+
+
 def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
     """cls(**values), after the checks its __post_init__ assumes: known keys, values of the
     annotated types; each failure is one line naming `name.key`."""

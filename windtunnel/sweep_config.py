@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from windtunnel.config import SECTIONS, TrialConfig, check_field, check_choice, trial_from_dict, with_overrides
+from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
 from windtunnel.errors import ConfigError
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
@@ -233,6 +233,8 @@ def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
                 raise ConfigError(f"{where}.step: cannot be combined with log: true (got step={p.step})")
             if kind == "int" and not all(float(v).is_integer() for v in (p.low, p.high)):
                 raise ConfigError(f"{where}: int bounds must be integers (got low={p.low}, high={p.high})")
+            if kind == "float" and field_type(name) == "int":  # its probes could all be whole numbers
+                raise ConfigError(f"{where}.type: {name} is an integer field (allowed: int, categorical, fixed)")
         elif kind == "categorical" and not p.choices:
             raise ConfigError(f"{where}.choices: must be a non-empty list (got {spec.get('choices')!r})")
         elif kind == "fixed" and "value" not in spec:
