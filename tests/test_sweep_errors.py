@@ -106,3 +106,16 @@ def test_large_run_section_is_checked_like_the_trial_sections():
     with pytest.raises(ConfigError, match=r"^large_run: must be a mapping"):
         load_config({"large_run": [1]})
     assert load_config({"large_run": {"micro_batch": 2}})[1].micro_batch == 2
+
+
+def test_overrides_of_a_config_file_read_numbers_as_hydra_does(tmp_path):
+    """`trial --config best.yaml train.tokens=2e6 optim.lr=1e-3`: YAML 1.1 alone reads both as strings."""
+    import yaml
+
+    from windtunnel.config import TrialConfig, to_dict
+    from windtunnel.configure import trial_config
+
+    f = tmp_path / "best.yaml"
+    f.write_text(yaml.safe_dump({"trial": to_dict(TrialConfig())}))
+    cfg = trial_config(["train.tokens=2e6", "optim.lr=1e-3"], str(f))
+    assert cfg.optim.lr == 0.001 and cfg.train.tokens == 2_000_000 and type(cfg.train.tokens) is int

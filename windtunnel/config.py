@@ -253,6 +253,8 @@ def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
     for key, value in values.items():
         kind = fields[key].type
         check_field(_is(kind, value), f"{name}.{key}", f"must be {TYPE_WORDS[kind]}", value)
+        if kind == "int" and not isinstance(value, int):
+            values[key] = int(value)  # 2e6 or 256.0: a whole number, stored as one
     return cls(**values)
 
 

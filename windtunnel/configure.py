@@ -106,11 +106,15 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def parse_value(text: str):
-    """'0.01' -> 0.01, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a string."""
+    """'0.01' -> 0.01, '1e-3' -> 0.001, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a
+    string. YAML 1.1 reads 1e-3 (no dot) as a string; Hydra's overrides read it as a number."""
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
+        return float(value)
+    return value
 
 
 def _apply_overrides(d: dict, overrides: list[str]) -> dict:
