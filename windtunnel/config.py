@@ -33,18 +33,29 @@ TYPE_WORDS = {"float": "a number", "int": "an integer", "bool": "true or false",
               "list[int]": "a list of integers"}
 
 
-def _is(kind: str, v: Any) -> bool:
-    """Does v fit a field annotated `kind`? Numpy numbers and 256.0 for an int pass (tables and
-    JSON hand them over); bool is not a number here (`lr: true` is a typo)."""
-    if isinstance(v, bool) and kind != "bool":
-        return False
-    if kind == "float":
-        return isinstance(v, numbers.Real)
-    if kind == "int":
-        return isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())
-    if kind == "list[int]":
-        return isinstance(v, (list, tuple)) and all(_is("int", x) for x in v)
-    return isinstance(v, {"bool": bool, "str": str}[kind])
+def coerce(path: str, value: Any, annotation: str) -> Any:
+    """value as the field annotated `annotation` ('int', 'float | None', 'list[int]', ...) holds it,
+    or ConfigError naming `path`. Whole numbers pass for ints (2e6, or 256.0 from a table); a bool
+    is no number (`lr: true` is a typo); scalars pass for strings (a partition named 123)."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    kind = next(k for k in kinds if k != "None")
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind in ("int", "float") and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        if kind == "float":
+            return float(value)
+        if isinstance(value, numbers.Integral) or float(value).is_integer():
+            return int(value)
+    if kind == "list[int]" and isinstance(value, (list, tuple)):
+        try:
+            return [coerce(path, v, "int") for v in value]
+        except ConfigError:
+            pass
+    if kind == "str" and not isinstance(value, (dict, list, tuple)):
+        return "" if value is None else str(value)
+    raise ConfigError(f"{path}: must be {TYPE_WORDS[kind]} (got {value!r})")
 
 
 @dataclass(kw_only=True)
@@ -242,7 +253,7 @@ def field_type(key: str) -> str | None:
 
 def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
     """cls(**values), after the checks its __post_init__ assumes: known keys, values of the
-    annotated types; each failure is one line naming `name.key`."""
+    annotated types (coerced: see `coerce`); each failure is one line naming `name.key`."""
     if values is not None and not isinstance(values, dict):
         raise ConfigError(f"{name}: must be a mapping of keys to values (got {values!r})")
     values = dict(values or {})
@@ -250,12 +261,7 @@ def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
     bad = sorted(set(values) - set(fields))
     if bad:
         raise ConfigError(f"{name}.{bad[0]}: unknown key (allowed: {', '.join(sorted(fields))})")
-    for key, value in values.items():
-        kind = fields[key].type
-        check_field(_is(kind, value), f"{name}.{key}", f"must be {TYPE_WORDS[kind]}", value)
-        if kind == "int" and not isinstance(value, int):
-            values[key] = int(value)  # 2e6 or 256.0: a whole number, stored as one
-    return cls(**values)
+    return cls(**{key: coerce(f"{name}.{key}", value, fields[key].type) for key, value in values.items()})
 
 
 def trial_from_dict(d: dict) -> TrialConfig:

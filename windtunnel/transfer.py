@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
 from windtunnel.errors import ConfigError
 
 GIB = 1024**3
@@ -157,42 +157,13 @@ class Target:
         return self.nodes * self.gpus_per_node
 
 
-def _coerce(name: str, value: Any, annotation: str) -> Any:
-    """Check a target value against its field's type; one line naming the field."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None and "None" in kinds:
-        return None
-    if "bool" in kinds:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"target.{name}: must be true or false (got {value!r})")
-    if "int" in kinds:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"target.{name}: must be an integer (got {value!r})")
-    if "float" in kinds:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"target.{name}: must be a number (got {value!r})")
-    if isinstance(value, (dict, list)):
-        raise ConfigError(f"target.{name}: must be a string (got {value!r})")
-    return "" if value is None else str(value)
-
-
 def target_from_dict(d: dict) -> Target:
-    fields = {f.name: f for f in dataclasses.fields(Target)}
-    bad = sorted(set(d) - set(fields))
-    if bad:
-        raise ConfigError(f"target.{bad[0]}: unknown key (allowed: {', '.join(fields)})")
-    hints = {f.name: str(f.type) for f in fields.values()}
-    values = {k: _coerce(k, v, hints[k]) for k, v in d.items()}
-    missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING and n not in values]
-    if missing:
+    fields = dataclasses.fields(Target)
+    missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing and not set(d) - {f.name for f in fields}:  # an unknown key is the likelier mistake
         raise ConfigError(f"target.{missing[0]}: required (the target YAML must set it)")
-    return Target(**values)
+    return section_from_dict("target", Target, d)
 
 
 def load_target(target: str, overrides: list[str] = ()) -> Target:
