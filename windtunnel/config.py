@@ -265,7 +265,8 @@ def section_from_dict(name: str, cls: type, values: dict | None) -> Any:
 
 
 def trial_from_dict(d: dict) -> TrialConfig:
-    """Build a TrialConfig from nested dicts; unknown keys are errors that name the field."""
+    """Build a TrialConfig from nested dicts; an unknown key or a value of the wrong type is one
+    line naming the field (`section_from_dict`)."""
     unknown = set(d) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
