@@ -5,7 +5,7 @@ its pure-PyTorch reference beside the Triton kernels (the reference is what `sel
 returns; the tests and the benchmark import it from there):
 
 - `rms_norm.py`: RMSNorm, optionally fused with the residual add before it.
-- `swiglu.py`: silu(gate) * up.
+- `swiglu.py`: silu(gate) * up on the fused [gate | up] projection.
 - `attention.py`: causal flash attention with RoPE fused (one pre-pass forward, the backward in
   the dq/dk epilogues), and `attention_qkv` on the model's fused projection; `apply_rope` and
   `rope_cos_sin` are the one source of RoPE for the model too.

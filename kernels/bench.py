@@ -191,18 +191,19 @@ def bench_rms_norm(d, K, use_compile):
 def bench_swiglu(d, K, use_compile):
     N, ffn = SEQS * SEQ_LEN, 64 * -(-8 * d // (3 * 64))
     shape = f"({K}, {N}, {ffn}) bf16"
-    g, u = _leaf(K, N, ffn, scale=2.0), _leaf(K, N, ffn)
+    x = _leaf(K, N, 2 * ffn, scale=2.0)  # [gate | up], as the model's fused projection gives it
     e = 2 * K * N * ffn
-    n_bytes = 8 * e  # fwd (g, u)->y, bwd (dy, g, u)->(dg, du)
+    n_bytes = 8 * e  # fwd x (gate, up) -> y, bwd (dy, x) -> dx
     bench_copy(f"{n_bytes / 1e6:.0f} MB", n_bytes)
     impls = {"triton": swiglu, "eager": swiglu_reference}
     if use_compile:
         impls["torch.compile"] = _compiled(swiglu_reference)
-    lg = _liger("liger_swiglu")
-    if lg:
-        impls["liger"] = lg
     for impl, f in impls.items():
-        record("swiglu", impl, shape, _fwd_bwd(f, (g, u)), (g, u), bytes_=n_bytes)
+        record("swiglu", impl, shape, _fwd_bwd(f, (x,)), (x,), bytes_=n_bytes)
+    lg = _liger("liger_swiglu")
+    if lg:  # Liger's takes gate and up as two tensors (two projections): the same bytes
+        g, u = (t.detach().contiguous().requires_grad_() for t in x.chunk(2, dim=-1))
+        record("swiglu", "liger", shape, _fwd_bwd(lg, (g, u)), (g, u), bytes_=n_bytes)
 
 
 def bench_attention(d, K):

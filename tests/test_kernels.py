@@ -96,10 +96,18 @@ def test_rms_norm(ops, x_shape, w_shape, residual):
         _compare("rms_norm", lambda x, w: ops.rms_norm(x, w, 1e-6), lambda x, w: K.TORCH_OPS.rms_norm(x, w, 1e-6), (x, w))
 
 
-@pytest.mark.parametrize("shape", [(7,), (3, 17, 100), (2, 1, 129), (4097,)])
+@pytest.mark.parametrize("shape", [(14,), (3, 17, 200), (2, 1, 258), (5, 1408), (8194,)])
 def test_swiglu(ops, shape):
+    """x = [gate | up] on the last dim: F = 7 (odd), 100, 129, 704 (the model's), 4097."""
     torch.manual_seed(len(shape) * 1000 + shape[-1])
-    _compare("swiglu", ops.swiglu, K.TORCH_OPS.swiglu, (_leaf(*shape, scale=2.0), _leaf(*shape)))
+    _compare("swiglu", ops.swiglu, K.TORCH_OPS.swiglu, (_leaf(*shape, scale=2.0),))
+
+
+def test_swiglu_strided_rows(ops):
+    """x may be a view whose rows are wider than 2F (it is made contiguous for the kernel)."""
+    torch.manual_seed(5)
+    wide = _leaf(4, 9, 40, scale=2.0)
+    _compare("swiglu", lambda w: ops.swiglu(w[..., 4:36]), lambda w: K.TORCH_OPS.swiglu(w[..., 4:36]), (wide,))
 
 
 @pytest.mark.parametrize("head_dim", [32, 64, 128])

@@ -57,6 +57,6 @@ def test_optimizer_groups_follow_the_rules():
     lr_mult = dict(zip(opt.names, opt.lr_mult[:, 0].tolist()))
     assert lr_mult["wte"] == 1.0 and lr_mult["norm"] == 1.0
     assert lr_mult["layers.0.attn.wqkv"] == pytest.approx(0.25)  # lr · dim_model_base / d_model
-    assert lr_mult["layers.0.mlp.w_up"] == pytest.approx(0.25)
+    assert lr_mult["layers.0.mlp.w_gate_up"] == pytest.approx(0.25)
     wd = dict(zip(opt.names, opt.wd[:, 0].tolist()))
     assert wd["layers.0.mlp_norm"] == 0.0 and wd["wte"] == pytest.approx(0.1)

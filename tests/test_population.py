@@ -42,7 +42,7 @@ def test_nan_in_one_trial_leaves_the_others_unchanged():
     def inject(k, tokens, val_loss):
         if k == 2 and not injected:
             with torch.no_grad():
-                pop.model.layers[0].mlp.w_up[2].fill_(float("nan"))
+                pop.model.layers[0].mlp.w_gate_up[2].fill_(float("nan"))
             injected.append(tokens)
         return False
 

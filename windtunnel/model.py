@@ -41,17 +41,17 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    ROLES = {"w_gate": "hidden", "w_up": "hidden", "w_down": "hidden"}
+    ROLES = {"w_gate_up": "hidden", "w_down": "hidden"}
 
     def __init__(self, cfg: ModelConfig, K: int):
         super().__init__()
         C, F = cfg.d_model, cfg.ffn_dim
-        self.w_gate = nn.Parameter(torch.empty(K, F, C))
-        self.w_up = nn.Parameter(torch.empty(K, F, C))
+        # gate and up stacked, [gate; up]: one GEMM each way, x's gradient not summed from two
+        self.w_gate_up = nn.Parameter(torch.empty(K, 2 * F, C))
         self.w_down = nn.Parameter(torch.empty(K, C, F))
 
     def forward(self, x, ops: Ops):
-        return ops.linear(ops.swiglu(ops.linear(x, self.w_gate), ops.linear(x, self.w_up)), self.w_down)
+        return ops.linear(ops.swiglu(ops.linear(x, self.w_gate_up)), self.w_down)
 
 
 class Block(nn.Module):

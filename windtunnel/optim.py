@@ -73,7 +73,8 @@ class PopulationAdamW:
 def clip_scale_per_trial(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """Each trial's gradient clipping factor (K,), min(1, max_norm / its global grad norm); the
     optimizer applies it in its update, sparing a pass over the gradients."""
-    norm = sum(p.grad.float().pow(2).flatten(1).sum(1) for p in params).sqrt()
     if max_norm <= 0:
-        return torch.ones_like(norm)
+        return torch.ones(params[0].shape[0], device=params[0].device)
+    # vector_norm reads each gradient once; grad.pow(2).sum() wrote a squared copy of it first
+    norm = sum(torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32).square() for p in params).sqrt()
     return (max_norm / (norm + 1e-6)).clamp(max=1.0)

@@ -12,6 +12,8 @@
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash results/windtunnel/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
+#   bash results/windtunnel/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
+#                                                      # windtunnel/ and kernels/) vs this one, alternating
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
 rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
@@ -53,5 +55,14 @@ case $stage in
       | tee "$OUT/large_run.json" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
+  ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides
+    old=$1; shift
+    rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && cp -r "$old/windtunnel" /tmp/ab-old/ && cp -r "$old/kernels" /tmp/ab-old/windtunnel/kernels
+    for round in 1 2; do for side in old new; do for dk in "$@"; do
+      tree=/tmp/p; [ "$side" = old ] && tree=/tmp/ab-old
+      PYTHONPATH=$tree:/tmp/site python3 -c "import sys, torch; from windtunnel.bench.population import reference_trial, throughput
+d, k = map(int, sys.argv[1].split(':')); r = throughput(reference_trial(d), k, steps=10)
+print(d, k, sys.argv[2], round(r['tflops'], 1), round(r['peak_gb'], 1), flush=True)" "$dk" "$side"
+    done; done; done 2>&1 | tee "$OUT/ab.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
                 pop.train_step(pop.lr_factors())
             torch.cuda.synchronize()
         print(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cuda_time_total", row_limit=40, max_name_column_width=40, max_shapes_column_width=80))
+            sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=40, max_shapes_column_width=80))
     return 0
 
 
