@@ -158,15 +158,26 @@ def bench_rms_norm(d, K, use_compile):
     shape = f"x ({K}, {N}, {d}) bf16, w ({K}, {d}) fp32"
     x, r, w = _leaf(K, N, d), _leaf(K, N, d), _leaf(K, d, dtype=torch.float32)
     e = 2 * K * N * d  # bytes of one activation tensor
-    bench_copy(f"{5 * e / 1e6:.0f} MB", 5 * e)
     plain, fused = 5 * e, 8 * e  # fwd x->y, bwd (dy, x)->dx; fused: fwd (x, r)->(y, h), bwd (dy, dh, h)->dx
     impls = {"triton": rms_norm, "eager": rms_norm_reference}
     if use_compile:
         impls["torch.compile"] = _compiled(rms_norm_reference)
+    lr, lar = (_liger("liger_rms_norm"), _liger("liger_fused_add_rms_norm")) if K == 1 else (None, None)
+    w1 = w[0].detach().requires_grad_()  # Liger takes one (C,) weight
+    # each form after a copy of its own bytes (the summary compares a row with the copy before it)
+    bench_copy(f"{plain / 1e6:.0f} MB", plain)
     for impl, f in impls.items():
         record("rms_norm", impl, shape, _fwd_bwd(lambda x, w: f(x, w, 1e-5), (x, w)), (x, w), bytes_=plain)
+    if lr:
+        record("rms_norm", "liger", shape, _fwd_bwd(lambda x, w: lr(x, w, 1e-5, in_place=False), (x, w1)),
+               (x, w1), bytes_=plain)
+    bench_copy(f"{fused / 1e6:.0f} MB", fused)
+    for impl, f in impls.items():
         record("rms_norm+residual", impl, shape, _fwd_bwd(lambda x, w, r: f(x, w, 1e-5, residual=r), (x, w, r)),
                (x, w, r), bytes_=fused)
+    if lar:
+        record("rms_norm+residual", "liger", shape,
+               _fwd_bwd(lambda x, w, r: lar(x, r, w, 1e-5, in_place=False), (x, w1, r)), (x, w1, r), bytes_=fused)
     # Plain RMSNorm is two launches, a copy one: each phase against a copy of its own bytes, and
     # fwd + bwd against two copies in one graph (each launch has a fixed cost that small tensors show).
     xd, wd, dy = x.detach(), w.detach(), torch.randn_like(x)
@@ -177,15 +188,6 @@ def bench_rms_norm(d, K, use_compile):
     record("rms_norm bwd", "triton", shape,
            lambda: rms_norm_backward(dy, None, xd.reshape(-1, d), wd, 1e-5, dw=dw), (), bytes_=3 * e)
     bench_copy_pair(2 * e, 3 * e)
-    if K == 1:  # Liger takes one (C,) weight
-        lr, lar = _liger("liger_rms_norm"), _liger("liger_fused_add_rms_norm")
-        w1 = w[0].detach().requires_grad_()
-        if lr:
-            record("rms_norm", "liger", shape, _fwd_bwd(lambda x, w: lr(x, w, 1e-5, in_place=False), (x, w1)),
-                   (x, w1), bytes_=plain)
-        if lar:
-            record("rms_norm+residual", "liger", shape,
-                   _fwd_bwd(lambda x, w, r: lar(x, r, w, 1e-5, in_place=False), (x, w1, r)), (x, w1, r), bytes_=fused)
 
 
 def bench_swiglu(d, K, use_compile):

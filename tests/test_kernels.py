@@ -103,6 +103,11 @@ def test_swiglu(ops, shape):
     _compare("swiglu", ops.swiglu, K.TORCH_OPS.swiglu, (_leaf(*shape, scale=2.0),))
 
 
+def test_swiglu_needs_an_even_last_dim(ops):
+    with pytest.raises(ValueError, match=r"swiglu: x must be \(\.\.\., 2F\).*got \(3, 5\)"):
+        ops.swiglu(torch.randn(3, 5))
+
+
 def test_swiglu_strided_rows(ops):
     """x may be a view whose rows are wider than 2F (it is made contiguous for the kernel)."""
     torch.manual_seed(5)

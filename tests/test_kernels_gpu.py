@@ -89,7 +89,7 @@ def test_rms_norm_scale(ops, dtype, r_dtype, x_shape, w_shape):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu(ops, dtype):
-    x = _leaf((3, 1000, 2 * 683), dtype, 2.0)  # [gate | up], F = 683: masked column tiles
+    x = _leaf((3, 1000, 2 * 683), dtype, 2.0)  # [gate | up], F = 683: rows straddle the blocks
     _compare("swiglu", ops.swiglu, K.TORCH_OPS.swiglu, (x,), TOL[dtype])
 
 
