@@ -6,6 +6,7 @@ returns; the tests and the benchmark import it from there):
 
 - `rms_norm.py`: RMSNorm, optionally fused with the residual add before it.
 - `swiglu.py`: silu(gate) * up on the fused [gate | up] projection.
+- `embedding.py`: the token embedding of stacked trials, scaled per trial and cast in one pass.
 - `attention.py`: causal flash attention with RoPE fused (one pre-pass forward, the backward in
   the dq/dk epilogues), and `attention_qkv` on the model's fused projection; `apply_rope` and
   `rope_cos_sin` are the one source of RoPE for the model too.
@@ -24,7 +25,7 @@ import torch
 
 from windtunnel.errors import ConfigError
 
-from . import adamw, attention, linear, linear_cross_entropy, rms_norm, swiglu
+from . import adamw, attention, embedding, linear, linear_cross_entropy, rms_norm, swiglu
 
 KINDS = ("auto", "torch", "triton")
 
@@ -34,6 +35,7 @@ class Ops:
     """The model's kernel entry points and the optimizer's update (see each module for
     shapes and formulas)."""
 
+    embedding: Callable
     linear: Callable
     rms_norm: Callable
     swiglu: Callable
@@ -44,6 +46,7 @@ class Ops:
 
 
 TORCH_OPS = Ops(
+    embedding=embedding.embedding_reference,
     linear=linear.batched_linear_reference,
     rms_norm=rms_norm.rms_norm_reference,
     swiglu=swiglu.swiglu_reference,
@@ -55,6 +58,7 @@ TORCH_OPS = Ops(
 
 
 TRITON_OPS = Ops(
+    embedding=embedding.embedding,
     linear=linear.batched_linear,
     rms_norm=rms_norm.rms_norm,
     swiglu=swiglu.swiglu,

@@ -115,6 +115,26 @@ def test_swiglu_strided_rows(ops):
     _compare("swiglu", lambda w: ops.swiglu(w[..., 4:36]), lambda w: K.TORCH_OPS.swiglu(w[..., 4:36]), (wide,))
 
 
+@pytest.mark.parametrize("trials,V,N,C", [(1, 7, 5, 4), (3, 37, 50, 33), (2, 300, 129, 64)])
+def test_embedding(ops, trials, V, N, C):
+    """Scaled lookup of stacked trials; ids repeat (few of V drawn), so gradient rows sum."""
+    torch.manual_seed(trials * 1000 + V)
+    idx = torch.randint(0, min(V, 11), (trials, N))
+    scale = torch.rand(trials) + 0.5
+    _compare("embedding", lambda w: ops.embedding(idx, w, scale), lambda w: K.TORCH_OPS.embedding(idx, w, scale),
+             (_leaf(trials, V, C),))
+
+
+def test_embedding_ids_outside_the_table_touch_nothing(ops):
+    w, scale = _leaf(2, 5, 8), torch.ones(2)
+    idx = torch.tensor([[0, 5, -1], [4, 2, 9]])
+    out = ops.embedding(idx, w, scale)
+    assert out[0, 1].abs().sum() == 0 and out[0, 2].abs().sum() == 0 and out[1, 2].abs().sum() == 0
+    torch.testing.assert_close(out[1, 0], w[1, 4])
+    (g,) = torch.autograd.grad(out.sum(), w)
+    assert g[0].sum(1).tolist() == [8, 0, 0, 0, 0] and g[1].sum(1).tolist() == [0, 0, 8, 0, 8]
+
+
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("seq_len", [1, 17, 100])
 @pytest.mark.parametrize("rope", [False, True])

@@ -87,6 +87,16 @@ def test_rms_norm_scale(ops, dtype, r_dtype, x_shape, w_shape):
              lambda x, w, r: K.TORCH_OPS.rms_norm(x, w, 1e-5, residual=r, scale=s), (x, w, r), tol)
 
 
+@pytest.mark.parametrize("w_dtype", [torch.float32, torch.bfloat16])  # the trainer's; FSDP's gathered weight
+@pytest.mark.parametrize("V,C", [(16384, 256), (1000, 200)])
+def test_embedding(ops, w_dtype, V, C):
+    idx = torch.randint(0, V, (3, 2000), device="cuda")
+    idx[:, :500] = 7  # one hot row: many atomic adds to the same addresses
+    scale = torch.rand(3, device="cuda") + 0.5
+    _compare("embedding", lambda w: ops.embedding(idx, w, scale, torch.bfloat16),
+             lambda w: K.TORCH_OPS.embedding(idx, w, scale.double()), (_leaf((3, V, C), w_dtype),), TOL[torch.bfloat16])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_swiglu(ops, dtype):
     x = _leaf((3, 1000, 2 * 683), dtype, 2.0)  # [gate | up], F = 683: rows straddle the blocks

@@ -134,15 +134,12 @@ class Transformer(nn.Module):
     def hidden_states(self, idx: torch.Tensor):
         """idx (K, B, T) -> (embedding output, [each block's output], final normed state), each (K, N, C)."""
         K, B, T = idx.shape
-        V = self.vocab_size
-        # one embedding lookup for all trials: trial k's table is rows [k·V, (k+1)·V)
-        offsets = (torch.arange(K, device=idx.device) * V).view(K, 1, 1)
-        x = nn.functional.embedding((idx + offsets).view(K, B * T), self.wte.view(K * V, -1))
-        x = x * self.emb_mult.view(K, 1, 1)
-        if torch.is_autocast_enabled(x.device.type):  # the residual stream in autocast's dtype
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        cos, sin = self._rope(T)
+        dev = idx.device.type
         ops = self.ops(idx.device)
+        # μP's embedding multiplier applied, the residual stream in autocast's dtype
+        x = ops.embedding(idx.reshape(K, B * T), self.wte, self.emb_mult,
+                          torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None)
+        cos, sin = self._rope(T)
         # Each branch is added by the next norm (add_norm), so a block's output exists first
         # inside the next block.
         outs, h, pending = [], x, None
