@@ -31,33 +31,34 @@ def embedding_reference(idx, weight, scale, dtype=None):
 # A program owns BLOCK_R rows of out (one token each) across all C columns; rows of one program
 # may belong to two trials (k = row // N).
 @triton.jit
-def _embedding_fwd_kernel(OUT_ptr, IDX_ptr, W_ptr, S_ptr, n_rows, N, V, C,
-                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _token_rows(IDX_ptr, S_ptr, n_rows, N, V, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's rows of out, their columns, each row's table row k·V + token and trial
+    scale, and the masks of the rows that exist and of the elements whose token is in the table."""
     rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     rmask = rows < n_rows
     k = rows // N
     tok = tl.load(IDX_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    valid = rmask & (tok >= 0) & (tok < V)
-    mask = valid[:, None] & (cols < C)[None, :]
-    w = tl.load(W_ptr + (k * V + tok)[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(S_ptr + k, mask=rmask, other=0.0).to(tl.float32)
-    tl.store(OUT_ptr + rows[:, None] * C + cols[None, :], (w * s[:, None]).to(OUT_ptr.dtype.element_ty),
-             mask=rmask[:, None] & (cols < C)[None, :])
+    out_mask = rmask[:, None] & (cols < C)[None, :]
+    in_table = out_mask & ((tok >= 0) & (tok < V))[:, None]
+    return rows, cols, k * V + tok, s, out_mask, in_table
+
+
+@triton.jit
+def _embedding_fwd_kernel(OUT_ptr, IDX_ptr, W_ptr, S_ptr, n_rows, N, V, C,
+                          BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows, cols, table_row, s, out_mask, in_table = _token_rows(IDX_ptr, S_ptr, n_rows, N, V, C, BLOCK_R, BLOCK_C)
+    w = tl.load(W_ptr + table_row[:, None] * C + cols[None, :], mask=in_table, other=0.0).to(tl.float32)
+    tl.store(OUT_ptr + rows[:, None] * C + cols[None, :], (w * s[:, None]).to(OUT_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _embedding_bwd_kernel(DW_ptr, DOUT_ptr, IDX_ptr, S_ptr, n_rows, N, V, C,
                           BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    cols = tl.arange(0, BLOCK_C)
-    rmask = rows < n_rows
-    k = rows // N
-    tok = tl.load(IDX_ptr + rows, mask=rmask, other=0).to(tl.int64)
-    mask = (rmask & (tok >= 0) & (tok < V))[:, None] & (cols < C)[None, :]
-    g = tl.load(DOUT_ptr + rows[:, None] * C + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(S_ptr + k, mask=rmask, other=0.0).to(tl.float32)
-    tl.atomic_add(DW_ptr + (k * V + tok)[:, None] * C + cols[None, :], g * s[:, None], mask=mask, sem="relaxed")
+    rows, cols, table_row, s, out_mask, in_table = _token_rows(IDX_ptr, S_ptr, n_rows, N, V, C, BLOCK_R, BLOCK_C)
+    g = tl.load(DOUT_ptr + rows[:, None] * C + cols[None, :], mask=in_table, other=0.0).to(tl.float32)
+    tl.atomic_add(DW_ptr + table_row[:, None] * C + cols[None, :], g * s[:, None], mask=in_table, sem="relaxed")
 
 
 _TILE = 4096  # elements per program: rows of C columns, 8 warps
