@@ -180,3 +180,9 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
     losses, events = curve(run)  # curve() fails on a step logged twice: the relaunch dropped the killed tail
     assert sorted(losses) == list(range(1, saved + 5))
     assert [e["step"] for e in events if e["event"] == "start"] == [0, saved]
+    # what results/multigpu reads from such a log: the last launch's rate, where it resumed
+    from windtunnel.bench.large_run_stats import throughput
+
+    stats = throughput(run / "loss.jsonl", skip=0)
+    assert (stats["world"], stats["launches"], stats["resumed_at_step"], stats["steps"]) == (2, 2, saved, saved + 4)
+    assert stats["tokens_per_s_per_gpu"] > 0

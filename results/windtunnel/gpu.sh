@@ -11,6 +11,7 @@
 #   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention (kernels.tune)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
+#   bash results/windtunnel/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
 #   bash results/windtunnel/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash results/windtunnel/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
@@ -53,6 +54,32 @@ case $stage in
     cp /tmp/run/runs/h100-0.5b/loss.jsonl /tmp/run/train.yaml /tmp/run/transfer.md "$OUT/"
     python3 -m windtunnel.bench.large_run_stats /tmp/run/runs/h100-0.5b/loss.jsonl --config /tmp/run/train.yaml \
       | tee "$OUT/large_run.json" ;;
+  multigpu)  # issue 9 on every GPU of the host: the exported ~0.5B run on 1 GPU (WT_STEPS steps), then on all
+    # of them (weak scaling: 64 sequences per GPU, batch and tokens × GPUs) for its 300 steps, with the last
+    # rank SIGKILLed once step 160 is logged and the run relaunched (it resumes from step 150)
+    n=$(nvidia-smi -L | wc -l)
+    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+    for run in "base 1" "all $n"; do
+      set -- $run
+      python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out "/tmp/run-$1" \
+        --tokens $((9830400 * $2)) --batch-size $((32768 * $2)) run_name="gpus$2" gpus_per_node="$2" \
+        checkpoint_every=1638400 data_source="$PWD/.cache/stdlib-bpe16k" > "$OUT/transfer-$1.log"
+      cp "/tmp/run-$1/train.yaml" "$OUT/train-$1.yaml"; cp "/tmp/run-$1/transfer.md" "$OUT/transfer-$1.md"
+    done
+    (cd /tmp/run-base && bash launch.sh large_run.stop_after_steps="${WT_STEPS:-80}" > "$OUT/base.log" 2>&1) || true
+    cp /tmp/run-base/runs/gpus1/loss.jsonl "$OUT/loss-base.jsonl"
+    log=/tmp/run-all/runs/gpus$n/loss.jsonl
+    (cd /tmp/run-all && bash launch.sh > "$OUT/all-launch1.log" 2>&1 &)
+    timeout 300 bash -c "until grep -q '\"step\": 160,' $log 2>/dev/null; do sleep 1; done" || true
+    for pid in $(pgrep -f "windtunnel.cli train"); do  # the last rank only: the others are left mid-collective
+      if tr '\0' '\n' < "/proc/$pid/environ" | grep -qx "RANK=$((n - 1))"; then kill -9 "$pid"; echo "killed rank $((n - 1)), pid $pid"; fi
+    done
+    timeout 120 bash -c 'while pgrep -f "windtunnel.cli train" > /dev/null; do sleep 1; done' || pkill -9 -f "windtunnel.cli train" || true
+    (cd /tmp/run-all && bash launch.sh > "$OUT/all-launch2.log" 2>&1) || true
+    cp "$log" "$OUT/loss-all.jsonl"; nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.csv"
+    python3 -m windtunnel.bench.large_run_stats "$OUT/loss-base.jsonl" --config /tmp/run-base/train.yaml | tee "$OUT/stats-base.json"
+    python3 -m windtunnel.bench.large_run_stats "$log" --config /tmp/run-all/train.yaml --baseline "$OUT/loss-base.jsonl" \
+      | tee "$OUT/stats-all.json" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides

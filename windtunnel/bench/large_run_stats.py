@@ -2,6 +2,10 @@
 MFU against the GPU's dense bf16 peak, peak memory; and where the run resumed.
 
     python -m windtunnel.bench.large_run_stats RUN_DIR/loss.jsonl --config train.yaml [--peak-tflops 989]
+        [--baseline ONE_GPU_RUN/loss.jsonl]
+
+With --baseline (the same config's run on fewer GPUs, usually one), the scaling efficiency:
+tokens/s per GPU here over tokens/s per GPU there.
 """
 from __future__ import annotations
 
@@ -15,17 +19,13 @@ from windtunnel.large_run import load_config
 from windtunnel.model import flops_per_token
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("log")
-    p.add_argument("--config", required=True)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 per GPU (H100 SXM: 989)")
-    p.add_argument("--skip", type=int, default=10, help="first steps of each launch left out (warm-up)")
-    args = p.parse_args(argv)
-    cfg, _ = load_config(yaml.safe_load(Path(args.config).read_text()))
-    flops = flops_per_token(cfg.model, cfg.model.vocab_size)
-    recs = [json.loads(line) for line in Path(args.log).read_text().splitlines() if line.strip()]
+def throughput(log: Path, skip: int) -> dict:
+    """Tokens/s per GPU over the last launch in log (its first `skip` steps left out), and the run's
+    steps, launches, resume point, peak memory and final loss."""
+    recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     steps = [r for r in recs if "loss" in r and "seconds" in r]
+    if not steps:
+        raise SystemExit(f"{log}: no step records")
     # a launch restarts its clock: split where seconds go down
     launches, cur = [], []
     for r in steps:
@@ -34,14 +34,32 @@ def main(argv=None) -> int:
             cur = []
         cur.append(r)
     launches.append(cur)
-    last = launches[-1][args.skip:] or launches[-1]
+    last = launches[-1][skip:] or launches[-1]
     world = last[-1].get("world", 1)
     tps = (last[-1]["tokens"] - last[0]["tokens"]) / (last[-1]["seconds"] - last[0]["seconds"])
-    out = {"steps": steps[-1]["step"], "launches": len(launches),
-           "resumed_at_step": launches[-1][0]["step"] - 1 if len(launches) > 1 else None,
-           "tokens_per_s_per_gpu": tps / world, "model_tflops_per_gpu": tps / world * flops / 1e12,
-           "mfu": tps / world * flops / (args.peak_tflops * 1e12),
-           "max_mem_gb": max(r.get("max_mem_gb", 0) for r in steps), "final_loss": steps[-1]["loss"]}
+    return {"world": world, "steps": steps[-1]["step"], "launches": len(launches),
+            "resumed_at_step": launches[-1][0]["step"] - 1 if len(launches) > 1 else None,
+            "tokens_per_s_per_gpu": tps / world,
+            "max_mem_gb": max(r.get("max_mem_gb", 0) for r in steps), "final_loss": steps[-1]["loss"]}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("log")
+    p.add_argument("--config", required=True)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 per GPU (H100 SXM: 989)")
+    p.add_argument("--skip", type=int, default=10, help="first steps of each launch left out (warm-up)")
+    p.add_argument("--baseline", help="loss.jsonl of the same config on fewer GPUs: adds scaling_efficiency")
+    args = p.parse_args(argv)
+    cfg, _ = load_config(yaml.safe_load(Path(args.config).read_text()))
+    flops = flops_per_token(cfg.model, cfg.model.vocab_size)
+    out = throughput(Path(args.log), args.skip)
+    out["model_tflops_per_gpu"] = out["tokens_per_s_per_gpu"] * flops / 1e12
+    out["mfu"] = out["tokens_per_s_per_gpu"] * flops / (args.peak_tflops * 1e12)
+    if args.baseline:
+        base = throughput(Path(args.baseline), args.skip)
+        out["baseline"] = {k: base[k] for k in ("world", "tokens_per_s_per_gpu", "max_mem_gb")}
+        out["scaling_efficiency"] = out["tokens_per_s_per_gpu"] / base["tokens_per_s_per_gpu"]
     print(json.dumps(out, indent=1))
     return 0
 
