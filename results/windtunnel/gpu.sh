@@ -43,43 +43,33 @@ case $stage in
   transfer)
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
-  large)  # issue 9 on one GPU: export a ~0.5B config, launch it, SIGKILL the rank after a checkpoint, relaunch
-    python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out /tmp/run --tokens 9830400 \
-      --batch-size 32768 run_name=h100-0.5b checkpoint_every=1638400
-    export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-    (cd /tmp/run && bash launch.sh > "$OUT/launch1.log" 2>&1 &)
-    timeout 300 bash -c 'until grep -q "\"step\": 160," /tmp/run/runs/h100-0.5b/loss.jsonl 2>/dev/null; do sleep 1; done' || true
-    pkill -9 -f "windtunnel.cli train" || true; sleep 5
-    (cd /tmp/run && bash launch.sh > "$OUT/launch2.log" 2>&1) || true
-    cp /tmp/run/runs/h100-0.5b/loss.jsonl /tmp/run/train.yaml /tmp/run/transfer.md "$OUT/"
-    python3 -m windtunnel.bench.large_run_stats /tmp/run/runs/h100-0.5b/loss.jsonl --config /tmp/run/train.yaml \
-      | tee "$OUT/large_run.json" ;;
   multigpu)  # issue 9 on every GPU of the host: the exported ~0.5B run on 1 GPU (WT_STEPS steps), then on all
     # of them (weak scaling: 64 sequences per GPU, batch and tokens × GPUs) for its 300 steps, with the last
     # rank SIGKILLed once step 160 is logged and the run relaunched (it resumes from step 150)
-    n=$(nvidia-smi -L | wc -l)
+    n=$(nvidia-smi -L | wc -l); W=/tmp/multigpu; rm -rf "$W"; mkdir -p "$W"  # $OUT takes 8 files: one tarball
     export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
     for run in "base 1" "all $n"; do
       set -- $run
       python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out "/tmp/run-$1" \
         --tokens $((9830400 * $2)) --batch-size $((32768 * $2)) run_name="gpus$2" gpus_per_node="$2" \
-        checkpoint_every=1638400 data_source="$PWD/.cache/stdlib-bpe16k" > "$OUT/transfer-$1.log"
-      cp "/tmp/run-$1/train.yaml" "$OUT/train-$1.yaml"; cp "/tmp/run-$1/transfer.md" "$OUT/transfer-$1.md"
+        checkpoint_every=1638400 data_source="$PWD/.cache/stdlib-bpe16k" > "$W/transfer-$1.log"
+      cp "/tmp/run-$1/train.yaml" "$W/train-$1.yaml"; cp "/tmp/run-$1/transfer.md" "$W/transfer-$1.md"
     done
-    (cd /tmp/run-base && bash launch.sh large_run.stop_after_steps="${WT_STEPS:-80}" > "$OUT/base.log" 2>&1) || true
-    cp /tmp/run-base/runs/gpus1/loss.jsonl "$OUT/loss-base.jsonl"
+    (cd /tmp/run-base && bash launch.sh large_run.stop_after_steps="${WT_STEPS:-80}" > "$W/base.log" 2>&1) || true
+    cp /tmp/run-base/runs/gpus1/loss.jsonl "$W/loss-base.jsonl"
     log=/tmp/run-all/runs/gpus$n/loss.jsonl
-    (cd /tmp/run-all && bash launch.sh > "$OUT/all-launch1.log" 2>&1 &)
+    (cd /tmp/run-all && bash launch.sh > "$W/all-launch1.log" 2>&1 &)
     timeout 300 bash -c "until grep -q '\"step\": 160,' $log 2>/dev/null; do sleep 1; done" || true
     for pid in $(pgrep -f "windtunnel.cli train"); do  # the last rank only: the others are left mid-collective
       if tr '\0' '\n' < "/proc/$pid/environ" | grep -qx "RANK=$((n - 1))"; then kill -9 "$pid"; echo "killed rank $((n - 1)), pid $pid"; fi
     done
     timeout 120 bash -c 'while pgrep -f "windtunnel.cli train" > /dev/null; do sleep 1; done' || pkill -9 -f "windtunnel.cli train" || true
-    (cd /tmp/run-all && bash launch.sh > "$OUT/all-launch2.log" 2>&1) || true
-    cp "$log" "$OUT/loss-all.jsonl"; nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpus.csv"
-    python3 -m windtunnel.bench.large_run_stats "$OUT/loss-base.jsonl" --config /tmp/run-base/train.yaml | tee "$OUT/stats-base.json"
-    python3 -m windtunnel.bench.large_run_stats "$log" --config /tmp/run-all/train.yaml --baseline "$OUT/loss-base.jsonl" \
-      | tee "$OUT/stats-all.json" ;;
+    (cd /tmp/run-all && bash launch.sh > "$W/all-launch2.log" 2>&1) || true
+    cp "$log" "$W/loss-all.jsonl"; nvidia-smi --query-gpu=name,memory.total --format=csv > "$W/gpus.csv"
+    python3 -m windtunnel.bench.large_run_stats "$W/loss-base.jsonl" --config /tmp/run-base/train.yaml | tee "$W/stats-base.json"
+    python3 -m windtunnel.bench.large_run_stats "$log" --config /tmp/run-all/train.yaml --baseline "$W/loss-base.jsonl" \
+      | tee "$W/stats-all.json"
+    tar czf "$OUT/multigpu.tgz" -C "$W" . ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides
