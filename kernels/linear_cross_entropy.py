@@ -149,8 +149,7 @@ def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_lo
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Kept for backward: grad_h and grad_weight, already computed in the forward pass and scaled
-    there in place (no second full-size copy), so one backward per forward."""
+    """Saved for backward: grad_h and grad_weight, already computed in the forward pass."""
 
     @staticmethod
     def forward(ctx, h, weight, targets, logit_scale):
@@ -163,18 +162,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         with torch.autocast(dev, enabled=False):
             loss, grad_h, grad_w = linear_cross_entropy_forward(
                 h.to(mm_dtype), weight.to(mm_dtype), targets.contiguous(), scales, need_grad)
-        ctx.grads = (grad_h, grad_w) if need_grad else None  # intermediates, not inputs: no cycle
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if ctx.grads is None:
-            raise RuntimeError("linear_cross_entropy: one backward per forward (its gradients are scaled in place)")
-        (grad_h, grad_w), ctx.grads = ctx.grads, None
+        grad_h, grad_w = ctx.saved_tensors
         go = grad_loss.float()[:, None, None]  # one scale per trial: trials stay apart
-        # in place, in fp32 (opmath) for bf16 grad_h; autograd casts it to h's dtype where autocast made them differ
-        return grad_h.mul_(go), grad_w.mul_(go).to(ctx.weight_dtype), None, None
+        # autograd casts grad_h to h's dtype where autocast made them differ
+        return (grad_h * go).to(grad_h.dtype), (grad_w * go).to(ctx.weight_dtype), None, None
 
 
 def linear_cross_entropy(h, weight, targets, logit_scale):
