@@ -21,11 +21,14 @@ import triton.language as tl
 
 def embedding_reference(idx, weight, scale, dtype=None):
     """Pure PyTorch: one lookup for all trials (trial k's table is rows [k·V, (k+1)·V) of the
-    flattened weight), then the per-trial scale, then the cast."""
+    flattened weight), then the per-trial scale, then the cast. An id outside [0, V) reads row 0
+    of its own trial's table, zeroed by the scale, as the kernel's zero row (never another trial's)."""
     K, V, C = weight.shape
     offsets = (torch.arange(K, device=idx.device) * V).view(K, 1)
-    x = torch.nn.functional.embedding(idx + offsets, weight.reshape(K * V, C))
-    return (x * scale.view(K, 1, 1)).to(dtype or torch.promote_types(weight.dtype, scale.dtype))
+    in_table = (idx >= 0) & (idx < V)
+    x = torch.nn.functional.embedding(torch.where(in_table, idx, 0) + offsets, weight.reshape(K * V, C))
+    s = scale.detach().view(K, 1, 1) * in_table[..., None]  # the scale is a buffer: no gradient
+    return (x * s).to(dtype or torch.promote_types(weight.dtype, scale.dtype))
 
 
 # A program owns BLOCK_R rows of out (one token each) across all C columns; rows of one program
