@@ -152,9 +152,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """Saved for backward: grad_h and grad_weight, already computed in the forward pass."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, logit_scale):
+    def forward(ctx, h, weight, targets, logit_scale, need_grad):
         scales = _scales(logit_scale, h.shape[0], h.device)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         # Under autocast the matmuls run in its dtype (fp32 params, bf16 logits); the cast is
         # made once here so every matmul below sees one dtype.
         dev = h.device.type
@@ -172,7 +171,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         go = grad_loss.float()[:, None, None]  # one scale per trial: trials stay apart
         # autograd casts grad_h to h's dtype where autocast made them differ
-        return (grad_h * go).to(grad_h.dtype), (grad_w * go).to(ctx.weight_dtype), None, None
+        return (grad_h * go).to(grad_h.dtype), (grad_w * go).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, logit_scale):
@@ -181,4 +180,7 @@ def linear_cross_entropy(h, weight, targets, logit_scale):
         raise ValueError(f"linear_cross_entropy: h (K, N, C) and weight (K, V, C) expected, got {tuple(h.shape)}, {tuple(weight.shape)}")
     if targets.shape != h.shape[:2]:
         raise ValueError(f"linear_cross_entropy: targets must be (K, N) = {tuple(h.shape[:2])}, got {tuple(targets.shape)}")
-    return LinearCrossEntropyFunction.apply(h, weight, targets, logit_scale)
+    # ctx.needs_input_grad stays True under no_grad: ask autograd's mode, or evaluation would make
+    # (and drop) every gradient: two more GEMMs a chunk and a (K, V, C) fp32 buffer
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return LinearCrossEntropyFunction.apply(h, weight, targets, logit_scale, need_grad)

@@ -216,6 +216,18 @@ def test_linear_cross_entropy_trials_stay_apart(ops, monkeypatch):
     _check("grad_w[1]", gw[1:], gw1)
 
 
+def test_linear_cross_entropy_makes_no_gradients_under_no_grad(ops, monkeypatch):
+    """Evaluation runs under no_grad, where autograd still marks the inputs as needing gradients:
+    the kernel must not compute (and drop) them there."""
+    seen, real = [], lce_mod.linear_cross_entropy_forward
+    monkeypatch.setattr(lce_mod, "linear_cross_entropy_forward", lambda *a, **kw: seen.append(a[4]) or real(*a, **kw))
+    h, w, t = _leaf(1, 5, 8), _leaf(1, 20, 8), torch.randint(0, 20, (1, 5))
+    with torch.no_grad():
+        ops.linear_cross_entropy(h, w, t, 1.0)
+    ops.linear_cross_entropy(h, w, t, 1.0)
+    assert seen == [False, True]
+
+
 @pytest.mark.parametrize("x_shape,w_shape", [((17, 37), (37,)), ((2, 9, 300), (300,)), ((3, 2, 50, 33), (3, 33)),
                                              ((5, 70, 100), (5, 100)), ((2, 100, 256), (2, 256))])
 def test_rms_norm_scale(ops, x_shape, w_shape):
