@@ -13,3 +13,13 @@ def test_coord_check_mup_stays_flat_sp_grows(capsys, tmp_path):
     assert logit[("sp", 512)] >= 3.0 * logit[("sp", 64)]
     assert {r["layer"] for r in rows} >= {"embedding", "block.0", "block.1", "logits"}
     assert (tmp_path / "cc.png").stat().st_size > 10_000
+    assert (tmp_path / "cc.png").stat().st_mode & 0o777 == 0o644  # written atomically, readable by all
+
+
+def test_coord_check_bad_plot_file_fails_before_the_check(capsys, monkeypatch, tmp_path):
+    import windtunnel.coord_check
+
+    monkeypatch.setattr(windtunnel.coord_check, "coord_check", lambda *a, **k: 1 / 0)  # must not be reached
+    assert main(["coord-check", "--plot", str(tmp_path / "cc.jpgx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--plot" in err and ".png, .pdf, .svg" in err

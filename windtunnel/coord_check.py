@@ -65,11 +65,9 @@ def summary(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
+    from windtunnel.plots_fits import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     pars = list(dict.fromkeys(r["parametrization"] for r in rows))
     last = max(r["step"] for r in rows)
     fig, axes = plt.subplots(1, len(pars), figsize=(5 * len(pars), 4), squeeze=False, sharey=True)
@@ -83,5 +81,4 @@ def plot(rows: list[dict], path: str) -> None:
     axes[0][0].set_ylabel("mean |x_t - x_0|")
     axes[0][-1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)

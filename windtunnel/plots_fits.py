@@ -18,7 +18,16 @@ from windtunnel.fits import BatchSizeFit, LrTransferFit, ScalingLawFit, WsdFit, 
 FORMATS = ("png", "pdf", "svg")
 
 
-def _plt():
+def check_format(path: str | Path, flag: str = "--plot") -> str:
+    """The figure format path's suffix names; a one-line error before any work if not allowed."""
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise ConfigError(f"{flag}: {path}: file type {path.suffix or '(none)'!r} not allowed; allowed: .{', .'.join(FORMATS)}")
+    return fmt
+
+
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -27,27 +36,27 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Write fig to path atomically (temp file + rename), in the format its suffix names."""
     path = Path(path)
-    fmt = path.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise ConfigError(f"--plot: {path}: file type {path.suffix or '(none)'!r} not allowed; allowed: .{', .'.join(FORMATS)}")
+    fmt = check_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the figure private
     try:
         fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        _plt().close(fig)
+        pyplot().close(fig)
     return path
 
 
 def plot_lr_transfer(fit: LrTransferFit, df: pd.DataFrame, path: str | Path) -> Path:
     """Loss vs lr (log x) per width, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
-    plt = _plt()
+    plt = pyplot()
     d = df.groupby(["parametrization", "width", "lr"], as_index=False)["loss"].mean()
     ps = sorted(d["parametrization"].unique())
     fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
@@ -66,12 +75,12 @@ def plot_lr_transfer(fit: LrTransferFit, df: pd.DataFrame, path: str | Path) -> 
         ax.set_xlabel("learning rate")
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("loss")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_batch_size(fit: BatchSizeFit, df: pd.DataFrame, path: str | Path) -> Path:
     """Left: loss vs batch size per (model, tokens), optima marked. Right: bs_opt vs loss and a/L^b."""
-    plt = _plt()
+    plt = pyplot()
     d = df.groupby(["model", "tokens", "batch_size"], as_index=False)["loss"].mean()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     models = sorted(d["model"].unique())
@@ -96,12 +105,12 @@ def plot_batch_size(fit: BatchSizeFit, df: pd.DataFrame, path: str | Path) -> Pa
     ax2.set_xlabel("loss at the optimum")
     ax2.set_ylabel("optimal batch size (tokens)")
     ax2.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_scaling_law(fit: ScalingLawFit | None, df: pd.DataFrame, path: str | Path) -> Path:
     """Loss vs D (log x) per N, with the fitted L(N, D) curves when there is a fit."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     Ns = sorted(df["N"].unique())
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(Ns)))
@@ -118,7 +127,7 @@ def plot_scaling_law(fit: ScalingLawFit | None, df: pd.DataFrame, path: str | Pa
     ax.set_xlabel("tokens D")
     ax.set_ylabel("loss")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_wsd(fit: WsdFit, path: str | Path) -> Path:

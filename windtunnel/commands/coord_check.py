@@ -7,9 +7,9 @@ import json
 def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="overrides of the base trial config")
     p.add_argument("--widths", default="64,128,256,512", help="comma-separated d_model values")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=5, help="training steps per width (default 5)")
     p.add_argument("--lr", type=float, default=None, help="peak lr (default: the coordinate check's 0.01)")
-    p.add_argument("--parametrizations", default="sp,mup")
+    p.add_argument("--parametrizations", default="sp,mup", help="comma-separated, of sp and mup (default sp,mup)")
     p.add_argument("--sp-init-std", type=float, default=0.02,
                    help="sp's one init std (default 0.02, GPT-2's); mup uses model.init_std")
     p.add_argument("--json", action="store_true", help="print rows {parametrization, width, step, layer, value}")
@@ -25,6 +25,10 @@ def run(args) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         raise ConfigError(f"--widths: must be comma-separated integers (got {args.widths!r})") from None
+    if args.plot:
+        from windtunnel.plots_fits import check_format
+
+        check_format(args.plot)  # before the check runs, not after
     rows = coord_check(trial_config(args.overrides), widths=widths, steps=args.steps, lr=args.lr,
                        parametrizations=args.parametrizations.split(","), sp_init_std=args.sp_init_std)
     if args.plot:
