@@ -16,6 +16,8 @@ CASES = {
     "unknown_field": ("search:\n  optim.learning_rate: {type: float, low: 0.001, high: 0.1}\n",
                       "optim.learning_rate: unknown key"),
     "bad_value": ("model:\n  parametrization: ntk\n", "model.parametrization: must be one of sp, mup"),
+    "storage": ("storage: nosuchdb://host/db\n", "storage: 'nosuchdb://host/db' cannot be opened"),
+    "tracking_uri": ("tracking: {uri: notaurl}\n", "tracking.uri: must be '' (a local store) or a URI"),
     "float_on_int": ("search:\n  model.d_model: {type: float, low: 64, high: 256}\n",
                      "search.model.d_model.type: model.d_model is an integer field (allowed: int, categorical, fixed)"),
 }
@@ -119,3 +121,12 @@ def test_overrides_of_a_config_file_read_numbers_as_hydra_does(tmp_path):
     f.write_text(yaml.safe_dump({"trial": to_dict(TrialConfig())}))
     cfg = trial_config(["train.tokens=2e6", "optim.lr=1e-3"], str(f))
     assert cfg.optim.lr == 0.001 and cfg.train.tokens == 2_000_000 and type(cfg.train.tokens) is int
+
+
+def test_unwritable_results_dir_is_one_line(tmp_path):
+    """An OS error on a path the user gave (here results_dir under a regular file): one line naming it."""
+    (tmp_path / "file").write_text("")
+    p = _run(["sweep", "quickstart", f"results_dir={tmp_path / 'file' / 'results'}", "n_trials=1"], tmp_path)
+    assert p.returncode == 1, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr and str(tmp_path / "file") in lines[0], p.stderr

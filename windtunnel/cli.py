@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from windtunnel.errors import ConfigError
@@ -33,7 +34,8 @@ def _top_parser() -> argparse.ArgumentParser:
         description="muP hyperparameter wind tunnel: search tiny models, fit the laws, transfer the winners.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="commands:\n" + "\n".join(f"  {n:<12} {h}" for n, (_, h) in COMMANDS.items())
-        + "\n\nRun `windtunnel COMMAND --help` for a command's options.",
+        + "\n\nRun `windtunnel COMMAND --help` for a command's options; `windtunnel --version` for the version.\n"
+        "An error that names a file stops with one line; WINDTUNNEL_DEBUG=1 shows its traceback.",
     )
     p.add_argument("command", choices=list(COMMANDS), metavar="COMMAND")
     return p
@@ -43,6 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         _top_parser().print_help()
+        return 0
+    if argv[0] == "--version":
+        from importlib.metadata import version
+
+        print(f"windtunnel {version('windtunnel')}")
         return 0
     if argv[0] not in COMMANDS:
         _top_parser().error(f"unknown command {argv[0]!r}; allowed: {', '.join(COMMANDS)}")
@@ -60,6 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"windtunnel {name}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # a path the user gave that cannot be read or written: no traceback
+        if e.filename is None or os.environ.get("WINDTUNNEL_DEBUG"):
+            raise
+        where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
+        print(f"windtunnel {name}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -117,11 +117,24 @@ class ExecutorConfig:
             check_field(self.time_min >= 1, "executor.time_min", "must be >= 1 for slurm", self.time_min)
 
 
+TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
+
+
 @dataclass(kw_only=True)
 class TrackingConfig:
     uri: str = ""
     """'' = a local MLflow store under the results dir (no server); http://HOST:PORT = a server."""
     enabled: bool = True
+
+    def __post_init__(self) -> None:
+        check_tracking_uri(self.uri, "tracking.uri")
+
+
+def check_tracking_uri(uri: str | None, name: str) -> None:
+    # MLflow reads a bare word as a folder of its deprecated file store, which then refuses records
+    scheme = uri.partition("://")[0].partition("+")[0] if uri and "://" in uri else None
+    check_field(not uri or scheme in TRACKING_SCHEMES, name,
+                "must be '' (a local store) or a URI: http(s)://HOST:PORT, sqlite:///PATH, postgresql://...", uri)
 
 
 @dataclass(kw_only=True)
@@ -156,10 +169,26 @@ class SweepConfig(TrialConfig):
         check_field(bool(self.name), "name", "must be set", self.name)
         check_field(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
         check_choice("objective", self.objective, ("final_val_loss",))
+        _check_storage(self.storage)
 
     @property
     def trial(self) -> TrialConfig:
         return TrialConfig(**{k: getattr(self, k) for k in SECTIONS})
+
+
+def _check_storage(url: str) -> None:
+    """A database URL's dialect and driver must load here, before the sweep writes anything."""
+    if not url or url.endswith(".journal") or "://" not in url:
+        return
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        make_url(url).get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError, ImportError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"storage: {url!r} cannot be opened ({reason}); allowed: '' (a journal file), a path ending "
+                          "in .journal, sqlite:///PATH, or a database URL whose driver is installed") from None
 
 
 SWEEP_SECTIONS = {"sampler": SamplerConfig, "pruner": PrunerConfig, "executor": ExecutorConfig,

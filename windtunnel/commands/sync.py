@@ -22,8 +22,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
+    from windtunnel.sweep_config import check_tracking_uri
     from windtunnel.tracking import _sync_dir, outbox_dirs
 
+    check_tracking_uri(args.uri, "--uri")
     path = Path(args.path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such folder (allowed: RESULTS_DIR or RESULTS_DIR/SWEEP)")
