@@ -172,11 +172,14 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
     saved = int(latest.removeprefix("step-"))
     assert 8 <= saved <= logged and saved % 4 == 0, (latest, logged, err[-2000:])
 
+    # what a rank killed mid-save leaves (the kill above may or may not have landed in one)
+    (run / "checkpoints" / ".step-000000999.tmp" / "half").mkdir(parents=True, exist_ok=True)
     r = subprocess.run(["bash", str(out / "launch.sh"), f"large_run.stop_after_steps={saved + 4}"],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert (result["start_step"], result["resumed_from"], result["step"]) == (saved, latest, saved + 4)
+    assert not list((run / "checkpoints").glob(".*.tmp")), "the relaunch clears half-written saves"
     losses, events = curve(run)  # curve() fails on a step logged twice: the relaunch dropped the killed tail
     assert sorted(losses) == list(range(1, saved + 5))
     assert [e["step"] for e in events if e["event"] == "start"] == [0, saved]

@@ -237,7 +237,12 @@ class LargeRun:
             shutil.rmtree(tmp, ignore_errors=True)
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        dcp.save(self._state(), checkpoint_id=str(tmp))
+        try:
+            dcp.save(self._state(), checkpoint_id=str(tmp))
+        except dcp.api.CheckpointException as e:  # Ctrl-C mid-save arrives wrapped: let it read as one
+            if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
+                raise KeyboardInterrupt from None
+            raise
         dist.barrier()
         if self.rank == 0:
             meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
@@ -335,6 +340,9 @@ class LargeRun:
         return bool(flag.item())
 
     def train(self) -> dict:
+        if self.rank == 0:  # saves a killed launch left half-written (`latest` never named them)
+            for tmp in self.ckpt_dir.glob(".*.tmp"):
+                shutil.rmtree(tmp, ignore_errors=True)
         resumed_from = None
         latest = self.latest()
         if latest is not None:
