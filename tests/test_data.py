@@ -1,9 +1,12 @@
 import json
 
 import numpy as np
+import pytest
 
+from windtunnel.cli import main
 from windtunnel.config import DataConfig
 from windtunnel.data import Shards, load, prepare
+from windtunnel.errors import ConfigError
 
 
 def test_byte_shards_round_trip(tmp_path):
@@ -43,3 +46,16 @@ def test_stdlib_default_is_cached(tmp_path):
     assert json.loads((a.path / "manifest.json").read_text())["source_hash"]
     v1, v2 = a.val_windows(3, 32), b.val_windows(3, 32)
     assert (v1 == v2).all() and v1.shape == (3, 33)
+
+
+def test_empty_text_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert main(["data", "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty.txt holds no text" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no shards, no temp folder
+    (tmp_path / "d").mkdir()  # a shard folder of zero tokens, as earlier versions wrote
+    (tmp_path / "d" / "tokens.bin").write_bytes(b"")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({"tokens": 0, "dtype": "uint16"}))
+    with pytest.raises(ConfigError, match="holds no tokens"):
+        Shards.open(tmp_path / "d")

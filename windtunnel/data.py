@@ -45,7 +45,7 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
             raise ConfigError(f"data.source: no such file or folder (got {source!r}; allowed: stdlib, a text "
                               "file or folder, a shard folder)")
     if root.is_file():
-        return root.read_bytes()[:max_bytes], name
+        return _nonempty(root.read_bytes()[:max_bytes], source), name
     files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
                    and "site-packages" not in p.parts and "__pycache__" not in p.parts)
     chunks, size = [], 0
@@ -57,7 +57,13 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
             break
     if not chunks:
         raise ConfigError(f"data.source: no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
-    return b"\n".join(chunks)[:max_bytes], name
+    return _nonempty(b"\n".join(chunks)[:max_bytes], source), name
+
+
+def _nonempty(text: bytes, source: str) -> bytes:
+    if not text:  # shards of no tokens cannot be trained on (nor memory-mapped)
+        raise ConfigError(f"data.source: {source} holds no text")
+    return text
 
 
 def _train_bpe(text: bytes, vocab_size: int):
@@ -126,6 +132,8 @@ class Shards:
         if not manifest_file.exists():
             raise ConfigError(f"data.source: {path} holds no manifest.json (run `windtunnel data prepare`)")
         manifest = json.loads(manifest_file.read_text())
+        if not manifest["tokens"] or not (path / "tokens.bin").stat().st_size:
+            raise ConfigError(f"data.source: {path} holds no tokens (prepare it again from non-empty text)")
         tokens = np.memmap(path / "tokens.bin", dtype=manifest["dtype"], mode="r")
         if tokens.size != manifest["tokens"]:
             raise ConfigError(f"data.source: {path}/tokens.bin holds {tokens.size} tokens, manifest says "
