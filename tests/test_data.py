@@ -1,4 +1,6 @@
 import json
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -59,3 +61,51 @@ def test_empty_text_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({"tokens": 0, "dtype": "uint16"}))
     with pytest.raises(ConfigError, match="holds no tokens"):
         Shards.open(tmp_path / "d")
+
+
+def test_out_of_other_settings_is_an_error_and_same_settings_are_kept(tmp_path, capsys):
+    src, out = tmp_path / "t.txt", str(tmp_path / "d")
+    src.write_text("def f(x):\n    return x + 1\n" * 300)
+    bpe = ["data", "prepare", str(src), "--out", out, "--tokenizer", "bpe", "--vocab-size", "300"]
+    assert main(bpe) == 0
+    before = (tmp_path / "d" / "tokens.bin").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "prepare", str(src), "--out", out, "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out:" in err and "already holds bpe shards" in err
+    assert main(bpe[:-1] + ["400"]) == 2  # another vocabulary asked
+    assert main(bpe) == 0 and "already prepared" in capsys.readouterr().err
+    assert (tmp_path / "d" / "tokens.bin").read_bytes() == before
+
+
+def test_out_that_is_a_file_or_a_folder_of_other_things_is_an_error(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    (tmp_path / "f").write_text("mine")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("mine")
+    for out in ("f", "notes"):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--out:" in err
+    assert (tmp_path / "f").read_text() == "mine" and os.listdir(tmp_path / "notes") == ["a.md"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+def _prepare_after(barrier, src, out):
+    barrier.wait()  # both start together, so both find out free and race to publish
+    prepare(src, out)
+
+
+def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_bytes(bytes(range(256)) * 16_000)  # 4 MB: long enough for the writers to overlap
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_after, args=(barrier, str(src), tmp_path / "d")) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert Shards.open(tmp_path / "d").manifest["tokens"] == 256 * 16_000
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
