@@ -109,3 +109,17 @@ def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
     assert [p.exitcode for p in procs] == [0, 0]
     assert Shards.open(tmp_path / "d").manifest["tokens"] == 256 * 16_000
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+def test_max_bytes_reads_8e6_and_8_000_000_and_rejects_fractions(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    for i, n in enumerate(["8e6", "8_000_000", "2e2"]):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / f"d{i}"),
+                     "--max-bytes", n]) == 0
+    assert Shards.open(tmp_path / "d2").manifest["tokens"] == 200  # 2e2 caps the 600-byte text
+    capsys.readouterr()
+    for bad in ("8.5", "abc"):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e"),
+                     "--max-bytes", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--max-bytes: must be an integer" in err
