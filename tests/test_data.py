@@ -123,3 +123,17 @@ def test_max_bytes_reads_8e6_and_8_000_000_and_rejects_fractions(tmp_path, capsy
                      "--max-bytes", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--max-bytes: must be an integer" in err
+
+
+def test_vocab_size_with_byte_is_an_error_and_a_short_bpe_vocabulary_a_note(tmp_path, capsys):
+    src = str(tmp_path / "t.txt")
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "b"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--vocab-size:" in err and "256" in err
+    assert not (tmp_path / "b").exists()
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "b"), "--vocab-size", "256"]) == 0
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "p"), "--tokenizer", "bpe",
+                 "--vocab-size", "1e5"]) == 0
+    held = Shards.open(tmp_path / "p").vocab_size
+    assert held < 100_000 and f"stopped at {held}" in capsys.readouterr().err

@@ -122,6 +122,9 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
             lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
             ids = np.fromiter((i for enc in tok.encode_batch(lines) for i in enc.ids), dtype=np.int64)
             vocab = tok.get_vocab_size()
+            if vocab < vocab_size:  # not an error: the text holds no more pairs to merge
+                print(f"data prepare: the BPE vocabulary stopped at {vocab} (asked {vocab_size}): "
+                      "the text allows no more merges", file=sys.stderr)
         else:
             raise ConfigError(f"data.tokenizer: must be one of byte, bpe (got {tokenizer!r})")
         dtype = np.uint16 if vocab <= 2**16 else np.uint32

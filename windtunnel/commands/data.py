@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
     p.add_argument("source", help="'stdlib' (this Python's standard library), a text file or a folder")
     p.add_argument("--out", required=True, help="shard folder to write (atomically)")
     p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")
-    p.add_argument("--vocab-size", default="4096", help="BPE vocabulary (default 4096)")
+    p.add_argument("--vocab-size", help="BPE vocabulary (default 4096; byte is always 256)")
     p.add_argument("--max-bytes", default="8e6", help="cap on the text read (default 8e6)")
 
 
@@ -30,7 +30,12 @@ def run(args) -> int:
     from windtunnel.config import DataConfig
     from windtunnel.data import Shards, prepare
 
-    vocab = whole_number("--vocab-size", args.vocab_size)
+    vocab = 4096 if args.vocab_size is None else whole_number("--vocab-size", args.vocab_size)
+    if args.tokenizer == "byte":
+        if args.vocab_size is not None and vocab != 256:
+            raise ConfigError(f"--vocab-size: the byte tokenizer's vocabulary is fixed at 256 (got {vocab}); "
+                              "use --tokenizer bpe to train one")
+        vocab = 4096  # unused by byte; DataConfig checks it against the BPE range
     max_bytes = whole_number("--max-bytes", args.max_bytes)
     DataConfig(source=args.source, tokenizer=args.tokenizer, vocab_size=vocab,
                max_bytes=max_bytes)  # validates, naming the field
