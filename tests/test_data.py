@@ -1,9 +1,14 @@
 import json
+import multiprocessing
+import os
 
 import numpy as np
+import pytest
 
+from windtunnel.cli import main
 from windtunnel.config import DataConfig
 from windtunnel.data import Shards, load, prepare
+from windtunnel.errors import ConfigError
 
 
 def test_byte_shards_round_trip(tmp_path):
@@ -43,3 +48,92 @@ def test_stdlib_default_is_cached(tmp_path):
     assert json.loads((a.path / "manifest.json").read_text())["source_hash"]
     v1, v2 = a.val_windows(3, 32), b.val_windows(3, 32)
     assert (v1 == v2).all() and v1.shape == (3, 33)
+
+
+def test_empty_text_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
+    (tmp_path / "empty.txt").write_bytes(b"")
+    assert main(["data", "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "empty.txt holds no text" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no shards, no temp folder
+    (tmp_path / "d").mkdir()  # a shard folder of zero tokens, as earlier versions wrote
+    (tmp_path / "d" / "tokens.bin").write_bytes(b"")
+    (tmp_path / "d" / "manifest.json").write_text(json.dumps({"tokens": 0, "dtype": "uint16"}))
+    with pytest.raises(ConfigError, match="holds no tokens"):
+        Shards.open(tmp_path / "d")
+
+
+def test_out_of_other_settings_is_an_error_and_same_settings_are_kept(tmp_path, capsys):
+    src, out = tmp_path / "t.txt", str(tmp_path / "d")
+    src.write_text("def f(x):\n    return x + 1\n" * 300)
+    bpe = ["data", "prepare", str(src), "--out", out, "--tokenizer", "bpe", "--vocab-size", "300"]
+    assert main(bpe) == 0
+    before = (tmp_path / "d" / "tokens.bin").read_bytes()
+    capsys.readouterr()
+    assert main(["data", "prepare", str(src), "--out", out, "--tokenizer", "byte"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out:" in err and "already holds bpe shards" in err
+    assert main(bpe[:-1] + ["400"]) == 2  # another vocabulary asked
+    assert main(bpe) == 0 and "already prepared" in capsys.readouterr().err
+    assert (tmp_path / "d" / "tokens.bin").read_bytes() == before
+
+
+def test_out_that_is_a_file_or_a_folder_of_other_things_is_an_error(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    (tmp_path / "f").write_text("mine")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("mine")
+    for out in ("f", "notes"):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--out:" in err
+    assert (tmp_path / "f").read_text() == "mine" and os.listdir(tmp_path / "notes") == ["a.md"]
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+def _prepare_after(barrier, src, out):
+    barrier.wait()  # both start together, so both find out free and race to publish
+    prepare(src, out)
+
+
+def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_bytes(bytes(range(256)) * 16_000)  # 4 MB: long enough for the writers to overlap
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_after, args=(barrier, str(src), tmp_path / "d")) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert Shards.open(tmp_path / "d").manifest["tokens"] == 256 * 16_000
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
+
+
+def test_max_bytes_reads_8e6_and_8_000_000_and_rejects_fractions(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    for i, n in enumerate(["8e6", "8_000_000", "2e2"]):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / f"d{i}"),
+                     "--max-bytes", n]) == 0
+    assert Shards.open(tmp_path / "d2").manifest["tokens"] == 200  # 2e2 caps the 600-byte text
+    capsys.readouterr()
+    for bad in ("8.5", "abc"):
+        assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e"),
+                     "--max-bytes", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "--max-bytes: must be an integer" in err
+
+
+def test_vocab_size_with_byte_is_an_error_and_a_short_bpe_vocabulary_a_note(tmp_path, capsys):
+    src = str(tmp_path / "t.txt")
+    (tmp_path / "t.txt").write_text("def f(x):\n    return x + 1\n" * 300)
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "b"), "--vocab-size", "300"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--vocab-size:" in err and "256" in err
+    assert not (tmp_path / "b").exists()
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "b"), "--vocab-size", "256"]) == 0
+    assert main(["data", "prepare", src, "--out", str(tmp_path / "p"), "--tokenizer", "bpe",
+                 "--vocab-size", "1e5"]) == 0
+    held = Shards.open(tmp_path / "p").vocab_size
+    assert held < 100_000 and f"stopped at {held}" in capsys.readouterr().err

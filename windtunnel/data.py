@@ -2,7 +2,8 @@
 
 Layout of a shard folder:
   tokens.bin      the whole corpus, one token id after another
-  manifest.json   {"tokenizer", "vocab_size", "tokens", "dtype", "source", "source_hash"}
+  manifest.json   {"tokenizer", "vocab_asked", "source_hash", "vocab_size", "tokens", "dtype", "source"}
+                  (BPE may stop short of vocab_asked: vocab_size is what the tokenizer holds)
   tokenizer.json  (bpe only) the trained HF `tokenizers` model
 
 The last `val_fraction` of the tokens is the fixed validation split; training windows are
@@ -45,7 +46,7 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
             raise ConfigError(f"data.source: no such file or folder (got {source!r}; allowed: stdlib, a text "
                               "file or folder, a shard folder)")
     if root.is_file():
-        return root.read_bytes()[:max_bytes], name
+        return _nonempty(root.read_bytes()[:max_bytes], source), name
     files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
                    and "site-packages" not in p.parts and "__pycache__" not in p.parts)
     chunks, size = [], 0
@@ -57,7 +58,13 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
             break
     if not chunks:
         raise ConfigError(f"data.source: no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
-    return b"\n".join(chunks)[:max_bytes], name
+    return _nonempty(b"\n".join(chunks)[:max_bytes], source), name
+
+
+def _nonempty(text: bytes, source: str) -> bytes:
+    if not text:  # shards of no tokens cannot be trained on (nor memory-mapped)
+        raise ConfigError(f"data.source: {source} holds no text")
+    return text
 
 
 def _train_bpe(text: bytes, vocab_size: int):
@@ -73,11 +80,37 @@ def _train_bpe(text: bytes, vocab_size: int):
     return tok
 
 
+def _kept(out_dir: Path, settings: dict, out_field: str) -> bool:
+    """True when out_dir already holds shards of these settings; ConfigError when it holds
+    anything else; False when it is free (missing or an empty folder)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_field}: {out_dir} is a file; choose a folder")
+    if not (out_dir / "manifest.json").exists():
+        if out_dir.exists() and any(out_dir.iterdir()):
+            raise ConfigError(f"{out_field}: {out_dir} is a non-empty folder that holds no shards "
+                              "(no manifest.json); choose another folder")
+        return False
+    m = json.loads((out_dir / "manifest.json").read_text())
+    held = {k: m.get(k) for k in settings}
+    held["vocab_asked"] = m.get("vocab_asked", m.get("vocab_size"))  # older manifests: what they hold
+    if held != settings:
+        raise ConfigError(f"{out_field}: {out_dir} already holds {m.get('tokenizer')} shards (vocab "
+                          f"{m.get('vocab_size')}) of other settings; remove it or choose another folder")
+    print(f"data prepare: {out_dir} already prepared with these settings; kept", file=sys.stderr)
+    return True
+
+
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_size: int = 4096,
-            max_bytes: int = 8_000_000) -> Path:
-    """Tokenize `source` into a shard folder at out_dir, atomically (a temp folder, then rename)."""
+            max_bytes: int = 8_000_000, out_field: str = "--out") -> Path:
+    """Tokenize `source` into a shard folder at out_dir, atomically (a temp folder, then rename).
+    Shards already there of the same settings are kept; others are an error naming `out_field`."""
     text, name = read_text(source, max_bytes)
     out_dir = Path(out_dir)
+    # The text's hash stands for source and max_bytes: shards of the same text are the same.
+    settings = {"tokenizer": tokenizer, "vocab_asked": vocab_size if tokenizer == "bpe" else 256,
+                "source_hash": hashlib.sha256(text).hexdigest()}
+    if _kept(out_dir, settings, out_field):
+        return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -89,18 +122,20 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
             lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
             ids = np.fromiter((i for enc in tok.encode_batch(lines) for i in enc.ids), dtype=np.int64)
             vocab = tok.get_vocab_size()
+            if vocab < vocab_size:  # not an error: the text holds no more pairs to merge
+                print(f"data prepare: the BPE vocabulary stopped at {vocab} (asked {vocab_size}): "
+                      "the text allows no more merges", file=sys.stderr)
         else:
             raise ConfigError(f"data.tokenizer: must be one of byte, bpe (got {tokenizer!r})")
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         ids.astype(dtype).tofile(tmp / "tokens.bin")
-        manifest = {"tokenizer": tokenizer, "vocab_size": int(vocab), "tokens": int(ids.size),
-                    "dtype": np.dtype(dtype).name, "source": name,
-                    "source_hash": hashlib.sha256(text).hexdigest()}
+        manifest = {**settings, "vocab_size": int(vocab), "tokens": int(ids.size),
+                    "dtype": np.dtype(dtype).name, "source": name}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         try:
             os.replace(tmp, out_dir)
-        except OSError:  # another process prepared the same shards first: keep theirs
-            if not (out_dir / "manifest.json").exists():
+        except OSError:  # out_dir filled since the check: keep it if another process wrote these shards
+            if not _kept(out_dir, settings, out_field):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -126,6 +161,8 @@ class Shards:
         if not manifest_file.exists():
             raise ConfigError(f"data.source: {path} holds no manifest.json (run `windtunnel data prepare`)")
         manifest = json.loads(manifest_file.read_text())
+        if not manifest["tokens"] or not (path / "tokens.bin").stat().st_size:
+            raise ConfigError(f"data.source: {path} holds no tokens (prepare it again from non-empty text)")
         tokens = np.memmap(path / "tokens.bin", dtype=manifest["dtype"], mode="r")
         if tokens.size != manifest["tokens"]:
             raise ConfigError(f"data.source: {path}/tokens.bin holds {tokens.size} tokens, manifest says "
@@ -167,5 +204,6 @@ def load(cfg: DataConfig) -> Shards:
     out = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
     out = out / key
     if not (out / "manifest.json").exists():
-        prepare(cfg.source, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_bytes=cfg.max_bytes)
+        prepare(cfg.source, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_bytes=cfg.max_bytes,
+                out_field="data.cache_dir")
     return Shards.open(out, cfg.val_fraction)
