@@ -20,6 +20,11 @@ def repo_dir(name: str) -> Path:
     return Path(env) if env else Path(__file__).resolve().parents[1] / name
 
 
+def target_names() -> list[str]:
+    """The targets `transfer --target` knows by name: conf/target/*.yaml."""
+    return sorted(q.stem for q in (repo_dir("conf") / "target").glob("*.yaml"))
+
+
 def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
 

@@ -168,14 +168,13 @@ def target_from_dict(d: dict) -> Target:
 
 def load_target(target: str, overrides: list[str] = ()) -> Target:
     """TARGET is a name in conf/target/ or a YAML path; overrides are KEY=VALUE target fields."""
-    from windtunnel.configure import load_yaml, parse_value, repo_dir
+    from windtunnel.configure import load_yaml, parse_value, repo_dir, target_names
 
     p = Path(target)
     if not (p.suffix in (".yaml", ".yml") or p.is_file()):
         p = repo_dir("conf") / "target" / f"{target}.yaml"
         if not p.is_file():
-            names = sorted(q.stem for q in (repo_dir("conf") / "target").glob("*.yaml"))
-            raise ConfigError(f"--target: unknown target {target!r} (allowed: {', '.join(names)}, or a YAML path)")
+            raise ConfigError(f"--target: unknown target {target!r} (allowed: {', '.join(target_names())}, or a YAML path)")
     d = load_yaml(p)
     d.setdefault("name", p.stem)
     str_fields = {f.name for f in dataclasses.fields(Target) if str(f.type) == "str"}

@@ -15,12 +15,14 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from windtunnel.configure import target_names
+
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("source", metavar="RESULTS_DIR/SWEEP|BEST.yaml", help="a sweep's results folder or its best.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="target fields, e.g. nodes=4 run_name=r1")
     p.add_argument("--target", required=True, metavar="TARGET",
-                   help="a name in conf/target/ (minicpm-1.2b, minicpm-2.4b, tiny-cpu) or a YAML path")
+                   help=f"a name in conf/target/ ({', '.join(target_names())}) or a YAML path")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the exported files")
     p.add_argument("--batch-size", type=int, metavar="TOKENS", help="tokens per step (beats the law)")
     p.add_argument("--batch-size-law", metavar="FILE.json", help="`windtunnel fit batch-size --json` output")
