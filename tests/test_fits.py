@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -346,3 +347,69 @@ def test_cli_exit_status_through_the_real_entry_point(tmp_path):
     r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "fit", "wsd", "--input", str(tmp_path / "x.csv")],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "x.csv" in r.stderr and "Traceback" not in r.stderr
+
+
+# ----------------------------------------------------------------------------- a sweep's own results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_trials(df: pd.DataFrame) -> pd.DataFrame:
+    """lr_sweep() as a sweep's trials.csv: dotted parameter names, a FAIL (diverged) row with no
+    value, and a FAIL and a PRUNED row whose low losses would move the optima if they were read."""
+    t = pd.DataFrame({"number": range(len(df)), "state": np.where(df["loss"].isna(), "FAIL", "COMPLETE"),
+                      "value": df["loss"], "optim.lr": df["lr"], "model.d_model": df["width"],
+                      "model.parametrization": df["parametrization"], "status": "ok", "retried": False})
+    bad = t[(t["model.d_model"] == 128) & (t["optim.lr"] == df["lr"].max())].copy()
+    bad["state"] = ["FAIL", "PRUNED"]
+    bad["value"] = 0.5
+    return pd.concat([t, bad], ignore_index=True)
+
+
+def test_lr_transfer_reads_a_sweeps_trials_csv_and_only_its_complete_trials(tmp_path, capsys):
+    sweep_trials(lr_sweep()).to_csv(tmp_path / "trials.csv", index=False)
+    want = fits.fit_lr_transfer(lr_sweep()).to_dict()
+    for given in (tmp_path / "trials.csv", tmp_path):  # the table or its folder
+        assert main(["fit", "lr-transfer", "--input", str(given), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == want
+
+
+def test_batch_size_reads_a_sweeps_curves_in_tokens_at_shared_token_counts(tmp_path, capsys):
+    df = bs_sweep()
+    d_model = df["model"].map({"0.009B": 128, "0.036B": 256, "0.17B": 512})
+    rng = np.random.default_rng(0)
+    curves = pd.DataFrame({"number": 0, "state": "COMPLETE", "model.d_model": d_model,
+                           "train.batch_size": (df["batch_size"] // 1024).astype(int),
+                           # evaluations land a few steps off the eval_every multiples
+                           "tokens": df["tokens"].astype(int) + rng.integers(-9000, 9000, len(df)),
+                           "val_loss": df["loss"]})
+    curves.loc[len(curves)] = [1, "PRUNED", 128, 16, int(1e9), 0.1]
+    curves.to_csv(tmp_path / "curves.csv", index=False)
+    pd.DataFrame({"number": [0], "state": ["COMPLETE"], "value": [4.0]}).to_csv(tmp_path / "trials.csv", index=False)
+    assert main(["fit", "batch-size", "--input", str(tmp_path / "trials.csv")]) == 2
+    err = _one_error_line(capsys)
+    assert "'model.seq_len'" in err and "best.yaml" in err
+    (tmp_path / "best.yaml").write_text("trial:\n  model: {seq_len: 1024}\n  train: {eval_every: 1000000000}\n")
+    want = fits.fit_batch_size(df.assign(model="d" + d_model.astype(str))).to_dict()
+    for given in (tmp_path, tmp_path / "trials.csv"):  # the folder, or its trials.csv: both read curves.csv
+        assert main(["fit", "batch-size", "--input", str(given), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == want
+
+
+def test_a_sweep_table_without_a_needed_parameter_names_it(tmp_path, capsys):
+    p = tmp_path / "trials.csv"
+    sweep_trials(lr_sweep()).drop(columns=["model.parametrization"]).to_csv(p, index=False)
+    assert main(["fit", "lr-transfer", "--input", str(p)]) == 2
+    err = _one_error_line(capsys)
+    assert str(p) in err and "'model.parametrization'" in err and "sweep parameter" in err
+    assert main(["fit", "scaling-law", "--input", str(p)]) == 2
+    assert "N,D,loss" in _one_error_line(capsys)
+
+
+def test_cli_fits_the_committed_lr_width_sweep(tmp_path):
+    png = tmp_path / "lr.png"
+    r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "fit", "lr-transfer", "--input",
+                        "results/windtunnel/lr_width/trials.csv", "--plot", str(png)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "drift of the optimum" in r.stdout and "mup" in r.stdout and png.stat().st_size > 5000

@@ -9,7 +9,8 @@
 Each fit returns a dataclass with `to_dict()` (what `windtunnel fit KIND --json` prints). Input
 frames are checked here, so `windtunnel report` and the transfer module get the same one-line
 `ConfigError`s as the CLI; `load_csv(path, kind)` names the file in them (it sets
-`df.attrs["source"]`). Only numpy, pandas and scipy: no torch, no tracking.
+`df.attrs["source"]`) and also reads a sweep's results (`sweep_frame`). Only numpy, pandas and
+scipy (yaml for a sweep's best.yaml): no torch, no tracking.
 """
 from __future__ import annotations
 
@@ -56,14 +57,7 @@ def _where(df: pd.DataFrame) -> str:
     return str(df.attrs.get("source", "data frame"))
 
 
-def load_csv(path: str | Path, kind: str) -> pd.DataFrame:
-    """Read and check the CSV that fit `kind` takes; errors name the file and the column."""
-    if kind not in COLUMNS:
-        raise ConfigError(f"fit kind: unknown {kind!r}; allowed: {', '.join(COLUMNS)}")
-    p = Path(path)
-    need = ",".join(COLUMNS[kind])
-    if not p.is_file():
-        raise ConfigError(f"{p}: no such file (a CSV with columns {need} is expected)")
+def _read_csv(p: Path, need: str) -> pd.DataFrame:
     try:
         df = pd.read_csv(p)
     except pd.errors.EmptyDataError:
@@ -73,7 +67,105 @@ def load_csv(path: str | Path, kind: str) -> pd.DataFrame:
         raise ConfigError(f"{p}: not a readable CSV ({first}); expected columns {need}") from None
     df.columns = [str(c).strip() for c in df.columns]
     df.attrs["source"] = str(p)
+    return df
+
+
+def load_csv(path: str | Path, kind: str) -> pd.DataFrame:
+    """Read and check the input of fit `kind`: a CSV of its columns, or a sweep's results folder or
+    one of its tables (see `sweep_frame`); errors name the file and the column."""
+    if kind not in COLUMNS:
+        raise ConfigError(f"fit kind: unknown {kind!r}; allowed: {', '.join(COLUMNS)}")
+    p = Path(path)
+    need = ",".join(COLUMNS[kind])
+    if p.is_dir():
+        return check_frame(sweep_frame(p, kind), kind)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file (a CSV with columns {need}, or a sweep's results folder, is expected)")
+    df = _read_csv(p, need)
+    # A sweep's own table (number,state,<dotted params>,...) rather than one of the fit's columns.
+    if "state" in df.columns and not set(COLUMNS[kind]) <= set(df.columns):
+        return check_frame(sweep_frame(p, kind), kind)
     return check_frame(df, kind)
+
+
+# What a sweep writes (windtunnel.results) -> the frame a fit takes: the table read, and each fit
+# column's source column in it (parameters under their dotted config keys, searched or fixed).
+SWEEP_SOURCES: dict[str, tuple[str, dict[str, str]]] = {
+    # final validation loss of each trial
+    "lr-transfer": ("trials.csv", {"parametrization": "model.parametrization", "width": "model.d_model",
+                                   "lr": "optim.lr", "loss": "value"}),
+    # the loss at every evaluation: one batch-size optimum per (model, token count)
+    "batch-size": ("curves.csv", {"model": "model.d_model", "batch_size": "train.batch_size",
+                                  "tokens": "tokens", "loss": "val_loss"}),
+}
+
+
+def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
+    """The frame fit `kind` takes (unchecked), from a sweep's results folder or a table in it.
+
+    lr-transfer reads trials.csv, batch-size curves.csv: the given file if it is that table, else
+    the one beside it. Only COMPLETE trials count (FAIL, PRUNED and retried ones do not). batch-size
+    gives batch sizes in tokens (train.batch_size x model.seq_len), rounds token counts to multiples
+    of train.eval_every (trials of different batch sizes evaluate a few steps apart) and names models
+    d<d_model>. A setting not in the table (seq_len, eval_every) is read from the folder's best.yaml.
+    """
+    p = Path(path)
+    if kind not in SWEEP_SOURCES:
+        raise ConfigError(f"{p}: fit {kind} takes a CSV with columns {','.join(COLUMNS.get(kind, ()))}; "
+                          f"only {', '.join(SWEEP_SOURCES)} read a sweep's results")
+    name, src = SWEEP_SOURCES[kind]
+    need = ",".join(src.values())
+    table = p / name if p.is_dir() else p
+    if not table.is_file():
+        raise ConfigError(f"{table}: no such file; fit {kind} reads a sweep's {name}")
+    df = _read_csv(table, need)
+    if src["loss"] not in df.columns and not p.is_dir():  # e.g. trials.csv for batch-size: its curves.csv
+        table = p.parent / name
+        if not table.is_file():
+            raise ConfigError(f"{p}: missing column {src['loss']!r} and no {name} beside it; "
+                              f"fit {kind} reads a sweep's {name}")
+        df = _read_csv(table, need)
+    where = str(table)
+    if "state" not in df.columns:
+        raise ConfigError(f"{where}: missing column 'state' (a sweep's {name} has it)")
+    df = df[df["state"] == "COMPLETE"]
+
+    def col(c: str) -> pd.Series:
+        s = src[c]
+        if s not in df.columns:
+            hint = (f"the sweep parameter that gives {kind}'s {c!r}: search it, type fixed for one value"
+                    if "." in s else f"it gives {kind}'s {c!r}; a sweep's {name} has it")
+            raise ConfigError(f"{where}: missing column {s!r} ({hint})")
+        return df[s]
+
+    out = pd.DataFrame({c: col(c) for c in src})
+    if kind == "batch-size":
+        seq = _sweep_setting(df, table, "model.seq_len", kind, "'batch_size' in tokens")
+        every = _sweep_setting(df, table, "train.eval_every", kind, "'tokens' shared by all batch sizes")
+        out["model"] = "d" + out["model"].astype(str)
+        out["batch_size"] = out["batch_size"] * seq
+        out["tokens"] = (out["tokens"] / every).round().astype(int) * every
+    out = out.reset_index(drop=True)
+    out.attrs["source"] = where
+    return out
+
+
+def _sweep_setting(df: pd.DataFrame, table: Path, key: str, kind: str, why: str):
+    """A config value: the table's column if the sweep searched it, else the (same for all trials)
+    value in the best trial's config."""
+    if key in df.columns:
+        return df[key]
+    best = table.parent / "best.yaml"
+    v: Any = None
+    if best.is_file():
+        import yaml
+
+        v = (yaml.safe_load(best.read_text()) or {}).get("trial", {})
+        for k in key.split("."):
+            v = v.get(k) if isinstance(v, dict) else None
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{table}: missing column {key!r} and no {key} in {best} ({kind} needs it for {why})")
+    return v
 
 
 def check_frame(df: pd.DataFrame, kind: str) -> pd.DataFrame:

@@ -10,30 +10,13 @@ import json
 from pathlib import Path
 
 import optuna
-import pandas as pd
 
-from windtunnel.fits import fit_batch_size, fit_lr_transfer
+from windtunnel.fits import fit_batch_size, fit_lr_transfer, sweep_frame
 from windtunnel.search import open_storage
 
 
 def _study(d: Path) -> optuna.Study:
     return optuna.load_study(study_name=d.name, storage=open_storage(str(d / "study.journal")))
-
-
-def lr_width_frame(d: Path) -> pd.DataFrame:
-    df = pd.read_csv(d / "trials.csv")
-    df = df[~df.retried]
-    return pd.DataFrame({"parametrization": df["model.parametrization"], "width": df["model.d_model"],
-                         "lr": df["optim.lr"], "loss": df["value"]})
-
-
-def batch_size_frame(d: Path) -> pd.DataFrame:
-    """Loss of each (model, batch size) at token counts all batch sizes share (the evaluations)."""
-    c = pd.read_csv(d / "curves.csv")
-    seq = json.loads(_study(d).user_attrs["sweep"])["model"]["seq_len"]
-    every = json.loads(_study(d).user_attrs["sweep"])["train"]["eval_every"]
-    return pd.DataFrame({"model": "d" + c["model.d_model"].astype(str), "batch_size": c["train.batch_size"] * seq,
-                         "tokens": (c["tokens"] / every).round().astype(int) * every, "loss": c["val_loss"]})
 
 
 def search_run(d: Path) -> dict:
@@ -58,10 +41,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", default="results/windtunnel")
     root = Path(p.parse_args(argv).dir)
-    lr = lr_width_frame(root / "lr_width")
+    # the frames `windtunnel fit KIND --input <sweep folder>` reads, kept beside each sweep
+    lr = sweep_frame(root / "lr_width", "lr-transfer")
     lr.to_csv(root / "lr_width" / "lr_width.csv", index=False)
     drift = fit_lr_transfer(lr).drift_steps
-    bs_df = batch_size_frame(root / "batch_size")
+    bs_df = sweep_frame(root / "batch_size", "batch-size")
     bs_df.to_csv(root / "batch_size" / "batch_size.csv", index=False)
     bs = fit_batch_size(bs_df)
     hp = _study(root / "mup_hp")

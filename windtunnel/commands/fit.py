@@ -1,9 +1,15 @@
-"""`windtunnel fit KIND --input CSV [--json] [--plot FILE.png]`: fit one law from a results table.
+"""`windtunnel fit KIND --input CSV|SWEEP_DIR [--json] [--plot FILE.png]`: fit one law from a results table.
 
     lr-transfer   columns parametrization,width,lr,loss  -> optimal lr per width, drift in grid steps
     batch-size    columns model,batch_size,tokens,loss   -> bs_opt = a / L^b (MiniCPM)
     scaling-law   columns N,D,loss                       -> L = E + A/N^alpha + B/D^beta, N_opt, D_opt
     wsd           columns model,N,tokens,loss            -> loss vs data per size, and the scaling law
+
+lr-transfer and batch-size also read what a sweep writes: its results folder or its trials.csv,
+e.g. `windtunnel fit lr-transfer --input results/lr_width`. lr-transfer takes trials.csv
+(model.parametrization, model.d_model, optim.lr, value); batch-size the folder's curves.csv
+(model.d_model, train.batch_size x model.seq_len tokens, val_loss at every evaluation).
+COMPLETE trials only.
 """
 from __future__ import annotations
 
@@ -19,7 +25,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("kind", choices=list(fits.COLUMNS), metavar="KIND", help=f"one of: {', '.join(fits.COLUMNS)}")
-    parser.add_argument("--input", "-i", required=True, metavar="CSV", help="results table (extra columns are ignored)")
+    parser.add_argument("--input", "-i", required=True, metavar="CSV|SWEEP_DIR",
+                        help="a CSV of the kind's columns (extra columns are ignored), or for lr-transfer and "
+                             "batch-size a sweep's results folder or its trials.csv")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure (.png, .pdf or .svg)")
     parser.add_argument("--compute", type=float, metavar="C",
