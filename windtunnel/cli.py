@@ -28,8 +28,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line, as every other bad input is (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _top_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="windtunnel",
         description="muP hyperparameter wind tunnel: search tiny models, fit the laws, transfer the winners.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -56,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     module_name, help_text = COMMANDS[name]
     module = importlib.import_module(module_name)
-    parser = argparse.ArgumentParser(prog=f"windtunnel {name}", description=help_text)
+    parser = _Parser(prog=f"windtunnel {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_intermixed_args(argv[1:])  # flags may come between KEY=VALUE overrides
     try:

@@ -209,6 +209,8 @@ def load_winner(path: str) -> Winner:
             raise ConfigError(f"{path}: no best.yaml in this folder (expected RESULTS_DIR/SWEEP after a sweep, "
                               "or a best.yaml path)")
         p = p / "best.yaml"
+    elif not p.exists():
+        raise ConfigError(f"{path}: no such file or folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)")
     d = load_yaml(p)
     trial = d.get("trial", d)
     if not isinstance(trial, dict):

@@ -20,6 +20,8 @@ def run(args) -> int:
 
     d = Path(args.sweep_dir)
     journal = d / "study.journal"
+    if not d.is_dir():
+        raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
     if not journal.exists():
         raise ConfigError(f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote)")
     storage = open_storage(str(journal))
