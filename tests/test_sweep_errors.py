@@ -130,3 +130,15 @@ def test_unwritable_results_dir_is_one_line(tmp_path):
     assert p.returncode == 1, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr and str(tmp_path / "file") in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["transfer", "x", "--target", "tiny-cpu", "--out", "o", "--tokens", "abc"], "argument --tokens: invalid int value"),
+    (["report", "no/such/folder"], "no/such/folder: no such folder"),
+    (["transfer", "no/such/best.yaml", "--target", "tiny-cpu", "--out", "o"], "no such file or folder"),
+])
+def test_bad_command_line_is_one_line(tmp_path, args, expected):
+    p = _run(args, tmp_path)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], p.stderr
