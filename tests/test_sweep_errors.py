@@ -142,3 +142,20 @@ def test_bad_command_line_is_one_line(tmp_path, args, expected):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], p.stderr
+
+
+def test_search_space_overrides_from_the_command_line():
+    """A parameter's name holds a dot (optim.lr), so Hydra cannot address it: the sweep loader
+    sets a field, a whole parameter, or drops one itself."""
+    from windtunnel.configure import load_sweep
+    from windtunnel.errors import ConfigError
+
+    base = load_sweep("quickstart", []).search
+    s = load_sweep("quickstart", ["search.optim.lr.high=0.01", "~search.model.scale_emb",
+                                  "search.model.init_std={type: fixed, value: 0.1}"]).search
+    assert s["optim.lr"] == {**base["optim.lr"], "high": 0.01}
+    assert "model.scale_emb" not in s and s["model.init_std"] == {"type": "fixed", "value": 0.1}
+    with pytest.raises(ConfigError, match=r"search\.optim\.lrr: no such search parameter \(have: optim\.lr"):
+        load_sweep("quickstart", ["search.optim.lrr.high=0.1"])
+    with pytest.raises(ConfigError, match=r"search\.optim\.lr: `low <= high` must hold"):
+        load_sweep("quickstart", ["search.optim.lr.high=1e-5"])

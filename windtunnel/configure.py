@@ -164,7 +164,39 @@ def load_sweep(spec: str, overrides: list[str]):
     content.setdefault("name", path.stem)
     _register_schemas()
     ConfigStore.instance().store(group="sweep", name="current", node=OmegaConf.create(content), package="_global_")
+    searched = [o for o in overrides if o.lstrip("+~").startswith("search.")]
     try:
-        return sweep_from_dict(compose(["+sweep=current", *overrides], config_name="sweep"))
+        d = compose(["+sweep=current", *(o for o in overrides if o not in searched)], config_name="sweep")
+        d["search"] = _search_overrides(d.get("search") or {}, searched)
+        return sweep_from_dict(d)
     except ConfigError as e:
         raise ConfigError(f"{path}: {str(e).removeprefix('overrides: ')}") from None
+
+
+def _search_overrides(search: dict, overrides: list[str]) -> dict:
+    """`search.optim.lr.high=0.01` sets one field of a parameter, `search.optim.lr={type: fixed,
+    value: 0.01}` a whole one, `~search.optim.lr` drops it. Hydra cannot: a parameter's name holds
+    a dot (`optim.lr`), which its override paths read as nesting."""
+    from windtunnel.sweep_config import PARAM_KEYS
+
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in search.items()}
+    for item in overrides:
+        key, sep, text = item.lstrip("+").partition("=")
+        name = key.lstrip("~").removeprefix("search.")
+        if key.startswith("~"):
+            if out.pop(name, None) is None:
+                raise ConfigError(f"{key}: no such search parameter (have: {', '.join(out) or 'none'})")
+            continue
+        if not sep:
+            raise ConfigError(f"{item}: must be search.PARAM.FIELD=VALUE, search.PARAM={{...}} or ~search.PARAM")
+        param, _, field = name.rpartition(".")
+        if field in PARAM_KEYS and param:
+            if param not in out:
+                raise ConfigError(f"search.{param}: no such search parameter (have: {', '.join(out) or 'none'}); "
+                                  f"add one whole: 'search.{param}={{type: float, low: ..., high: ...}}'")
+            if not isinstance(out[param], dict):
+                raise ConfigError(f"search.{param}: must be a mapping like {{type: float, low: 0.001, high: 0.1}}")
+            out[param][field] = parse_value(text)
+        else:
+            out[name] = parse_value(text)
+    return out
