@@ -135,6 +135,7 @@ def test_unwritable_results_dir_is_one_line(tmp_path):
 @pytest.mark.parametrize("args,expected", [
     (["transfer", "x", "--target", "tiny-cpu", "--out", "o", "--tokens", "abc"], "argument --tokens: invalid int value"),
     (["report", "no/such/folder"], "no/such/folder: no such folder"),
+    (["trial", "schedule=wsdd"], "schedule: no option 'wsdd' (allowed: cosine, wsd)"),
     (["transfer", "no/such/best.yaml", "--target", "tiny-cpu", "--out", "o"], "no such file or folder"),
 ])
 def test_bad_command_line_is_one_line(tmp_path, args, expected):

@@ -53,6 +53,9 @@ def _override_error(e: Exception) -> str:
         lines = str(e).strip().splitlines()
         if m := re.match(r"Error parsing override '(.*)'", lines[0] if lines else ""):
             return f"overrides: {m[1]}: must be KEY=VALUE ({lines[1] if len(lines) > 1 else 'unparsable'})"
+        if m := re.search(r"Could not find '([\w-]+)/(.*)'", lines[0] if lines else ""):  # a config group's option
+            options = [line.strip() for line in lines if line.startswith("\t") and "=" not in line]
+            return f"overrides: {m[1]}: no option {m[2]!r} (allowed: {', '.join(options)})"
         return f"overrides: {_one_line(e)}"
     key, first = cause.full_key, _one_line(cause)
     if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
