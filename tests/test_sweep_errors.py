@@ -160,3 +160,31 @@ def test_search_space_overrides_from_the_command_line():
         load_sweep("quickstart", ["search.optim.lrr.high=0.1"])
     with pytest.raises(ConfigError, match=r"search\.optim\.lr: `low <= high` must hold"):
         load_sweep("quickstart", ["search.optim.lr.high=1e-5"])
+
+
+def test_absent_clusters_are_one_line_before_anything_is_written(tmp_path):
+    """executor=ray at an address nobody listens on (Ray itself retries for minutes), and
+    executor=slurm with its controller down (a stand-in scontrol: stopping the suite's real
+    Slurm would take it from the other tests)."""
+    import os
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    results = tmp_path / "results"
+    p = _run(["sweep", "quickstart", "executor=ray", f"executor.address=127.0.0.1:{port}", f"results_dir={results}"],
+             tmp_path)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert f"executor.address: no Ray cluster answers at 127.0.0.1:{port}" in p.stderr
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'Slurmctld(primary) at vm is DOWN'\nexit 1\n")
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    p = subprocess.run([sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "executor=slurm",
+                        f"results_dir={results}"], cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "executor.type: slurm: no controller answers (Slurmctld(primary) at vm is DOWN)" in p.stderr
+    assert not results.exists()

@@ -80,6 +80,7 @@ class Driver:
     def __init__(self, cfg: SweepConfig, progress: bool = True):
         self.cfg = cfg
         self.dir = Path(cfg.results_dir) / cfg.name
+        self.executor = make_executor(cfg.executor, self.dir)  # first: an absent cluster is an error before any write
         self.dir.mkdir(parents=True, exist_ok=True)
         self.study = open_study(cfg, self.dir)
         self.study.set_user_attr("fixed", json.dumps(fixed_params(cfg)))
@@ -87,7 +88,6 @@ class Driver:
         self.dists = distributions(cfg)
         self.fixed = fixed_params(cfg)
         self.K = population_size(cfg)
-        self.executor = make_executor(cfg.executor, self.dir)
         self.running: list[Bundle] = []
         self.ready: list[Bundle] = []  # asked ahead, waiting for a slot
         self.tally = Tally()

@@ -98,6 +98,24 @@ class RayHandle:
             pass
 
 
+def _check_listening(address: str, timeout: float = 5.0) -> None:
+    """ray.init(HOST:PORT) retries an absent GCS for minutes: a one-line error at once instead."""
+    import socket
+
+    from windtunnel.errors import ConfigError
+
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"executor.address: must be '', auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(f"executor.address: no Ray cluster answers at {address} ({e.strerror or e}); start one "
+                          "with `windtunnel cluster ray-up`, or leave executor.address empty for a local one") from None
+
+
 class RayExecutor:
     def __init__(self, cfg: ExecutorConfig):
         import ray
@@ -106,6 +124,7 @@ class RayExecutor:
         env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
         self.connected = not ray.is_initialized()  # a notebook may have connected already: keep it
         if self.connected and cfg.address:
+            _check_listening(cfg.address)
             _token_auth_like_ray_start()
             ray.init(address=cfg.address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
         elif self.connected:  # a new instance of our own, nothing listening beyond 127.0.0.1

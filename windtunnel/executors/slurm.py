@@ -163,12 +163,29 @@ class SlurmHandle:
         self.lost = self.lost or "cancelled"
 
 
+def _check_controller() -> None:
+    """sbatch against a stopped controller fails only at the first submission, as a traceback."""
+    from windtunnel.errors import ConfigError
+
+    hint = "start the project's single-node Slurm with `windtunnel cluster slurm-up`, or use a cluster's login node"
+    try:
+        r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except FileNotFoundError:
+        raise ConfigError(f"executor.type: slurm needs Slurm's commands here (no scontrol); {hint}") from None
+    except subprocess.TimeoutExpired:
+        raise ConfigError(f"executor.type: slurm: `scontrol ping` did not answer in 30 s; {hint}") from None
+    if r.returncode != 0:
+        first = (r.stdout or r.stderr).strip().splitlines()[:1]
+        raise ConfigError(f"executor.type: slurm: no controller answers ({first[0] if first else 'scontrol ping failed'}); {hint}")
+
+
 class SlurmExecutor:
     def __init__(self, cfg: ExecutorConfig, sweep_dir: Path):
         try:
             import submitit
         except ImportError as e:
             raise RuntimeError("executor=slurm needs submitit: pip install submitit") from e
+        _check_controller()
         self.cfg = cfg
         self.folder = Path(cfg.folder) if cfg.folder else Path(sweep_dir) / "slurm"
         self.ex = submitit.AutoExecutor(folder=self.folder / "%j", cluster="slurm",
