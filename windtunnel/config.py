@@ -101,7 +101,8 @@ class ModelConfig:
         check_field(self.d_model % self.n_heads == 0, "model.d_model",
                f"must be divisible by model.n_heads={self.n_heads}", self.d_model)
         check_field((self.d_model // self.n_heads) % 2 == 0, "model.n_heads",
-               "must leave an even head dim (RoPE rotates pairs)", self.n_heads)
+               f"must leave an even head dim (RoPE rotates pairs; model.d_model={self.d_model} / n_heads "
+               f"= {self.d_model // self.n_heads})", self.n_heads)
         check_choice("model.parametrization", self.parametrization, PARAMETRIZATIONS)
         check_choice("model.kernels", self.kernels, KERNELS)
         for name in ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from windtunnel.config import TrialConfig, with_overrides
+from windtunnel.errors import ConfigError
 from windtunnel.trainer import Population
 
 DEFAULT_LR = 0.01  # MiniCPM's μP lr
@@ -30,6 +31,11 @@ def coord_check(base: TrialConfig, widths: list[int], steps: int = 5, lr: float 
                 sp_init_std: float = SP_INIT_STD) -> list[dict]:
     """Rows {"parametrization", "width", "step", "layer", "value"}: mean |x_step - x_0|."""
     head_dim = base.model.d_model // base.model.n_heads
+    for width in widths:  # all of them before any trains, and the error names the width
+        try:
+            with_overrides(base, {"model.d_model": width, "model.head_dim": head_dim})
+        except ConfigError as e:
+            raise ConfigError(f"--widths: {width}: {e}") from None
     rows = []
     for par in parametrizations:
         for width in widths:

@@ -7,7 +7,7 @@ from windtunnel.errors import ConfigError
 
 
 def add_arguments(p) -> None:
-    p.add_argument("action", choices=["prepare"])
+    p.add_argument("action", choices=["prepare"], help="prepare: tokenize SOURCE into a shard folder")
     p.add_argument("source", help="'stdlib' (this Python's standard library), a text file or a folder")
     p.add_argument("--out", required=True, help="shard folder to write (atomically)")
     p.add_argument("--tokenizer", choices=["byte", "bpe"], default="byte")

@@ -2,6 +2,8 @@
 
 Run it under torchrun (the exported launch.sh and launch.sbatch do), or as one process. CONFIG is
 the train.yaml that `windtunnel transfer` writes; a relaunch resumes from the latest checkpoint.
+Relative paths in it (large_run.run_dir, default runs/RUN_NAME; train.checkpoint_dir, default
+RUN_DIR/checkpoints) are read from the folder holding CONFIG; rank 0 logs RUN_DIR/loss.jsonl.
 """
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ import os
 
 
 def add_arguments(p) -> None:
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("config", metavar="CONFIG", help="train.yaml (a TrialConfig + a large_run section)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="e.g. large_run.stop_after_steps=10 train.tokens=1000000")
