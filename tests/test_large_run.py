@@ -49,6 +49,18 @@ def export(tmp_path: Path, proxy: TrialConfig, *transfer_args: str) -> tuple[Pat
     return out, env
 
 
+def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 90) -> subprocess.Popen:
+    """launch.sh in the background, returned once rank 0 has logged `steps` steps (or at timeout)."""
+    import time
+
+    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log, deadline = run / "loss.jsonl", time.time() + timeout
+    while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < steps):
+        time.sleep(0.05)
+    return p
+
+
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     proxy = TrialConfig(
@@ -98,20 +110,14 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path):
     import signal
-    import time
 
     proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
                         data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
     out, env = export(tmp_path, proxy, "run_name=sig", "seq_len=16", "checkpoint_every=100000000",
                       "--batch-size", "256", "--tokens", str(100_000 * 256))
-    log = out / "runs" / "sig" / "loss.jsonl"
-    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True)
+    p = launch_until(out, env, out / "runs" / "sig", 3)
     err = ""
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < 3):
-            time.sleep(0.1)
         p.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
         _, err = p.communicate(timeout=60)
     finally:
@@ -145,7 +151,6 @@ def rank_pids(parent: int) -> dict[int, int]:
 @pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path):
     import signal
-    import time
 
     proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
                         data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
@@ -153,14 +158,9 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
     out, env = export(tmp_path, proxy, "run_name=kill", "seq_len=16", "checkpoint_every=1024",
                       "--batch-size", "256", "--tokens", str(100_000 * 256))
     run = out / "runs" / "kill"
-    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = launch_until(out, env, run, 10)
     err = ""
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline and (not (run / "loss.jsonl").exists()
-                                          or (run / "loss.jsonl").read_text().count('"loss"') < 10):
-            time.sleep(0.05)
         os.kill(rank_pids(p.pid)[1], signal.SIGKILL)  # rank 1 only: rank 0 is left mid-collective
         _, err = p.communicate(timeout=120)
     finally:
