@@ -16,7 +16,9 @@ def _population(cuda_graph: bool):
     if triton_interpreted():
         pytest.skip("this process's Triton runs the interpreter")
     cfgs = [with_overrides(tiny_trial(), {"train.device": "cuda", "model.kernels": "triton", "model.n_heads": 1, "train.seed": k,
-                                          "optim.lr": 0.01 * (k + 1), "train.cuda_graph": cuda_graph})
+                                          # lr 0.01-0.03 made the fastest trial unstable, which grew the
+                                          # atomics' rounding differences to 1% between two eager runs
+                                          "optim.lr": 0.003 * (k + 1), "train.cuda_graph": cuda_graph})
             for k in range(3)]
     return Population(cfgs)
 
