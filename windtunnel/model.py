@@ -68,9 +68,10 @@ class Block(nn.Module):
     def forward(self, h, pending, res_mult, B: int, cos, sin, ops: Ops):
         """h: (K, N, C) residual stream without `pending`, the previous block's branch output
         (None for the first block). Returns (this block's input, the stream after attention,
-        the MLP branch still to be added)."""
+        the MLP branch still to be added). The first block returns None for its input, the
+        caller's own h: handing it back would return FSDP's view of it, which FSDP warns about."""
         x, h = add_norm(h, pending, self.attn_norm, res_mult, self.eps, ops)
-        block_input = h
+        block_input = h if pending is not None else None
         y, h = add_norm(h, self.attn(x, B, cos, sin, ops), self.mlp_norm, res_mult, self.eps, ops)
         return block_input, h, self.mlp(y, ops)
 
