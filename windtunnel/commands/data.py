@@ -30,12 +30,13 @@ def run(args) -> int:
     from windtunnel.config import DataConfig
     from windtunnel.data import Shards, prepare
 
-    vocab = 4096 if args.vocab_size is None else whole_number("--vocab-size", args.vocab_size)
+    default = DataConfig.vocab_size  # the dataclass default: BPE's, and what byte leaves unused
+    vocab = default if args.vocab_size is None else whole_number("--vocab-size", args.vocab_size)
     if args.tokenizer == "byte":
         if args.vocab_size is not None and vocab != 256:
             raise ConfigError(f"--vocab-size: the byte tokenizer's vocabulary is fixed at 256 (got {vocab}); "
                               "use --tokenizer bpe to train one")
-        vocab = 4096  # unused by byte; DataConfig checks it against the BPE range
+        vocab = default  # DataConfig checks vocab_size against the BPE range
     max_bytes = whole_number("--max-bytes", args.max_bytes)
     DataConfig(source=args.source, tokenizer=args.tokenizer, vocab_size=vocab,
                max_bytes=max_bytes)  # validates, naming the field
