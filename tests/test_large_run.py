@@ -49,6 +49,14 @@ def export(tmp_path: Path, proxy: TrialConfig, *transfer_args: str) -> tuple[Pat
     return out, env
 
 
+def long_export(tmp_path: Path, name: str, checkpoint_every: int) -> tuple[Path, dict]:
+    """A one-layer proxy exported with far more steps than a test runs: 16 sequences of 16 tokens a step."""
+    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
+                        data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
+    return export(tmp_path, proxy, f"run_name={name}", "seq_len=16", f"checkpoint_every={checkpoint_every}",
+                  "--batch-size", "256", "--tokens", str(100_000 * 256))
+
+
 def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 90) -> subprocess.Popen:
     """launch.sh in the background, returned once rank 0 has logged `steps` steps (or at timeout)."""
     import time
@@ -111,10 +119,7 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
 def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path):
     import signal
 
-    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
-                        data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
-    out, env = export(tmp_path, proxy, "run_name=sig", "seq_len=16", "checkpoint_every=100000000",
-                      "--batch-size", "256", "--tokens", str(100_000 * 256))
+    out, env = long_export(tmp_path, "sig", checkpoint_every=100_000_000)
     p = launch_until(out, env, out / "runs" / "sig", 3)
     err = ""
     try:
@@ -152,11 +157,7 @@ def rank_pids(parent: int) -> dict[int, int]:
 def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path):
     import signal
 
-    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
-                        data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu"))
-    # 16 sequences of 16 tokens a step, a checkpoint every 4 steps, far more steps than the test runs
-    out, env = export(tmp_path, proxy, "run_name=kill", "seq_len=16", "checkpoint_every=1024",
-                      "--batch-size", "256", "--tokens", str(100_000 * 256))
+    out, env = long_export(tmp_path, "kill", checkpoint_every=1024)  # a checkpoint every 4 steps
     run = out / "runs" / "kill"
     p = launch_until(out, env, run, 10)
     err = ""
