@@ -219,6 +219,7 @@ class _Delivery:
         self._client = None
         self._verify_all = True
         self._created: set[str] = set()
+        self.skipped = 0  # records skipped for good: refused by MLflow, or of an unknown op
 
     @property
     def resolved_uri(self) -> str:
@@ -279,8 +280,10 @@ class _Delivery:
                     if rec is None:
                         log.warning("%s: skipped an unreadable record ending at byte %d", self.dir / "outbox.jsonl", end)
                     elif self._selected(rec):
-                        self._deliver_one(rec, t)
-                        sent += 1
+                        if self._deliver_one(rec, t):
+                            sent += 1
+                        else:
+                            self.skipped += 1
                     offset = end
                     t["offsets"][self.mode] = offset
                     i += 1
@@ -296,11 +299,13 @@ class _Delivery:
         left = sum(self._selected(r) for end, r in records if end > offset)
         return sent, left
 
-    def _deliver_one(self, rec: dict, t: dict) -> None:
+    def _deliver_one(self, rec: dict, t: dict) -> bool:
+        """True when delivered; False when skipped for good (refused by MLflow, or unknown)."""
         from mlflow.exceptions import MlflowException
 
         try:
             getattr(self, f"_op_{rec['op']}")(rec, t)
+            return True
         except MlflowException as e:
             if e.error_code not in PERMANENT:
                 raise
@@ -308,6 +313,7 @@ class _Delivery:
                         rec.get("key"), rec.get("op"), str(e).splitlines()[0][:300])
         except AttributeError:
             log.warning("unknown tracking record op %r; skipped", rec.get("op"))
+        return False
 
     # -- experiments and runs ------------------------------------------------------------------
     def _experiment_id(self, name: str, t: dict) -> str:
@@ -678,8 +684,8 @@ def outbox_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.glob("*/tracking/outbox.jsonl"))
 
 
-def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, str | None]:
-    """(sent, pending, error) for one sweep's outbox."""
+def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, int, str | None]:
+    """(sent, skipped for good, pending, error) for one sweep's outbox."""
     if uri is not None:
         deliveries = [_Delivery(tracking_dir, uri.strip(), own_only=False)]
     else:
@@ -700,7 +706,7 @@ def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) ->
             state = _target_state(_load_state(tracking_dir), d.uri)
             offset = int(state["offsets"].get(d.mode, 0))
             pending += sum(d._selected(r) for _, r in _read_records(tracking_dir / "outbox.jsonl", offset))
-    return sent, pending, error
+    return sent, sum(d.skipped for d in deliveries), pending, error
 
 
 def sync(results_sweep_dir: Path, uri: str | None = None) -> tuple[int, int]:
@@ -711,7 +717,7 @@ def sync(results_sweep_dir: Path, uri: str | None = None) -> tuple[int, int]:
     """
     sent = pending = 0
     for d in outbox_dirs(results_sweep_dir):
-        s, p, error = _sync_dir(d, uri)
+        s, _, p, error = _sync_dir(d, uri)
         if error:
             log.warning("sync %s: %s", d.parent, error)
         sent += s

@@ -36,8 +36,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     left_total = 0
     for d in dirs:
-        sent, left, error = _sync_dir(d, args.uri)
+        sent, skipped, left, error = _sync_dir(d, args.uri)
         left_total += left
-        line = f"{d.parent}: sent {sent}, {left} pending"
+        line = f"{d.parent}: sent {sent}, {left} pending" + (f", {skipped} skipped for good (warnings above)" if skipped else "")
         print(line + (f" ({error})" if error else ""))
     return 0 if left_total == 0 else 1
