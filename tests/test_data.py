@@ -123,6 +123,8 @@ def test_max_bytes_reads_8e6_and_8_000_000_and_rejects_fractions(tmp_path, capsy
                      "--max-bytes", bad]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "--max-bytes: must be an integer" in err
+    assert main(["data", "prepare", str(tmp_path / "t.txt"), "--out", str(tmp_path / "e"), "--max-bytes", "0"]) == 2
+    assert "--max-bytes: must be > 0 (got 0)" in capsys.readouterr().err  # the flag, not data.max_bytes
 
 
 def test_vocab_size_with_byte_is_an_error_and_a_short_bpe_vocabulary_a_note(tmp_path, capsys):

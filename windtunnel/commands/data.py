@@ -38,8 +38,10 @@ def run(args) -> int:
                               "use --tokenizer bpe to train one")
         vocab = default  # DataConfig checks vocab_size against the BPE range
     max_bytes = whole_number("--max-bytes", args.max_bytes)
-    DataConfig(source=args.source, tokenizer=args.tokenizer, vocab_size=vocab,
-               max_bytes=max_bytes)  # validates, naming the field
+    try:  # validates; the error names the flag the user typed, not the config field behind it
+        DataConfig(source=args.source, tokenizer=args.tokenizer, vocab_size=vocab, max_bytes=max_bytes)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("data.max_bytes", "--max-bytes").replace("data.vocab_size", "--vocab-size")) from None
     out = prepare(args.source, args.out, tokenizer=args.tokenizer, vocab_size=vocab, max_bytes=max_bytes)
     print(json.dumps(Shards.open(out).manifest))
     return 0
