@@ -56,6 +56,11 @@ def test_empty_text_is_a_one_line_error_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "empty.txt holds no text" in err
     assert [p.name for p in tmp_path.iterdir()] == ["empty.txt"]  # no shards, no temp folder
+    (tmp_path / "texts").mkdir()  # a folder of empty files: only the newlines that would join them
+    for name in ("a.txt", "b.txt"):
+        (tmp_path / "texts" / name).write_bytes(b"")
+    assert main(["data", "prepare", str(tmp_path / "texts"), "--out", str(tmp_path / "d")]) == 2
+    assert "holds no text" in capsys.readouterr().err and not (tmp_path / "d").exists()
     (tmp_path / "d").mkdir()  # a shard folder of zero tokens, as earlier versions wrote
     (tmp_path / "d" / "tokens.bin").write_bytes(b"")
     (tmp_path / "d" / "manifest.json").write_text(json.dumps({"tokens": 0, "dtype": "uint16"}))

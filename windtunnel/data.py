@@ -62,7 +62,7 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
 
 
 def _nonempty(text: bytes, source: str) -> bytes:
-    if not text:  # shards of no tokens cannot be trained on (nor memory-mapped)
+    if not text.strip():  # no tokens, or only the newlines joining empty files: nothing to train on
         raise ConfigError(f"data.source: {source} holds no text")
     return text
 
