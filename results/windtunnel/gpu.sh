@@ -3,7 +3,9 @@
 # `device` tool; its python3 has torch 2.11 and triton 3.6). Packages it lacks travel as wheels
 # in .whl/ (optuna, hydra-core, omegaconf, ...); the BPE shards in .cache/stdlib-bpe16k were made
 # here with `windtunnel data prepare stdlib --out .cache/stdlib-bpe16k --tokenizer bpe
-# --vocab-size 16384 --max-bytes 24000000`. Each stage resumes from the study it finds.
+# --vocab-size 16384 --max-bytes 24000000`, the wheels with `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 -d .whl NAME==VERSION` (both are ignored by git:
+# make them first; the device's call carries them). Each stage resumes from the study it finds.
 #   bash results/windtunnel/gpu.sh bench               # results/bench/population.*
 #   bash results/windtunnel/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.kernels.bench)
 #   bash results/windtunnel/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
@@ -16,11 +18,14 @@
 #   bash results/windtunnel/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
 set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+# the wheels the device lacks, made here (.whl/ is ignored by git); elsewhere install the project instead
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+fi
 rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
 export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WINDTUNNEL_SWEEPS=$PWD/sweeps PYTHONUNBUFFERED=1
 export WINDTUNNEL_CACHE=/tmp/wt-cache
-OUT=${OUT:-/tmp/out}
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=$1; shift
 case $stage in
   bench)
