@@ -1,6 +1,7 @@
 """`windtunnel train CONFIG [SECTION.KEY=VALUE ...]`: the large-run trainer (windtunnel/large_run.py).
 
-Run it under torchrun (the exported launch.sh and launch.sbatch do), or as one process. CONFIG is
+Run it under torchrun, one process per GPU the export was made for (the exported launch.sh and
+launch.sbatch do; a 1-GPU export also runs as one plain process). CONFIG is
 the train.yaml that `windtunnel transfer` writes; a relaunch resumes from the latest checkpoint.
 Relative paths in it (large_run.run_dir, default runs/RUN_NAME; train.checkpoint_dir, default
 RUN_DIR/checkpoints) are read from the folder holding CONFIG; rank 0 logs RUN_DIR/loss.jsonl.
