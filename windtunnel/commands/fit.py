@@ -75,12 +75,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bootstrap < 0:
         raise ConfigError(f"--bootstrap: must be >= 0 (got {args.bootstrap})")
     if args.plot:
-        from pathlib import Path
+        from windtunnel.plots_fits import check_format
 
-        from windtunnel.plots_fits import FORMATS
-
-        if Path(args.plot).suffix.lstrip(".").lower() not in FORMATS:
-            raise ConfigError(f"--plot: {args.plot}: file type not allowed; allowed: .{', .'.join(FORMATS)}")
+        check_format(args.plot)  # before the fit runs
     df = fits.load_csv(args.input, kind)
     if kind == "lr-transfer":
         fit = fits.fit_lr_transfer(df)
