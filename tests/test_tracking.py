@@ -256,8 +256,9 @@ def test_cli_errors(tmp_path):
 
 
 def test_sync_counts_records_it_cannot_deliver_apart_from_sent(sweep_dir, capsys):
-    """A record no delivery can take (here of an op this version does not know: MLflow refusing
-    one for good cannot be caused on demand) is reported as skipped, not as sent."""
+    """Records no delivery can take (of an op this version does not know; artifacts of a run that
+    never arrived; MLflow refusing one for good cannot be caused on demand) are reported as
+    skipped, not as sent."""
     from windtunnel.cli import main
 
     tracker = Tracker("", experiment="sw", outbox=outbox_of(sweep_dir))
@@ -267,5 +268,6 @@ def test_sync_counts_records_it_cannot_deliver_apart_from_sent(sweep_dir, capsys
     tracker.close()
     with open(outbox_of(sweep_dir), "a") as f:
         f.write(json.dumps({"op": "from_the_future", "key": "x", "uri": ""}) + "\n")
+        f.write(json.dumps({"op": "artifacts", "key": "y", "parent": "never-delivered", "paths": [], "uri": ""}) + "\n")
     assert main(["sync", str(sweep_dir)]) == 0
-    assert capsys.readouterr().out.strip().endswith("sent 0, 0 pending, 1 skipped for good (warnings above)")
+    assert capsys.readouterr().out.strip().endswith("sent 0, 0 pending, 2 skipped for good (warnings above)")

@@ -304,8 +304,7 @@ class _Delivery:
         from mlflow.exceptions import MlflowException
 
         try:
-            getattr(self, f"_op_{rec['op']}")(rec, t)
-            return True
+            return getattr(self, f"_op_{rec['op']}")(rec, t) is not False  # an op returns False when it skips
         except MlflowException as e:
             if e.error_code not in PERMANENT:
                 raise
@@ -423,11 +422,11 @@ class _Delivery:
             self.client().set_terminated(run_id, status=status if status in TERMINAL else "FINISHED", end_time=ts)
         t["runs"][key] = run_id
 
-    def _op_artifacts(self, rec: dict, t: dict) -> None:
+    def _op_artifacts(self, rec: dict, t: dict) -> bool | None:
         run_id = t["runs"].get(rec.get("parent", ""))
         if run_id is None:
             log.warning("artifacts record %s: its invocation was never delivered; skipped", rec.get("key"))
-            return
+            return False
         sweep_dir = self.dir.parent
         for p in rec.get("paths") or []:
             path = Path(p) if os.path.isabs(p) else sweep_dir / p
