@@ -136,6 +136,7 @@ def test_unwritable_results_dir_is_one_line(tmp_path):
     (["transfer", "x", "--target", "tiny-cpu", "--out", "o", "--tokens", "abc"], "argument --tokens: invalid int value"),
     (["report", "no/such/folder"], "no/such/folder: no such folder"),
     (["trial", "schedule=wsdd"], "schedule: no option 'wsdd' (allowed: cosine, wsd)"),
+    (["sweep", "quickstart", "model.parametrization=ntk"], "error: command line: model.parametrization: must be one of"),
     (["coord-check", "--widths", "64,100"], "--widths: 100: model.head_dim: must divide model.d_model=100"),
     (["transfer", "no/such/best.yaml", "--target", "tiny-cpu", "--out", "o"], "no such file or folder"),
 ])

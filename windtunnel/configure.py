@@ -173,7 +173,12 @@ def load_sweep(spec: str, overrides: list[str]):
         d["search"] = _search_overrides(d.get("search") or {}, searched)
         return sweep_from_dict(d)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {str(e).removeprefix('overrides: ')}") from None
+        msg = str(e).removeprefix("overrides: ")
+        field = msg.split(":", 1)[0]
+        keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
+        # the bad value came from the command line (that key, or one inside or above it), not the file
+        typed = any(k == field or k.startswith(f"{field}.") or field.startswith(f"{k}.") for k in keys)
+        raise ConfigError(f"{'command line' if typed else path}: {msg}") from None
 
 
 def _search_overrides(search: dict, overrides: list[str]) -> dict:
