@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from helpers import check_accounted, finished_count
+from helpers import check_accounted, finished_count, quickstart_study
 from windtunnel.search import open_storage
 from windtunnel.worker import RESULT
 
@@ -54,6 +54,44 @@ def test_sigkill_driver_then_resume(tmp_path):
         if r.data.tags.get("windtunnel.state") == "COMPLETE":
             hist = client.get_metric_history(r.info.run_id, "val_loss")
             assert len(hist) == 3 and hist[-1].step == 59 * 1024  # evals at 20, 40, 59 steps of 1024 tokens
+
+
+def test_a_second_driver_on_a_running_sweep_stops_and_touches_nothing(tmp_path):
+    """One driver per sweep: a second one started while the first runs would take the first's
+    running trials for a dead driver's and fail or re-run them. It stops with one line naming the
+    first, and the first finishes undisturbed; the lock dies with its holder (SIGKILL included)."""
+    results = tmp_path / "results"
+    cmd = _cmd(results) + ["tracking.enabled=false", "executor.workers=1"]
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=3"
+    cmd[cmd.index("train.tokens=60000")] = "train.tokens=300000"  # seconds a trial: the first outlives the second
+    first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    lock = results / "quickstart" / "driver.lock"
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert first.poll() is None, "the first driver must still be running for this test to mean anything"
+    assert second.returncode == 2 and second.stdout == "", second.stdout[-2000:] + second.stderr[-2000:]
+    msg = second.stderr.strip()
+    assert "\n" not in msg and "another driver is running this sweep" in msg and f"pid {first.pid} " in msg, msg
+    out, _ = first.communicate(timeout=600)
+    assert first.returncode == 0, out.decode()[-2000:]
+    trials = quickstart_study(results).get_trials(deepcopy=False)
+    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert not any(t.user_attrs.get("retried") for t in trials)
+
+    # the lock goes with its holder, even a SIGKILLed one: the next driver starts (and resumes)
+    cmd[cmd.index("n_trials=3")] = "n_trials=5"
+    killed = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while f"pid {killed.pid} " not in lock.read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    assert sum(t.state.is_finished() and not t.user_attrs.get("retried")
+               for t in quickstart_study(results).get_trials(deepcopy=False)) == 5
 
 
 def test_sigkill_a_worker_its_trial_is_retried(tmp_path):

@@ -5,9 +5,12 @@ failed and re-enqueued with the same parameters (attempt + 1), so none is lost o
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import math
+import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -82,6 +85,7 @@ class Driver:
         self.dir = Path(cfg.results_dir) / cfg.name
         self.executor = make_executor(cfg.executor, self.dir)  # first: an absent cluster is an error before any write
         self.dir.mkdir(parents=True, exist_ok=True)
+        self._lock = hold_driver_lock(self.dir)  # before the study: recover() would take a live driver's trials
         self.study = open_study(cfg, self.dir)
         self.study.set_user_attr("fixed", json.dumps(fixed_params(cfg)))
         self.study.set_user_attr("sweep", json.dumps(to_dict(cfg), default=str))
@@ -261,6 +265,12 @@ class Driver:
 
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self._lock.close()  # the next driver may start
+
+    def _run(self) -> dict:
         self.recover()
         start, done_before = time.time(), self.finished()
         bar = None
@@ -313,6 +323,30 @@ class Driver:
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
+
+
+DRIVER_LOCK = "driver.lock"
+
+
+def hold_driver_lock(sweep_dir: Path):
+    """One driver per sweep: an exclusive flock on sweep_dir/driver.lock, held until the returned
+    file is closed (or the process dies: the kernel drops it, so a killed driver leaves no stale
+    lock). A second driver would take the first one's running trials for a dead driver's and
+    fail or re-run them; it stops instead, naming the holder."""
+    f = open(sweep_dir / DRIVER_LOCK, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{sweep_dir}: another driver is running this sweep ({holder}); wait for it, "
+                          "or stop it (Ctrl-C or SIGTERM; its trials resume with the next run)") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, result: dict,
