@@ -190,3 +190,31 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
     stats = throughput(run / "loss.jsonl", skip=0)
     assert (stats["world"], stats["launches"], stats["resumed_at_step"], stats["steps"]) == (2, 2, saved, saved + 4)
     assert stats["tokens_per_s_per_gpu"] > 0
+
+
+@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
+    """launch.sh twice (or a job submitted twice): the second would delete the first one's save in
+    progress and cut its loss log; every rank of it stops with one line naming the first."""
+    import signal
+
+    out, env = long_export(tmp_path, "twice", checkpoint_every=1024)
+    run = out / "runs" / "twice"
+    first = launch_until(out, env, run, 3)
+    try:
+        second = subprocess.run(["bash", str(out / "launch.sh")], capture_output=True, text=True,
+                                env={**env, "MASTER_PORT": str(free_port())}, timeout=120)
+        assert first.poll() is None, "the first launch must still be running for this test to mean anything"
+        assert second.returncode != 0
+        refusals = [line for line in second.stderr.splitlines() if "another launch is training this run" in line]
+        assert len(refusals) == 2 and any(f"pid {rank_pids(first.pid)[0]} " in line for line in refusals), second.stderr[-3000:]
+        logged = max(curve(run)[0])
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=60)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    losses, events = curve(run)
+    assert events[-1]["event"] == "sigterm", err[-3000:]
+    assert sorted(losses) == list(range(1, max(losses) + 1)) and max(losses) >= logged  # no step cut from the log
+    assert [e["event"] for e in events] == ["start", "sigterm"]

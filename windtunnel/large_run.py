@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from windtunnel import data as data_mod
+from windtunnel import locks
 from windtunnel import parametrization as mup
 from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
 from windtunnel.errors import ConfigError
@@ -151,6 +152,7 @@ class LargeRun:
         self.init_from = resolve(cfg.train.init_from) if cfg.train.init_from else ""
 
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        self._lock = self._hold_run_lock()
         T = cfg.model.seq_len
         if cfg.train.batch_size != self.world * run.micro_batch * run.grad_accum:
             raise ConfigError(
@@ -198,6 +200,25 @@ class LargeRun:
         self.step = 0
         self._sigterm = False
         self._mlflow = None
+
+    def _hold_run_lock(self):
+        """One launch per run: a second launch of the same run (a job submitted twice, launch.sh run
+        in two shells) would delete the first one's checkpoint in progress and cut its loss log.
+        Rank 0 holds <run_dir>/train.lock for the run's life (windtunnel.locks); when it is taken,
+        every rank stops with the same one-line error, before anything is written."""
+        lock, holder = None, ""
+        if self.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                lock = locks.hold(self.run_dir / "train.lock")
+            except locks.Held as e:
+                holder = str(e)
+        taken = torch.tensor([int(self.rank == 0 and lock is None)], device=self.device)
+        dist.broadcast(taken, 0)
+        if taken.item():
+            raise ConfigError(f"{self.run_dir}: another launch is training this run ({holder or 'see rank 0'}); "
+                              "wait for it or stop it (SIGTERM saves a checkpoint; the next launch resumes there)")
+        return lock
 
     # -- data -----------------------------------------------------------------------------------
     def batch(self, step: int) -> torch.Tensor:

@@ -5,12 +5,9 @@ failed and re-enqueued with the same parameters (attempt + 1), so none is lost o
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import math
-import os
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,6 +15,7 @@ from pathlib import Path
 
 import optuna
 
+from windtunnel import locks
 from windtunnel.config import to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.executors import WorkerLost, make_executor
@@ -325,28 +323,14 @@ class Driver:
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
 
 
-DRIVER_LOCK = "driver.lock"
-
-
 def hold_driver_lock(sweep_dir: Path):
-    """One driver per sweep: an exclusive flock on sweep_dir/driver.lock, held until the returned
-    file is closed (or the process dies: the kernel drops it, so a killed driver leaves no stale
-    lock). A second driver would take the first one's running trials for a dead driver's and
-    fail or re-run them; it stops instead, naming the holder."""
-    f = open(sweep_dir / DRIVER_LOCK, "a+")
+    """One driver per sweep: a second driver would take the first one's running trials for a dead
+    driver's and fail or re-run them; it stops instead, naming the first (windtunnel.locks)."""
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise ConfigError(f"{sweep_dir}: another driver is running this sweep ({holder}); wait for it, "
+        return locks.hold(sweep_dir / "driver.lock")
+    except locks.Held as e:
+        raise ConfigError(f"{sweep_dir}: another driver is running this sweep ({e}); wait for it, "
                           "or stop it (Ctrl-C or SIGTERM; its trials resume with the next run)") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    f.flush()
-    return f
 
 
 def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, result: dict,

@@ -1,0 +1,35 @@
+"""Exclusive locks that name their holder and die with it.
+
+flock on a file: the kernel drops it when the holder exits, SIGKILL included, so a crash leaves
+no stale lock to clean up by hand. The holder writes who it is into the file, for the message of
+whoever is refused.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+from typing import IO
+
+
+class Held(Exception):
+    """The lock is taken; str(self) names the holder ("pid N on HOST, since TIME")."""
+
+
+def hold(path: Path) -> IO:
+    """Take the lock at path now or raise Held; it is held until the returned file is closed."""
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise Held(holder) from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
