@@ -6,6 +6,7 @@ check lives in `__post_init__` and raises `ConfigError` with one line naming the
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -243,6 +244,24 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
 
 def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
+
+
+# Trial settings that change how a trial runs, not what it computes: a resumed sweep or run may
+# change them (any other change makes its results, or its next steps, something else).
+RUN_ONLY = ("model.kernels", "train.device", "train.compile", "train.cuda_graph", "train.checkpoint_dir",
+            "train.checkpoint_every", "train.eval_every")
+
+
+def settings(cfg: TrialConfig | dict) -> dict:
+    """{'section.field': value} of a trial config (or its to_dict), as JSON stores it."""
+    d = json.loads(json.dumps(cfg if isinstance(cfg, dict) else to_dict(cfg), default=str))
+    return {f"{sec}.{k}": v for sec, fields in d.items() for k, v in fields.items()}
+
+
+def changed_settings(before: dict, now: dict, keys=None) -> list[str]:
+    """'key old -> new' for each setting (of keys, default all) that differs between the two."""
+    keys = sorted(set(before) | set(now)) if keys is None else keys
+    return [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
 
 
 def field_type(key: str) -> str | None:

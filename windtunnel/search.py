@@ -13,6 +13,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 
+from windtunnel.config import RUN_ONLY, changed_settings, settings
 from windtunnel.errors import ConfigError
 from windtunnel.sweep_config import Param, PrunerConfig, SamplerConfig, SweepConfig, grid_space, parse_search
 
@@ -71,22 +72,23 @@ class _GridSampler(optuna.samplers.GridSampler):
         pass
 
 
-def make_sampler(s: SamplerConfig, cfg: SweepConfig) -> optuna.samplers.BaseSampler:
+def make_sampler(s: SamplerConfig, cfg: SweepConfig, seed: int | None = None) -> optuna.samplers.BaseSampler:
+    seed = s.seed if seed is None else seed
     if s.type == "tpe":
         # constant_liar: running trials count as observations, so parallel asks spread out
-        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=s.seed,
+        return optuna.samplers.TPESampler(multivariate=True, constant_liar=True, seed=seed,
                                           n_startup_trials=s.n_startup_trials)
     if s.type == "gp":
         import torch  # GPSampler fits its model with torch
 
         torch.set_num_threads(s.threads or max(1, min(4, (os.cpu_count() or 1) // 4)))
-        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.type == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=s.n_startup_trials)
     if s.type == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.type == "grid":
-        return _GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=s.seed)
+        return _GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=seed)
     raise ConfigError(f"sampler.type: must be one of tpe, gp, cmaes, random, grid (got {s.type!r})")
 
 
@@ -101,15 +103,20 @@ def make_pruner(p: PrunerConfig) -> optuna.pruners.BasePruner:
 
 
 def space_fingerprint(cfg: SweepConfig) -> str:
-    """What must not change when a study is resumed (Optuna issues 2199, 2328)."""
+    """The search space and sampler a study was created with."""
     return json.dumps({"search": cfg.search, "sampler": cfg.sampler.type}, sort_keys=True, default=str)
 
 
-def open_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:
-    """Create the study, or load it and check its search space is the one it was made with."""
-    study = optuna.create_study(study_name=cfg.name, storage=open_storage(storage_url(cfg, sweep_dir)),
-                                sampler=make_sampler(cfg.sampler, cfg), pruner=make_pruner(cfg.pruner),
-                                direction="minimize", load_if_exists=True)
+def trial_settings(cfg: SweepConfig) -> dict:
+    """The fixed trial settings every result of the study was measured under: the trial config
+    less what the search space sets and what only changes how a trial runs."""
+    searched = set(parse_search(cfg.search, cfg.trial))
+    return {k: v for k, v in settings(cfg.trial).items() if k not in searched and k not in RUN_ONLY}
+
+
+def _check_resumed(study: optuna.Study, cfg: SweepConfig) -> None:
+    """A resumed study keeps its search space and trial settings: results measured under other
+    settings (a wider model, a longer budget) would be ranked as one (Optuna issues 2199, 2328)."""
     stored = study.user_attrs.get("space")
     now = space_fingerprint(cfg)
     if stored is None:
@@ -117,4 +124,23 @@ def open_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:
     elif stored != now:
         raise ConfigError(f"search: differs from the space study {cfg.name!r} was created with "
                           f"(stored {stored}); use a new name or results_dir")
+    now, before = trial_settings(cfg), study.user_attrs.get("trial_settings")
+    if before is None:
+        study.set_user_attr("trial_settings", now)
+        return
+    changed = changed_settings(before, now)
+    if changed:
+        raise ConfigError(f"{changed[0].split()[0]}: study {cfg.name!r} ran its trials with other settings "
+                          f"({'; '.join(changed)}); set them back, or use a new name= or results_dir=")
+
+
+def open_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:
+    """Create the study, or load it and check it is resumed with its space and trial settings."""
+    study = optuna.create_study(study_name=cfg.name, storage=open_storage(storage_url(cfg, sweep_dir)),
+                                sampler=make_sampler(cfg.sampler, cfg), pruner=make_pruner(cfg.pruner),
+                                direction="minimize", load_if_exists=True)
+    n = len(study.get_trials(deepcopy=False))
+    if n:  # resumed: a sampler seeded as the first run's would draw its random points again
+        study.sampler = make_sampler(cfg.sampler, cfg, seed=cfg.sampler.seed + n)
+    _check_resumed(study, cfg)
     return study
