@@ -42,6 +42,10 @@ def test_sigkill_driver_then_resume(tmp_path):
     trials = check_accounted(results, N)
     replaced = [t for t in trials if t.user_attrs.get("retried")]
     assert replaced, "the killed driver left running trials; they must be failed and replaced"
+    # a stopped driver is no fault of its trials: their copies keep the attempt (and its retries)
+    copies = {t.user_attrs["retry_of"]: t for t in trials if "retry_of" in t.user_attrs}
+    assert all(copies[t.number].user_attrs["attempt"] == t.user_attrs.get("attempt", 1) for t in replaced)
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials if not t.user_attrs.get("retried"))
 
     import mlflow
 
@@ -92,6 +96,44 @@ def test_a_second_driver_on_a_running_sweep_stops_and_touches_nothing(tmp_path):
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert sum(t.state.is_finished() and not t.user_attrs.get("retried")
                for t in quickstart_study(results).get_trials(deepcopy=False)) == 5
+
+
+def complete(results) -> int:
+    study = quickstart_study(results)
+    return 0 if study is None else sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+
+
+def test_stopped_twice_then_resumed_no_trial_fails_and_the_tables_say_what_finished(tmp_path):
+    """SIGTERM (Ctrl-C's twin) twice mid-sweep, then a re-run: the interrupted trials run again
+    with their attempt (so their retries) untouched, and each stop leaves trials.csv and
+    report.md that count the trials finished by then."""
+    import pandas as pd
+
+    results = tmp_path / "results"
+    cmd = _cmd(results) + ["tracking.enabled=false", "executor.retries=1"]
+    for stop in (1, 2):
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while complete(results) < 2 * stop and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == 130 and b"interrupted" in out, out.decode()[-2000:]
+        trials = quickstart_study(results).get_trials(deepcopy=False)
+        table = pd.read_csv(results / "quickstart" / "trials.csv")
+        assert dict(zip(table.number, table.state)) == {t.number: t.state.name for t in trials}
+        kept = [t for t in trials if not t.user_attrs.get("retried")]
+        done = sum(t.state == optuna.trial.TrialState.COMPLETE for t in kept)
+        running = sum(t.state == optuna.trial.TrialState.RUNNING for t in kept)
+        line = (results / "quickstart" / "report.md").read_text().splitlines()[2]
+        assert line.startswith(f"{len(kept)} trials: {done} complete, ") and done >= 2 * stop, line
+        assert (f", {running} unfinished (" in line) == (running > 0), line
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
+    trials = quickstart_study(results).get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == N and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
+    assert all(t.user_attrs.get("attempt", 1) == 1 for t in trials)
 
 
 def test_sigkill_a_worker_its_trial_is_retried(tmp_path):

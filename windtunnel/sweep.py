@@ -9,6 +9,7 @@ import json
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +100,7 @@ class Driver:
         self.waited = 0.0
         self.trained = 0.0  # slot time the bundles' trainers report as training (their `seconds`)
         self.asking = 0.0  # driver time spent asking the sampler
+        self.stop = StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.tracker = self.parent = None
         if cfg.tracking.enabled:
             from windtunnel.tracking import Tracker
@@ -192,13 +194,17 @@ class Driver:
             track_trial(self.tracker, self.parent, trial.number, trial.user_attrs.get("attempt", 1),
                         trial.user_attrs.get("config", {}), result, value, state)
 
-    def fail_or_retry(self, trial: optuna.trial.Trial, reason: str) -> None:
+    def fail_or_retry(self, trial: optuna.trial.Trial, reason: str, its_fault: bool = True) -> None:
+        """Replace the trial by a copy (same parameters), or fail it once its retries are spent.
+        A stopped driver is no fault of the trial (its_fault=False): the copy keeps the attempt
+        number, so Ctrl-C and resume, however often, never fail a trial for good."""
         attempt = trial.user_attrs.get("attempt", 1)
-        if attempt <= self.cfg.executor.retries:
+        if attempt <= self.cfg.executor.retries or not its_fault:
             trial.set_user_attr("retried", True)
             trial.set_user_attr("reason", f"{reason}; retried")
             self.study.tell(trial.number, state=TS.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"attempt": attempt + 1, "retry_of": trial.number},
+            self.study.enqueue_trial(trial.params, user_attrs={"attempt": attempt + 1 if its_fault else attempt,
+                                                                  "retry_of": trial.number},
                                      skip_if_exists=False)
         else:
             self._tell(trial, "failed", None, {"reason": f"{reason} (attempt {attempt}, no retries left)"})
@@ -257,7 +263,7 @@ class Driver:
             handle = self.executor.reattach(Path(bdir)) if bdir else None
             if handle is None:
                 for trial in trials:
-                    self.fail_or_retry(trial, "its driver died")
+                    self.fail_or_retry(trial, "its driver stopped", its_fault=False)
             else:
                 self.running.append(Bundle(trials, handle.bundle_dir, handle, time.time()))
 
@@ -280,6 +286,8 @@ class Driver:
         last_write = 0.0
         try:
             while True:
+                if self.stop.requested:
+                    raise KeyboardInterrupt
                 self.fill()
                 told = len(self.tally.told)
                 self.collect()
@@ -299,6 +307,7 @@ class Driver:
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()
+            write_report(self.study, self.dir)  # the tables and report say what finished (a second Ctrl-C skips it)
             raise
         finally:
             if bar is not None:
@@ -373,11 +382,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _stop(*_):
-    raise KeyboardInterrupt
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's stop): the driver stops at the top of its loop, not inside
+    an Optuna storage call (an exception there broke the journal's file lock: Optuna's lock, hit
+    while it waited, removed the lock file of the worker that held it). A second signal stops it now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping: workers cancelled at the driver's next step (again to stop at once)", file=sys.stderr)
 
 
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
-    # SIGTERM (a scheduler's stop) ends the driver like Ctrl-C: workers cancelled, study intact
-    signal.signal(signal.SIGTERM, _stop)
-    return Driver(cfg, progress).run()
+    driver = Driver(cfg, progress)
+    if threading.current_thread() is not threading.main_thread():
+        return driver.run()
+    before = {sig: signal.signal(sig, driver.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return driver.run()
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

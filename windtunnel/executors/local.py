@@ -39,9 +39,12 @@ def _visible_gpus() -> list[str]:
 
 
 def _die_with_parent(driver: int) -> None:
-    """Linux: the worker gets SIGKILL when its driver dies, so a killed driver leaves no
+    """Linux: the worker ignores Ctrl-C and gets SIGKILL when its driver dies, so a killed driver leaves no
     orphan training on; the re-run driver replaces those trials. (Runs in the child between
     fork and exec: a driver that died before the prctl took effect is caught by the check.)"""
+    # Ctrl-C reaches the whole terminal's process group: the driver stops its workers itself (one
+    # interrupted while writing to the journal could leave the study's file lock broken)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
 
