@@ -95,6 +95,31 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     assert first["step"] == 10 and not first["done"]
     run_a = out / "runs" / "resume-test"
     assert (run_a / "checkpoints" / "latest").read_text().strip() == "step-000000008"
+    # relaunched with other settings, it would load the old state under them: a new width crashed
+    # in the loader, a new batch size resumed silently (the step's tokens changed, the schedule with
+    # them). Every rank stops with one line naming each change; a branch (init_from) may change the
+    # schedule or budget, not the model.
+    def refused(*extra):
+        r = subprocess.run(["bash", str(out / "launch.sh"), *common, *extra], capture_output=True, text=True,
+                           env=env, timeout=120)
+        lines = [line for line in r.stderr.splitlines() if "windtunnel train: " in line]
+        assert r.returncode != 0 and len(lines) == 2, r.stderr[-3000:]
+        return lines[0]
+
+    msg = refused("model.d_model=128", "train.batch_size=128", "large_run.grad_accum=8")
+    assert f"model.d_model: {run_a} was trained with other settings (model.d_model 64 -> 128; train.batch_size 64 -> 128)" in msg
+    assert f"train.init_from={run_a / 'checkpoints' / 'step-000000008'}" in msg
+    msg = refused(f"large_run.run_dir={tmp_path / 'branch'}", f"train.checkpoint_dir={tmp_path / 'branch' / 'ck'}",
+                  f"train.init_from={run_a / 'checkpoints' / 'step-000000008'}", "model.n_heads=2")
+    assert "train.init_from: " in msg and "holds another model or batch (model.n_heads 4 -> 2)" in msg
+    # a new export over it is refused now, while the old train.yaml is still there; the same one is not
+    args = ["run_name=resume-test", "checkpoint_every=8192", "--batch-size", "2048"]
+    r = subprocess.run([sys.executable, "-m", "windtunnel.cli", "transfer", str(tmp_path / "best.yaml"), "--target",
+                        "tiny-cpu", "--out", str(out), *args, "--tokens", str(48 * 2048)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"--out: {out} holds run 'resume-test' with a checkpoint (step-000000008) trained with other settings" in r.stderr
+    assert "train.tokens 49152 -> 98304" in r.stderr
+    assert export(tmp_path, proxy, *args, "--tokens", str(24 * 2048))[0] == out
     second = launch()
     assert second == {**second, "start_step": 8, "resumed_from": "step-000000008", "done": True, "step": 24}
     # the uninterrupted run, same seeds

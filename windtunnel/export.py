@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from windtunnel.errors import ConfigError
 from windtunnel.transfer import GIB, Plan, fmt, slug
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
@@ -185,9 +186,28 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
         raise
 
 
+def _check_checkpoints(plan: Plan, out: Path) -> None:
+    """The new train.yaml's first launch would resume the checkpoint its run already has in out:
+    refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
+    (the launch would refuse it too, the same way: large_run.resume_changes)."""
+    from windtunnel.large_run import resume_changes
+
+    ckpt = Path(plan.trial.train.checkpoint_dir)
+    ckpt = ckpt if ckpt.is_absolute() else out / ckpt
+    latest = ckpt / "latest"
+    if not latest.is_file():
+        return
+    changed = resume_changes(ckpt / latest.read_text().strip(), plan.trial)
+    if changed:
+        raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
+                          f"({latest.read_text().strip()}) trained with other settings ({'; '.join(changed)}); "
+                          f"export elsewhere, or remove {ckpt} to start that run anew")
+
+
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
     """Write the five files into out_dir (created); returns their paths."""
     out = Path(out_dir)
+    _check_checkpoints(plan, out)
     out.mkdir(parents=True, exist_ok=True)
     texts = {
         "train.yaml": "# `windtunnel train train.yaml`: written by `windtunnel transfer` (see transfer.md)\n"

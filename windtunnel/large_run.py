@@ -45,10 +45,23 @@ import torch.distributed as dist
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
+from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
+                               trial_from_dict)
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
+
+
+# What a relaunch of a run may change beside RUN_ONLY: its evaluation, its branch origin (used
+# only before the first checkpoint) and its data's paths (a run folder may move; the data may not).
+RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.init_from", "data.source", "data.cache_dir"}
+
+
+def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
+    """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE
+    ('key old -> new' each): a run resumed under them would train on as something else."""
+    before, now = settings(json.loads((checkpoint / "meta.json").read_text())["config"]), settings(cfg)
+    return changed_settings(before, now, [k for k in sorted(set(before) | set(now)) if k not in RELAUNCH_FREE])
 
 
 @dataclass(kw_only=True)
@@ -279,12 +292,25 @@ class LargeRun:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
-    def load(self, path: Path) -> int:
+    def load(self, path: Path, resuming: bool) -> int:
+        """Load a checkpoint: the run's own `latest` (resuming) or train.init_from's; its step."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         if not (path / "meta.json").is_file():
             raise ConfigError(f"train.init_from: {path} is not a checkpoint of `windtunnel train` (no meta.json)")
+        if resuming:  # the same run goes on: it must be trained as it was
+            changed = resume_changes(path, self.cfg)
+            if changed:
+                raise ConfigError(
+                    f"{changed[0].split()[0]}: {self.run_dir} was trained with other settings ({'; '.join(changed)}); "
+                    f"set them back to resume it, or branch on purpose: a new run_dir with train.init_from={path}")
+        else:  # a branch may change the schedule or the budget, not the model or what a step is
+            before, now = settings(json.loads((path / "meta.json").read_text())["config"]), settings(self.cfg)
+            changed = changed_settings(before, now, [k for k in sorted(set(before) | set(now)) if k.startswith("model.")
+                                                     and k != "model.kernels"] + ["train.batch_size"])
+            if changed:
+                raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -367,9 +393,9 @@ class LargeRun:
         resumed_from = None
         latest = self.latest()
         if latest is not None:
-            self.step, resumed_from = self.load(latest), latest.name
+            self.step, resumed_from = self.load(latest, resuming=True), latest.name
         elif self.init_from:
-            self.step, resumed_from = self.load(Path(self.init_from)), str(self.init_from)
+            self.step, resumed_from = self.load(Path(self.init_from), resuming=False), str(self.init_from)
         start = self.step
         self._open_logs(start, resumed_from)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
