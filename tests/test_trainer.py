@@ -5,6 +5,7 @@ import torch
 
 from helpers import tiny_trial
 from windtunnel.config import with_overrides
+from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.optim import PopulationAdamW
 from windtunnel.trainer import Population, bundle_key, train_trial
@@ -73,7 +74,13 @@ def test_resume_from_checkpoint_continues(tmp_path):
 
     with pytest.raises(Killed):
         Population([cfg]).run(on_checkpoint=kill)
-    resumed = Population([cfg])
+    # another trial pointed at this checkpoint_dir would resume this one's state and report its
+    # loss as its own: refused, naming what differs (how a trial runs may change)
+    other = with_overrides(cfg, {"optim.lr": 0.02, "model.init_std": 0.3})
+    with pytest.raises(ConfigError, match=r"^train.checkpoint_dir: .* holds 1 trial\(s\) trained with other settings "
+                                          r"\(trial 0: model.init_std 0.1 -> 0.3; trial 0: optim.lr 0.01 -> 0.02\)"):
+        Population([other]).run()
+    resumed = Population([with_overrides(cfg, {"train.eval_every": 15 * 8 * 32, "model.kernels": "auto"})])
     out = resumed.run()[0]
     assert resumed.step == 30 and out.final_val_loss == pytest.approx(full.final_val_loss, rel=1e-6)
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from windtunnel import data as data_mod
-from windtunnel.config import TrialConfig, to_dict
+from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
@@ -161,6 +161,14 @@ class Population:
         if not path.exists():
             raise ConfigError(f"train.init_from: no such file {path}")
         s = torch.load(path, map_location=self.device, weights_only=False)
+        if not branch:  # resuming: the saved trials must be these (another trial's state would pass as its own)
+            changed = [f"trial {k}: {c}" for k, (a, b) in enumerate(zip(s["configs"], self.cfgs))
+                       for c in changed_settings(*(settings(x) for x in (a, b)))
+                       if c.split()[0] not in RUN_ONLY]
+            if changed or len(s["configs"]) != len(self.cfgs):
+                raise ConfigError(f"train.checkpoint_dir: {path.parent} holds {len(s['configs'])} trial(s) trained "
+                                  f"with other settings ({'; '.join(changed[:4]) or f'{len(self.cfgs)} trial(s) now'}); "
+                                  "use another checkpoint_dir, or set them back to resume")
         n = len(s["rngs"])
         if n not in (1, self.K):
             raise ConfigError(f"train.init_from: {path} holds {n} trials; this population has {self.K}")
