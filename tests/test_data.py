@@ -116,6 +116,30 @@ def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
 
 
+def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
+    """SIGKILL mid-prepare (BPE training takes seconds) leaves its temp folder; the next prepare
+    there removes it (its process is dead) and publishes a folder others can read (not mkdtemp's 0700)."""
+    import signal
+    import time
+
+    src = tmp_path / "t.txt"
+    src.write_text("".join(f"line {i} of words and more words {i * 7919 % 1000}\n" for i in range(60_000)))
+    ctx = multiprocessing.get_context("fork")
+    child = ctx.Process(target=prepare, args=(str(src), tmp_path / "d"), kwargs={"tokenizer": "bpe", "vocab_size": 2048})
+    child.start()
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".d.*")) and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join(10)
+    assert list(tmp_path.glob(".d.*")) and not (tmp_path / "d").exists()
+    live = tmp_path / f".d.{__import__('socket').gethostname()}.{os.getpid()}.x"  # a live writer's: kept
+    live.mkdir()
+    prepare(str(src), tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.glob(".d.*")) == [live.name]
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
+
+
 def test_max_bytes_reads_8e6_and_8_000_000_and_rejects_fractions(tmp_path, capsys):
     (tmp_path / "t.txt").write_text("hello world\n" * 50)
     for i, n in enumerate(["8e6", "8_000_000", "2e2"]):

@@ -14,10 +14,12 @@ machine with Python has, so the demo needs no download.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import sysconfig
 import tempfile
@@ -100,6 +102,19 @@ def _kept(out_dir: Path, settings: dict, out_field: str) -> bool:
     return True
 
 
+def _clear_dead_temps(out_dir: Path) -> None:
+    """Temp folders of prepares killed before their rename (named host.pid): a dead process's
+    on this host go; a live one's, or another host's on a shared disk, stay."""
+    for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{glob.escape(socket.gethostname())}.*.*"):
+        pid = tmp.name[len(f".{out_dir.name}.{socket.gethostname()}."):].split(".")[0]
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(tmp, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            pass
+
+
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_size: int = 4096,
             max_bytes: int = 8_000_000, out_field: str = "--out") -> Path:
     """Tokenize `source` into a shard folder at out_dir, atomically (a temp folder, then rename).
@@ -112,7 +127,9 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
     if _kept(out_dir, settings, out_field):
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    _clear_dead_temps(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{socket.gethostname()}.{os.getpid()}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would become the shard folder's: a shared cache others cannot read
     try:
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
