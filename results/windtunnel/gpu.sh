@@ -14,6 +14,7 @@
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash results/windtunnel/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
+#   bash results/windtunnel/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
 #   bash results/windtunnel/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash results/windtunnel/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
@@ -48,6 +49,23 @@ case $stage in
   transfer)
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
+  relaunch)  # the large run's relaunch rules under torchrun + NCCL on one GPU: resume from a checkpoint; a
+    # relaunch with another width is refused; a second launch while the first trains is refused (rank 0's lock)
+    W=/tmp/relaunch; rm -rf "$W" /tmp/run-r; mkdir -p "$W"
+    python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out /tmp/run-r n_layers=4 \
+      --tokens 9830400 --batch-size 32768 run_name=r checkpoint_every=131072 data_source="$PWD/.cache/stdlib-bpe16k" \
+      > "$W/transfer.log"
+    cd /tmp/run-r
+    for n in 4 6; do  # a checkpoint every 4 steps: the second launch resumes at 4
+      bash launch.sh large_run.stop_after_steps=$n > "$W/launch-$n.log" 2>&1 || true; tail -1 "$W/launch-$n.log"; done
+    bash launch.sh model.d_model=768 > "$W/other-width.log" 2>&1 && echo "other width: NOT refused" \
+      || grep -h "windtunnel train: error" "$W/other-width.log"
+    (bash launch.sh large_run.stop_after_steps=12 > "$W/first.log" 2>&1 &)
+    timeout 180 bash -c 'until grep -q "\"step\": 6," runs/r/loss.jsonl 2>/dev/null; do sleep 0.2; done' || true
+    MASTER_PORT=29617 bash launch.sh > "$W/second.log" 2>&1 && echo "second launch: NOT refused" \
+      || grep -h "windtunnel train: error" "$W/second.log"
+    timeout 300 bash -c 'while pgrep -f "windtunnel[.]cli train" > /dev/null; do sleep 1; done' || true  # [.]: pgrep would match this bash -c itself
+    tail -1 "$W/first.log"; cp runs/r/loss.jsonl "$W/"; tar czf "$OUT/relaunch.tgz" -C "$W" . ;;
   multigpu)  # issue 9 on every GPU of the host: the exported ~0.5B run on 1 GPU (WT_STEPS steps), then on all
     # of them (weak scaling: 64 sequences per GPU, batch and tokens × GPUs) for its 300 steps, with the last
     # rank SIGKILLed once step 160 is logged and the run relaunched (it resumes from step 150)
@@ -68,7 +86,7 @@ case $stage in
     for pid in $(pgrep -f "windtunnel.cli train"); do  # the last rank only: the others are left mid-collective
       if tr '\0' '\n' < "/proc/$pid/environ" | grep -qx "RANK=$((n - 1))"; then kill -9 "$pid"; echo "killed rank $((n - 1)), pid $pid"; fi
     done
-    timeout 120 bash -c 'while pgrep -f "windtunnel.cli train" > /dev/null; do sleep 1; done' || pkill -9 -f "windtunnel.cli train" || true
+    timeout 120 bash -c 'while pgrep -f "windtunnel[.]cli train" > /dev/null; do sleep 1; done' || pkill -9 -f "windtunnel[.]cli train" || true
     (cd /tmp/run-all && bash launch.sh > "$W/all-launch2.log" 2>&1) || true
     cp "$log" "$W/loss-all.jsonl"; nvidia-smi --query-gpu=name,memory.total --format=csv > "$W/gpus.csv"
     python3 -m windtunnel.bench.large_run_stats "$W/loss-base.jsonl" --config /tmp/run-base/train.yaml | tee "$W/stats-base.json"
