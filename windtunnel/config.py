@@ -246,10 +246,11 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# Trial settings that change how a trial runs, not what it computes: a resumed sweep or run may
-# change them (any other change makes its results, or its next steps, something else).
+# Trial settings that change how a trial runs, or where its files are, not what it computes: a
+# resumed sweep or run may change them (any other change makes its results, or its next steps,
+# something else). Paths are free because folders move between machines; the data in them may not.
 RUN_ONLY = ("model.kernels", "train.device", "train.compile", "train.cuda_graph", "train.checkpoint_dir",
-            "train.checkpoint_every", "train.eval_every")
+            "train.checkpoint_every", "train.eval_every", "data.source", "data.cache_dir")
 
 
 def settings(cfg: TrialConfig | dict) -> dict:

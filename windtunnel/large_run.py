@@ -52,9 +52,9 @@ from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 
 
-# What a relaunch of a run may change beside RUN_ONLY: its evaluation, its branch origin (used
-# only before the first checkpoint) and its data's paths (a run folder may move; the data may not).
-RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.init_from", "data.source", "data.cache_dir"}
+# What a relaunch of a run may change beside RUN_ONLY: its evaluation and its branch origin (used
+# only before the first checkpoint).
+RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.init_from"}
 
 
 def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
