@@ -78,9 +78,25 @@ def _ended_at(b: Bundle) -> float:
         return now
 
 
+class StopRequest:
+    """Ctrl-C or SIGTERM (a scheduler's stop): the driver stops between its steps, not inside an
+    Optuna storage call (an exception there broke the journal's file lock: Optuna's lock, hit while
+    it waited, removed the lock file of the worker that held it). A second signal stops it now."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping: workers cancelled at the driver's next step (again to stop at once)", file=sys.stderr)
+
+
 class Driver:
-    def __init__(self, cfg: SweepConfig, progress: bool = True):
+    def __init__(self, cfg: SweepConfig, progress: bool = True, stop: StopRequest | None = None):
         self.cfg = cfg
+        self.stop = stop or StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.dir = Path(cfg.results_dir) / cfg.name
         self.executor = make_executor(cfg.executor, self.dir)  # first: an absent cluster is an error before any write
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -100,7 +116,6 @@ class Driver:
         self.waited = 0.0
         self.trained = 0.0  # slot time the bundles' trainers report as training (their `seconds`)
         self.asking = 0.0  # driver time spent asking the sampler
-        self.stop = StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.tracker = self.parent = None
         if cfg.tracking.enabled:
             from windtunnel.tracking import Tracker
@@ -127,6 +142,8 @@ class Driver:
         t0 = time.time()
         groups: dict[str, list[optuna.trial.Trial]] = {}
         for _ in range(n):
+            if self.stop.requested:  # between asks: each GP ask can take seconds
+                break
             trial = self.study.ask(self.dists)
             params = {**trial.params, **self.fixed}
             try:
@@ -236,8 +253,8 @@ class Driver:
             self.submit(self.ready.pop(0))
         for b, _, outcome in ended:
             if isinstance(outcome, str):
-                for t in b.trials:
-                    self.fail_or_retry(t, outcome)
+                for t in b.trials:  # a stop's SIGTERM to the process group (scancel) ends workers too
+                    self.fail_or_retry(t, outcome, its_fault=not self.stop.requested)
             elif isinstance(outcome, Exception):
                 for t in b.trials:
                     self._tell(t, "failed", None, {"reason": f"{type(outcome).__name__}: {outcome}"})
@@ -286,9 +303,9 @@ class Driver:
         last_write = 0.0
         try:
             while True:
-                if self.stop.requested:
-                    raise KeyboardInterrupt
                 self.fill()
+                if self.stop.requested:  # here, not inside an Optuna call: see StopRequest
+                    raise KeyboardInterrupt
                 told = len(self.tally.told)
                 self.collect()
                 if bar is not None and len(self.tally.told) != told:
@@ -382,28 +399,14 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-class StopRequest:
-    """Ctrl-C or SIGTERM (a scheduler's stop): the driver stops at the top of its loop, not inside
-    an Optuna storage call (an exception there broke the journal's file lock: Optuna's lock, hit
-    while it waited, removed the lock file of the worker that held it). A second signal stops it now."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        print("\nstopping: workers cancelled at the driver's next step (again to stop at once)", file=sys.stderr)
-
-
 def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
-    driver = Driver(cfg, progress)
+    stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        return driver.run()
-    before = {sig: signal.signal(sig, driver.stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return Driver(cfg, progress, stop).run()
+    # before the driver opens the study: a signal while it writes there waits for the loop too
+    before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return driver.run()
+        return Driver(cfg, progress, stop).run()
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

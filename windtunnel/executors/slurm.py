@@ -37,6 +37,7 @@ from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
 
 JOB_ID, REQUEUES, CKPT = "job_id", "requeues", Path("ckpt") / "latest.pt"
+CANCELLED = "cancelled"  # the driver scancelled the job itself
 # states in which a job may still produce a result (squeue --states=all, Slurm 22.05)
 ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_FED",
           "REQUEUE_HOLD", "RESIZING", "SIGNALING", "STAGE_OUT", "STOPPED", "SPECIAL_EXIT", "RESV_DEL_HOLD"}
@@ -160,6 +161,7 @@ class SlurmHandle:
             self.ex.unqueue(self)
         else:
             subprocess.run(["scancel", self.job_id], capture_output=True, timeout=60)
+            (self.bundle_dir / CANCELLED).touch()  # squeue shows it COMPLETING for a while: not to re-attach
         self.lost = self.lost or "cancelled"
 
 
@@ -251,7 +253,7 @@ class SlurmExecutor:
         job = bundle_dir / JOB_ID
         if (bundle_dir / RESULT).exists():
             return SlurmHandle(self, bundle_dir, job.read_text().strip() if job.exists() else "done")
-        if not job.exists():
+        if not job.exists() or (bundle_dir / CANCELLED).exists():
             return None
         job_id = job.read_text().strip()
         state = self.squeue.state(job_id, fresh=True)
