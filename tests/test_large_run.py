@@ -107,8 +107,11 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
         return lines[0]
 
     msg = refused("model.d_model=128", "train.batch_size=128", "large_run.grad_accum=8")
-    assert f"model.d_model: {run_a} was trained with other settings (model.d_model 64 -> 128; train.batch_size 64 -> 128)" in msg
-    assert f"train.init_from={run_a / 'checkpoints' / 'step-000000008'}" in msg
+    assert msg.endswith(f"model.d_model: {run_a} was trained with other settings (model.d_model 64 -> 128; "
+                        "train.batch_size 64 -> 128); set them back to resume it, or export a new run")
+    msg = refused("optim.lr=0.02", "train.save_at=[4096]")  # new save points are free; a new lr is not
+    assert "(optim.lr 0.01 -> 0.02); set them back to resume it, or branch on purpose: a new run_dir with " \
+           f"train.init_from={run_a / 'checkpoints' / 'step-000000008'}" in msg
     msg = refused(f"large_run.run_dir={tmp_path / 'branch'}", f"train.checkpoint_dir={tmp_path / 'branch' / 'ck'}",
                   f"train.init_from={run_a / 'checkpoints' / 'step-000000008'}", "model.n_heads=2")
     assert "train.init_from: " in msg and "holds another model or batch (model.n_heads 4 -> 2)" in msg

@@ -249,6 +249,7 @@ def to_dict(cfg: Any) -> dict:
 # Trial settings that change how a trial runs, or where its files are, not what it computes: a
 # resumed sweep or run may change them (any other change makes its results, or its next steps,
 # something else). Paths are free because folders move between machines; the data in them may not.
+# eval_every moves only where the pruner and the divergence check look, not what is trained.
 RUN_ONLY = ("model.kernels", "train.device", "train.compile", "train.cuda_graph", "train.checkpoint_dir",
             "train.checkpoint_every", "train.eval_every", "data.source", "data.cache_dir")
 
@@ -260,9 +261,10 @@ def settings(cfg: TrialConfig | dict) -> dict:
 
 
 def changed_settings(before: dict, now: dict, keys=None) -> list[str]:
-    """'key old -> new' for each setting (of keys, default all) that differs between the two."""
-    keys = sorted(set(before) | set(now)) if keys is None else keys
-    return [f"{k} {before.get(k)!r} -> {now.get(k)!r}" for k in keys if before.get(k) != now.get(k)]
+    """'key old -> new' for each setting (of keys, default all) that differs between the two. A
+    key only one side has is no change: a field added (or removed) since `before` was stored."""
+    keys = sorted(now) if keys is None else sorted(keys)
+    return [f"{k} {before[k]!r} -> {now[k]!r}" for k in keys if k in before and k in now and before[k] != now[k]]
 
 
 def field_type(key: str) -> str | None:

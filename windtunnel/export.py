@@ -195,8 +195,8 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
     ckpt = Path(plan.trial.train.checkpoint_dir)
     ckpt = ckpt if ckpt.is_absolute() else out / ckpt
     latest = ckpt / "latest"
-    if not latest.is_file():
-        return
+    if not latest.is_file() or not (ckpt / latest.read_text().strip() / "meta.json").is_file():
+        return  # no checkpoint there (the launch says so itself)
     changed = resume_changes(ckpt / latest.read_text().strip(), plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "

@@ -52,16 +52,21 @@ from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 
 
-# What a relaunch of a run may change beside RUN_ONLY: its evaluation and its branch origin (used
-# only before the first checkpoint).
-RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.init_from"}
+# What a relaunch of a run may change beside RUN_ONLY: its evaluation, its save points, its branch
+# origin (used only before the first checkpoint) and diverge_loss (which the large run does not read).
+RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.save_at", "train.init_from", "train.diverge_loss"}
+
+
+def _branch_fixed(key: str) -> bool:
+    """What a branch (train.init_from) keeps of its checkpoint's settings: the model, and what a step is."""
+    return (key.startswith("model.") and key != "model.kernels") or key == "train.batch_size"
 
 
 def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
     """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE
     ('key old -> new' each): a run resumed under them would train on as something else."""
     before, now = settings(json.loads((checkpoint / "meta.json").read_text())["config"]), settings(cfg)
-    return changed_settings(before, now, [k for k in sorted(set(before) | set(now)) if k not in RELAUNCH_FREE])
+    return changed_settings(before, now, [k for k in now if k not in RELAUNCH_FREE])
 
 
 @dataclass(kw_only=True)
@@ -302,13 +307,13 @@ class LargeRun:
         if resuming:  # the same run goes on: it must be trained as it was
             changed = resume_changes(path, self.cfg)
             if changed:
-                raise ConfigError(
-                    f"{changed[0].split()[0]}: {self.run_dir} was trained with other settings ({'; '.join(changed)}); "
-                    f"set them back to resume it, or branch on purpose: a new run_dir with train.init_from={path}")
+                branch = (f"or branch on purpose: a new run_dir with train.init_from={path}"
+                          if not any(_branch_fixed(c.split()[0]) for c in changed) else "or export a new run")
+                raise ConfigError(f"{changed[0].split()[0]}: {self.run_dir} was trained with other settings "
+                                  f"({'; '.join(changed)}); set them back to resume it, {branch}")
         else:  # a branch may change the schedule or the budget, not the model or what a step is
             before, now = settings(json.loads((path / "meta.json").read_text())["config"]), settings(self.cfg)
-            changed = changed_settings(before, now, [k for k in sorted(set(before) | set(now)) if k.startswith("model.")
-                                                     and k != "model.kernels"] + ["train.batch_size"])
+            changed = changed_settings(before, now, [k for k in now if _branch_fixed(k)])
             if changed:
                 raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
         state = self._state()

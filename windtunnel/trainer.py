@@ -164,7 +164,7 @@ class Population:
         if not branch:  # resuming: the saved trials must be these (another trial's state would pass as its own)
             changed = [f"trial {k}: {c}" for k, (a, b) in enumerate(zip(s["configs"], self.cfgs))
                        for c in changed_settings(*(settings(x) for x in (a, b)))
-                       if c.split()[0] not in RUN_ONLY]
+                       if c.split()[0] not in (*RUN_ONLY, "train.init_from", "train.save_at")]
             if changed or len(s["configs"]) != len(self.cfgs):
                 raise ConfigError(f"train.checkpoint_dir: {path.parent} holds {len(s['configs'])} trial(s) trained "
                                   f"with other settings ({'; '.join(changed[:4]) or f'{len(self.cfgs)} trial(s) now'}); "

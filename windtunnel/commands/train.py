@@ -19,7 +19,8 @@ def add_arguments(p) -> None:
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("config", metavar="CONFIG", help="train.yaml (a TrialConfig + a large_run section)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="e.g. large_run.stop_after_steps=10 train.tokens=1000000")
+                   help="e.g. large_run.stop_after_steps=10 train.eval_every=1000000 (a relaunch may change "
+                        "only how the run is carried out: device, checkpoints, evaluation, save points)")
 
 
 def run(args) -> int:
