@@ -118,7 +118,7 @@ def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
 
 def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
     """SIGKILL mid-prepare (BPE training takes seconds) leaves its temp folder; the next prepare
-    there removes it (its process is dead) and publishes a folder others can read (not mkdtemp's 0700)."""
+    there removes it (nobody holds its lock) and publishes a folder others can read (not mkdtemp's 0700)."""
     import signal
     import time
 
@@ -133,10 +133,14 @@ def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)
     assert list(tmp_path.glob(".d.*")) and not (tmp_path / "d").exists()
-    live = tmp_path / f".d.{__import__('socket').gethostname()}.{os.getpid()}.x"  # a live writer's: kept
+    from windtunnel import locks
+
+    live = tmp_path / ".d.live"  # a live writer's (it holds the lock beside it): kept
     live.mkdir()
+    held = locks.hold(tmp_path / ".d.live.lock")
     prepare(str(src), tmp_path / "d")
-    assert sorted(p.name for p in tmp_path.glob(".d.*")) == [live.name]
+    assert sorted(p.name for p in tmp_path.glob(".d.*")) == [".d.live", ".d.live.lock"]
+    held.close()
     assert (tmp_path / "d").stat().st_mode & 0o777 == 0o755
 
 

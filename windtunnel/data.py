@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import sys
 import sysconfig
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from windtunnel import locks
 from windtunnel.config import DataConfig
 from windtunnel.errors import ConfigError
 
@@ -103,16 +103,16 @@ def _kept(out_dir: Path, settings: dict, out_field: str) -> bool:
 
 
 def _clear_dead_temps(out_dir: Path) -> None:
-    """Temp folders of prepares killed before their rename (named host.pid): a dead process's
-    on this host go; a live one's, or another host's on a shared disk, stay."""
-    for tmp in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.{glob.escape(socket.gethostname())}.*.*"):
-        pid = tmp.name[len(f".{out_dir.name}.{socket.gethostname()}."):].split(".")[0]
+    """Temp folders of prepares killed before their rename: each writer holds a lock beside its
+    folder (windtunnel.locks); a folder whose lock nobody holds any more is a dead writer's."""
+    for lock in out_dir.parent.glob(f".{glob.escape(out_dir.name)}.*.lock"):
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(tmp, ignore_errors=True)
-        except (ValueError, PermissionError):  # not ours to judge
-            pass
+            held = locks.hold(lock)
+        except locks.Held:  # a live writer's
+            continue
+        shutil.rmtree(lock.with_suffix(""), ignore_errors=True)
+        lock.unlink(missing_ok=True)
+        held.close()
 
 
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_size: int = 4096,
@@ -128,8 +128,9 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _clear_dead_temps(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{socket.gethostname()}.{os.getpid()}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would become the shard folder's: a shared cache others cannot read
+    lock = locks.hold(tmp.with_name(tmp.name + ".lock"))  # held while tmp is ours (see _clear_dead_temps)
     try:
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
@@ -156,6 +157,8 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        Path(lock.name).unlink(missing_ok=True)
+        lock.close()
     return out_dir
 
 

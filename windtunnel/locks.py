@@ -6,9 +6,11 @@ whoever is refused.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 from typing import IO
@@ -19,7 +21,8 @@ class Held(Exception):
 
 
 def hold(path: Path) -> IO:
-    """Take the lock at path now or raise Held; it is held until the returned file is closed."""
+    """Take the lock at path now or raise Held; it is held until the returned file is closed. On a
+    filesystem without flock (NFS without lockd, some FUSE mounts) it warns and holds nothing."""
     f = open(path, "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -28,6 +31,12 @@ def hold(path: Path) -> IO:
         holder = f.read().strip() or "another process"
         f.close()
         raise Held(holder) from None
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+        print(f"windtunnel: {path.parent} cannot be locked ({e.strerror}): nothing stops a second "
+              "process from using it at the same time", file=sys.stderr)
+        return f
     f.seek(0)
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
