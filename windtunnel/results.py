@@ -142,8 +142,8 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     lines = [f"# Sweep `{study.study_name}`", "",
              f"{len(final)} trials: {n.get('COMPLETE', 0)} complete, {n.get('PRUNED', 0)} pruned, "
              f"{n.get('FAIL', 0)} failed"
-             + (f", {n['RUNNING']} unfinished (running, or stopped with their driver: a re-run runs them again)"
-                if n.get("RUNNING") else "")
+             + (f", {n.get('RUNNING', 0) + n.get('WAITING', 0)} unfinished (running, queued, or stopped with "
+                "their driver: a re-run runs them)" if n.get("RUNNING") or n.get("WAITING") else "")
              + f" ({int(df.retried.sum())} more were retried).", ""]
     if best is not None:
         lines += [f"**Best:** trial {best.number}, final validation loss **{best.value:.4f}**", "",

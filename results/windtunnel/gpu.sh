@@ -61,7 +61,9 @@ case $stage in
     bash launch.sh model.d_model=768 > "$W/other-width.log" 2>&1 && echo "other width: NOT refused" \
       || grep -h "windtunnel train: error" "$W/other-width.log"
     (bash launch.sh large_run.stop_after_steps=12 > "$W/first.log" 2>&1 &)
-    timeout 180 bash -c 'until grep -q "\"step\": 6," runs/r/loss.jsonl 2>/dev/null; do sleep 0.2; done' || true
+    # until "first" has started (its start event: the third) and trained a step past it, holding the lock
+    timeout 180 bash -c 'until [ "$(grep -c "\"event\": \"start\"" runs/r/loss.jsonl)" = 3 ] &&
+      tail -1 runs/r/loss.jsonl | grep -q "\"loss\""; do sleep 0.2; done' || true
     MASTER_PORT=29617 bash launch.sh > "$W/second.log" 2>&1 && echo "second launch: NOT refused" \
       || grep -h "windtunnel train: error" "$W/second.log"
     timeout 300 bash -c 'while pgrep -f "windtunnel[.]cli train" > /dev/null; do sleep 1; done' || true  # [.]: pgrep would match this bash -c itself
