@@ -139,6 +139,37 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
     assert _our_jobs(results) == []
 
 
+def test_slurm_driver_stopped_then_rerun_at_once_spends_no_retry(tmp_path, slurm_cluster, _cleanup):
+    """SIGTERM (Ctrl-C) scancels the running jobs; a re-run right after, while squeue still shows
+    them COMPLETING, must not re-attach them (they would end without a result and spend a retry):
+    their trials run again as attempt 1."""
+    results = tmp_path / "results"
+    cmd = _sweep_cmd(results, slurm_cluster.partition, 3, 200000, "pruner.type=none", "executor.workers=2",
+                     "tracking.enabled=false")
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    _cleanup.append(driver)
+    _wait_for(lambda: _our_jobs(results) if len(_our_jobs(results)) >= 2 else None, 240, "two running jobs", driver)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out.decode()[-2000:]
+    cancelled = [p.parent for p in (results / "quickstart" / "bundles").glob("*/cancelled")]
+    assert len(cancelled) >= 2
+    # This one-node Slurm ends a cancelled job within a second; a cluster whose epilog runs longer
+    # shows it COMPLETING (an active state) to the re-run: what the re-run's executor sees there
+    from windtunnel.configure import load_sweep
+    from windtunnel.executors import make_executor
+
+    ex = make_executor(load_sweep("quickstart", cmd[cmd.index("-q") + 1:]).executor, results / "quickstart")
+    ex.squeue.state = lambda job_id, fresh=False: "COMPLETING"
+    assert [ex.reattach(b) for b in cancelled] == [None] * len(cancelled)
+    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    trials = quickstart_study(results).get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == 3 and all(t.state == TS.COMPLETE for t in final)
+    assert all(t.user_attrs.get("attempt", 1) == 1 for t in trials), [(t.number, t.user_attrs) for t in trials]
+
+
 def _tokens_for(seconds: float) -> int:
     """A quickstart trial budget that takes about `seconds` on one core of this machine (measured),
     in whole multiples of 10 steps of 1024 tokens, so it evaluates exactly 10 times."""
