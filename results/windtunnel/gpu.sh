@@ -50,7 +50,8 @@ case $stage in
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;
   relaunch)  # the large run's relaunch rules under torchrun + NCCL on one GPU: resume from a checkpoint; a
-    # relaunch with another width is refused; a second launch while the first trains is refused (rank 0's lock)
+    # relaunch with another width is refused; a second launch while the first trains is refused (rank 0's lock).
+    # Whether the second launch met the first running shows in loss.jsonl: no start event of its own.
     W=/tmp/relaunch; rm -rf "$W" /tmp/run-r; mkdir -p "$W"
     python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out /tmp/run-r n_layers=4 \
       --tokens 9830400 --batch-size 32768 run_name=r checkpoint_every=131072 data_source="$PWD/.cache/stdlib-bpe16k" \
@@ -60,11 +61,11 @@ case $stage in
       bash launch.sh large_run.stop_after_steps=$n > "$W/launch-$n.log" 2>&1 || true; tail -1 "$W/launch-$n.log"; done
     bash launch.sh model.d_model=768 > "$W/other-width.log" 2>&1 && echo "other width: NOT refused" \
       || grep -h "windtunnel train: error" "$W/other-width.log"
-    (bash launch.sh large_run.stop_after_steps=12 > "$W/first.log" 2>&1 &)
+    (bash launch.sh large_run.stop_after_steps=40 > "$W/first.log" 2>&1 &)  # ~30 s: longer than a launch's startup
     # until "first" has started (its start event: the third) and trained a step past it, holding the lock
     timeout 180 bash -c 'until [ "$(grep -c "\"event\": \"start\"" runs/r/loss.jsonl)" = 3 ] &&
       tail -1 runs/r/loss.jsonl | grep -q "\"loss\""; do sleep 0.2; done' || true
-    MASTER_PORT=29617 bash launch.sh > "$W/second.log" 2>&1 && echo "second launch: NOT refused" \
+    MASTER_PORT=29617 bash launch.sh large_run.stop_after_steps=41 > "$W/second.log" 2>&1 && echo "second launch: NOT refused" \
       || grep -h "windtunnel train: error" "$W/second.log"
     timeout 300 bash -c 'while pgrep -f "windtunnel[.]cli train" > /dev/null; do sleep 1; done' || true  # [.]: pgrep would match this bash -c itself
     tail -1 "$W/first.log"; cp runs/r/loss.jsonl "$W/"; tar czf "$OUT/relaunch.tgz" -C "$W" . ;;
