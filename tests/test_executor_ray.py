@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from helpers import check_accounted
+from helpers import check_accounted, quickstart_study
 
 pytestmark = pytest.mark.ray
 
@@ -95,3 +95,51 @@ def test_ray_worker_sigkill_is_retried(tmp_path, ray_address, _drivers):
         t.user_attrs.get("reason")
     retry = next(r for r in trials if r.user_attrs.get("retry_of") == killed)
     assert retry.state == optuna.trial.TrialState.COMPLETE and retry.user_attrs["attempt"] == 2
+
+
+def test_ray_sweep_stopped_then_its_cluster_gone(tmp_path, _drivers):
+    """Against its own cluster: SIGTERM stops the driver as Ctrl-C does (ray.init had pointed
+    SIGTERM at sys.exit: exit 15 and a C++ stack dump); the cluster stopped under a running sweep
+    stops it with one line (it had failed every trial for good, exit 0); neither spends a retry."""
+    import shutil
+    import tempfile
+
+    from windtunnel import clusters
+
+    port = clusters.free_port()
+    temp_dir = tempfile.mkdtemp(prefix="wt-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    address = clusters.ray_up(port=port, num_cpus=2, temp_dir=temp_dir, address_file=None, quiet=True)
+    results = tmp_path / "results"
+    cmd = _sweep_cmd(results, address, 4, 600000, "tracking.enabled=false", "executor.workers=2", "pruner.type=none")
+    bundles = results / "quickstart" / "bundles"
+
+    def run_until_two_train(signal_it):
+        driver = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _drivers.append(driver)
+        deadline = time.time() + 180
+        while len(list(bundles.glob("*/worker.pid"))) < 2 and time.time() < deadline and driver.poll() is None:
+            time.sleep(0.2)
+        signal_it(driver)
+        out, _ = driver.communicate(timeout=120)
+        for pid in bundles.glob("*/worker.pid"):  # a later run's workers write their own
+            pid.unlink()
+        return driver.returncode, out.decode()
+
+    try:
+        rc, out = run_until_two_train(lambda d: d.send_signal(signal.SIGTERM))
+        assert rc == 130 and "interrupted" in out and "SIGTERM received" not in out, out[-2000:]
+        rc, out = run_until_two_train(lambda d: clusters.ray_down(port=port, address_file=None, quiet=True))
+        lines = [line for line in out.splitlines() if line.startswith("windtunnel sweep: error:")]
+        assert rc == 1 and lines == ["windtunnel sweep: error: the Ray cluster this sweep ran on stopped; start it "
+                                     "again and re-run the sweep: the trials it had running run again"], out[-3000:]
+    finally:
+        clusters.ray_down(port=port, address_file=None, quiet=True)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    # the same sweep finished on this machine's processes: every trial once, none charged a retry
+    local = [c for c in cmd if not c.startswith(("executor=", "executor.address="))] + ["executor=local"]
+    r = subprocess.run(local, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    trials = quickstart_study(results).get_trials(deepcopy=False)
+    final = [t for t in trials if not t.user_attrs.get("retried")]
+    assert len(final) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
+    assert all(t.user_attrs.get("attempt", 1) == 1 for t in trials), [(t.number, t.user_attrs.get("reason")) for t in trials]

@@ -43,3 +43,30 @@ def test_a_resumed_study_keeps_its_search_space_and_trial_settings(tmp_path):
     assert "model.d_model 64 -> 128" in msg and "train.tokens 30000 -> 60000" in msg and "results_dir=" in msg
     with pytest.raises(ConfigError, match="^search: differs from the space"):
         open_study(load_sweep("quickstart", base + ["train.tokens=30000", "search.optim.lr.high=0.5"]), tmp_path)
+
+
+def test_a_stop_before_the_first_ask_ends_at_once_with_an_empty_report(tmp_path):
+    """Ctrl-C while the driver starts (Ray's startup, a first GP ask): it asked nothing more and
+    looped forever on its free slots; then the report of an empty study raised a KeyError."""
+    import threading
+
+    from windtunnel.sweep import Driver
+
+    driver = Driver(load_sweep("quickstart", [f"results_dir={tmp_path}", "tracking.enabled=false"]), progress=False)
+    driver.stop.requested = True
+    raised = []
+    t = threading.Thread(target=lambda: raised.append(_raises(driver.run)), daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the stopped driver spins"
+    assert raised == [KeyboardInterrupt]
+    report = (tmp_path / "quickstart" / "report.md").read_text()
+    assert "0 trials: 0 complete, 0 pruned, 0 failed" in report and (tmp_path / "quickstart" / "trials.csv").exists()
+
+
+def _raises(fn):
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt is what is expected)
+        return type(e)
+    return None

@@ -11,6 +11,7 @@ import os
 import sys
 
 from windtunnel.errors import ConfigError
+from windtunnel.executors import ExecutorGone
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -74,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"windtunnel {name}: interrupted", file=sys.stderr)
         return 130
+    except ExecutorGone as e:
+        print(f"windtunnel {name}: error: {e}", file=sys.stderr)
+        return 1
     except OSError as e:  # a path the user gave that cannot be read or written: no traceback
         if e.filename is None or os.environ.get("WINDTUNNEL_DEBUG"):
             raise

@@ -30,6 +30,9 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
                      "tokens_per_s": r.get("tokens_per_s"), "attempt": t.user_attrs.get("attempt", 1),
                      "retried": bool(t.user_attrs.get("retried", False)),
                      "reason": r.get("reason") or t.user_attrs.get("reason", "")})
+    # no trial yet (a sweep stopped before its first ask): the columns the report reads, empty
+    if not rows:
+        return pd.DataFrame(columns=["number", "state", "value", "attempt", "retried", "reason"]).astype({"retried": bool})
     return pd.DataFrame(rows)
 
 

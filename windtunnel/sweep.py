@@ -19,7 +19,7 @@ import optuna
 from windtunnel import locks
 from windtunnel.config import to_dict, with_overrides
 from windtunnel.errors import ConfigError
-from windtunnel.executors import WorkerLost, make_executor
+from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig
@@ -164,7 +164,7 @@ class Driver:
 
     def fill(self) -> None:
         free = self.slots_free()
-        while free > 0:
+        while free > 0 and not self.stop.requested:  # a stop asks nothing more: ask_bundles returns at once
             if not self.ready:
                 n = min(self.remaining(), self.K)
                 if n <= 0:
@@ -242,6 +242,8 @@ class Driver:
                 outcome = b.handle.result()
             except WorkerLost as e:  # lost: retried
                 outcome = str(e)
+            except ExecutorGone:  # no bundle can run: the driver stops (see run)
+                raise
             except Exception as e:  # the worker raised: deterministic, so no retry
                 outcome = e
             ended.append((b, freed, outcome))
@@ -320,7 +322,7 @@ class Driver:
                 if not self.running and not self.ready and self.remaining() <= 0:
                     break
                 time.sleep(0.05)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, ExecutorGone):  # trials left running: the next run re-runs them
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()

@@ -15,6 +15,11 @@ class WorkerLost(RuntimeError):
     """The worker died or vanished before writing a result (killed, OOM, node lost)."""
 
 
+class ExecutorGone(RuntimeError):
+    """The executor itself is gone (the Ray cluster stopped): no trial's fault, and no bundle
+    can run; the driver stops, and a re-run resumes the trials it had running."""
+
+
 def make_executor(cfg: ExecutorConfig, sweep_dir: Path):
     if cfg.type == "local":
         from windtunnel.executors.local import LocalExecutor

@@ -18,9 +18,11 @@ the sweep folder on a shared filesystem (the study journal, for pruning).
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from pathlib import Path
 
-from windtunnel.executors import WorkerLost
+from windtunnel.executors import ExecutorGone, WorkerLost
 from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
 
@@ -83,6 +85,13 @@ class RayHandle:
             raise WorkerLost(f"Ray worker ended abnormally: {str(e).splitlines()[0]}") from e
         except rx.TaskCancelledError as e:
             raise WorkerLost("Ray task was cancelled") from e
+        except (rx.LocalRayletDiedError, rx.NodeDiedError) as e:
+            # this machine's node (the driver's) gone is the cluster gone (ray-down, or our instance
+            # ended); another node's death is a lost worker, retried elsewhere
+            if isinstance(e, rx.LocalRayletDiedError) or ray.get_runtime_context().get_node_id() in str(e):
+                raise ExecutorGone("the Ray cluster this sweep ran on stopped; start it again and re-run the "
+                                   "sweep: the trials it had running run again") from e
+            raise WorkerLost(f"Ray worker lost ({type(e).__name__}): {str(e).strip().splitlines()[0]}") from e
         except rx.RayError as e:  # WorkerCrashedError, NodeDiedError, OutOfMemoryError, ObjectLostError...
             raise WorkerLost(f"Ray worker lost ({type(e).__name__}): {str(e).strip().splitlines()[0]}") from e
         if not out["ok"]:
@@ -123,6 +132,9 @@ class RayExecutor:
         self.cfg = cfg
         env = {"env_vars": {"PYTHONUNBUFFERED": "1"}}
         self.connected = not ray.is_initialized()  # a notebook may have connected already: keep it
+        # ray.init points SIGTERM at sys.exit: the driver's own handler (a clean stop) is put back
+        main = threading.current_thread() is threading.main_thread()
+        sigterm = signal.getsignal(signal.SIGTERM) if main else None
         if self.connected and cfg.address:
             _check_listening(cfg.address)
             _token_auth_like_ray_start()
@@ -131,6 +143,8 @@ class RayExecutor:
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env,
                      log_to_driver=False, logging_level="WARNING")
+        if main and sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         self.slots = cfg.workers or self._capacity()
         self._remote = ray.remote(run_bundle_task)
 
