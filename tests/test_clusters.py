@@ -93,7 +93,10 @@ def test_submitit_requeues_checkpointable_at_time_limit(slurm_cluster, tmp_path)
 def test_ray_tasks_run_on_the_cluster(ray_address):
     import ray
 
+    from windtunnel.executors.ray import _token_auth_like_ray_start
+
     assert "RAY_ADDRESS" not in os.environ
+    _token_auth_like_ray_start()  # as the executor does: a token in ~/.ray makes `ray start` require it
     ray.init(address=ray_address)
     try:
         @ray.remote

@@ -167,6 +167,9 @@ def ray_is_up(address: str, timeout: float = 15) -> bool:
     host, _, port = address.rpartition(":")
     if host in ("127.0.0.1", "localhost") and not _port_in_use(int(port)):
         return False  # `ray status` would retry a dead GCS until its timeout
+    from windtunnel.executors.ray import _token_auth_like_ray_start
+
+    _token_auth_like_ray_start()  # else, with a token in ~/.ray, `ray status` is refused by the cluster `ray start` made
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     try:
         r = subprocess.run([_ray_bin(), "status", "--address", address], capture_output=True,
