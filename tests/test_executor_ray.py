@@ -1,6 +1,7 @@
 """executor=ray against a real local Ray cluster, connected by address (fixture `ray_address`):
 a sweep of 8 trials, each with an MLflow child run and a trials.csv row; and a Ray worker
-SIGKILLed mid-trial: that trial is retried, the sweep completes, every trial accounted for."""
+SIGKILLed mid-trial: that trial is retried, the sweep completes, every trial accounted for; and,
+on a cluster of its own, a driver stopped by SIGTERM and one whose cluster stops under it."""
 import json
 import os
 import signal
