@@ -194,13 +194,13 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
     ckpt = ckpt if ckpt.is_absolute() else out / ckpt
-    latest = ckpt / "latest"
-    if not latest.is_file() or not (ckpt / latest.read_text().strip() / "meta.json").is_file():
+    name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
+    if not name or not (ckpt / name / "meta.json").is_file():
         return  # no checkpoint there (the launch says so itself)
-    changed = resume_changes(ckpt / latest.read_text().strip(), plan.trial)
+    changed = resume_changes(ckpt / name, plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
-                          f"({latest.read_text().strip()}) trained with other settings ({'; '.join(changed)}); "
+                          f"({name}) trained with other settings ({'; '.join(changed)}); "
                           f"export elsewhere, or remove {ckpt} to start that run anew")
 
 

@@ -62,11 +62,16 @@ def _branch_fixed(key: str) -> bool:
     return (key.startswith("model.") and key != "model.kernels") or key == "train.batch_size"
 
 
-def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
-    """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE
-    ('key old -> new' each): a run resumed under them would train on as something else."""
+def _changes(checkpoint: Path, cfg: TrialConfig, checked) -> list[str]:
+    """'key old -> new' for each setting that `checked` selects and cfg changes of the checkpoint's."""
     before, now = settings(json.loads((checkpoint / "meta.json").read_text())["config"]), settings(cfg)
-    return changed_settings(before, now, [k for k in now if k not in RELAUNCH_FREE])
+    return changed_settings(before, now, [k for k in now if checked(k)])
+
+
+def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
+    """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE:
+    a run resumed under them would train on as something else."""
+    return _changes(checkpoint, cfg, lambda k: k not in RELAUNCH_FREE)
 
 
 @dataclass(kw_only=True)
@@ -312,8 +317,7 @@ class LargeRun:
                 raise ConfigError(f"{changed[0].split()[0]}: {self.run_dir} was trained with other settings "
                                   f"({'; '.join(changed)}); set them back to resume it, {branch}")
         else:  # a branch may change the schedule or the budget, not the model or what a step is
-            before, now = settings(json.loads((path / "meta.json").read_text())["config"]), settings(self.cfg)
-            changed = changed_settings(before, now, [k for k in now if _branch_fixed(k)])
+            changed = _changes(path, self.cfg, _branch_fixed)
             if changed:
                 raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
         state = self._state()
