@@ -34,10 +34,35 @@ def finished_count(results) -> int:
     return 0 if study is None else sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
-def check_accounted(results, n: int):
-    """Exactly n finished non-retried trials, each with one trials.csv row and one MLflow child run
-    (in the sweep's local store); a replaced trial was re-run once, with the same parameters."""
+def wait_for(cond, timeout: float, what: str, proc=None):
+    """cond()'s first truthy value, polled; fails the test on timeout, or when `proc` (a driver
+    whose stdout is a pipe) ends first: a scenario that never happened must not pass."""
+    import time
+
+    import pytest
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else b""
+            out = out.decode(errors="replace") if isinstance(out, bytes) else out
+            pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {out[-3000:]}")
+        time.sleep(0.2)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def check_accounted(results, n: int, states=("COMPLETE", "PRUNED")):
+    """Exactly n finished non-retried trials, each in `states` (FAIL only where a test expects it)
+    and at least one COMPLETE with a finite value, each with one trials.csv row and one MLflow
+    child run (in the sweep's local store); a replaced trial was re-run once, with the same
+    parameters."""
+    import math
+
     import mlflow
+    import optuna
     import pandas as pd
 
     from windtunnel.tracking import local_uri
@@ -45,7 +70,9 @@ def check_accounted(results, n: int):
     sweep = results / "quickstart"
     trials = quickstart_study(results).get_trials(deepcopy=False)
     final = [t for t in trials if not t.user_attrs.get("retried")]
-    assert len(final) == n and all(t.state.is_finished() for t in final), [(t.number, t.state) for t in trials]
+    summary = [(t.number, t.state.name, t.user_attrs.get("reason")) for t in trials]
+    assert len(final) == n and all(t.state.name in states for t in final), summary
+    assert any(t.state == optuna.trial.TrialState.COMPLETE and math.isfinite(t.value) for t in final), summary
     for t in trials:
         if t.user_attrs.get("retried") and "config" in t.user_attrs:
             again = [r for r in trials if r.user_attrs.get("retry_of") == t.number]

@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from helpers import check_accounted, quickstart_study
+from helpers import check_accounted, quickstart_study, wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -30,16 +29,17 @@ def _env() -> dict:
 
 def test_ray_sweep_by_address(tmp_path, ray_address):
     results = tmp_path / "results"
-    r = subprocess.run(_sweep_cmd(results, ray_address, 8, 40000), cwd=tmp_path, env=_env(),
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    driver = subprocess.Popen(_sweep_cmd(results, ray_address, 8, 40000), cwd=tmp_path, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 0, out[-3000:] + err[-3000:]
     trials = check_accounted(results, 8)
     assert not any(t.user_attrs.get("retried") for t in trials)
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 4
-    # the bundles ran as Ray tasks in the cluster's workers, not in the driver
+    # the bundles ran as Ray tasks in the cluster's workers, not in the driver process
     pids = {int((results / "quickstart" / "bundles" / f"trial-{t.number:05d}" / "worker.pid").read_text())
             for t in trials}
-    assert pids and all(p != os.getpid() for p in pids)
+    assert pids and driver.pid not in pids, (driver.pid, pids)
 
 
 def _cmdline(pid: int) -> str:
@@ -63,25 +63,24 @@ def _drivers():
 def test_ray_worker_sigkill_is_retried(tmp_path, ray_address, _drivers):
     results = tmp_path / "results"
     n = 4
-    # ~5 s trials (200k tokens on one core); no pruner, so every trial runs to its end
-    driver = subprocess.Popen(_sweep_cmd(results, ray_address, n, 200000, "pruner.type=none", "executor.retries=1"),
+    # ~5 s trials (200k tokens on one core); no pruner, so every trial runs to its end; a
+    # checkpoint every 40k tokens is the evidence that a worker is training
+    driver = subprocess.Popen(_sweep_cmd(results, ray_address, n, 200000, "pruner.type=none", "executor.retries=1",
+                                         "executor.checkpoint_every=40000"),
                               cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _drivers.append(driver)
     bundles = results / "quickstart" / "bundles"
-    victim = None
-    deadline = time.time() + 180
-    while victim is None and time.time() < deadline and driver.poll() is None:
+
+    def training_worker():
         for pidfile in sorted(bundles.glob("trial-*/worker.pid")):
-            if (pidfile.parent / "result.json").exists():
+            if (pidfile.parent / "result.json").exists() or not (pidfile.parent / "ckpt" / "latest.pt").exists():
                 continue
             pid = int(pidfile.read_text())
             if "ray::" in _cmdline(pid):  # Ray names its worker processes after the running task
-                victim = (pidfile.parent, pid)
-                break
-        time.sleep(0.2)
-    assert victim is not None, driver.stdout.read().decode()[-3000:] if driver.poll() is not None else "no worker"
-    time.sleep(1.0)  # mid-trial: the worker has imported torch and is training
-    bundle_dir, pid = victim
+                return pidfile.parent, pid
+        return None
+
+    bundle_dir, pid = wait_for(training_worker, 180, "a Ray worker past its first checkpoint", driver)
     assert not (bundle_dir / "result.json").exists()
     os.kill(pid, signal.SIGKILL)
 
@@ -117,9 +116,7 @@ def test_ray_sweep_stopped_then_its_cluster_gone(tmp_path, _drivers):
     def run_until_two_train(signal_it):
         driver = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         _drivers.append(driver)
-        deadline = time.time() + 180
-        while len(list(bundles.glob("*/worker.pid"))) < 2 and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.2)
+        wait_for(lambda: len(list(bundles.glob("*/worker.pid"))) >= 2, 180, "two trials training", driver)
         signal_it(driver)
         out, _ = driver.communicate(timeout=120)
         for pid in bundles.glob("*/worker.pid"):  # a later run's workers write their own

@@ -7,13 +7,12 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from helpers import check_accounted, quickstart_study
+from helpers import check_accounted, quickstart_study, wait_for
 
 pytestmark = pytest.mark.slurm
 TS = optuna.trial.TrialState
@@ -66,18 +65,6 @@ def test_slurm_sweep_job_arrays(tmp_path, slurm_cluster):
     assert _our_jobs(results) == []
 
 
-def _wait_for(cond, timeout: float, what: str, proc: subprocess.Popen | None = None):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = cond()
-        if got:
-            return got
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the sweep ended before {what}: {proc.stdout.read().decode()[-3000:]}")
-        time.sleep(0.3)
-    pytest.fail(f"timed out waiting for {what}")
-
-
 def test_slurm_scancel_mid_trial_resumes_from_checkpoint(tmp_path, slurm_cluster, _cleanup):
     results = tmp_path / "results"
     # one ~10 s trial (400k tokens on one core), a checkpoint every 40k tokens
@@ -86,7 +73,7 @@ def test_slurm_scancel_mid_trial_resumes_from_checkpoint(tmp_path, slurm_cluster
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _cleanup.append(driver)
     bundle = results / "quickstart" / "bundles" / "trial-00000"
-    _wait_for(lambda: (bundle / "ckpt" / "latest.pt").exists(), 180, "a checkpoint", driver)
+    wait_for(lambda: (bundle / "ckpt" / "latest.pt").exists(), 180, "a checkpoint", driver)
     job = (bundle / "job_id").read_text().strip()
     assert not (bundle / "result.json").exists()
     subprocess.run(["scancel", job], check=True, timeout=30)
@@ -116,7 +103,7 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
             return None
         return _our_jobs(results) if len(_our_jobs(results)) >= 2 else None
 
-    _wait_for(running_jobs, 240, "a finished trial and two running jobs", driver)
+    wait_for(running_jobs, 240, "a finished trial and two running jobs", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     study = quickstart_study(results)
@@ -148,7 +135,7 @@ def test_slurm_driver_stopped_then_rerun_at_once_spends_no_retry(tmp_path, slurm
                      "tracking.enabled=false")
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _cleanup.append(driver)
-    _wait_for(lambda: _our_jobs(results) if len(_our_jobs(results)) >= 2 else None, 240, "two running jobs", driver)
+    wait_for(lambda: _our_jobs(results) if len(_our_jobs(results)) >= 2 else None, 240, "two running jobs", driver)
     driver.send_signal(signal.SIGTERM)
     out, _ = driver.communicate(timeout=120)
     assert driver.returncode == 130, out.decode()[-2000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from helpers import check_accounted, finished_count, quickstart_study
+from helpers import check_accounted, finished_count, quickstart_study, wait_for
 from windtunnel.search import open_storage
 from windtunnel.worker import RESULT
 
@@ -22,19 +22,21 @@ def _cmd(results):
             "population.size=1", "pruner.type=none"]
 
 
+def _wait_gone(pattern: str, what: str, timeout: float = 30):
+    """Fails unless no process matches `pattern` (pgrep -f) within `timeout`: a dying process
+    takes a moment to leave the table."""
+    wait_for(lambda: subprocess.run(["pgrep", "-f", pattern], capture_output=True).stdout == b"", timeout,
+             f"{what} to exit")
+
+
 def test_sigkill_driver_then_resume(tmp_path):
     results = tmp_path / "results"
     driver = subprocess.Popen(_cmd(results), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while finished_count(results) < 2 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.5)
-    assert driver.poll() is None, driver.stdout.read().decode()[-2000:]
+    wait_for(lambda: finished_count(results) >= 2, 240, "two finished trials", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(1)
     # the killed driver's workers die with it (PR_SET_PDEATHSIG): nothing keeps training
-    ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
-    assert ps.stdout.strip() == ""
+    _wait_gone(f"windtunnel.worker {results}", "the killed driver's workers")
 
     rerun = subprocess.run(_cmd(results), cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
@@ -66,13 +68,11 @@ def test_a_second_driver_on_a_running_sweep_stops_and_touches_nothing(tmp_path):
     first, and the first finishes undisturbed; the lock dies with its holder (SIGKILL included)."""
     results = tmp_path / "results"
     cmd = _cmd(results) + ["tracking.enabled=false", "executor.workers=1"]
-    cmd[cmd.index(f"n_trials={N}")] = "n_trials=3"
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=2"
     cmd[cmd.index("train.tokens=60000")] = "train.tokens=300000"  # seconds a trial: the first outlives the second
     first = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     lock = results / "quickstart" / "driver.lock"
-    deadline = time.time() + 120
-    while not (lock.exists() and lock.read_text()) and time.time() < deadline and first.poll() is None:
-        time.sleep(0.2)
+    wait_for(lambda: lock.exists() and lock.read_text(), 120, "the first driver's lock", first)
     second = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert first.poll() is None, "the first driver must still be running for this test to mean anything"
     assert second.returncode == 2 and second.stdout == "", second.stdout[-2000:] + second.stderr[-2000:]
@@ -81,21 +81,19 @@ def test_a_second_driver_on_a_running_sweep_stops_and_touches_nothing(tmp_path):
     out, _ = first.communicate(timeout=600)
     assert first.returncode == 0, out.decode()[-2000:]
     trials = quickstart_study(results).get_trials(deepcopy=False)
-    assert len(trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert len(trials) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert not any(t.user_attrs.get("retried") for t in trials)
 
     # the lock goes with its holder, even a SIGKILLed one: the next driver starts (and resumes)
-    cmd[cmd.index("n_trials=3")] = "n_trials=5"
-    killed = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while f"pid {killed.pid} " not in lock.read_text() and time.time() < deadline:
-        time.sleep(0.2)
+    cmd[cmd.index("n_trials=2")] = "n_trials=3"
+    killed = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: f"pid {killed.pid} " in lock.read_text(), 120, "the next driver to take the lock", killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert sum(t.state.is_finished() and not t.user_attrs.get("retried")
-               for t in quickstart_study(results).get_trials(deepcopy=False)) == 5
+               for t in quickstart_study(results).get_trials(deepcopy=False)) == 3
 
 
 def complete(results) -> int:
@@ -113,9 +111,7 @@ def test_stopped_twice_then_resumed_no_trial_fails_and_the_tables_say_what_finis
     cmd = _cmd(results) + ["tracking.enabled=false", "executor.retries=1"]
     for stop in (1, 2):
         driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.time() + 240
-        while complete(results) < 2 * stop and time.time() < deadline and driver.poll() is None:
-            time.sleep(0.2)
+        wait_for(lambda: complete(results) >= 2 * stop, 240, f"{2 * stop} complete trials", driver)
         driver.send_signal(signal.SIGTERM)
         out, _ = driver.communicate(timeout=120)
         assert driver.returncode == 130 and b"interrupted" in out, out.decode()[-2000:]
@@ -139,32 +135,35 @@ def test_stopped_twice_then_resumed_no_trial_fails_and_the_tables_say_what_finis
 def test_sigkill_a_worker_its_trial_is_retried(tmp_path):
     results = tmp_path / "results"
     cmd = _cmd(results)
-    cmd[cmd.index(f"n_trials={N}")] = "n_trials=4"
-    cmd[cmd.index("train.tokens=60000")] = "train.tokens=300000"  # seconds of training: room to kill mid-trial
-    driver = subprocess.Popen(cmd + ["tracking.enabled=false"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT)
-    deadline, killed, seen = time.time() + 120, None, {}
-    while killed is None and time.time() < deadline:
+    # two trials, one per slot: one is killed, its retry runs after
+    cmd[cmd.index(f"n_trials={N}")] = "n_trials=2"
+    # seconds of training, a checkpoint every 60k tokens: the evidence that a worker is training
+    cmd[cmd.index("train.tokens=60000")] = "train.tokens=300000"
+    driver = subprocess.Popen(cmd + ["tracking.enabled=false", "executor.checkpoint_every=60000"], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def training_worker():
         ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
         for pid in map(int, ps.stdout.split()):
             try:
                 bundle = Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[-2].decode())
             except (FileNotFoundError, IndexError):  # exited since pgrep
                 continue
-            # past its imports (a second in) and not done: the kill lands mid-trial, before the result
-            if time.time() - seen.setdefault(pid, time.time()) > 1 and not (bundle / RESULT).exists():
-                os.kill(pid, signal.SIGKILL)
-                killed = bundle
-                break
-        time.sleep(0.2)
+            # past a checkpoint and not done: the kill lands mid-trial, before the result
+            if (bundle / "ckpt" / "latest.pt").exists() and not (bundle / RESULT).exists():
+                return pid, bundle
+        return None
+
+    pid, killed = wait_for(training_worker, 120, "a worker past its first checkpoint", driver)
+    os.kill(pid, signal.SIGKILL)
     out, _ = driver.communicate(timeout=600)
-    assert killed and driver.returncode == 0, out.decode()[-2000:]
+    assert driver.returncode == 0, out.decode()[-2000:]
     assert not (killed / RESULT).exists()  # it died mid-trial
     study = optuna.load_study(study_name="quickstart", storage=open_storage(str(results / "quickstart" / "study.journal")))
     trials = study.get_trials(deepcopy=False)
     final = [t for t in trials if not t.user_attrs.get("retried")]
     retried = [t for t in trials if t.user_attrs.get("retried")]
-    assert len(final) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
+    assert len(final) == 2 and all(t.state == optuna.trial.TrialState.COMPLETE for t in final)
     assert len(retried) == 1 and "worker exited" in retried[0].user_attrs["reason"]
     assert any(t.user_attrs.get("retry_of") == retried[0].number and t.params == retried[0].params for t in final)
 
@@ -192,15 +191,12 @@ def test_standby_workers_start_ahead_and_leave_nothing_behind(tmp_path):
 
     # a killed driver takes its waiting workers with it (PR_SET_PDEATHSIG), as its running ones
     cmd[cmd.index(f"results_dir={results}")] = f"results_dir={results}2"
-    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and b"" == subprocess.run(
-            ["pgrep", "-f", f"windtunnel.worker --standby {results}2"], capture_output=True).stdout:
-        time.sleep(0.2)
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(lambda: subprocess.run(["pgrep", "-f", f"windtunnel.worker --standby {results}2"],
+                                    capture_output=True).stdout, 120, "a standby worker", driver)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    time.sleep(1)
-    assert subprocess.run(["pgrep", "-f", f"windtunnel.worker.*{results}2"], capture_output=True).stdout == b""
+    _wait_gone(f"windtunnel.worker.*{results}2", "the killed driver's running and waiting workers")
 
 
 def test_next_bundle_starts_before_the_ended_trials_are_told(tmp_path):
@@ -235,12 +231,10 @@ def test_a_bundle_ends_at_its_result_not_its_exit(tmp_path, monkeypatch):
               f"os.replace(d / '.r.tmp', d / '{RESULT}'); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", script, str(bundle)])
     handle = local.LocalHandle(proc, bundle, ex.free.pop(0))
-    deadline = time.time() + 30
-    while not handle.done() and time.time() < deadline:
-        time.sleep(0.05)
-    t0 = time.time()
+    wait_for(handle.done, 30, "the bundle to end at its result")
     assert handle.done() and proc.poll() is None  # ended, its process still alive
-    assert handle.result() == [{"number": 7}] and time.time() - t0 < 1
+    assert handle.result() == [{"number": 7}]
+    assert proc.poll() is None  # result() read the result without waiting for the exit
     ex.release(handle)
     assert ex.free == [0] and ex.exiting == [proc]
     ex.close()

@@ -1,13 +1,13 @@
 """A real sweep against a real MLflow server on 127.0.0.1, taken down for part of the sweep:
 the sweep keeps going and, once the server is back, every trial's metrics arrive exactly once."""
+import json
 import subprocess
 import sys
-import time
 
 import mlflow
 import pytest
 
-from helpers import finished_count
+from helpers import finished_count, wait_for
 
 pytestmark = pytest.mark.mlflow_server
 N = 6
@@ -19,12 +19,13 @@ def test_server_down_for_part_of_a_sweep(tmp_path, mlflow_server, mlflow_server_
            f"results_dir={results}", "train.tokens=60000", "train.eval_every=20000", "executor.workers=2",
            "population.size=1", "pruner.type=none", f"tracking.uri={mlflow_server}"]
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
-    while finished_count(results) < 2 and time.time() < deadline:
-        time.sleep(0.3)
+    wait_for(lambda: finished_count(results) >= 2, 240, "two finished trials", driver)
     mlflow_server_control.stop()  # down while the rest of the sweep runs
-    while finished_count(results) < N - 1 and time.time() < deadline and driver.poll() is None:
-        time.sleep(0.3)
+    wait_for(lambda: finished_count(results) >= N - 1, 240, f"{N - 1} finished trials", driver)
+    # the outage left records undelivered: the outbox reaches past the offset delivered to the server
+    tracking = results / "quickstart" / "tracking"
+    delivered = json.loads((tracking / "state.json").read_text())["targets"][mlflow_server]["offsets"].get("own", 0)
+    assert (tracking / "outbox.jsonl").stat().st_size > delivered, delivered
     mlflow_server_control.start()
     out, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, out.decode()[-3000:]
