@@ -8,7 +8,12 @@
     free_port()            function (import it: `from conftest import free_port`)
 
 Set WINDTUNNEL_KEEP_CLUSTERS=1 to leave Slurm running after the session. With CI=true a cluster
-that cannot start fails the tests instead of skipping them.
+or tool that is missing fails the tests instead of skipping them (`unavailable(reason)`).
+
+For the whole session (and the processes it starts): prepared data goes to a temp dir
+(WINDTUNNEL_CACHE), not ~/.cache; without CUDA, TRITON_INTERPRET=1 is set before anything imports
+triton, so the interpreter tests run whatever file is collected first; torch's global RNG is
+seeded before each test.
 """
 from __future__ import annotations
 
@@ -24,18 +29,36 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
-from windtunnel import clusters
-from windtunnel.clusters import free_port  # noqa: F401  (re-exported for tests)
+# Triton reads TRITON_INTERPRET once, at its first import: set it here, before any test module.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+_CACHE = tempfile.mkdtemp(prefix="wt-cache-")
+os.environ["WINDTUNNEL_CACHE"] = _CACHE  # set before any fixture starts a cluster: its workers inherit it
+
+from windtunnel import clusters  # noqa: E402
+from windtunnel.clusters import free_port  # noqa: F401,E402  (re-exported for tests)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def _unavailable(reason: str):
-    """Skip on a developer's machine; fail in CI, where every cluster must run."""
+def unavailable(reason: str):
+    """Skip on a developer's machine; fail in CI, where every cluster and tool must be there.
+    Tests import it: `from conftest import unavailable`."""
     if IN_CI:
         pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)
     pytest.skip(reason)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Each test draws the same random numbers whatever ran before it."""
+    torch.manual_seed(0)
 
 
 # ----------------------------------------------------------------------------------------- Ray
@@ -54,7 +77,7 @@ def ray_address():
         address = clusters.ray_up(port=port, num_cpus=2, temp_dir=temp_dir, address_file=None, quiet=True)
     except clusters.ClusterError as e:
         shutil.rmtree(temp_dir, ignore_errors=True)
-        _unavailable(f"local Ray cluster did not start: {e}")
+        unavailable(f"local Ray cluster did not start: {e}")
     try:
         yield address
     finally:
@@ -77,7 +100,7 @@ def slurm_cluster():
     """
     reason = clusters.slurm_cannot_start_reason()
     if reason:
-        _unavailable(reason)
+        unavailable(reason)
     try:
         info = clusters.slurm_acquire()
     except clusters.ClusterError as e:
@@ -133,10 +156,11 @@ class MlflowServer:
                                           env=env, start_new_session=True)
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
-            if self.is_up():
-                return self.uri
+            # another server on the port answers /health too: only ours, alive, counts
             if self._proc.poll() is not None:
                 break
+            if self.is_up() and self._proc.poll() is None:
+                return self.uri
             time.sleep(0.5)
         self.stop()
         tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]

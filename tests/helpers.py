@@ -37,6 +37,7 @@ def finished_count(results) -> int:
 def wait_for(cond, timeout: float, what: str, proc=None):
     """cond()'s first truthy value, polled; fails the test on timeout, or when `proc` (a driver
     whose stdout is a pipe) ends first: a scenario that never happened must not pass."""
+    import subprocess
     import time
 
     import pytest
@@ -47,8 +48,11 @@ def wait_for(cond, timeout: float, what: str, proc=None):
         if got:
             return got
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read() if proc.stdout else b""
-            out = out.decode(errors="replace") if isinstance(out, bytes) else out
+            try:  # bounded: a child of the process may still hold its pipes open
+                out = "".join(x.decode(errors="replace") if isinstance(x, bytes) else x or ""
+                              for x in proc.communicate(timeout=10))
+            except subprocess.TimeoutExpired:
+                out = "(its output pipes are still held open)"
             pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {out[-3000:]}")
         time.sleep(0.2)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -1,19 +1,20 @@
 """The fused population AdamW kernel against its PyTorch reference (on CPU under the Triton
 interpreter, on a GPU as compiled)."""
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:  # as tests/test_kernels.py does
-    os.environ["TRITON_INTERPRET"] = "1"
+from conftest import unavailable
+from windtunnel.kernels import TORCH_OPS, TRITON_OPS, triton_interpreted
 
-from windtunnel.kernels import TORCH_OPS, TRITON_OPS, triton_interpreted  # noqa: E402
+pytestmark = pytest.mark.kernels
 
-pytestmark = [pytest.mark.kernels,
-              pytest.mark.skipif(not torch.cuda.is_available() and not triton_interpreted(),
-                                 reason="needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")]
+
+@pytest.fixture(autouse=True)
+def _triton_runs_here():
+    # conftest sets TRITON_INTERPRET=1 without CUDA, before triton's import: this only trips when
+    # triton was imported some other way first
+    if not torch.cuda.is_available() and not triton_interpreted():
+        unavailable("needs CUDA, or TRITON_INTERPRET=1 set before triton is imported")
 
 
 @pytest.mark.parametrize("shapes", [[(3, 5, 7), (3, 11)], [(1, 4099)], [(4, 2, 3, 5)]])

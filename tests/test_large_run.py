@@ -3,6 +3,7 @@ relaunch, and compare with an uninterrupted run."""
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import unavailable
+from helpers import wait_for
 from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 
 pytestmark = pytest.mark.distributed
@@ -58,18 +61,32 @@ def long_export(tmp_path: Path, name: str, checkpoint_every: int) -> tuple[Path,
 
 
 def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 90) -> subprocess.Popen:
-    """launch.sh in the background, returned once rank 0 has logged `steps` steps (or at timeout)."""
-    import time
-
+    """launch.sh in the background, returned once rank 0 has logged `steps` steps; fails (and
+    stops it) when that does not happen within `timeout`."""
     p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
-    log, deadline = run / "loss.jsonl", time.time() + timeout
-    while time.time() < deadline and (not log.exists() or log.read_text().count('"loss"') < steps):
-        time.sleep(0.05)
+    log = run / "loss.jsonl"
+    try:
+        wait_for(lambda: log.exists() and log.read_text().count('"loss"') >= steps, timeout,
+                 f"rank 0 to log {steps} steps", p)
+    except BaseException:
+        for pid in [*rank_pids(p.pid).values(), p.pid]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        p.wait()
+        raise
     return p
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
+@pytest.fixture(autouse=True)
+def _torchrun():
+    """Every test here launches torchrun: missing, it skips (fails in CI)."""
+    if shutil.which("torchrun", path=str(BIN)) is None:
+        unavailable(f"torchrun not installed in {BIN}")
+
+
 def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     proxy = TrialConfig(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, kernels="torch"),
@@ -143,7 +160,6 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     assert f"stable-{stable[0]}" in names and "step-000000024" in names and "step-000000004" not in names
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path):
     import signal
 
@@ -181,7 +197,6 @@ def rank_pids(parent: int) -> dict[int, int]:
     return ranks
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path):
     import signal
 
@@ -220,7 +235,6 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
     assert stats["tokens_per_s_per_gpu"] > 0
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(BIN)) is None, reason="torchrun not installed")
 def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
     """launch.sh twice (or a job submitted twice): the second would delete the first one's save in
     progress and cut its loss log; every rank of it stops with one line naming the first."""

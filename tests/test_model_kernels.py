@@ -1,24 +1,20 @@
 """The model gives the same losses and gradients with the Triton kernels (CPU interpreter) as
 with the PyTorch references: the kernels are wired in correctly, population axis included."""
-import os
-import sys
-
 import pytest
 import torch
 
-if not torch.cuda.is_available() and "triton" not in sys.modules:  # as tests/test_kernels.py does
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import windtunnel.kernels as K  # noqa: E402
-from windtunnel.config import ModelConfig  # noqa: E402
-from windtunnel.model import Transformer  # noqa: E402
+import windtunnel.kernels as K
+from conftest import unavailable
+from windtunnel.config import ModelConfig
+from windtunnel.model import Transformer
 
 pytestmark = pytest.mark.kernels
 
 
-@pytest.mark.skipif(torch.cuda.is_available() or not K.triton_interpreted(),
-                    reason="needs the Triton interpreter (set TRITON_INTERPRET=1 before triton is imported)")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton CPU interpreter, which a CUDA process does not import")
 def test_model_triton_matches_torch():
+    if not K.triton_interpreted():  # conftest sets TRITON_INTERPRET=1 before triton's import
+        unavailable("needs the Triton interpreter (TRITON_INTERPRET=1 set before triton is imported)")
     losses, grads = {}, {}
     idx = torch.randint(0, 97, (2, 2, 24))  # K=2 trials, B=2, ragged T=24
     for kind in ("torch", "triton"):
