@@ -66,8 +66,10 @@ def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
         _atomic(sweep_dir / "curves.csv", lambda p: curves.to_csv(p, index=False))
     best = best_trial(study)
     if best is not None:
-        doc = {"sweep": study.study_name, "number": best.number, "value": best.value,
-               "params": best.params, "trial": best.user_attrs["config"]}
+        prov = best.user_attrs.get("result", {}).get("provenance", {})
+        doc = {"sweep": study.study_name, "number": best.number, "value": best.value, "params": best.params,
+               "trained_with": {k: prov[k] for k in ("device", "threads", "population") if k in prov},
+               "trial": best.user_attrs["config"]}
         _atomic(sweep_dir / "best.yaml", lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
     return df
 

@@ -344,7 +344,9 @@ class Population:
                                    "train_loss": tl, "val_loss": vl})
             if not (math.isfinite(tl) and math.isfinite(vl)) or tl > self.diverge_at[k]:
                 leaving[k] = ("diverged", f"loss {tl:.4g} at {tokens} tokens (bound {self.diverge_at[k]:.4g})")
-            elif on_eval is not None and on_eval(k, tokens, vl):
+            # at the budget's end the pruner still hears the loss, but pruning would save nothing
+            # and throw away a finished trial's result
+            elif on_eval is not None and on_eval(k, tokens, vl) and self.step < self.total_steps:
                 leaving[k] = ("pruned", f"pruned at {tokens} tokens (val loss {vl:.4f})")
         self._remove(leaving)
 

@@ -54,14 +54,18 @@ def run_bundle(payload: dict) -> list[dict]:
     cfgs = [with_overrides(trial_from_dict(t["config"]), ckpt) for t in payload["trials"]]
     resumed = _resumed_from(Path(payload["bundle_dir"]) / "ckpt" / "latest.pt") if payload.get("bundle_dir") else None
     on_eval = _pruning_callback(payload)
+    stacked = len(cfgs)
     if any(c.train.branch_at for c in cfgs):  # WSD branches run one trial at a time
+        stacked = 1
         results = [train_branches(with_overrides(c, {"train.checkpoint_dir": f"{c.train.checkpoint_dir}/{i}"}))
                    for i, c in enumerate(cfgs)]
         device = resolve_device(cfgs[0].train.device)
     else:
         pop = Population(cfgs)
         results, device = pop.run(on_eval=on_eval), pop.device
-    prov = provenance(device)
+    # what the loss depends on beyond the config: a CPU's thread count and the stack's size set
+    # the order of float sums (`windtunnel trial --config best.yaml` reads them back)
+    prov = {**provenance(device), "threads": torch.get_num_threads(), "population": stacked}
     extra = {"resumed_from_step": resumed} if resumed is not None else {}
     return [{"number": t["number"], **r.to_dict(), "provenance": prov, **extra}
             for t, r in zip(payload["trials"], results)]

@@ -17,6 +17,8 @@ def run(args) -> int:
     from windtunnel.trainer import train_trial
 
     cfg = trial_config(args.overrides, args.config)
+    if args.config:
+        _as_trained(args.config, cfg)
     result = train_trial(cfg, progress=not (args.quiet or args.json))
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -26,3 +28,25 @@ def run(args) -> int:
               f"tokens/s={result.tokens_per_s:,.0f} seconds={result.seconds:.1f}"
               + (f" reason={result.reason!r}" if result.reason else ""))
     return 0 if result.status == "ok" else 1
+
+
+def _as_trained(config_file: str, cfg) -> None:
+    """A sweep's best.yaml says how its trial was trained: on a CPU with the same thread count
+    (unless OMP_NUM_THREADS says otherwise) the loss comes back bit for bit; trained in a
+    population of several, it comes back within float noise (the stacked sums run in another order)."""
+    import os
+    import sys
+
+    import torch
+
+    from windtunnel.configure import load_yaml
+    from windtunnel.trainer import resolve_device
+
+    how = load_yaml(config_file).get("trained_with") or {}
+    if how.get("threads") and resolve_device(cfg.train.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(int(how["threads"]))
+        print(f"windtunnel trial: {how['threads']} CPU thread(s), as the sweep trained it "
+              "(OMP_NUM_THREADS=N sets another count)", file=sys.stderr)
+    if int(how.get("population") or 1) > 1:
+        print(f"windtunnel trial: the sweep trained this trial in a population of {how['population']}: "
+              "its loss comes back within float noise, not bit for bit", file=sys.stderr)

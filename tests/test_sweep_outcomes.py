@@ -1,0 +1,103 @@
+"""What a sweep makes of its trials besides training them: the shipped sweep files ask valid
+trials; the pruner stops bad trials early but never a finished one; the best trial's config,
+re-run with `windtunnel trial`, gives its loss back; a trial past its time limit is retried, then
+failed with its reason."""
+import itertools
+import os
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import quickstart_study
+from windtunnel.config import with_overrides
+from windtunnel.configure import load_sweep
+from windtunnel.sweep import Driver
+from windtunnel.sweep_config import grid_space, parse_search
+from windtunnel.trainer import bundle_key
+
+TS = optuna.trial.TrialState
+SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "sweeps").glob("*.yaml"))
+TOKENS = 60 * 1024  # quickstart's steps are 1024 tokens: evaluations at 10, 20, ... 59 steps
+
+
+def _sweep(results, *overrides, timeout=600):
+    cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
+           "tracking.enabled=false", f"train.tokens={TOKENS}", "train.eval_every=10000", *overrides]
+    run = subprocess.run(cmd, cwd=results.parent, capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    return quickstart_study(results)
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_shipped_sweep_files_ask_valid_trials(tmp_path, name):
+    """The GPU sweeps never run on CI: here each is loaded, its first bundles asked (a grid sweep's
+    whole grid) and grouped; a sampled config its checks refuse would fail its trial at once."""
+    cfg = load_sweep(name, [f"results_dir={tmp_path}", "tracking.enabled=false"])
+    driver = Driver(cfg, progress=False)
+    try:
+        grid = cfg.sampler.type == "grid"
+        n = cfg.n_trials if grid else min(cfg.n_trials, 2 * driver.K)
+        driver.ask_bundles(n)
+        failed = [(t.number, t.user_attrs.get("result")) for t in driver.study.get_trials(states=(TS.FAIL,))]
+        assert not failed
+        asked = [t for b in driver.ready for t in b.trials]
+        assert len(asked) == n
+        for b in driver.ready:  # a bundle is one population: same shapes, at most K trials
+            keys = {bundle_key(with_overrides(cfg.trial, {**t.params, **driver.fixed})) for t in b.trials}
+            assert len(keys) == 1 and len(b.trials) <= driver.K
+        if grid:  # n_trials covers the grid exactly, each point once
+            points = grid_space(parse_search(cfg.search, cfg.trial))
+            assert cfg.n_trials == len(list(itertools.product(*points.values())))
+            assert len({tuple(sorted(t.params.items())) for t in asked}) == n
+    finally:
+        driver._lock.close()
+
+
+def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path):
+    """lr down to 1e-6 gives the median pruner bad trials to stop. A trial that reached its budget
+    was pruned at its last evaluation (and lost its loss). best.yaml records how its trial was
+    trained (a CPU's threads set the order of float sums); re-run, it gives the same loss."""
+    results = tmp_path / "results"
+    study = _sweep(results, "n_trials=8", "executor.workers=1", "population.size=1", "sampler.n_startup_trials=8",
+                   "search.optim.lr.low=1e-6", "pruner.type=median", "pruner.n_startup_trials=2",
+                   "pruner.n_warmup_evals=1")
+    trials = study.get_trials()
+    pruned = [t for t in trials if t.state == TS.PRUNED]
+    done = [t for t in trials if t.state == TS.COMPLETE]
+    assert pruned and done and len(pruned) + len(done) == 8
+    budget = done[0].user_attrs["result"]["tokens"]
+    assert all(t.user_attrs["result"]["tokens"] == budget for t in done)
+    assert all(t.user_attrs["result"]["tokens"] < budget for t in pruned)  # stopped early, never at the end
+    df = pd.read_csv(results / "quickstart" / "trials.csv")
+    assert sorted(df[df.state == "PRUNED"].number) == sorted(t.number for t in pruned)
+
+    best = yaml.safe_load((results / "quickstart" / "best.yaml").read_text())
+    assert best["value"] == study.best_value and best["trained_with"]["population"] == 1
+    assert best["trained_with"]["threads"] == 1  # executor.threads_per_worker
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    rerun = subprocess.run([sys.executable, "-m", "windtunnel.cli", "trial", "--config",
+                            str(results / "quickstart" / "best.yaml"), "--json"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert json.loads(rerun.stdout)["final_val_loss"] == study.best_value
+    assert "1 CPU thread(s), as the sweep trained it" in rerun.stderr
+
+
+def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_path):
+    results = tmp_path / "results"
+    study = _sweep(results, "n_trials=1", "executor.workers=1", "population.size=1", "pruner.type=none",
+                   "train.tokens=50000000", "executor.trial_timeout_s=4", "executor.retries=1")
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TS.FAIL, TS.FAIL]
+    first, second = trials
+    assert first.user_attrs["retried"] and "timed out after 4 s; retried" in first.user_attrs["reason"]
+    assert second.user_attrs["retry_of"] == first.number and second.params == first.params
+    assert second.user_attrs["result"]["reason"] == "timed out after 4 s (attempt 2, no retries left)"
+    ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
+    assert ps.stdout.strip() == ""  # the cancelled workers are gone
