@@ -154,7 +154,9 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         lines += [f"**Best:** trial {best.number}, final validation loss **{best.value:.4f}**", "",
                   "| parameter | value |", "|---|---|"]
         lines += [f"| `{k}` | {v:.4g} |" if isinstance(v, float) else f"| `{k}` | {v} |" for k, v in best.params.items()]
-        lines += ["", "`best.yaml` holds its full resolved config: `windtunnel trial --config best.yaml` re-runs it.", ""]
+        lines += ["", "`best.yaml` holds its full resolved config and how it was trained: `windtunnel trial --config best.yaml` "
+                  "re-runs it (on a CPU with the same threads: the same loss, bit for bit; trained in a population "
+                  "of several: within float noise).", ""]
     for inv in study.user_attrs.get("invocations", []):
         hours = inv["wall_s"] / 3600
         lines += [f"Run: {inv['trials']} trials in {inv['wall_s'] / 60:.1f} min on {inv['slots']} slot(s), "
