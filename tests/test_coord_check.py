@@ -9,7 +9,9 @@ def test_coord_check_mup_stays_flat_sp_grows(capsys, tmp_path):
     rows = json.loads(capsys.readouterr().out)
     last = max(r["step"] for r in rows)
     logit = {(r["parametrization"], r["width"]): r["value"] for r in rows if r["layer"] == "logits" and r["step"] == last}
-    assert logit[("mup", 512)] <= 1.5 * logit[("mup", 64)]
+    # μP keeps the logits' size across an 8x width (measured 0.65x): a logit multiplier off by
+    # sqrt(8) either way leaves this band (~1.8x above, ~0.23x below), as SP's growth does (4.7x)
+    assert 0.4 * logit[("mup", 64)] <= logit[("mup", 512)] <= 1.5 * logit[("mup", 64)]
     assert logit[("sp", 512)] >= 3.0 * logit[("sp", 64)]
     assert {r["layer"] for r in rows} >= {"embedding", "block.0", "block.1", "logits"}
     assert (tmp_path / "cc.png").stat().st_size > 10_000

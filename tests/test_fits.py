@@ -6,6 +6,7 @@ grid, so that a fit that only took the argmin (or got a formula wrong) misses th
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -289,11 +290,26 @@ def test_cli_json_values(csvs, capsys):
     assert set(d["points"][0]) == {"model", "N", "D", "loss"}
 
 
+_LAW = r"L\(N, D\) = (\S+) \+ (\S+)/N\^(\S+) \+ (\S+)/D\^(\S+) "
+HUMAN = {  # each table's summary line, and the fit's (JSON) numbers it prints
+    "lr-transfer": (r"in lr-grid steps: mup (\S+), sp (\S+)$", lambda d: [d["drift_steps"]["mup"], d["drift_steps"]["sp"]]),
+    "batch-size": (r"bs_opt = (\S+) / L\^(\S+) ", lambda d: [d["a"], d["b"]]),
+    "scaling-law": (_LAW, lambda d: [d[k] for k in ("E", "A", "alpha", "B", "beta")]),
+    "wsd": (_LAW, lambda d: [d["scaling_law"][k] for k in ("E", "A", "alpha", "B", "beta")]),
+}
+
+
 @pytest.mark.parametrize("kind", list(fits.COLUMNS))
 def test_cli_human_table(kind, csvs, capsys):
     assert main(["fit", kind, "--input", str(csvs[kind])]) == 0
     out = capsys.readouterr().out
     assert out.strip() and "{" not in out
+    pattern, numbers = HUMAN[kind]
+    line = re.search(pattern, out, re.M)
+    assert line, out
+    assert main(["fit", kind, "--input", str(csvs[kind]), "--json"]) == 0
+    want = numbers(json.loads(capsys.readouterr().out))  # test_cli_json_values checks these against the truth
+    assert [float(g) for g in line.groups()] == pytest.approx(want, rel=1e-3), out  # printed to 4 digits
 
 
 def _one_error_line(capsys) -> str:
@@ -412,4 +428,9 @@ def test_cli_fits_the_committed_lr_width_sweep(tmp_path):
                         "results/windtunnel/lr_width/trials.csv", "--plot", str(png)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "drift of the optimum" in r.stdout and "mup" in r.stdout and png.stat().st_size > 5000
+    assert png.stat().st_size > 5000
+    drift = re.search(r"drift of the optimum.*: mup (\S+), sp (\S+)$", r.stdout, re.M)
+    assert drift, r.stdout
+    # the committed sweep's finding (mup 0.14, sp 2.2 lr-grid steps): μP's optimum stays put, SP's moves
+    mup, sp = map(float, drift.groups())
+    assert 0 <= mup < 0.5 and sp > 1.5, r.stdout

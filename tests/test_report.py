@@ -15,6 +15,7 @@ def test_report_regenerates_and_replays_to_mlflow(tmp_path):
                           "population.size=3", "pruner.type=none"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     sweep = results / "quickstart"
+    before = {name: (sweep / name).read_text() for name in ("trials.csv", "report.md")}
     for name in ("trials.csv", "report.md", "best.yaml", "history.png"):
         (sweep / name).unlink()
     assert not (sweep / "tracking").exists()
@@ -23,6 +24,8 @@ def test_report_regenerates_and_replays_to_mlflow(tmp_path):
     assert rep.returncode == 0 and "MLflow: delivered" in rep.stdout, rep.stdout + rep.stderr
     for name in ("trials.csv", "report.md", "best.yaml", "history.png", "curves.csv"):
         assert (sweep / name).stat().st_size > 0, name
+    for name, text in before.items():  # from the study alone, the same tables the sweep wrote
+        assert (sweep / name).read_text() == text, name
     client = mlflow.MlflowClient(local_uri(sweep / "tracking"))
     exp = client.get_experiment_by_name("quickstart")
     children = [r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" in r.data.tags]

@@ -241,18 +241,29 @@ def test_unreachable_server_keeps_records_in_outbox(sweep_dir):
     assert sync(sweep_dir) == (0, 4)
 
 
-def test_cli_errors(tmp_path):
-    """Bad paths are one-line errors with exit status 2."""
+def test_cli_errors(tmp_path, capsys):
+    """Bad paths are one-line errors with exit status 2, each naming what is wrong and what is allowed."""
     from windtunnel.cli import main
 
-    assert main(["sync", str(tmp_path / "missing")]) == 2
-    assert main(["sync", str(tmp_path)]) == 2
+    def error(*args) -> str:
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"windtunnel {args[0]}: error: "), err
+        return err
+
+    err = error("sync", str(tmp_path / "missing"))
+    assert f"{tmp_path / 'missing'}: no such folder" in err and "RESULTS_DIR/SWEEP" in err, err
+    err = error("sync", str(tmp_path))
+    assert f"{tmp_path}: holds no tracking/outbox.jsonl" in err, err
     for name in ("a", "b"):
         (tmp_path / name / "tracking").mkdir(parents=True)
         (tmp_path / name / "tracking" / "mlflow.db").write_bytes(b"")
-    assert main(["ui", str(tmp_path)]) == 2  # two sweeps and no --sweep
-    assert main(["ui", str(tmp_path), "--sweep", "c"]) == 2
-    assert main(["ui", str(tmp_path), "--port", "0"]) == 2
+    err = error("ui", str(tmp_path))  # two sweeps and no --sweep
+    assert "--sweep" in err and "(allowed: a, b)" in err, err
+    err = error("ui", str(tmp_path), "--sweep", "c")
+    assert "--sweep: no sweep 'c'" in err and "(allowed: a, b)" in err, err
+    err = error("ui", str(tmp_path), "--port", "0")
+    assert "--port" in err and "1..65535" in err and "got 0" in err, err
 
 
 def test_sync_counts_records_it_cannot_deliver_apart_from_sent(sweep_dir, capsys):
