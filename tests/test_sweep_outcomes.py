@@ -101,3 +101,33 @@ def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_
     assert second.user_attrs["result"]["reason"] == "timed out after 4 s (attempt 2, no retries left)"
     ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""  # the cancelled workers are gone
+
+
+def test_wsd_branches_of_a_sweep_feed_the_scaling_law(tmp_path):
+    """MiniCPM's data-model scaling from a real sweep: one stable run per size, decays branched at
+    three token counts; the sweep writes every branch's loss to branches.csv, and `fit wsd` reads
+    the folder. A law needs three sizes: with two it fits any exponent, so it is refused."""
+    results = tmp_path / "results"
+    _sweep(results, "n_trials=3", "sampler.type=grid", "pruner.type=none", "population.size=1",
+           "train.branch_at=[15000,30000,45000]", "~search.optim.lr", "~search.model.init_std",
+           "~search.model.scale_emb", "search.model.d_model={type: categorical, choices: [32, 48, 64]}")
+    branches = pd.read_csv(results / "quickstart" / "branches.csv")
+    assert len(branches) == 9 and sorted(branches["decay_from"].unique()) == [15000, 30000, 45000]
+
+    def fit(*args):
+        run = subprocess.run([sys.executable, "-m", "windtunnel.cli", "fit", *args], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=300)
+        return run.returncode, run.stdout, run.stderr
+
+    rc, out, err = fit("wsd", "--input", str(results / "quickstart"), "--json")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert len(d["points"]) == 9 and {p["model"] for p in d["points"]} == {"d32", "d48", "d64"}
+    law = d["scaling_law"]
+    assert law["n_points"] == 9 and law["A"] > 0 and law["B"] > 0
+    two = branches[branches["model.d_model"] != 64].rename(columns={"n_params": "N", "tokens": "D",
+                                                                    "final_val_loss": "loss"})
+    two.to_csv(tmp_path / "two.csv", index=False)
+    rc, out, err = fit("scaling-law", "--input", str(tmp_path / "two.csv"))
+    assert rc == 2 and err.count("\n") == 1
+    assert "columns 'N','D': >= 3 distinct values of each are needed" in err and "(got 2 N, 3 D)" in err

@@ -97,17 +97,21 @@ SWEEP_SOURCES: dict[str, tuple[str, dict[str, str]]] = {
     # the loss at every evaluation: one batch-size optimum per (model, token count)
     "batch-size": ("curves.csv", {"model": "model.d_model", "batch_size": "train.batch_size",
                                   "tokens": "tokens", "loss": "val_loss"}),
+    # the loss at the end of every decay branch (train.branch_at)
+    "wsd": ("branches.csv", {"model": "model.d_model", "N": "n_params", "tokens": "tokens",
+                             "loss": "final_val_loss"}),
 }
 
 
 def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     """The frame fit `kind` takes (unchecked), from a sweep's results folder or a table in it.
 
-    lr-transfer reads trials.csv, batch-size curves.csv: the given file if it is that table, else
-    the one beside it. Only COMPLETE trials count (FAIL, PRUNED and retried ones do not). batch-size
-    gives batch sizes in tokens (train.batch_size x model.seq_len), rounds token counts to multiples
-    of train.eval_every (trials of different batch sizes evaluate a few steps apart) and names models
-    d<d_model>. A setting not in the table (seq_len, eval_every) is read from the folder's best.yaml.
+    lr-transfer reads trials.csv, batch-size curves.csv, wsd branches.csv: the given file if it is
+    that table, else the one beside it. Only COMPLETE trials count (FAIL, PRUNED and retried ones
+    do not). batch-size gives batch sizes in tokens (train.batch_size x model.seq_len) and rounds
+    token counts to multiples of train.eval_every (trials of different batch sizes evaluate a few
+    steps apart); batch-size and wsd name models d<d_model>. A setting not in the table (seq_len,
+    eval_every) is read from the folder's best.yaml.
     """
     p = Path(path)
     if kind not in SWEEP_SOURCES:
@@ -139,10 +143,11 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
         return df[s]
 
     out = pd.DataFrame({c: col(c) for c in src})
+    if kind in ("batch-size", "wsd"):
+        out["model"] = "d" + out["model"].astype(str)
     if kind == "batch-size":
         seq = _sweep_setting(df, table, "model.seq_len", kind, "'batch_size' in tokens")
         every = _sweep_setting(df, table, "train.eval_every", kind, "'tokens' shared by all batch sizes")
-        out["model"] = "d" + out["model"].astype(str)
         out["batch_size"] = out["batch_size"] * seq
         out["tokens"] = (out["tokens"] / every).round().astype(int) * every
     out = out.reset_index(drop=True)
@@ -385,6 +390,10 @@ def fit_batch_size(df: pd.DataFrame) -> BatchSizeFit:
 # --------------------------------------------------------------------------- scaling law
 
 HUBER_DELTA = 1e-3
+# Distinct model sizes and token counts the law needs: along N it is E + A/N^alpha, three unknowns.
+# With two sizes it fits any alpha exactly (noise-free data from alpha 0.34 came back 1.36, and
+# tokens per parameter 193 instead of 30).
+MIN_LEVELS = 3
 # Hoffmann et al. / Epoch AI's grid of initialisations (log E, log A, log B, alpha, beta).
 INIT_GRID = {
     "e": (-1.0, -0.5, 0.0, 0.5, 1.0),
@@ -538,8 +547,9 @@ def fit_scaling_law(df: pd.DataFrame, compute: float | None = None, bootstrap: i
     where = _where(d)
     if len(d) < 5:
         raise ConfigError(f"{where}: {len(d)} rows with a finite 'loss'; the scaling law has 5 parameters, >= 5 rows needed")
-    if d["N"].nunique() < 2 or d["D"].nunique() < 2:
-        raise ConfigError(f"{where}: columns 'N','D': >= 2 distinct values of each are needed "
+    if d["N"].nunique() < MIN_LEVELS or d["D"].nunique() < MIN_LEVELS:
+        raise ConfigError(f"{where}: columns 'N','D': >= {MIN_LEVELS} distinct values of each are needed, as "
+                          f"E + A/N^alpha has 3 unknowns along N (B/D^beta likewise along D) "
                           f"(got {d['N'].nunique()} N, {d['D'].nunique()} D)")
     logN, logD, logL = (np.log(d[c].to_numpy()) for c in ("N", "D", "loss"))
     if compute is None:
@@ -581,7 +591,7 @@ class WsdFit:
     points: pd.DataFrame
     """One row per decay branch: model, N, D (tokens at the end of the decay), loss; sorted."""
     scaling_law: ScalingLawFit | None
-    """The (N, D, loss) law, when there are >= 5 points over >= 2 sizes; else None."""
+    """The (N, D, loss) law, when the points span >= MIN_LEVELS sizes and token counts; else None."""
 
     def loss_vs_data(self) -> pd.DataFrame:
         """Wide table: one row per D, one column per model (N in the header)."""
@@ -610,7 +620,7 @@ def fit_wsd(df: pd.DataFrame, compute: float | None = None, bootstrap: int = 0, 
     pts = (d.rename(columns={"tokens": "D"})[["model", "N", "D", "loss"]]
            .sort_values(["N", "D"], kind="stable").reset_index(drop=True))
     law = None
-    if len(pts) >= 5 and pts["N"].nunique() >= 2 and pts["D"].nunique() >= 2:
+    if pts["N"].nunique() >= MIN_LEVELS and pts["D"].nunique() >= MIN_LEVELS:
         sl = pts[["N", "D", "loss"]].copy()
         sl.attrs["source"] = where
         law = fit_scaling_law(sl, compute=compute, bootstrap=bootstrap, seed=seed)

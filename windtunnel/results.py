@@ -1,5 +1,5 @@
-"""A sweep's results, regenerated from its study alone: trials.csv/.parquet, best.yaml, plots,
-report.md. Every file is written to a temp name and renamed, so none is ever half-written."""
+"""A sweep's results, regenerated from its study alone: trials.csv/.parquet, curves.csv (every
+evaluation), branches.csv (every WSD decay branch), best.yaml, plots, report.md. Every file is written to a temp name and renamed, so none is ever half-written."""
 from __future__ import annotations
 
 import json
@@ -45,6 +45,17 @@ def curves_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def branches_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per WSD decay branch (train.branch_at) of every trial: (N, D, loss) points for
+    `windtunnel fit wsd` and, through it, the data-model scaling law."""
+    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
+    rows = [{"number": t.number, "state": t.state.name, **t.params, **fixed,
+             "n_params": t.user_attrs["result"].get("params"), **branch}
+            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("retried")
+            for branch in t.user_attrs.get("result", {}).get("branches", [])]
+    return pd.DataFrame(rows)
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
@@ -61,9 +72,9 @@ def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
     df = trials_frame(study)
     _atomic(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
     _atomic(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
-    curves = curves_frame(study)
-    if not curves.empty:
-        _atomic(sweep_dir / "curves.csv", lambda p: curves.to_csv(p, index=False))
+    for name, frame in (("curves.csv", curves_frame(study)), ("branches.csv", branches_frame(study))):
+        if not frame.empty:
+            _atomic(sweep_dir / name, lambda p, f=frame: f.to_csv(p, index=False))
     best = best_trial(study)
     if best is not None:
         prov = best.user_attrs.get("result", {}).get("provenance", {})

@@ -5,11 +5,13 @@
     scaling-law   columns N,D,loss                       -> L = E + A/N^alpha + B/D^beta, N_opt, D_opt
     wsd           columns model,N,tokens,loss            -> loss vs data per size, and the scaling law
 
-lr-transfer and batch-size also read what a sweep writes: its results folder or its trials.csv,
-e.g. `windtunnel fit lr-transfer --input results/lr_width`. lr-transfer takes trials.csv
+lr-transfer, batch-size and wsd also read what a sweep writes: its results folder or a table in
+it, e.g. `windtunnel fit lr-transfer --input results/lr_width`. lr-transfer takes trials.csv
 (model.parametrization, model.d_model, optim.lr, value); batch-size the folder's curves.csv
-(model.d_model, train.batch_size x model.seq_len tokens, val_loss at every evaluation).
-COMPLETE trials only.
+(model.d_model, train.batch_size x model.seq_len tokens, val_loss at every evaluation); wsd its
+branches.csv (model.d_model, n_params, tokens and final_val_loss of every decay branch).
+COMPLETE trials only. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
+axis E + A/N^alpha (or B/D^beta) has three unknowns.
 """
 from __future__ import annotations
 
@@ -26,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("kind", choices=list(fits.COLUMNS), metavar="KIND", help=f"one of: {', '.join(fits.COLUMNS)}")
     parser.add_argument("--input", "-i", required=True, metavar="CSV|SWEEP_DIR",
-                        help="a CSV of the kind's columns (extra columns are ignored), or for lr-transfer and "
-                             "batch-size a sweep's results folder or its trials.csv")
+                        help="a CSV of the kind's columns (extra columns are ignored), or for lr-transfer, "
+                             "batch-size and wsd a sweep's results folder or a table in it")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure (.png, .pdf or .svg)")
     parser.add_argument("--compute", type=float, metavar="C",
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(_table(d["points"], ["model", "N", "D", "loss"]))
         print(_law_text(d["scaling_law"]) if d["scaling_law"] else
-              "no scaling law: needs >= 5 branches over >= 2 model sizes and >= 2 token counts")
+              f"no scaling law: needs >= {fits.MIN_LEVELS} model sizes and >= {fits.MIN_LEVELS} token counts")
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
