@@ -1,7 +1,7 @@
 import pytest
 
 from windtunnel.config import ScheduleConfig
-from windtunnel.schedule import decay_curve, lr_factor
+from windtunnel.schedule import branch_steps, decay_curve, lr_factor, phase_steps
 
 
 def test_wsd_boundaries():
@@ -32,3 +32,11 @@ def test_cosine_and_constant():
     assert lr_factor(cos, 9, 10) == pytest.approx(0.1)
     const = ScheduleConfig(kind="constant", warmup=0.5)
     assert [lr_factor(const, s, 4) for s in range(4)] == [0.5, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("decay", [0.1, 0.2, 0.5, 0.9])
+def test_branch_steps_decay_starts_at_the_given_step(decay):
+    cfg = ScheduleConfig(kind="wsd", warmup=0.0, decay=decay)
+    for stable in range(1, 3000):
+        total = branch_steps(cfg, stable)
+        assert phase_steps(cfg, total)[1] == stable and abs(total - stable / (1 - decay)) <= 1, stable

@@ -8,7 +8,8 @@ from windtunnel.config import with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.optim import PopulationAdamW
-from windtunnel.trainer import Population, bundle_key, train_trial
+from windtunnel.schedule import decay_curve, lr_factor, phase_steps
+from windtunnel.trainer import Population, branch_configs, bundle_key, train_trial
 
 
 def test_population_adamw_equals_torch_adamw_with_mup_groups():
@@ -102,3 +103,25 @@ def test_wsd_branches_decay_from_one_stable_run(tmp_path):
     # the longer branch equals a plain WSD run of its length with the same decay fraction
     plain = train_trial(with_overrides(tiny_trial(), {"schedule.decay": 0.2, "train.tokens": 20 * tps}))
     assert r.branches[1]["final_val_loss"] == pytest.approx(plain.final_val_loss, rel=1e-5)
+
+
+@pytest.mark.parametrize("decay", [0.1, 0.2])
+def test_wsd_branch_decays_from_the_step_its_state_was_saved_at(decay):
+    # pure schedule arithmetic, as Population does it: steps = ceil(tokens / tokens per step)
+    for batch, seq in [(8, 32), (1, 2048), (8, 1024), (16, 1024), (64, 1024), (64, 2048)]:
+        tps = batch * seq
+        points = [2_000_000, 4_000_000, 8_000_000, 14_400_000, 1_234_567, 3_000_001, 9_876_543]
+        cfg = with_overrides(tiny_trial(checkpoint_dir="unused"), {
+            "schedule.decay": decay, "schedule.warmup": 0.02, "train.batch_size": batch, "model.seq_len": seq,
+            "train.tokens": 16_000_000, "train.branch_at": points})
+        stable, branches = branch_configs(cfg)
+        assert stable.train.save_at == sorted(points)
+        for s, b in branches.items():
+            saved, total = math.ceil(s / tps), math.ceil(b.train.tokens / tps)
+            assert phase_steps(b.schedule, total)[1] == saved, (tps, s)
+            assert total - saved == round(decay * total), (tps, s)
+            first = decay_curve(b.schedule.decay_shape, 1 / (total - saved), b.schedule.final_lr_frac)
+            assert lr_factor(b.schedule, saved, total) == first, (tps, s)
+            assert lr_factor(stable.schedule, saved - 1, math.ceil(stable.train.tokens / tps)) == 1.0
+    with pytest.raises(ConfigError, match="too early"):  # within the longest branch's warmup
+        branch_configs(with_overrides(cfg, {"train.branch_at": [tps, 16_000_000]}))

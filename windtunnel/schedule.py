@@ -33,6 +33,18 @@ def phase_steps(cfg: ScheduleConfig, total_steps: int) -> tuple[int, int]:
     return warmup, max(decay_start, warmup)
 
 
+def branch_steps(cfg: ScheduleConfig, stable_steps: int) -> int:
+    """Length in steps of the WSD run whose decay starts at step `stable_steps`, so a decay
+    branched from a state saved there continues it exactly (trainer.train_branches)."""
+    total = round(stable_steps / (1 - cfg.decay))
+    # the decay start moves by at most one step per step of length: walk to the length that fits
+    while phase_steps(cfg, total)[1] < stable_steps:
+        total += 1
+    while phase_steps(cfg, total)[1] > stable_steps:
+        total -= 1
+    return total
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int) -> float:
     """Multiplier of the peak lr for optimizer step `step` (0-based) of `total_steps`."""
     warmup, decay_start = phase_steps(cfg, total_steps)

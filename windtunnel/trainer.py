@@ -29,7 +29,7 @@ from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings,
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
-from windtunnel.schedule import lr_factor
+from windtunnel.schedule import branch_steps, lr_factor, phase_steps
 
 # Fields that may differ between trials of one population; everything else must match.
 PER_TRIAL = {
@@ -357,32 +357,47 @@ def train_trial(cfg: TrialConfig, **kwargs) -> TrialResult:
     return Population([cfg]).run(**kwargs)[0]
 
 
-def train_branches(cfg: TrialConfig, **kwargs) -> TrialResult:
-    """WSD's data scaling from one run: the stable phase once, up to the last branch point,
-    saving its state at each; then from each state a decay over `schedule.decay` of that
-    branch's length. The branch from S tokens ends at S / (1 - decay) tokens."""
+def branch_configs(cfg: TrialConfig) -> tuple[TrialConfig, dict[int, TrialConfig]]:
+    """train.branch_at's runs: the stable phase up to the last branch point, saving its state
+    at each, and {branch point: the decay run from its state}."""
     from windtunnel.config import with_overrides
 
     if not cfg.train.checkpoint_dir:
         raise ConfigError("train.checkpoint_dir: must be set to hold the stable states of train.branch_at")
-    points = sorted(set(cfg.train.branch_at))
-    decay = cfg.schedule.decay
-    # the stable run warms up exactly as the longest branch does, run on its own
+    if cfg.schedule.kind != "wsd" or not 0 < cfg.schedule.decay < 1:
+        raise ConfigError("train.branch_at: needs schedule.kind wsd with schedule.decay in (0, 1)")
+    # in steps, as Population counts them: each state is saved at ceil(s / tokens per step), and
+    # its branch is the WSD run whose decay starts at exactly that step
     tps = cfg.train.batch_size * cfg.model.seq_len
-    warmup_steps = round(cfg.schedule.warmup * math.ceil(round(points[-1] / (1 - decay)) / tps))
-    stable = with_overrides(cfg, {"schedule.decay": 0.0, "schedule.warmup": warmup_steps / math.ceil(points[-1] / tps),
+    points = sorted(set(cfg.train.branch_at))
+    saved = [math.ceil(s / tps) for s in points]
+    lengths = [branch_steps(cfg.schedule, n) for n in saved]
+    # the stable run warms up exactly as the longest branch does, run on its own
+    warmup_steps = phase_steps(cfg.schedule, lengths[-1])[0]
+    if warmup_steps > saved[0] or lengths[0] == saved[0]:
+        raise ConfigError(f"train.branch_at: {points[0]} tokens is too early: its branch would start within the "
+                          f"warmup or have no decay step ({tps} tokens per step)")
+    stable = with_overrides(cfg, {"schedule.decay": 0.0, "schedule.warmup": warmup_steps / saved[-1],
                                   "train.tokens": points[-1], "train.save_at": points, "train.branch_at": []})
+    branches = {}
+    for s, n in zip(points, lengths):
+        branches[s] = with_overrides(cfg, {"train.tokens": n * tps, "train.branch_at": [], "train.save_at": [],
+                                           "train.init_from": str(Path(cfg.train.checkpoint_dir) / f"stable-{s}.pt"),
+                                           "train.checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / f"branch-{s}")})
+    return stable, branches
+
+
+def train_branches(cfg: TrialConfig, **kwargs) -> TrialResult:
+    """WSD's data scaling from one run: the stable phase once, then from its state at each
+    branch point a decay over `schedule.decay` of that branch's length (branch_configs)."""
+    stable, branches = branch_configs(cfg)
     stable_result = Population([stable]).run(**kwargs)[0]
     if stable_result.status != "ok":
         return stable_result
-    branches, last, seconds = [], stable_result, stable_result.seconds
-    for s in points:
-        tokens = round(s / (1 - decay))
-        branch = with_overrides(cfg, {"train.tokens": tokens, "train.branch_at": [], "train.save_at": [],
-                                      "train.init_from": str(Path(cfg.train.checkpoint_dir) / f"stable-{s}.pt"),
-                                      "train.checkpoint_dir": str(Path(cfg.train.checkpoint_dir) / f"branch-{s}")})
+    rows, last, seconds = [], stable_result, stable_result.seconds
+    for s, branch in branches.items():
         last = Population([branch]).run(**kwargs)[0]
         seconds += last.seconds
-        branches.append({"decay_from": s, "tokens": last.tokens, "final_val_loss": last.final_val_loss,
-                         "status": last.status})
-    return dataclasses.replace(last, branches=branches, seconds=seconds)
+        rows.append({"decay_from": s, "tokens": last.tokens, "final_val_loss": last.final_val_loss,
+                     "status": last.status})
+    return dataclasses.replace(last, branches=rows, seconds=seconds)
