@@ -12,6 +12,7 @@ import yaml
 from windtunnel import export, transfer
 from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 from windtunnel.errors import ConfigError
+from windtunnel.fits import compute_optimal
 
 PWN = "/tmp/pwned"
 EVIL = 'x"; touch /tmp/pwned; "'
@@ -69,6 +70,15 @@ def test_transfer_gives_the_mup_rescaled_values(best, tmp_path):
     assert plan.trial.train.save_at == [29 * 2048]  # the last stable state
 
 
+def test_a_target_of_another_head_dim_is_warned_about(best):
+    """μP here transfers across widths at a fixed head dim (the proxy's 16): widths grow by heads."""
+    laws = transfer.Laws(batch_size=2048, tokens=65536)
+    for heads, warned in ((8, False), (4, True)):
+        target = transfer.load_target("tiny-cpu", ["d_model=128", f"n_heads={heads}", "n_layers=3"])
+        plan = transfer.plan(transfer.load_winner(str(best)), target, laws)
+        assert any("head dim (32) differs from the proxy's (16)" in w for w in plan.warnings) == warned, plan.warnings
+
+
 def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
     bs_law = {"a": 1.21e9, "b": 6.24}
     sl = {"E": 1.7, "A": 400.0, "B": 410.0, "alpha": 0.34, "beta": 0.28, "tokens_per_param": 20.0}
@@ -80,7 +90,9 @@ def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
     plan = transfer.plan(transfer.load_winner(str(best)), target, laws)
     N = plan.value("N (parameters)")
     assert N == 73440 * 1536 + 52 * (4 * 1536**2 + 3 * 1536 * 3840 + 2 * 1536) + 1536
-    D = round(20.0 * N)
+    # the tokens that make N compute-optimal, not the fit's ratio at its own (proxy) compute
+    D = round((0.28 * 410.0 / (0.34 * 400.0)) ** (1 / 0.28) * N ** (0.34 / 0.28))
+    assert compute_optimal(1.7, 400.0, 410.0, 0.34, 0.28, 6 * N * D)[0] == pytest.approx(N, rel=1e-6)
     L = 1.7 + 400.0 / N**0.34 + 410.0 / D**0.28
     assert plan.value("D (tokens)") == D and plan.value("target loss L") == pytest.approx(L)
     assert plan.value("batch size (tokens, wanted)") == pytest.approx(1.21e9 / L**6.24)

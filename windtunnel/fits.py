@@ -480,6 +480,14 @@ def compute_optimal(E: float, A: float, B: float, alpha: float, beta: float, com
     return G * (compute / 6.0) ** (beta / s), (compute / 6.0) ** (alpha / s) / G
 
 
+def optimal_tokens(fit: ScalingLawFit | dict, N: float) -> float:
+    """The D at which a model of N parameters is compute-optimal (C = 6 N D), from the optimality
+    condition alpha A / N^alpha = beta B / D^beta. D/N grows with N when alpha > beta: a ratio
+    taken at the proxies' compute is not the target's."""
+    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    return (get("beta") * get("B") / (get("alpha") * get("A"))) ** (1.0 / get("beta")) * N ** (get("alpha") / get("beta"))
+
+
 @dataclass
 class ScalingLawFit:
     """L(N, D) = E + A/N^alpha + B/D^beta and its compute-optimal allocation at `compute` FLOPs."""

@@ -16,8 +16,9 @@ What transfers and how (MiniCPM, arXiv 2404.06395; μTransfer, arXiv 2203.03466)
   (`windtunnel fit batch-size --json`) at the target's loss L, which is a given `loss` or
   L(N, D) of a scaling-law fit (`windtunnel fit scaling-law|wsd --json`) at the target's N and D.
 - Token budget D: a given `tokens` wins; else tokens_per_param · N, where tokens_per_param is
-  given or the scaling-law fit's compute-optimal one. N counts all parameters (embeddings
-  included), as the trial runner reports them (TrialResult.params).
+  given or, from a scaling-law fit, the one that makes the target's N compute-optimal (not the
+  fit's D_opt/N_opt at the proxies' compute: the ratio grows with N when alpha > beta). N counts
+  all parameters (embeddings included), as the trial runner reports them (TrialResult.params).
 - WSD: the winner's warmup fraction (or the target's `warmup`), a stable phase, and a decay of
   `decay` (default 10%) of the steps, the winner's decay shape; the last stable state is saved
   (train.save_at) so it can be branched into other decays.
@@ -369,6 +370,10 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     row("m (width multiplier)", mup.width_mult(mc.d_model, mc.dim_model_base), "d_model / dim_model_base",
                 "windtunnel.parametrization.width_mult")
     row("proxy m", mup.width_mult(w.model.d_model, w.model.dim_model_base), "proxy d_model / dim_model_base", src_w)
+    head, proxy_head = mc.d_model // mc.n_heads, w.model.d_model // w.model.n_heads
+    if head != proxy_head:  # μP here widens by adding heads; attention's 1/sqrt(d_head) is not a μP rule
+        warnings.append(f"the target's head dim ({head}) differs from the proxy's ({proxy_head}): μP's transfer "
+                        "holds at a fixed head dim (widths grow by heads); sweep the proxy at the target's head dim")
 
     # -- per-group values through parametrization.py
     model = _meta_model(mc, target.vocab_size)
@@ -399,9 +404,14 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     else:
         if laws.tokens_per_param is not None:
             r = row("tokens per parameter", laws.tokens_per_param, "given (--tokens-per-param)", "command line")
-        elif laws.scaling_law is not None and laws.scaling_law.get("tokens_per_param"):
-            r = row("tokens per parameter", float(laws.scaling_law["tokens_per_param"]),
-                    "D_opt / N_opt of the scaling law at its compute budget", laws.scaling_law["source"])
+        elif laws.scaling_law is not None and all(laws.scaling_law.get(k, 0) > 0 for k in ("A", "B", "alpha", "beta")):
+            from windtunnel.fits import optimal_tokens
+
+            sl = laws.scaling_law
+            r = row("tokens per parameter", optimal_tokens(sl, N) / N,
+                    f"D_opt(N) / N = (beta·B / (alpha·A))^(1/beta) · N^(alpha/beta - 1) = "
+                    f"({fmt(sl['beta'])}·{fmt(sl['B'])} / ({fmt(sl['alpha'])}·{fmt(sl['A'])}))^(1/{fmt(sl['beta'])}) "
+                    f"· N^({fmt(sl['alpha'])}/{fmt(sl['beta'])} - 1): compute-optimal at the target's N", sl["source"])
         else:
             raise ConfigError("token budget: give --tokens N, --tokens-per-param R or --scaling-law FILE.json "
                               "(`windtunnel fit scaling-law --json`)")
