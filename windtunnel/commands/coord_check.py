@@ -1,4 +1,5 @@
-"""`windtunnel coord-check`: the μP coordinate check (windtunnel/coord_check.py)."""
+"""`windtunnel coord-check`: the μP coordinate check (windtunnel/coord_check.py). Exit status 1
+when μP fails it (the lines say which activation moved how far)."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,16 @@ def add_arguments(p) -> None:
     p.add_argument("--parametrizations", default="sp,mup", help="comma-separated, of sp and mup (default sp,mup)")
     p.add_argument("--sp-init-std", type=float, default=0.02,
                    help="sp's one init std (default 0.02, GPT-2's); mup uses model.init_std")
-    p.add_argument("--json", action="store_true", help="print rows {parametrization, width, step, layer, value}")
+    p.add_argument("--json", action="store_true", help="print rows {parametrization, width, step, layer, value}: "
+                   "step 0 the activation's size mean |x_0|, step t its change mean |x_t - x_0|")
     p.add_argument("--plot", metavar="FILE.png", help="draw mean |Δactivation| vs width per layer")
 
 
 def run(args) -> int:
     from windtunnel.configure import trial_config
-    from windtunnel.coord_check import coord_check, plot, summary
+    import sys
+
+    from windtunnel.coord_check import coord_check, mup_violations, plot, summary
     from windtunnel.errors import ConfigError
 
     try:
@@ -31,7 +35,12 @@ def run(args) -> int:
         check_format(args.plot)  # before the check runs, not after
     rows = coord_check(trial_config(args.overrides), widths=widths, steps=args.steps, lr=args.lr,
                        parametrizations=args.parametrizations.split(","), sp_init_std=args.sp_init_std)
+    print(json.dumps(rows) if args.json else summary(rows))
     if args.plot:
         plot(rows, args.plot)
-    print(json.dumps(rows) if args.json else summary(rows))
-    return 0
+        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+    broken = mup_violations(rows)
+    if "mup" in args.parametrizations.split(",") and len(set(widths)) > 1:
+        print("μP check: " + ("; ".join(broken) if broken else "every activation's size and change hold across widths"),
+              file=sys.stderr if args.json else sys.stdout)
+    return 1 if broken else 0
