@@ -134,7 +134,9 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
     try:
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
-        elif tokenizer == "bpe":
+        elif tokenizer == "bpe":  # seconds to minutes of silence otherwise
+            print(f"data: training a BPE tokenizer (vocab {vocab_size}) on {len(text) / 1e6:.1f} MB of {name}, "
+                  f"then tokenizing it into {out_dir} (once: later runs reuse it)", file=sys.stderr, flush=True)
             tok = _train_bpe(text, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
             lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)

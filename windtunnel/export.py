@@ -31,6 +31,15 @@ def _q(x) -> str:
     return shlex.quote(str(x))
 
 
+# Before torchrun: a bad config or override is one line and exit 2 here, not one line per rank
+# under torchrun's traceback. Skipped where `windtunnel` is not on PATH (torchrun still checks).
+_CHECK = """WORLD=""
+[[ {counts} =~ ^[0-9]+$ ]] && WORLD={world}
+if command -v windtunnel >/dev/null; then
+  windtunnel train --check ${{WORLD:+--world "$WORLD"}} "$HERE/train.yaml" "$@"
+fi"""
+
+
 def launch_sh(plan: Plan) -> str:
     t, lr = plan.target, plan.large_run
     return f"""#!/usr/bin/env bash
@@ -47,6 +56,7 @@ NNODES="${{NNODES:-$DEFAULT_NNODES}}"
 NPROC_PER_NODE="${{NPROC_PER_NODE:-$DEFAULT_NPROC_PER_NODE}}"
 MASTER_ADDR="${{MASTER_ADDR:-localhost}}"
 MASTER_PORT="${{MASTER_PORT:-29500}}"
+{_CHECK.format(world='$((NNODES * NPROC_PER_NODE))', counts='"$NNODES$NPROC_PER_NODE"')}
 exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME" \\
   -m windtunnel.cli train "$HERE/train.yaml" "$@"
@@ -78,6 +88,7 @@ RUN_NAME={_q(lr['run_name'])}
 GPUS_PER_NODE={_q(t.gpus_per_node)}
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MASTER_PORT="${{MASTER_PORT:-29500}}"
+{_CHECK.format(world='$((SLURM_NNODES * GPUS_PER_NODE))', counts='"$SLURM_NNODES$GPUS_PER_NODE"')}
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
   torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \\
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME-$SLURM_JOB_ID" \\
@@ -175,7 +186,10 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:  # named by the folder the user gave, not the temp file's name
+        raise ConfigError(f"--out: cannot write in {path.parent} ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -207,8 +221,17 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
     """Write the five files into out_dir (created); returns their paths."""
     out = Path(out_dir)
+    folder = out
+    while not folder.exists() and folder != folder.parent:  # the first folder mkdir would not create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"--out: {out} is a file; a folder is needed (created if missing)" if folder == out
+                          else f"--out: {out}: {folder} is a file; a folder is needed (created if missing)")
     _check_checkpoints(plan, out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--out: cannot create the folder {out} ({e.strerror or e})") from None
     texts = {
         "train.yaml": "# `windtunnel train train.yaml`: written by `windtunnel transfer` (see transfer.md)\n"
                       + yaml.safe_dump(plan.train_yaml(), sort_keys=False),

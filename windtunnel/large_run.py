@@ -23,17 +23,21 @@ in it are relative to the file's folder.
   atomically after it. A launch finding `latest` resumes from it. SIGTERM (Slurm's time limit,
   preemption) saves at the end of the current step and exits.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
-  large_run.tracking_uri is set, logs to MLflow (one run per run_dir, reused on resume).
+  large_run.tracking_uri is set, logs to MLflow (one run per run_dir, reused on resume); it prints
+  where that log is, then a progress line per evaluation (a minute apart at most), to stderr.
+- check() finds in one plain process what a launch would refuse (launch.sh runs it first).
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +78,29 @@ def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
     return _changes(checkpoint, cfg, lambda k: k not in RELAUNCH_FREE)
 
 
+def _taken(run_dir: Path, holder: str) -> ConfigError:
+    return ConfigError(f"{run_dir}: another launch is training this run ({holder}); wait for it or stop it "
+                       "(SIGTERM saves a checkpoint; the next launch resumes there)")
+
+
+def check_checkpoint(path: Path, cfg: TrialConfig, run_dir: Path, resuming: bool) -> None:
+    """ConfigError when cfg may not load the checkpoint at path: the run's own `latest` (resuming)
+    or train.init_from's (a branch)."""
+    if not (path / "meta.json").is_file():
+        raise ConfigError(f"train.init_from: {path} is not a checkpoint of `windtunnel train` (no meta.json)")
+    if resuming:  # the same run goes on: it must be trained as it was
+        changed = resume_changes(path, cfg)
+        if changed:
+            branch = (f"or branch on purpose: a new run_dir with train.init_from={path}"
+                      if not any(_branch_fixed(c.split()[0]) for c in changed) else "or export a new run")
+            raise ConfigError(f"{changed[0].split()[0]}: {run_dir} was trained with other settings "
+                              f"({'; '.join(changed)}); set them back to resume it, {branch}")
+    else:  # a branch may change the schedule or the budget, not the model or what a step is
+        changed = _changes(path, cfg, _branch_fixed)
+        if changed:
+            raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
+
+
 @dataclass(kw_only=True)
 class LargeRunConfig:
     run_name: str = "run"
@@ -107,14 +134,51 @@ def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
     return trial_from_dict(d), run
 
 
+def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
+    """(cfg with data.source resolved, run_dir, checkpoint dir, init_from): relative paths are
+    relative to base_dir, the folder holding train.yaml."""
+    base = Path(base_dir)
+    resolve = lambda p: p if Path(p).is_absolute() else str(base / p)  # noqa: E731
+    from windtunnel.transfer import slug
+
+    run_dir = Path(resolve(run.run_dir or f"runs/{slug(run.run_name)}"))
+    ckpt_dir = Path(resolve(cfg.train.checkpoint_dir or str(run_dir / "checkpoints")))
+    src = cfg.data.source
+    if src != "stdlib" and not Path(src).is_absolute() and (base / src).exists():
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(base / src)))
+    return cfg, run_dir, ckpt_dir, resolve(cfg.train.init_from) if cfg.train.init_from else ""
+
+
 # --------------------------------------------------------------------------- distributed
+
+
+def _wants_cuda(device_name: str) -> bool:
+    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {device_name} asked for, but no CUDA device is visible (allowed: auto, cpu)")
+    return want_cuda
+
+
+def check_world(cfg: TrialConfig, run: LargeRunConfig, world: int, launched: bool) -> None:
+    """train.batch_size = world × micro_batch × grad_accum. `launched`: under torchrun or launch.sh
+    (else a plain `windtunnel train`, whose fix for a many-process export is launch.sh)."""
+    per_rank = run.micro_batch * run.grad_accum
+    if cfg.train.batch_size == world * per_rank:
+        return
+    made_for = cfg.train.batch_size // per_rank if cfg.train.batch_size % per_rank == 0 else 0
+    if not launched and world == 1 and made_for > 1:
+        fix = (f"this train.yaml is for {made_for} processes: run the launch.sh beside it "
+               f"(torchrun --nproc_per_node {made_for}) or launch.sbatch")
+    else:
+        fix = "re-export for this GPU count"
+    raise ConfigError(
+        f"train.batch_size: must equal world size {world} × large_run.micro_batch {run.micro_batch} "
+        f"× large_run.grad_accum {run.grad_accum} = {world * per_rank} (got {cfg.train.batch_size}; {fix})")
 
 
 def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
     """(rank, world, device); torchrun's env if present, else a one-process group."""
-    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {device_name} asked for, but no CUDA device is visible (allowed: auto, cpu)")
+    want_cuda = _wants_cuda(device_name)
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
     if want_cuda:
@@ -162,26 +226,14 @@ def _local(x) -> torch.Tensor:
 
 class LargeRun:
     def __init__(self, cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path = "."):
-        self.cfg, self.run = cfg, run
-        base = Path(base_dir)
-        resolve = lambda p: p if Path(p).is_absolute() else str(base / p)  # noqa: E731
-        from windtunnel.transfer import slug
-
-        self.run_dir = Path(resolve(run.run_dir or f"runs/{slug(run.run_name)}"))
-        self.ckpt_dir = Path(resolve(cfg.train.checkpoint_dir or str(Path(self.run_dir) / "checkpoints")))
-        src = cfg.data.source
-        if src != "stdlib" and not Path(src).is_absolute() and (base / src).exists():
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=str(base / src)))
-        self.init_from = resolve(cfg.train.init_from) if cfg.train.init_from else ""
+        self.run = run
+        cfg, self.run_dir, self.ckpt_dir, self.init_from = resolve_paths(cfg, run, base_dir)
+        self.cfg = cfg
 
         self.rank, self.world, self.device = init_distributed(cfg.train.device)
+        check_world(cfg, run, self.world, launched="WORLD_SIZE" in os.environ)  # before the lock writes run_dir
         self._lock = self._hold_run_lock()
         T = cfg.model.seq_len
-        if cfg.train.batch_size != self.world * run.micro_batch * run.grad_accum:
-            raise ConfigError(
-                f"train.batch_size: must equal world size {self.world} × large_run.micro_batch {run.micro_batch} "
-                f"× large_run.grad_accum {run.grad_accum} = {self.world * run.micro_batch * run.grad_accum} "
-                f"(got {cfg.train.batch_size}; re-export for this GPU count)")
         # one rank prepares (and caches) the shards; the others then open them
         if self.rank != 0:
             dist.barrier()
@@ -239,8 +291,7 @@ class LargeRun:
         taken = torch.tensor([int(self.rank == 0 and lock is None)], device=self.device)
         dist.broadcast(taken, 0)
         if taken.item():
-            raise ConfigError(f"{self.run_dir}: another launch is training this run ({holder or 'see rank 0'}); "
-                              "wait for it or stop it (SIGTERM saves a checkpoint; the next launch resumes there)")
+            raise _taken(self.run_dir, holder or "see rank 0")
         return lock
 
     # -- data -----------------------------------------------------------------------------------
@@ -307,19 +358,7 @@ class LargeRun:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        if not (path / "meta.json").is_file():
-            raise ConfigError(f"train.init_from: {path} is not a checkpoint of `windtunnel train` (no meta.json)")
-        if resuming:  # the same run goes on: it must be trained as it was
-            changed = resume_changes(path, self.cfg)
-            if changed:
-                branch = (f"or branch on purpose: a new run_dir with train.init_from={path}"
-                          if not any(_branch_fixed(c.split()[0]) for c in changed) else "or export a new run")
-                raise ConfigError(f"{changed[0].split()[0]}: {self.run_dir} was trained with other settings "
-                                  f"({'; '.join(changed)}); set them back to resume it, {branch}")
-        else:  # a branch may change the schedule or the budget, not the model or what a step is
-            changed = _changes(path, self.cfg, _branch_fixed)
-            if changed:
-                raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
+        check_checkpoint(path, self.cfg, self.run_dir, resuming)
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
@@ -407,8 +446,12 @@ class LargeRun:
             self.step, resumed_from = self.load(Path(self.init_from), resuming=False), str(self.init_from)
         start = self.step
         self._open_logs(start, resumed_from)
+        self._say(f"{self.run.run_name}: {'resuming at step ' + str(start) + ' of' if start else 'training'} "
+                  f"{self.total_steps:,} steps of {self.tokens_per_step:,} tokens on {self.world} "
+                  f"{self.device.type} process{'es' if self.world > 1 else ''}; loss log {self.run_dir / 'loss.jsonl'}")
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         t0, last = time.perf_counter(), {}
+        said = t0
         try:
             while self.step < self.total_steps:
                 if self.run.stop_after_steps and self.step >= self.run.stop_after_steps:
@@ -422,8 +465,13 @@ class LargeRun:
                     self._log({**last, "event": "diverged"})
                     raise RuntimeError(f"loss {last['loss']} at step {self.step}: stopping (diverged)")
                 self._log(last)
+                val = None
                 if self.step % self.eval_interval == 0 or self.step == self.total_steps:
-                    self._log({"step": self.step, "tokens": last["tokens"], "val_loss": self.evaluate()})
+                    val = self.evaluate()
+                    self._log({"step": self.step, "tokens": last["tokens"], "val_loss": val})
+                if val is not None or time.perf_counter() - said >= 60:  # a line per eval, at least a minute apart otherwise
+                    self._progress(last, val, start)
+                    said = time.perf_counter()
                 if self.step in self.stable_steps:
                     self.save(f"stable-{self.stable_steps[self.step]}")
                 elif self.step == self.total_steps or (self.ckpt_interval and self.step % self.ckpt_interval == 0):
@@ -444,6 +492,18 @@ class LargeRun:
         return {"start_step": start, "step": self.step, "total_steps": self.total_steps, "done": done,
                 "loss": last.get("loss"), "resumed_from": resumed_from}
 
+    def _say(self, line: str) -> None:
+        """Rank 0's progress, to stderr (stdout carries the final JSON result)."""
+        if self.rank == 0:
+            print(f"windtunnel train: {line}", file=sys.stderr, flush=True)
+
+    def _progress(self, last: dict, val: float | None, start: int) -> None:
+        rate = (self.step - start) * self.tokens_per_step / max(last["seconds"], 1e-9)
+        eta = (self.total_steps - self.step) * self.tokens_per_step / max(rate, 1e-9)
+        self._say(f"step {self.step:,}/{self.total_steps:,} tokens {last['tokens']:,} loss {last['loss']:.4f}"
+                  + (f" val_loss {val:.4f}" if val is not None else "")
+                  + f" {rate:,.0f} tokens/s ETA {datetime.timedelta(seconds=round(eta))}")
+
     def _on_sigterm(self, signum, frame) -> None:
         self._sigterm = True
 
@@ -460,8 +520,7 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def main(config: str | Path, overrides: list[str] = ()) -> dict:
-    """Load CONFIG (+ dotted KEY=VALUE overrides), train, tear the process group down."""
+def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:
     from windtunnel.configure import load_yaml, parse_value
 
     d = load_yaml(config)
@@ -473,7 +532,47 @@ def main(config: str | Path, overrides: list[str] = ()) -> dict:
         if not isinstance(d.get(section, {}), dict):
             raise ConfigError(f"{key}: {section} is not a section")
         d.setdefault(section, {})[name] = value if name in ("run_name", "run_dir", "tracking_uri") else parse_value(value)
-    cfg, run = load_config(d)
+    return load_config(d)
+
+
+def check(config: str | Path, overrides: list[str] = (), world: int | None = None) -> None:
+    """What a launch of CONFIG would refuse, found in one process, with no process group and
+    nothing written: launch.sh runs it before torchrun, so a bad config or override is one line
+    and exit 2, not one line per rank under torchrun's traceback. world: the launch's process
+    count (None: not checked)."""
+    cfg, run = _load(config, overrides)
+    cfg, run_dir, ckpt_dir, init_from = resolve_paths(cfg, run, Path(config).resolve().parent)
+    _wants_cuda(cfg.train.device)
+    if world is not None:
+        check_world(cfg, run, world, launched=True)
+    src = cfg.data.source
+    if src != "stdlib":
+        path = Path(src).expanduser()
+        if not path.exists():  # e.g. a results/ best.yaml's shard folder on its authors' machine
+            raise ConfigError(f"data.source: {src} does not exist on this machine (allowed: stdlib, a text file "
+                              "or folder, a shard folder of `windtunnel data prepare`; e.g. data.source=stdlib)")
+        manifest = path / "manifest.json"
+        if manifest.is_file():
+            vocab = int(json.loads(manifest.read_text()).get("vocab_size", 0))
+            if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+                raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {vocab} "
+                                  f"(got {cfg.model.vocab_size}; data.source {src})")
+    if (run_dir / "train.lock").exists():
+        try:
+            locks.hold(run_dir / "train.lock").close()
+        except locks.Held as e:
+            raise _taken(run_dir, str(e)) from None
+    latest = ckpt_dir / "latest"
+    name = latest.read_text().strip() if latest.is_file() else ""
+    if name:
+        check_checkpoint(ckpt_dir / name, cfg, run_dir, resuming=True)
+    elif init_from:
+        check_checkpoint(Path(init_from), cfg, run_dir, resuming=False)
+
+
+def main(config: str | Path, overrides: list[str] = ()) -> dict:
+    """Load CONFIG (+ dotted KEY=VALUE overrides), train, tear the process group down."""
+    cfg, run = _load(config, overrides)
     trainer = None
     try:
         trainer = LargeRun(cfg, run, Path(config).resolve().parent)

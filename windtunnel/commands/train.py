@@ -21,11 +21,19 @@ def add_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
                    help="e.g. large_run.stop_after_steps=10 train.eval_every=1000000 (a relaunch may change "
                         "only how the run is carried out: device, checkpoints, evaluation, save points)")
+    p.add_argument("--check", action="store_true",
+                   help="only check CONFIG and the overrides as a launch would, in this one process (no "
+                        "training, nothing written); silent and exit 0 when the launch would start. "
+                        "launch.sh and launch.sbatch run it before torchrun")
+    p.add_argument("--world", type=int, metavar="N", help="with --check: the launch's process count (nodes × GPUs)")
 
 
 def run(args) -> int:
-    from windtunnel.large_run import main
+    from windtunnel.large_run import check, main
 
+    if args.check:
+        check(args.config, args.overrides, args.world)
+        return 0
     result = main(args.config, args.overrides)
     if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now: torchrun's env
         print(json.dumps(result))
