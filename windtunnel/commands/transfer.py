@@ -12,6 +12,9 @@ conf/target/*.yaml and windtunnel.transfer.Target).
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from windtunnel.errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +49,19 @@ def run(args) -> int:
         scaling_law=transfer.load_law(args.scaling_law, "scaling-law") if args.scaling_law else None,
         tokens=args.tokens, tokens_per_param=args.tokens_per_param, lr_batch_scaling=args.lr_batch_scaling)
     plan = transfer.plan(winner, target, laws)
+    budget, batch = plan.value("D (tokens)"), plan.value("batch size (tokens)")
+    if budget < batch:  # ceil(D / batch) would make it one step, silently
+        given = "--tokens" if args.tokens is not None else "--tokens-per-param" if args.tokens_per_param is not None \
+            else "--scaling-law (its tokens per parameter)"
+        raise ConfigError(f"{given}: a token budget of {budget:,} is under one step's batch of {batch:,} tokens "
+                          f"(allowed: >= {batch:,})")
+    src = plan.trial.data.source
+    # best.yaml names the data its sweep read, e.g. a shard folder on its authors' machine; a relative
+    # path is read from --out first, as `windtunnel train` does
+    if src != "stdlib" and not Path(src).expanduser().exists() and not (Path(args.out) / src).exists():
+        plan.warnings.append(f"data.source {src} does not exist on this machine, so the run will stop at its "
+                             "start: give the large run's data with the override data_source=PATH (a shard folder "
+                             "of `windtunnel data prepare`, a text file or folder) or data_source=stdlib")
     inputs = {"source": args.source, "target": args.target, "overrides": " ".join(args.overrides) or None,
               "--batch-size": args.batch_size, "--batch-size-law": args.batch_size_law, "--loss": args.loss,
               "--scaling-law": args.scaling_law, "--tokens": args.tokens,
