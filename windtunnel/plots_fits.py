@@ -19,11 +19,19 @@ FORMATS = ("png", "pdf", "svg")
 
 
 def check_format(path: str | Path, flag: str = "--plot") -> str:
-    """The figure format path's suffix names; a one-line error before any work if not allowed."""
+    """The figure format path's suffix names; a one-line error before any work if not allowed, or
+    if path is a folder or lies under a file."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise ConfigError(f"{flag}: {path}: file type {path.suffix or '(none)'!r} not allowed; allowed: .{', .'.join(FORMATS)}")
+    if path.is_dir():
+        raise ConfigError(f"{flag}: {path} is a folder; a file name is needed (e.g. {path / ('plot.' + fmt)})")
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:  # the folders save_figure would create
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ConfigError(f"{flag}: {path}: {folder} is a file, not a folder")
     return fmt
 
 
@@ -36,12 +44,16 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, flag: str = "--plot") -> Path:
     """Write fig to path atomically (temp file + rename), in the format its suffix names."""
     path = Path(path)
-    fmt = check_format(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fmt = check_format(path, flag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:  # named by the user's path, not the temp file's
+        pyplot().close(fig)
+        raise ConfigError(f"{flag}: cannot write {path} there ({e.strerror or e})") from None
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the figure private
     try:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import sys
 
 from windtunnel import fits
 from windtunnel.errors import ConfigError
@@ -103,9 +105,18 @@ def run(args: argparse.Namespace) -> int:
         else:
             plots_fits.plot_wsd(fit, args.plot)
 
+    try:
+        _print(args, kind, d)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head -1`): that ends the output, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+    return 0
+
+
+def _print(args: argparse.Namespace, kind: str, d: dict) -> None:
     if args.json:
         print(json.dumps(d, indent=2, allow_nan=False))
-        return 0
+        return
     if kind == "lr-transfer":
         print(_table(d["optima"], ["parametrization", "width", "lr_opt", "loss_opt", "at_edge"]))
         print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
@@ -121,4 +132,3 @@ def run(args: argparse.Namespace) -> int:
               f"no scaling law: needs >= {fits.MIN_LEVELS} model sizes and >= {fits.MIN_LEVELS} token counts")
     if args.plot:
         print(f"wrote {args.plot}")
-    return 0

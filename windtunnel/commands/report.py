@@ -20,6 +20,8 @@ def run(args) -> int:
 
     d = Path(args.sweep_dir)
     journal = d / "study.journal"
+    if d.is_file():
+        raise ConfigError(f"{d} is a file; a sweep's results folder is needed (RESULTS_DIR/SWEEP, e.g. results/quickstart)")
     if not d.is_dir():
         raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
     if not journal.exists():

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
+from pathlib import Path
+
+from windtunnel.errors import ConfigError
 
 
 def add_arguments(p) -> None:
@@ -16,17 +21,28 @@ def run(args) -> int:
     from windtunnel.configure import trial_config
     from windtunnel.trainer import train_trial
 
+    if args.config:
+        path = Path(args.config)
+        if path.is_dir():
+            hint = f" (e.g. {path / 'best.yaml'})" if (path / "best.yaml").is_file() else ""
+            raise ConfigError(f"--config: {path} is a folder; a trial config file is needed{hint}")
+        if not path.is_file():
+            raise ConfigError(f"--config: {path}: no such file (allowed: a trial config file, e.g. a sweep's best.yaml)")
     cfg = trial_config(args.overrides, args.config)
     if args.config:
         _as_trained(args.config, cfg)
     result = train_trial(cfg, progress=not (args.quiet or args.json))
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=1))
-    else:
-        loss = "n/a" if result.final_val_loss is None else f"{result.final_val_loss:.4f}"
-        print(f"status={result.status} val_loss={loss} tokens={result.tokens} params={result.params} "
-              f"tokens/s={result.tokens_per_s:,.0f} seconds={result.seconds:.1f}"
-              + (f" reason={result.reason!r}" if result.reason else ""))
+    try:
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=1))
+        else:
+            loss = "n/a" if result.final_val_loss is None else f"{result.final_val_loss:.4f}"
+            print(f"status={result.status} val_loss={loss} tokens={result.tokens} params={result.params} "
+                  f"tokens/s={result.tokens_per_s:,.0f} seconds={result.seconds:.1f}"
+                  + (f" reason={result.reason!r}" if result.reason else ""))
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader stopped early (`| head -1`): that ends the output, no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
     return 0 if result.status == "ok" else 1
 
 

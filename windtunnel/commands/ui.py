@@ -82,6 +82,23 @@ def _up(url: str) -> bool:
         return False
 
 
+def _check_port(port: int) -> None:
+    """Bind the port as the server would (SO_REUSEADDR, as uvicorn does): a port in use would
+    otherwise show as the server's log and a bare exit."""
+    import socket
+
+    from windtunnel.clusters import free_port
+    from windtunnel.errors import ConfigError
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as e:
+            raise ConfigError(f"--port: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); "
+                              f"allowed: a free port, e.g. --port {free_port()}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
 
@@ -93,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     url = f"http://127.0.0.1:{args.port}"
     if _up(url):
         raise ConfigError(f"--port: {args.port} is taken by a running server (allowed: a free port)")
+    _check_port(args.port)
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")  # no job runner: the UI is all we need
     # Own session, so stopping reaches the server's workers too. Its logs go to stderr: stdout
