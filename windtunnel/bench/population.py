@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     baselines = set(filter(None, args.baselines.split(",")))
     if baselines - {"eager", "compile"}:
         p.error(f"--baselines: {', '.join(sorted(baselines - {'eager', 'compile'}))} unknown; allowed: eager, compile")
+    if not torch.cuda.is_available():  # one line, as kernels/bench.py says it
+        sys.exit("bench: needs a CUDA GPU")
     if args.child:
         print(json.dumps(throughput(reference_trial(args.child), 1, args.steps, barrier=Path(args.barrier))))
         return 0

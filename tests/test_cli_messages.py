@@ -1,0 +1,207 @@
+"""What a user sees from the command line: bad input is one line and exit 2 naming the option or
+field, long work says what it does, and output piped into `head` ends quietly. Real CLI runs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def cli(*args, env=None, timeout=180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "windtunnel.cli", *map(str, args)], capture_output=True, text=True,
+                          env=env or ENV, timeout=timeout)
+
+
+def one_line(r: subprocess.CompletedProcess, message: str) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (r.returncode, r.stderr[-3000:])
+    return lines[0]
+
+
+def best_yaml(tmp_path: Path, **data) -> Path:
+    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
+                        data=DataConfig(max_bytes=300_000, **data), train=TrainConfig(device="cpu"))
+    best = tmp_path / "best.yaml"
+    best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
+    return best
+
+
+def export(tmp_path: Path, *args) -> Path:
+    out = tmp_path / "export"
+    r = cli("transfer", best_yaml(tmp_path), "--target", "tiny-cpu", "--out", out, "run_name=msg", "seq_len=16",
+            "--batch-size", "256", "--tokens", str(12 * 256), *args)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+# ---------------------------------------------------------------------------- launch.sh, train
+
+
+def test_launch_sh_config_error_is_one_line_exit_2(tmp_path):
+    """Under torchrun each rank printed the error, then torchrun's ChildFailedError traceback, exit 1."""
+    if shutil.which("torchrun", path=str(BIN)) is None:
+        pytest.skip(f"torchrun not installed in {BIN}")
+    out = export(tmp_path)
+    for extra, message in ((["train.tokens=BAD"], "train.tokens: must be an integer (got 'BAD')"),
+                           (["data.source=/nonexistent/shards"], "data.source: /nonexistent/shards does not exist"),
+                           (["large_run.micro_batch=3"], "train.batch_size: must equal world size 2")):
+        r = subprocess.run(["bash", str(out / "launch.sh"), *extra], capture_output=True, text=True, env=ENV,
+                           timeout=120)
+        one_line(r, message)
+    # the world the check is told is the launch's: NPROC_PER_NODE overrides the export's 2
+    r = subprocess.run(["bash", str(out / "launch.sh")], capture_output=True, text=True,
+                       env={**ENV, "NPROC_PER_NODE": "3"}, timeout=120)
+    one_line(r, "train.batch_size: must equal world size 3 ")
+    assert not (out / "runs").exists()  # nothing written
+    # a run another launch holds: one line naming the holder, not one per rank
+    from windtunnel import locks
+
+    (out / "runs" / "msg").mkdir(parents=True)
+    held = locks.hold(out / "runs" / "msg" / "train.lock")
+    try:
+        r = subprocess.run(["bash", str(out / "launch.sh")], capture_output=True, text=True, env=ENV, timeout=120)
+    finally:
+        held.close()
+    one_line(r, f"another launch is training this run (pid {os.getpid()} on")
+
+
+def test_train_prints_progress_and_where_the_log_is(tmp_path):
+    """`windtunnel train` printed one JSON line at the very end and nothing before."""
+    out = export(tmp_path, "gpus_per_node=1")
+    r = cli("train", out / "train.yaml", "train.eval_every=1024")
+    assert r.returncode == 0, r.stderr[-3000:]
+    log = out / "runs" / "msg" / "loss.jsonl"
+    lines = [x for x in r.stderr.splitlines() if x.startswith("windtunnel train: ")]
+    assert f"loss log {log}" in lines[0] and "12 steps of 256 tokens" in lines[0], r.stderr
+    progress = [x for x in lines if " tokens/s ETA " in x]
+    assert len(progress) == 3 and progress[-1].startswith("windtunnel train: step 12/12 tokens 3,072 loss "), lines
+    assert json.loads(r.stdout.strip().splitlines()[-1])["done"] is True  # stdout: the result alone
+
+
+def test_plain_train_of_a_two_process_export_says_use_launch_sh(tmp_path):
+    out = export(tmp_path)
+    r = cli("train", out / "train.yaml")
+    line = one_line(r, "train.batch_size: must equal world size 1")
+    assert "this train.yaml is for 2 processes: run the launch.sh beside it (torchrun --nproc_per_node 2)" in line
+    r = cli("train", "--check", "--world", "2", out / "train.yaml")
+    assert r.returncode == 0 and r.stderr == "" and not (out / "runs").exists(), r.stderr
+
+
+# ---------------------------------------------------------------------------- transfer
+
+
+def test_transfer_warns_when_the_data_source_is_not_on_this_machine(tmp_path):
+    best = best_yaml(tmp_path, source="/work/elsewhere/stdlib-bpe16k")
+    args = ["--target", "tiny-cpu", "seq_len=16", "--batch-size", "256", "--tokens", "4096"]
+    r = cli("transfer", best, *args, "--out", tmp_path / "a")
+    assert r.returncode == 0, r.stderr
+    warned = [x for x in r.stdout.splitlines() if "/work/elsewhere/stdlib-bpe16k does not exist on this machine" in x]
+    assert len(warned) == 1 and "data_source=PATH" in warned[0], r.stdout
+    assert "does not exist on this machine" in (tmp_path / "a" / "transfer.md").read_text()
+    r = cli("transfer", best, *args, "data_source=stdlib", "--out", tmp_path / "b")
+    assert r.returncode == 0 and "does not exist" not in r.stdout, r.stdout
+
+
+def test_transfer_out_and_budget_errors(tmp_path):
+    best = best_yaml(tmp_path)
+    args = ["--target", "tiny-cpu", "seq_len=16", "--batch-size", "256"]
+    a_file = tmp_path / "notes.md"
+    a_file.write_text("x")
+    one_line(cli("transfer", best, *args, "--tokens", "4096", "--out", a_file),
+             f"--out: {a_file} is a file; a folder is needed")
+    one_line(cli("transfer", best, *args, "--tokens", "4096", "--out", a_file / "run"),
+             f"--out: {a_file / 'run'}: {a_file} is a file")
+    # a budget under one batch became a single step, silently
+    one_line(cli("transfer", best, *args, "--tokens", "10", "--out", tmp_path / "never"),
+             "--tokens: a token budget of 10 is under one step's batch of 256 tokens (allowed: >= 256)")
+    assert not (tmp_path / "never").exists()
+
+
+# ---------------------------------------------------------------------------- fit, trial, report, ui
+
+
+def lr_table(tmp_path: Path) -> Path:
+    rows = ["parametrization,width,lr,loss"] + [f"{p},{w},{lr},{3 + (i - 2) ** 2 * 0.1}" for p in ("mup", "sp")
+                                                for w in (64, 128, 256) for i, lr in enumerate((1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2))]
+    f = tmp_path / "lr.csv"
+    f.write_text("\n".join(rows) + "\n")
+    return f
+
+
+def test_fit_plot_path_errors_name_plot(tmp_path):
+    table = lr_table(tmp_path)
+    a_file = tmp_path / "f"
+    a_file.write_text("x")
+    one_line(cli("fit", "lr-transfer", "--input", table, "--plot", a_file / "x.png"), f"--plot: {a_file / 'x.png'}: {a_file} is a file")
+    (tmp_path / "dir.png").mkdir()
+    one_line(cli("fit", "lr-transfer", "--input", table, "--plot", tmp_path / "dir.png"), "is a folder; a file name is needed")
+    line = one_line(cli("fit", "lr-transfer", "--input", table, "--plot", "/proc/x.png"), "--plot: cannot write /proc/x.png")
+    assert "/proc/.x.png" not in line  # the temp file's name leaked
+
+
+def test_piped_json_into_a_closed_pipe_ends_quietly(tmp_path):
+    """`... --json | head -1` ended in a BrokenPipeError traceback."""
+    big = tmp_path / "lr.csv"
+    big.write_text("parametrization,width,lr,loss\n" + "".join(
+        f"mup,{w},{lr:.6g},{3 + abs(i - 40) * 0.01}\n" for w in range(64, 64 * 40, 64) for i, lr in
+        enumerate(1e-4 * 1.1 ** j for j in range(80))))
+    for args in (["fit", "lr-transfer", "--input", big, "--json"], ["trial", "-q", "--json", "train.tokens=3000"]):
+        p = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", *map(str, args)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, env=ENV)
+        p.stdout.close()  # the reader is gone before the first byte is written
+        err = p.stderr.read().decode()
+        assert p.wait(timeout=120) == 0 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_trial_config_and_report_name_what_is_needed(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "best.yaml").write_text("x: 1\n")
+    one_line(cli("trial", "--config", tmp_path / "sweep"),
+             f"--config: {tmp_path / 'sweep'} is a folder; a trial config file is needed (e.g. {tmp_path / 'sweep' / 'best.yaml'})")
+    one_line(cli("report", tmp_path / "sweep" / "best.yaml"),
+             f"{tmp_path / 'sweep' / 'best.yaml'} is a file; a sweep's results folder is needed")
+
+
+def test_ui_on_a_busy_port_is_one_line(tmp_path):
+    store = tmp_path / "s" / "tracking"
+    store.mkdir(parents=True)
+    (store / "mlflow.db").write_bytes(b"")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = cli("ui", tmp_path, "--port", port, timeout=60)
+    one_line(r, f"--port: cannot listen on 127.0.0.1:{port} (Address already in use); allowed: a free port")
+
+
+# ---------------------------------------------------------------------------- data, bench
+
+
+def test_bpe_training_says_what_it_does(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 200)
+    r = cli("data", "prepare", text, "--out", tmp_path / "shards", "--tokenizer", "bpe", "--vocab-size", "300")
+    assert r.returncode == 0, r.stderr
+    assert "data: training a BPE tokenizer (vocab 300) on 0.0 MB of" in r.stderr, r.stderr
+
+
+def test_population_bench_without_cuda_is_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is here")
+    r = subprocess.run([sys.executable, "-m", "windtunnel.bench.population", "--steps", "1"], capture_output=True,
+                       text=True, env=ENV, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip() == "bench: needs a CUDA GPU", r.stderr[-2000:]
