@@ -87,6 +87,14 @@ def _torchrun():
         unavailable(f"torchrun not installed in {BIN}")
 
 
+def torchrun(out, env, *overrides):
+    """The export's train.yaml under torchrun with two ranks, as launch.sh runs it, without its check."""
+    return subprocess.run([str(BIN / "torchrun"), "--nnodes", "1", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+                           "--rdzv_endpoint", f"localhost:{free_port()}", "--rdzv_id", "direct", "-m", "windtunnel.cli",
+                           "train", str(out / "train.yaml"), *overrides],
+                          capture_output=True, text=True, env=env, timeout=120)
+
+
 def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     proxy = TrialConfig(
         model=ModelConfig(d_model=32, n_layers=2, n_heads=2, seq_len=32, kernels="torch"),
@@ -115,14 +123,18 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     # relaunched with other settings, it would load the old state under them: a new width crashed
     # in the loader, a new batch size resumed silently (the step's tokens changed, the schedule with
     # them). Every rank stops with one line naming each change; a branch (init_from) may change the
-    # schedule or budget, not the model.
+    # schedule or budget, not the model. launch.sh's check stops it with one line before torchrun;
+    # under torchrun itself (no check) every rank stops with that line.
     def refused(*extra):
         r = subprocess.run(["bash", str(out / "launch.sh"), *common, *extra], capture_output=True, text=True,
                            env=env, timeout=120)
         lines = [line for line in r.stderr.splitlines() if "windtunnel train: " in line]
-        assert r.returncode != 0 and len(lines) == 2, r.stderr[-3000:]
+        assert r.returncode == 2 and len(lines) == 1, r.stderr[-3000:]
         return lines[0]
 
+    ranks = torchrun(out, env, *common, "model.d_model=128")
+    lines = [line for line in ranks.stderr.splitlines() if "windtunnel train: " in line]
+    assert ranks.returncode != 0 and len(lines) == 2 and "(model.d_model 64 -> 128)" in lines[0], ranks.stderr[-3000:]
     msg = refused("model.d_model=128", "train.batch_size=128", "large_run.grad_accum=8")
     assert msg.endswith(f"model.d_model: {run_a} was trained with other settings (model.d_model 64 -> 128; "
                         "train.batch_size 64 -> 128); set them back to resume it, or export a new run")
@@ -237,7 +249,8 @@ def test_one_rank_killed_the_relaunch_resumes_from_the_last_checkpoint(tmp_path)
 
 def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
     """launch.sh twice (or a job submitted twice): the second would delete the first one's save in
-    progress and cut its loss log; every rank of it stops with one line naming the first."""
+    progress and cut its loss log; it stops with one line naming the first (launch.sh's check;
+    under torchrun itself, every rank)."""
     import signal
 
     out, env = long_export(tmp_path, "twice", checkpoint_every=1024)
@@ -246,10 +259,12 @@ def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
     try:
         second = subprocess.run(["bash", str(out / "launch.sh")], capture_output=True, text=True,
                                 env={**env, "MASTER_PORT": str(free_port())}, timeout=120)
+        ranks = torchrun(out, env)  # without launch.sh's check: every rank stops
         assert first.poll() is None, "the first launch must still be running for this test to mean anything"
-        assert second.returncode != 0
-        refusals = [line for line in second.stderr.splitlines() if "another launch is training this run" in line]
-        assert len(refusals) == 2 and any(f"pid {rank_pids(first.pid)[0]} " in line for line in refusals), second.stderr[-3000:]
+        holder = f"pid {rank_pids(first.pid)[0]} "
+        for r, n in ((second, 1), (ranks, 2)):
+            refusals = [line for line in r.stderr.splitlines() if "another launch is training this run" in line]
+            assert r.returncode != 0 and len(refusals) == n and any(holder in line for line in refusals), r.stderr[-3000:]
         logged = max(curve(run)[0])
         first.send_signal(signal.SIGTERM)
         _, err = first.communicate(timeout=60)
