@@ -126,7 +126,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
     plt.close(fig)
     imp = importances(study)
     if imp:
-        fig, ax = plt.subplots(figsize=(6, 0.5 + 0.4 * len(imp)))
+        fig, ax = plt.subplots(figsize=(6, 1.6 + 0.4 * len(imp)))  # room for title and axis at one bar
         names = list(imp)[::-1]
         ax.barh(names, [imp[n] for n in names])
         ax.set(xlabel="importance (fANOVA)", title=f"{study.study_name}: parameter importance")
