@@ -2,7 +2,7 @@
 
     python -m windtunnel.kernels.bench [--out results/bench] [--no-compile]
 
-Reference trial (DESIGN.md): d_model 256 and 512, 8 layers, head dim 64, seq 512, vocab 16384,
+Reference trial (the project's design card): d_model 256 and 512, 8 layers, head dim 64, seq 512, vocab 16384,
 16 sequences per step, bf16; "pop16" stacks 16 such trials (256 sequences), as the population
 trainer does. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed between
 runs): "ms" with eager launches (what the model pays, host included: at one trial's shapes the

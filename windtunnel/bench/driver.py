@@ -7,8 +7,9 @@ GPU would wait on the driver between bundles.
 Then the driver's real pattern: a whole bundle asked at once, its trials pending (no tell between
 the asks), with 400 and --trials finished trials in the study.
 
-DESIGN.md's anchors: Optuna alone cost 43 ms per ask+tell with SQLite and 9 ms in memory, with
-4 float parameters; the search space here is the same four (mup_hp's μP knobs).
+The design anchors (measured before windtunnel existed): Optuna alone cost 43 ms per ask+tell
+with SQLite and 9 ms in memory, with 4 float parameters; the search space here is the same four
+(mup_hp's μP knobs).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from windtunnel.configure import load_sweep
 from windtunnel.search import distributions
 from windtunnel.sweep import Driver
 
-# MiniCPM's four μP knobs, as DESIGN.md's Optuna measurement (4 float parameters)
+# MiniCPM's four μP knobs: the design anchors' Optuna measurement had 4 float parameters
 SPACE = ["optim.lr", "model.init_std", "model.scale_emb", "model.scale_depth"]
 
 
