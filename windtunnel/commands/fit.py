@@ -6,10 +6,11 @@
     wsd           columns model,N,tokens,loss            -> loss vs data per size, and the scaling law
 
 lr-transfer, batch-size and wsd also read what a sweep writes: its results folder or a table in
-it, e.g. `windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep). lr-transfer takes trials.csv
-(model.parametrization, model.d_model, optim.lr, value); batch-size the folder's curves.csv
-(model.d_model, train.batch_size x model.seq_len tokens, val_loss at every evaluation); wsd its
-branches.csv (model.d_model, n_params, tokens and final_val_loss of every decay branch).
+it, e.g. `windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep).
+lr-transfer takes trials.csv (model.parametrization, model.d_model, optim.lr, value); batch-size
+the folder's curves.csv (model.d_model, train.batch_size x model.seq_len tokens, val_loss at every
+evaluation); wsd its branches.csv (model.d_model, n_params, tokens and final_val_loss of every
+decay branch).
 COMPLETE trials only. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
 axis E + A/N^alpha (or B/D^beta) has three unknowns.
 """
