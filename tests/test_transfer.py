@@ -203,3 +203,15 @@ def test_minicpm_targets_match_the_released_shapes():
     assert (t.d_model, t.n_layers, t.n_heads, t.d_ff, t.vocab_size, t.tie_embeddings) == (2304, 40, 36, 5760, 122753, True)
     with pytest.raises(ConfigError, match="target.d_model: must be divisible"):
         transfer.load_target("minicpm-1.2b", ["n_heads=7"])
+
+
+def test_a_target_vocabulary_smaller_than_the_data_is_refused(best, tmp_path):
+    """The winner trained on a BPE vocabulary the target cannot hold: the run would stop at its start."""
+    doc = yaml.safe_load((best / "best.yaml").read_text())
+    doc["trial"]["data"].update(tokenizer="bpe", vocab_size=4096)
+    (best / "best.yaml").write_text(yaml.safe_dump(doc))
+    r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "65536", "--batch-size", "2048", "--out", tmp_path / "o")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and not (tmp_path / "o").exists(), r.stderr
+    assert "target.vocab_size: 256 is smaller than the data's vocabulary (4096, data.source stdlib)" in r.stderr
+    assert cli("transfer", best, "--target", "tiny-cpu", "vocab_size=4096", "--tokens", "65536", "--batch-size", "2048",
+               "--out", tmp_path / "o").returncode == 0

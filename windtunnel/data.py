@@ -208,6 +208,18 @@ class Shards:
         return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
 
 
+def data_vocab(cfg: DataConfig) -> int | None:
+    """The vocabulary `cfg`'s data holds, without preparing it: a shard folder's manifest, else the
+    tokenizer's (BPE: at most data.vocab_size). None for a path not on this machine."""
+    src = Path(cfg.source).expanduser()
+    if cfg.source != "stdlib":
+        if (src / "manifest.json").is_file():
+            return int(json.loads((src / "manifest.json").read_text()).get("vocab_size", 0)) or None
+        if not src.exists():
+            return None
+    return cfg.vocab_size if cfg.tokenizer == "bpe" else 256
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("WINDTUNNEL_CACHE", Path.home() / ".cache" / "windtunnel")) / "data"
 

@@ -551,12 +551,10 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
         if not path.exists():  # e.g. a results/ best.yaml's shard folder on its authors' machine
             raise ConfigError(f"data.source: {src} does not exist on this machine (allowed: stdlib, a text file "
                               "or folder, a shard folder of `windtunnel data prepare`; e.g. data.source=stdlib)")
-        manifest = path / "manifest.json"
-        if manifest.is_file():
-            vocab = int(json.loads(manifest.read_text()).get("vocab_size", 0))
-            if cfg.model.vocab_size and cfg.model.vocab_size < vocab:
-                raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {vocab} "
-                                  f"(got {cfg.model.vocab_size}; data.source {src})")
+    vocab = data_mod.data_vocab(cfg.data)
+    if vocab and cfg.model.vocab_size and cfg.model.vocab_size < vocab:
+        raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {vocab} "
+                          f"(got {cfg.model.vocab_size}; data.source {src})")
     if (run_dir / "train.lock").exists():
         try:
             locks.hold(run_dir / "train.lock").close()

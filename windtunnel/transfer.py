@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
+from windtunnel.data import data_vocab
 from windtunnel.errors import ConfigError
 
 GIB = 1024**3
@@ -509,6 +510,10 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     if target.data_source:
         d["data"]["source"] = target.data_source
     trial = trial_from_dict(d)
+    vocab = data_vocab(trial.data)
+    if vocab and target.vocab_size and target.vocab_size < vocab:  # the run would stop at its start
+        raise ConfigError(f"target.vocab_size: {target.vocab_size} is smaller than the data's vocabulary ({vocab}, "
+                          f"data.source {trial.data.source}): set vocab_size={vocab}, or give other data (data_source=PATH)")
     row("train.tokens", trial.train.tokens, "total steps × batch tokens", "above")
     row("checkpoint every (tokens)", int(ckpt_tokens), "target.checkpoint_every, or ~1/50 of the run in whole steps",
         f"target {target.name}")
