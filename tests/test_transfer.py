@@ -95,6 +95,8 @@ def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
     assert compute_optimal(1.7, 400.0, 410.0, 0.34, 0.28, 6 * N * D)[0] == pytest.approx(N, rel=1e-6)
     L = 1.7 + 400.0 / N**0.34 + 410.0 / D**0.28
     assert plan.value("D (tokens)") == D and plan.value("target loss L") == pytest.approx(L)
+    # the law's N holds the embedding: at another vocabulary (256 bytes -> 73,440) that is said
+    assert any("fitted at the proxies' vocabulary (256); the target's is 73440" in w for w in plan.warnings)
     assert plan.value("batch size (tokens, wanted)") == pytest.approx(1.21e9 / L**6.24)
     got = plan.value("batch size (tokens)")
     assert abs(got / (1.21e9 / L**6.24) - 1) < 0.1

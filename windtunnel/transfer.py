@@ -510,6 +510,11 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     if target.data_source:
         d["data"]["source"] = target.data_source
     trial = trial_from_dict(d)
+    proxy_vocab = w.model.vocab_size or data_vocab(w.data)
+    if laws.scaling_law is not None and proxy_vocab and proxy_vocab != target.vocab_size:
+        warnings.append(f"the scaling law counts all parameters, embeddings included, fitted at the proxies' vocabulary "
+                        f"({proxy_vocab}); the target's is {target.vocab_size}, so its N carries "
+                        f"{fmt(target.vocab_size / proxy_vocab)}x the embedding the law saw: read L and D as estimates")
     vocab = data_vocab(trial.data)
     if vocab and target.vocab_size and target.vocab_size < vocab:  # the run would stop at its start
         raise ConfigError(f"target.vocab_size: {target.vocab_size} is smaller than the data's vocabulary ({vocab}, "
