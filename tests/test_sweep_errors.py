@@ -18,6 +18,12 @@ CASES = {
     "bad_value": ("model:\n  parametrization: ntk\n", "model.parametrization: must be one of sp, mup"),
     "storage": ("storage: nosuchdb://host/db\n", "storage: 'nosuchdb://host/db' cannot be opened"),
     "tracking_uri": ("tracking: {uri: notaurl}\n", "tracking.uri: must be '' (a local store) or a URI"),
+    "name_traversal": ("name: ../../etc\n", "name: must be one plain folder name: letters, digits, '.', '_', '-'"),
+    "storage_word": ("storage: foo\n", "storage: must be '' (a journal file in the sweep's folder), a path ending"),
+    "storage_sqlite_folder": ("storage: sqlite:////no/such/folder/x.db\n",
+                              "storage: sqlite:///PATH must name a file in an existing folder"),
+    "step_past_high": ("search:\n  optim.lr: {type: float, low: 0.001, high: 0.01, step: 0.5}\n",
+                       "search.optim.lr.step: must be a number > 0 and <= high - low = 0.009 (got 0.5)"),
     "float_on_int": ("search:\n  model.d_model: {type: float, low: 64, high: 256}\n",
                      "search.model.d_model.type: model.d_model is an integer field (allowed: int, categorical, fixed)"),
 }
@@ -38,7 +44,7 @@ def test_malformed_sweep_file(tmp_path, case):
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert str(f) in lines[0] and expected in lines[0], lines[0]
-    assert not (tmp_path / "results").exists()
+    assert [q.name for q in tmp_path.iterdir()] == [f.name]  # no results, no journal named by storage
 
 
 def test_missing_sweep_file_and_bad_override(tmp_path):
@@ -137,6 +143,8 @@ def test_unwritable_results_dir_is_one_line(tmp_path):
     (["report", "no/such/folder"], "no/such/folder: no such folder"),
     (["trial", "schedule=wsdd"], "schedule: no option 'wsdd' (allowed: cosine, wsd)"),
     (["sweep", "quickstart", "model.parametrization=ntk"], "error: command line: model.parametrization: must be one of"),
+    (["sweep", "quickstart", "name=../../etc"], "command line: name: must be one plain folder name"),
+    (["sweep"], "the following arguments are required: sweep (see"),
     (["coord-check", "--widths", "64,100"], "--widths: 100: model.head_dim: must divide model.d_model=100"),
     (["transfer", "no/such/best.yaml", "--target", "tiny-cpu", "--out", "o"], "no such file or folder"),
 ])
@@ -145,6 +153,61 @@ def test_bad_command_line_is_one_line(tmp_path, args, expected):
     assert p.returncode == 2, p.stderr
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], p.stderr
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("train.device=cuda", "train.device: cuda asked for, but no CUDA device is visible"),
+    ("model.kernels=triton", "model.kernels: 'triton' needs a CUDA device or TRITON_INTERPRET=1"),
+    ("data.source=/no/such/text", "data.source: no such file or folder (got '/no/such/text'"),
+])
+def test_a_sweep_refuses_what_a_trial_refuses_before_writing(tmp_path, override, expected):
+    """Every trial failed, exit 0 and a `best:` line for a best.yaml never written."""
+    import os
+
+    if "cuda" in expected.lower() and _cuda():
+        pytest.skip("a CUDA device is visible")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    p = subprocess.run([sys.executable, "-m", "windtunnel.cli", "sweep", "-q", "quickstart", override, "n_trials=30",
+                        f"results_dir={tmp_path / 'r'}"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                       env=env)
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and expected in lines[0], p.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_the_command_line_wins_over_a_bad_value_in_the_sweep_file(tmp_path):
+    """Hydra type-checks the file before the overrides: `n_trials: many` failed even with
+    n_trials=1, and the error blamed the command line."""
+    from windtunnel.configure import load_sweep
+    from windtunnel.errors import ConfigError
+
+    f = tmp_path / "s.yaml"
+    f.write_text("n_trials: many\ntrain: {tokens: lots}\n")
+    cfg = load_sweep(str(f), ["n_trials=1", "train.tokens=2000"])
+    assert cfg.n_trials == 1 and cfg.train.tokens == 2000
+    with pytest.raises(ConfigError, match=f"^{f}: train.tokens: must be an integer \\(got 'lots'\\)"):
+        load_sweep(str(f), ["n_trials=1"])
+    with pytest.raises(ConfigError, match=f"^{f}: train.tokens: must be an integer"):  # a group under the file's values
+        load_sweep(str(f), ["n_trials=1", "train=gpu"])
+    with pytest.raises(ConfigError, match="^command line: n_trials: must be an integer \\(got 'x'\\)"):
+        load_sweep(str(f), ["n_trials=x", "train.tokens=2000"])
+
+
+def test_sweep_files_read_numbers_as_the_command_line_does(tmp_path):
+    """PyYAML (YAML 1.1) reads 1e-2 and 1.0e3 as strings: `high: 1e-2` was 'not a finite number'."""
+    from windtunnel.configure import load_sweep
+
+    f = tmp_path / "s.yaml"
+    f.write_text("search:\n  optim.lr: {type: float, low: 1.0e-3, high: 1e-2}\noptim: {weight_decay: 1e-1}\n")
+    cfg = load_sweep(str(f), [])
+    assert cfg.search["optim.lr"] == {"type": "float", "low": 0.001, "high": 0.01} and cfg.optim.weight_decay == 0.1
 
 
 def test_search_space_overrides_from_the_command_line():

@@ -41,8 +41,21 @@ def test_a_resumed_study_keeps_its_search_space_and_trial_settings(tmp_path):
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("model.d_model: study 'quickstart' ran its trials with other settings")
     assert "model.d_model 64 -> 128" in msg and "train.tokens 30000 -> 60000" in msg and "results_dir=" in msg
-    with pytest.raises(ConfigError, match="^search: differs from the space"):
-        open_study(load_sweep("quickstart", base + ["train.tokens=30000", "search.optim.lr.high=0.5"]), tmp_path)
+    with pytest.raises(ConfigError) as e:  # said in a short line: what changed, not both spaces whole
+        open_study(load_sweep("quickstart", base + ["train.tokens=30000", "search.optim.lr.high=0.5",
+                                                    "~search.model.scale_emb"]), tmp_path)
+    assert str(e.value) == ("search.model.scale_emb: study 'quickstart' searched another space "
+                            "(search.model.scale_emb removed; search.optim.lr.high 0.05 -> 0.5); "
+                            "set it back, or use a new name= or results_dir=")
+
+
+def test_a_resumed_study_may_change_its_sampler(tmp_path):
+    """Optuna keeps no sampler state in the storage: another sampler continues from the same trials."""
+    base = [f"results_dir={tmp_path}", "tracking.enabled=false"]
+    _asked(load_sweep("quickstart", base), tmp_path, 2)
+    assert len(_asked(load_sweep("quickstart", base + ["sampler.type=random"]), tmp_path, 1)) == 1
+    study = open_study(load_sweep("quickstart", base + ["sampler.type=gp"]), tmp_path)
+    assert len(study.trials) == 3 and type(study.sampler).__name__ == "GPSampler"
 
 
 def test_a_stop_before_the_first_ask_ends_at_once_with_an_empty_report(tmp_path):

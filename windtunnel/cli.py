@@ -35,6 +35,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def add_argument(self, *args, **kwargs):
+        # argparse (3.11) names an absent nargs="*" positional without a default among the required
+        # ones ("required: sweep, KEY=VALUE") when another positional is missing
+        if kwargs.get("nargs") == "*" and args and not args[0].startswith("-"):
+            kwargs.setdefault("default", [])
+        return super().add_argument(*args, **kwargs)
+
 
 def _top_parser() -> argparse.ArgumentParser:
     p = _Parser(

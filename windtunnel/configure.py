@@ -3,6 +3,7 @@ project's dataclasses (windtunnel/config.py). Nothing below the CLI imports Hydr
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -98,12 +99,27 @@ def trial_config(overrides: list[str], config_file: str | None = None) -> TrialC
     return trial_from_dict(compose(overrides))
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-3 (no dot) and 1.0e3 (no exponent sign) as
+    strings, while Hydra's conf/ files and overrides read them as numbers."""
+
+
+_Loader.yaml_implicit_resolvers = {c: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+   |[-+]?\.(?:inf|Inf|INF)
+   |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        d = yaml.safe_load(p.read_text())
+        d = yaml.load(p.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -115,14 +131,11 @@ def load_yaml(path: str | Path) -> dict:
 
 def parse_value(text: str):
     """'0.01' -> 0.01, '1e-3' -> 0.001, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a
-    string. YAML 1.1 reads 1e-3 (no dot) as a string; Hydra's overrides read it as a number."""
+    string (numbers read as Hydra's overrides read them)."""
     try:
-        value = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError:
         return text
-    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", value.strip()):
-        return float(value)
-    return value
 
 
 def _apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -153,10 +166,7 @@ def sweep_file(spec: str) -> Path:
 
 def load_sweep(spec: str, overrides: list[str]):
     """The SweepConfig of a sweep file + KEY=VALUE overrides; every error names the file."""
-    from hydra.core.config_store import ConfigStore
-    from omegaconf import OmegaConf
-
-    from windtunnel.sweep_config import SweepConfig, sweep_from_dict
+    from windtunnel.sweep_config import SweepConfig
 
     path = sweep_file(spec)
     content = load_yaml(path)
@@ -165,20 +175,49 @@ def load_sweep(spec: str, overrides: list[str]):
         if key not in allowed:
             raise ConfigError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(allowed))})")
     content.setdefault("name", path.stem)
+    content = _less_overridden(content, overrides)
+    try:
+        return _compose_sweep(content, overrides)
+    except ConfigError as e:
+        msg = str(e).removeprefix("overrides: ")
+    # the file's fault when what it still sets fails the same way alone, else the command line's
+    try:
+        _compose_sweep(content, [])
+        alone = None
+    except ConfigError as e:
+        alone = str(e).removeprefix("overrides: ")
+    raise ConfigError(f"{path if alone == msg else 'command line'}: {msg}")
+
+
+def _compose_sweep(content: dict, overrides: list[str]):
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from windtunnel.sweep_config import sweep_from_dict
+
     _register_schemas()
     ConfigStore.instance().store(group="sweep", name="current", node=OmegaConf.create(content), package="_global_")
     searched = [o for o in overrides if o.lstrip("+~").startswith("search.")]
-    try:
-        d = compose(["+sweep=current", *(o for o in overrides if o not in searched)], config_name="sweep")
-        d["search"] = _search_overrides(d.get("search") or {}, searched)
-        return sweep_from_dict(d)
-    except ConfigError as e:
-        msg = str(e).removeprefix("overrides: ")
-        field = msg.split(":", 1)[0]
-        keys = [o.lstrip("+~").split("=", 1)[0] for o in overrides]
-        # the bad value came from the command line (that key, or one inside or above it), not the file
-        typed = any(k == field or k.startswith(f"{field}.") or field.startswith(f"{k}.") for k in keys)
-        raise ConfigError(f"{'command line' if typed else path}: {msg}") from None
+    d = compose(["+sweep=current", *(o for o in overrides if o not in searched)], config_name="sweep")
+    d["search"] = _search_overrides(d.get("search") or {}, searched)
+    return sweep_from_dict(d)
+
+
+def _less_overridden(content: dict, overrides: list[str]) -> dict:
+    """The file's content without the values KEY=VALUE replaces: Hydra merges (and type-checks)
+    the file before the overrides, so a bad value there failed even when the command line set it."""
+    out = copy.deepcopy(content)
+    for item in overrides:
+        key, sep, _ = item.lstrip("+").partition("=")
+        if not sep or key.startswith(("~", "search.")):  # search.* is applied by _search_overrides
+            continue
+        *parents, leaf = key.split(".")
+        node = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and not isinstance(node.get(leaf), (dict, type(None))):
+            del node[leaf]  # a leaf; a section stays (`executor=ray` picks a group under the file's values)
+    return out
 
 
 def _search_overrides(search: dict, overrides: list[str]) -> dict:

@@ -103,7 +103,7 @@ def make_pruner(p: PrunerConfig) -> optuna.pruners.BasePruner:
 
 
 def space_fingerprint(cfg: SweepConfig) -> str:
-    """The search space and sampler a study was created with."""
+    """The search space (and the sampler) a study was created with."""
     return json.dumps({"search": cfg.search, "sampler": cfg.sampler.type}, sort_keys=True, default=str)
 
 
@@ -114,16 +114,34 @@ def trial_settings(cfg: SweepConfig) -> dict:
     return {k: v for k, v in settings(cfg.trial).items() if k not in searched and k not in RUN_ONLY}
 
 
+def space_changes(before: dict, now: dict) -> list[str]:
+    """'search.PARAM.FIELD old -> new', 'search.PARAM added' or 'removed', for each difference."""
+    out = [f"search.{n} {'added' if n in now else 'removed'}" for n in sorted(set(before) ^ set(now))]
+    for n in sorted(set(before) & set(now)):
+        b, a = before[n], now[n]
+        if not (isinstance(b, dict) and isinstance(a, dict)):
+            out += [f"search.{n} {b!r} -> {a!r}"] if a != b else []
+            continue
+        shown = lambda d, k: repr(d[k]) if k in d else "unset"  # noqa: E731
+        out += [f"search.{n}.{k} {shown(b, k)} -> {shown(a, k)}"
+                for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return out
+
+
 def _check_resumed(study: optuna.Study, cfg: SweepConfig) -> None:
     """A resumed study keeps its search space and trial settings: results measured under other
-    settings (a wider model, a longer budget) would be ranked as one (Optuna issues 2199, 2328)."""
+    settings (a wider model, a longer budget) would be ranked as one (Optuna issues 2199, 2328).
+    Its sampler may change: Optuna keeps no sampler state in the storage, the next one reads the
+    same trials."""
     stored = study.user_attrs.get("space")
     now = space_fingerprint(cfg)
     if stored is None:
         study.set_user_attr("space", now)
-    elif stored != now:
-        raise ConfigError(f"search: differs from the space study {cfg.name!r} was created with "
-                          f"(stored {stored}); use a new name or results_dir")
+    else:
+        changed = space_changes(json.loads(stored)["search"], json.loads(now)["search"])
+        if changed:
+            raise ConfigError(f"{changed[0].split()[0]}: study {cfg.name!r} searched another space "
+                              f"({'; '.join(changed)}); set it back, or use a new name= or results_dir=")
     now, before = trial_settings(cfg), study.user_attrs.get("trial_settings")
     if before is None:
         study.set_user_attr("trial_settings", now)

@@ -16,14 +16,15 @@ from pathlib import Path
 
 import optuna
 
-from windtunnel import locks
+from windtunnel import data, locks
 from windtunnel.config import to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
+from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig
-from windtunnel.trainer import bundle_key
+from windtunnel.trainer import bundle_key, resolve_device
 from windtunnel.worker import RESULT
 
 TS = optuna.trial.TrialState
@@ -98,6 +99,8 @@ class Driver:
         self.cfg = cfg
         self.stop = stop or StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.dir = Path(cfg.results_dir) / cfg.name
+        if cfg.executor.type == "local":
+            preflight(cfg)
         self.executor = make_executor(cfg.executor, self.dir)  # first: an absent cluster is an error before any write
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = hold_driver_lock(self.dir)  # before the study: recover() would take a live driver's trials
@@ -349,6 +352,15 @@ class Driver:
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
+
+
+def preflight(cfg: SweepConfig) -> None:
+    """What `windtunnel trial` refuses (no CUDA for train.device=cuda or model.kernels=triton, a
+    missing data.source), refused before anything is written, by the same functions, rather than
+    failing every trial. Local executor only: Ray's and Slurm's workers run on other machines."""
+    trial = cfg.trial
+    select_kernels(trial.model.kernels, resolve_device(trial.train.device))
+    data.load(trial.data)  # prepared (and cached) once here instead of by the first workers
 
 
 def hold_driver_lock(sweep_dir: Path):

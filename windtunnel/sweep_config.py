@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
@@ -166,7 +168,9 @@ class SweepConfig(TrialConfig):
     population: PopulationConfig = field(default_factory=PopulationConfig)
 
     def __post_init__(self) -> None:
-        check_field(bool(self.name), "name", "must be set", self.name)
+        # the sweep's folder under results_dir and its study name: one plain path component
+        check_field(bool(re.fullmatch(r"[A-Za-z0-9._-]+", self.name)) and self.name not in (".", ".."), "name",
+                    "must be one plain folder name: letters, digits, '.', '_', '-' (not '.' or '..')", self.name)
         check_field(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
         check_choice("objective", self.objective, ("final_val_loss",))
         _check_storage(self.storage)
@@ -176,19 +180,29 @@ class SweepConfig(TrialConfig):
         return TrialConfig(**{k: getattr(self, k) for k in SECTIONS})
 
 
+STORAGE_FORMS = ("'' (a journal file in the sweep's folder), a path ending in .journal, sqlite:///PATH "
+                 "(its folder must exist), or a database URL whose driver is installed (postgresql://...)")
+
+
 def _check_storage(url: str) -> None:
-    """A database URL's dialect and driver must load here, before the sweep writes anything."""
-    if not url or url.endswith(".journal") or "://" not in url:
+    """Checked before the sweep writes anything: a bare word became a journal file of that name
+    in the cwd, and a URL Optuna cannot open was a page of SQLAlchemy traceback."""
+    if not url or url.endswith(".journal"):
         return
+    check_field("://" in url, "storage", f"must be {STORAGE_FORMS}", url)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
     try:
-        make_url(url).get_dialect().import_dbapi()
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
     except (ArgumentError, NoSuchModuleError, ImportError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"storage: {url!r} cannot be opened ({reason}); allowed: '' (a journal file), a path ending "
-                          "in .journal, sqlite:///PATH, or a database URL whose driver is installed") from None
+        raise ConfigError(f"storage: {url!r} cannot be opened ({reason}); allowed: {STORAGE_FORMS}") from None
+    if parsed.get_backend_name() == "sqlite":  # a file the workers share; in memory they could not
+        db = parsed.database or ""
+        check_field(db not in ("", ":memory:") and Path(db).expanduser().resolve().parent.is_dir(), "storage",
+                    "sqlite:///PATH must name a file in an existing folder", url)
 
 
 SWEEP_SECTIONS = {"sampler": SamplerConfig, "pruner": PrunerConfig, "executor": ExecutorConfig,
@@ -262,6 +276,11 @@ def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
                 raise ConfigError(f"{where}.step: cannot be combined with log: true (got step={p.step})")
             if kind == "int" and not all(float(v).is_integer() for v in (p.low, p.high)):
                 raise ConfigError(f"{where}: int bounds must be integers (got low={p.low}, high={p.high})")
+            if p.step is not None:  # Optuna cuts high to low + k·step: a step past high leaves only low
+                ok = (isinstance(p.step, (int, float)) and not isinstance(p.step, bool) and 0 < p.step <= p.high - p.low
+                      and (kind == "float" or float(p.step).is_integer()))
+                check_field(ok, f"{where}.step", f"must be {'a whole number' if kind == 'int' else 'a number'} > 0 "
+                            f"and <= high - low = {p.high - p.low:g}", p.step)
             if kind == "float" and field_type(name) == "int":  # its probes could all be whole numbers
                 raise ConfigError(f"{where}.type: {name} is an integer field (allowed: int, categorical, fixed)")
         elif kind == "categorical" and not p.choices:

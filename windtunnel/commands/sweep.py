@@ -1,6 +1,9 @@
 """`windtunnel sweep SWEEP [KEY=VALUE ...]`: run (or resume) a sweep."""
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 
 def add_arguments(p) -> None:
     p.add_argument("sweep", help="a name in sweeps/ (quickstart, mup_hp, lr_width, batch_size, wsd_branches) "
@@ -19,12 +22,22 @@ def run(args) -> int:
 
     out = run_sweep(cfg, progress=not args.quiet)
     d = out["dir"]
-    print(f"{cfg.name}: {out['finished']} trials finished ({out['ok']} ok, {out['pruned']} pruned, "
-          f"{out['failed']} failed this run)")
+    ran = out["ok"] + out["pruned"] + out["failed"]
+    if not ran and out["finished"] >= cfg.n_trials:
+        print(f"{cfg.name}: already complete: {out['finished']} trials; raise n_trials (now {cfg.n_trials}) to add "
+              f"more, e.g. n_trials={out['finished'] + cfg.n_trials}")
+    else:
+        print(f"{cfg.name}: {out['finished']} trials finished ({out['ok']} ok, {out['pruned']} pruned, "
+              f"{out['failed']} failed this run)")
     print(f"  table:   {d}/trials.csv")
     print(f"  report:  {d}/report.md   (plots: {d}/*.png)")
-    print(f"  best:    {d}/best.yaml   (windtunnel trial --config {d}/best.yaml)")
+    if Path(d, "best.yaml").exists():  # written only once a trial completed
+        print(f"  best:    {d}/best.yaml   (windtunnel trial --config {d}/best.yaml)")
     if cfg.tracking.enabled:
         where = cfg.tracking.uri or f"windtunnel ui {cfg.results_dir}"
         print(f"  MLflow:  {where}")
+    if ran and out["failed"] == ran:
+        print(f"windtunnel sweep: all {ran} trials of this run failed; their reasons: {d}/trials.csv, "
+              f"their workers' logs: {d}/bundles/*/worker.log", file=sys.stderr)
+        return 1
     return 0
