@@ -398,7 +398,7 @@ def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> boo
                         t.user_attrs.get("result", {}), t.value, t.state)
     tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
     tracker.finish_invocation(parent)
-    ok = tracker.flush(timeout=300)
+    ok = tracker.flush(timeout=300, until_error=True)  # a server that fails: its records wait for sync
     tracker.close()
     return ok
 

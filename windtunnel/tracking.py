@@ -220,6 +220,7 @@ class _Delivery:
         self._verify_all = True
         self._created: set[str] = set()
         self.skipped = 0  # records skipped for good: refused by MLflow, or of an unknown op
+        self._replays: set[str] = set()  # `report --mlflow` invocations: copies, not copied again
 
     @property
     def resolved_uri(self) -> str:
@@ -235,7 +236,13 @@ class _Delivery:
         return self._client
 
     def _selected(self, rec: dict | None) -> bool:
-        return rec is not None and (not self.own_only or rec.get("uri", "") == self.uri)
+        if rec is None:
+            return False
+        if self.own_only:
+            return rec.get("uri", "") == self.uri
+        # copying every record to one store: a replay (`report --mlflow`) re-sent the sweep's own
+        # runs to another server; its copy would duplicate them here
+        return (rec.get("parent") or rec.get("key")) not in self._replays
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False, wait_lock_s: float = 0.0,
@@ -261,6 +268,8 @@ class _Delivery:
         state = _load_state(self.dir)
         t = _target_state(state, self.uri)
         offset = int(t["offsets"].get(self.mode, 0))
+        if not self.own_only:
+            self._replays = _replays(self.dir / "outbox.jsonl")
         # First delivery to this URI from this outbox, or a lost state file: runs may exist already.
         self._verify_all = offset == 0
         records = _read_records(self.dir / "outbox.jsonl", offset)
@@ -539,18 +548,26 @@ class Tracker:
         self._append({"op": "finish", "key": f"{parent_key}/finish", "parent": parent_key, "status": status})
 
     # -- waiting and stopping ------------------------------------------------------------------
-    def flush(self, timeout: float = 30.0) -> bool:
+    def flush(self, timeout: float = 30.0, until_error: bool = False) -> bool:
         """Wait until every record appended so far is delivered; False when `timeout` ran out
-        (or the deliverer is gone)."""
+        (or the deliverer is gone; with until_error, as soon as this deliverer failed once)."""
         target = self.outbox_path.stat().st_size
         deadline = time.monotonic() + timeout
         self._poke(b"f")  # retry now, not at the end of a backoff
         while True:
             if self.delivered() >= target:
                 return True
-            if time.monotonic() >= deadline or self._proc.poll() is not None:
+            if time.monotonic() >= deadline or self._proc.poll() is not None or (until_error and self._failed()):
                 return self.delivered() >= target
             time.sleep(0.05)
+
+    def _failed(self) -> bool:
+        """This tracker's own deliverer has reported an error (not an earlier process's)."""
+        try:
+            status = json.loads((self.dir / STATUS).read_text())
+        except (FileNotFoundError, ValueError):
+            return False
+        return status.get("pid") == self._proc.pid and bool(status.get("error"))
 
     def close(self, timeout: float = 15.0) -> None:
         """Close the outbox and the lifeline: the deliverer makes one last pass (at most `timeout`
@@ -683,8 +700,34 @@ def outbox_dirs(path: Path) -> list[Path]:
     return sorted(p.parent for p in path.glob("*/tracking/outbox.jsonl"))
 
 
-def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, int, str | None]:
-    """(sent, skipped for good, pending, error) for one sweep's outbox."""
+def _replays(outbox: Path) -> set[str]:
+    """The keys of the invocations `windtunnel report --mlflow` appended (a replay of the study)."""
+    return {r["key"] for _, r in _read_records(outbox, 0)
+            if r is not None and r.get("op") == "invocation" and "replayed_from" in (r.get("params") or {})}
+
+
+def drop_pending(tracking_dir: Path, uri: str) -> int:
+    """Stop waiting for `uri` (a server gone for good): its undelivered records count as handled;
+    they stay in the outbox, and `sync --uri OTHER` can still copy them elsewhere. Returns how many."""
+    d = _Delivery(tracking_dir, uri, own_only=True)
+    with open(d.dir / LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            state = _load_state(d.dir)
+            t = _target_state(state, uri)
+            records = _read_records(d.dir / "outbox.jsonl", int(t["offsets"].get("own", 0)))
+            n = sum(d._selected(r) for _, r in records)
+            if records:
+                t["offsets"]["own"] = records[-1][0]
+                t["pending"] = []
+                _save_state(d.dir, state)
+            return n
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, dict[str, int], str | None]:
+    """(sent, skipped for good, {resolved URI: pending records}, error) for one sweep's outbox."""
     if uri is not None:
         deliveries = [_Delivery(tracking_dir, uri.strip(), own_only=False)]
     else:
@@ -693,18 +736,19 @@ def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) ->
             if rec is not None and rec.get("uri", "") not in uris:
                 uris.append(rec.get("uri", ""))
         deliveries = [_Delivery(tracking_dir, u, own_only=True) for u in uris]
-    sent = pending = 0
+    sent, pending = 0, {}
     error = None
     for d in deliveries:
         try:
             s, p = d.run(wait_lock_s=wait_lock_s)
             sent += s
-            pending += p
         except Exception as e:  # noqa: BLE001
             error = f"{d.resolved_uri}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
             state = _target_state(_load_state(tracking_dir), d.uri)
             offset = int(state["offsets"].get(d.mode, 0))
-            pending += sum(d._selected(r) for _, r in _read_records(tracking_dir / "outbox.jsonl", offset))
+            p = sum(d._selected(r) for _, r in _read_records(tracking_dir / "outbox.jsonl", offset))
+        if p:
+            pending[d.resolved_uri] = pending.get(d.resolved_uri, 0) + p
     return sent, sum(d.skipped for d in deliveries), pending, error
 
 
@@ -720,7 +764,7 @@ def sync(results_sweep_dir: Path, uri: str | None = None) -> tuple[int, int]:
         if error:
             log.warning("sync %s: %s", d.parent, error)
         sent += s
-        pending += p
+        pending += sum(p.values())
     return sent, pending
 
 

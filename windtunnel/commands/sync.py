@@ -2,7 +2,9 @@
 
 A sweep appends every MLflow record to <results_dir>/<sweep>/tracking/outbox.jsonl and delivers it
 in the background; what a down server did not take waits there. This command delivers the rest
-(each record to the URI its sweep used, or all of them to --uri), skipping what already arrived.
+(each record to the URI its sweep used, or all of them to --uri), skipping what already arrived;
+a `report --mlflow` replay is not copied by --uri (it repeats the sweep's own runs). A server gone
+for good: `--drop URI` stops waiting for it (its records stay in the outbox for --uri to copy).
 Exit 0 when nothing is left pending, 1 otherwise.
 """
 from __future__ import annotations
@@ -18,14 +20,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uri", default=None,
                         help="deliver every record to this MLflow tracking URI instead of the sweep's own "
                              "('' = the sweep's local store)")
+    parser.add_argument("--drop", metavar="URI", default=None,
+                        help="stop waiting for this URI (a server gone for good): its pending records count as handled")
 
 
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
     from windtunnel.sweep_config import check_tracking_uri
-    from windtunnel.tracking import _sync_dir, outbox_dirs
+    from windtunnel.tracking import _sync_dir, drop_pending, outbox_dirs
 
     check_tracking_uri(args.uri, "--uri")
+    if args.drop is not None and args.uri is not None:
+        raise ConfigError("--drop: not with --uri (drop first, then copy)")
     path = Path(args.path)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such folder (allowed: RESULTS_DIR or RESULTS_DIR/SWEEP)")
@@ -34,10 +40,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: holds no tracking/outbox.jsonl (allowed: a folder `windtunnel sweep` wrote, "
                           "or the results folder above it)")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.drop is not None:
+        for d in dirs:
+            print(f"{d.parent}: dropped {drop_pending(d, args.drop.strip())} pending for {args.drop.strip() or 'the local store'}")
+        return 0
     left_total = 0
     for d in dirs:
         sent, skipped, left, error = _sync_dir(d, args.uri)
-        left_total += left
-        line = f"{d.parent}: sent {sent}, {left} pending" + (f", {skipped} skipped for good (warnings above)" if skipped else "")
+        left_total += sum(left.values())
+        waiting = "; ".join(f"{n} pending for {uri}" for uri, n in left.items()) or "0 pending"
+        line = f"{d.parent}: sent {sent}, {waiting}" + (f", {skipped} skipped for good (warnings above)" if skipped else "")
         print(line + (f" ({error})" if error else ""))
     return 0 if left_total == 0 else 1
