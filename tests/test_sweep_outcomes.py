@@ -26,11 +26,13 @@ SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "sweeps").glob("*.y
 TOKENS = 60 * 1024  # quickstart's steps are 1024 tokens: evaluations at 10, 20, ... 59 steps
 
 
-def _sweep(results, *overrides, timeout=600):
+def _sweep(results, *overrides, rc=0, timeout=600):
     cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
            "tracking.enabled=false", f"train.tokens={TOKENS}", "train.eval_every=10000", *overrides]
     run = subprocess.run(cmd, cwd=results.parent, capture_output=True, text=True, timeout=timeout)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert run.returncode == rc, run.stdout[-2000:] + run.stderr[-2000:]
+    if rc == 1:  # every trial failed: the run says so
+        assert "windtunnel sweep: all 1 trials of this run failed" in run.stderr
     return quickstart_study(results)
 
 
@@ -92,7 +94,7 @@ def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path)
 def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_path):
     results = tmp_path / "results"
     study = _sweep(results, "n_trials=1", "executor.workers=1", "population.size=1", "pruner.type=none",
-                   "train.tokens=50000000", "executor.trial_timeout_s=4", "executor.retries=1")
+                   "train.tokens=50000000", "executor.trial_timeout_s=4", "executor.retries=1", rc=1)
     trials = study.get_trials()
     assert [t.state for t in trials] == [TS.FAIL, TS.FAIL]
     first, second = trials
