@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import sys
 
 from windtunnel import fits
+from windtunnel.commands import stdout_may_close
 from windtunnel.errors import ConfigError
 
 
@@ -106,11 +105,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             plots_fits.plot_wsd(fit, args.plot)
 
-    try:
+    with stdout_may_close():
         _print(args, kind, d)
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early (`| head -1`): that ends the output, no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
     return 0
 
 

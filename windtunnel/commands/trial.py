@@ -6,6 +6,7 @@ import os
 import sys
 from pathlib import Path
 
+from windtunnel.commands import stdout_may_close
 from windtunnel.errors import ConfigError
 
 
@@ -32,7 +33,7 @@ def run(args) -> int:
     if args.config:
         _as_trained(args.config, cfg)
     result = train_trial(cfg, progress=not (args.quiet or args.json))
-    try:
+    with stdout_may_close():
         if args.json:
             print(json.dumps(result.to_dict(), indent=1))
         else:
@@ -40,9 +41,6 @@ def run(args) -> int:
             print(f"status={result.status} val_loss={loss} tokens={result.tokens} params={result.params} "
                   f"tokens/s={result.tokens_per_s:,.0f} seconds={result.seconds:.1f}"
                   + (f" reason={result.reason!r}" if result.reason else ""))
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader stopped early (`| head -1`): that ends the output, no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
     return 0 if result.status == "ok" else 1
 
 
@@ -50,9 +48,6 @@ def _as_trained(config_file: str, cfg) -> None:
     """A sweep's best.yaml says how its trial was trained: on a CPU with the same thread count
     (unless OMP_NUM_THREADS says otherwise) the loss comes back bit for bit; trained in a
     population of several, it comes back within float noise (the stacked sums run in another order)."""
-    import os
-    import sys
-
     import torch
 
     from windtunnel.configure import load_yaml
