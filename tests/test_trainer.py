@@ -125,3 +125,12 @@ def test_wsd_branch_decays_from_the_step_its_state_was_saved_at(decay):
             assert lr_factor(stable.schedule, saved - 1, math.ceil(stable.train.tokens / tps)) == 1.0
     with pytest.raises(ConfigError, match="too early"):  # within the longest branch's warmup
         branch_configs(with_overrides(cfg, {"train.branch_at": [tps, 16_000_000]}))
+
+
+def test_wsd_branch_points_in_the_same_step_are_refused():
+    tps = 8 * 32  # tiny_trial's batch_size * seq_len
+    cfg = with_overrides(tiny_trial(checkpoint_dir="unused"), {
+        "schedule.decay": 0.2, "train.tokens": 40 * tps, "train.branch_at": [16 * tps, 20 * tps - 1, 20 * tps - 2]})
+    with pytest.raises(ConfigError, match=rf"^train.branch_at: {20 * tps - 2} and {20 * tps - 1} tokens fall in the same step \(20,"):
+        branch_configs(cfg)
+    branch_configs(with_overrides(cfg, {"train.branch_at": [16 * tps, 20 * tps - 1, 20 * tps + 1]}))  # steps 16, 20, 21

@@ -371,6 +371,10 @@ def branch_configs(cfg: TrialConfig) -> tuple[TrialConfig, dict[int, TrialConfig
     tps = cfg.train.batch_size * cfg.model.seq_len
     points = sorted(set(cfg.train.branch_at))
     saved = [math.ceil(s / tps) for s in points]
+    for (a, sa), (b, sb) in zip(zip(points, saved), zip(points[1:], saved[1:])):
+        if sa == sb:  # one state per step: the second stable-{s}.pt would never be written
+            raise ConfigError(f"train.branch_at: {a} and {b} tokens fall in the same step ({sa}, at {tps} "
+                              f"tokens per step); keep one of them")
     lengths = [branch_steps(cfg.schedule, n) for n in saved]
     # the stable run warms up exactly as the longest branch does, run on its own
     warmup_steps = phase_steps(cfg.schedule, lengths[-1])[0]
