@@ -1,5 +1,29 @@
-"""The one error type users see: a bad value, named by its field, with what is allowed."""
+"""The one error type users see: a bad value, named by its field, with what is allowed; and the
+two path checks that turn a file in the way, or an unwritable folder, into one."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
 
 
 class ConfigError(ValueError):
     """Bad input. The message is one line: '<where>: <field>: <rule> (got <value>)'."""
+
+
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The file that keeps folder from being created (folder itself, or its first existing
+    parent, when that is not a folder); None if mkdir(parents=True) could make it."""
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return None if folder.is_dir() else folder
+
+
+def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
+    """tempfile.mkstemp in path's folder (created if missing), for a write renamed onto path; an
+    OSError as the one-line ConfigError '<error> (<reason>)', naming the user's path, not the temp file's."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    except OSError as e:
+        raise ConfigError(f"{error} ({e.strerror or e})") from None

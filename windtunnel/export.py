@@ -16,12 +16,11 @@ import json
 import math
 import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import yaml
 
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, file_in_the_way, temp_beside
 from windtunnel.transfer import GIB, Plan, fmt, slug
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
@@ -186,10 +185,7 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
 
 
 def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:  # named by the folder the user gave, not the temp file's name
-        raise ConfigError(f"--out: cannot write in {path.parent} ({e.strerror or e})") from None
+    fd, tmp = temp_beside(path, f"--out: cannot write in {path.parent}", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -221,10 +217,8 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
     """Write the five files into out_dir (created); returns their paths."""
     out = Path(out_dir)
-    folder = out
-    while not folder.exists() and folder != folder.parent:  # the first folder mkdir would not create
-        folder = folder.parent
-    if not folder.is_dir():
+    folder = file_in_the_way(out)
+    if folder is not None:
         raise ConfigError(f"--out: {out} is a file; a folder is needed (created if missing)" if folder == out
                           else f"--out: {out}: {folder} is a file; a folder is needed (created if missing)")
     _check_checkpoints(plan, out)

@@ -6,13 +6,12 @@ via a temporary file renamed into place, so a failed plot leaves nothing half-wr
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, file_in_the_way, temp_beside
 from windtunnel.fits import BatchSizeFit, LrTransferFit, ScalingLawFit, WsdFit, predict_loss
 
 FORMATS = ("png", "pdf", "svg")
@@ -27,10 +26,8 @@ def check_format(path: str | Path, flag: str = "--plot") -> str:
         raise ConfigError(f"{flag}: {path}: file type {path.suffix or '(none)'!r} not allowed; allowed: .{', .'.join(FORMATS)}")
     if path.is_dir():
         raise ConfigError(f"{flag}: {path} is a folder; a file name is needed (e.g. {path / ('plot.' + fmt)})")
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:  # the folders save_figure would create
-        folder = folder.parent
-    if not folder.is_dir():
+    folder = file_in_the_way(path.parent)  # in the way of the folders save_figure would create
+    if folder is not None:
         raise ConfigError(f"{flag}: {path}: {folder} is a file, not a folder")
     return fmt
 
@@ -49,11 +46,10 @@ def save_figure(fig, path: str | Path, flag: str = "--plot") -> Path:
     path = Path(path)
     fmt = check_format(path, flag)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:  # named by the user's path, not the temp file's
+        fd, tmp = temp_beside(path, f"{flag}: cannot write {path} there")
+    except ConfigError:
         pyplot().close(fig)
-        raise ConfigError(f"{flag}: cannot write {path} there ({e.strerror or e})") from None
+        raise
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the figure private
     try:
