@@ -36,24 +36,30 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _per_point_frame(study: optuna.Study, key: str, extra: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per entry of the result's `key` list of every trial not replaced by a retry: its
+    number, state, params, the sweep's fixed values, extra's {column: result key}, then the entry."""
+    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        result = t.user_attrs.get("result", {})
+        if t.user_attrs.get("retried") or not result.get(key):
+            continue
+        head = {"number": t.number, "state": t.state.name, **t.params, **fixed,
+                **{col: result.get(k) for col, k in (extra or {}).items()}}
+        rows += [{**head, **point} for point in result[key]]
+    return pd.DataFrame(rows)
+
+
 def curves_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per evaluation of every trial: the input of `windtunnel fit batch-size` and friends."""
-    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
-    rows = [{"number": t.number, "state": t.state.name, **t.params, **fixed, **point}
-            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("retried")
-            for point in t.user_attrs.get("result", {}).get("curve", [])]
-    return pd.DataFrame(rows)
+    return _per_point_frame(study, "curve")
 
 
 def branches_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per WSD decay branch (train.branch_at) of every trial: (N, D, loss) points for
     `windtunnel fit wsd` and, through it, the data-model scaling law."""
-    fixed = json.loads(study.user_attrs.get("fixed", "{}"))
-    rows = [{"number": t.number, "state": t.state.name, **t.params, **fixed,
-             "n_params": t.user_attrs["result"].get("params"), **branch}
-            for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("retried")
-            for branch in t.user_attrs.get("result", {}).get("branches", [])]
-    return pd.DataFrame(rows)
+    return _per_point_frame(study, "branches", {"n_params": "params"})
 
 
 def _atomic(path: Path, write) -> None:
