@@ -1,5 +1,6 @@
 """A sweep's results, regenerated from its study alone: trials.csv/.parquet, curves.csv (every
-evaluation), branches.csv (every WSD decay branch), best.yaml, plots, report.md. Every file is written to a temp name and renamed, so none is ever half-written."""
+evaluation), branches.csv (every WSD decay branch), best.yaml, plots, report.md. Every file is
+written to a temp name and renamed, so none is ever half-written."""
 from __future__ import annotations
 
 import json
