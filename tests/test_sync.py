@@ -43,3 +43,20 @@ def test_sync_after_a_replay_to_a_dead_server(tmp_path):
     assert dropped.returncode == 0 and f"dropped 6 pending for {dead}" in dropped.stdout, dropped.stdout
     done = _cli("sync", sweep, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("sent 0, 0 pending"), done.stdout
+
+
+def test_a_replay_of_an_untracked_sweep_is_copied_and_a_drop_names_known_servers(tmp_path):
+    """With tracking off the replay is the sweep's only copy: `sync --uri` copies it. --drop takes
+    the URI as `sync` prints it, and refuses one no record goes to."""
+    results = tmp_path / "results"
+    assert _cli("sweep", "quickstart", "-q", "n_trials=2", f"results_dir={results}", "train.tokens=20000",
+                "train.eval_every=10000", "population.size=1", "tracking.enabled=false", cwd=tmp_path).returncode == 0
+    sweep = results / "quickstart"
+    dead = f"http://127.0.0.1:{free_port()}"
+    _cli("report", sweep, "--mlflow", dead, cwd=tmp_path)
+    assert _cli("sync", sweep, "--uri", "", cwd=tmp_path).returncode == 0
+    assert sorted(child for _, child in _runs(sweep)) == [False, True, True]  # the replay's invocation, 2 trials
+    typo = _cli("sync", sweep, "--drop", dead + "/", cwd=tmp_path)
+    assert typo.returncode == 2 and f"--drop: {sweep}'s records go to no '{dead}/' (allowed: '{dead}')" in typo.stderr
+    assert _cli("sync", sweep, "--drop", dead, cwd=tmp_path).returncode == 0
+    assert _cli("sync", sweep, cwd=tmp_path).returncode == 0

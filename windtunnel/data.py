@@ -217,6 +217,11 @@ def data_vocab(cfg: DataConfig) -> int | None:
             return int(json.loads((src / "manifest.json").read_text()).get("vocab_size", 0)) or None
         if not src.exists():
             return None
+    return _tokenizer_vocab(cfg)
+
+
+def _tokenizer_vocab(cfg: DataConfig) -> int:
+    """The vocabulary cfg's tokenizer is asked for (BPE may stop short of it)."""
     return cfg.vocab_size if cfg.tokenizer == "bpe" else 256
 
 
@@ -229,7 +234,7 @@ def load(cfg: DataConfig) -> Shards:
     src = Path(cfg.source).expanduser()
     if cfg.source != "stdlib" and (src / "manifest.json").exists():
         return Shards.open(src, cfg.val_fraction)
-    vocab = cfg.vocab_size if cfg.tokenizer == "bpe" else 256
+    vocab = _tokenizer_vocab(cfg)
     if cfg.source == "stdlib":  # fixed for a Python install: skip reading 30 MB to hash it
         ident = f"{stdlib_dir()}|{sys.version}|{cfg.max_bytes}".encode()
     else:

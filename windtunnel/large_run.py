@@ -54,6 +54,7 @@ from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
+from windtunnel.trainer import resolve_device
 
 
 # What a relaunch of a run may change beside RUN_ONLY: its evaluation, its save points, its branch
@@ -153,10 +154,7 @@ def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
 
 
 def _wants_cuda(device_name: str) -> bool:
-    want_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise ConfigError(f"train.device: {device_name} asked for, but no CUDA device is visible (allowed: auto, cpu)")
-    return want_cuda
+    return resolve_device(device_name).type == "cuda"  # refuses cuda where none is visible
 
 
 def check_world(cfg: TrialConfig, run: LargeRunConfig, world: int, launched: bool) -> None:
@@ -555,11 +553,10 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
     if vocab and cfg.model.vocab_size and cfg.model.vocab_size < vocab:
         raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {vocab} "
                           f"(got {cfg.model.vocab_size}; data.source {src})")
-    if (run_dir / "train.lock").exists():
-        try:
-            locks.hold(run_dir / "train.lock").close()
-        except locks.Held as e:
-            raise _taken(run_dir, str(e)) from None
+    try:
+        locks.probe(run_dir / "train.lock")
+    except locks.Held as e:
+        raise _taken(run_dir, str(e)) from None
     latest = ckpt_dir / "latest"
     name = latest.read_text().strip() if latest.is_file() else ""
     if name:

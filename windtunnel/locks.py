@@ -42,3 +42,20 @@ def hold(path: Path) -> IO:
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
     return f
+
+
+def probe(path: Path) -> None:
+    """Raise Held if a process holds the lock at path; takes nothing and writes nothing (a check
+    before a launch: the launch itself takes the lock)."""
+    try:
+        f = open(path)
+    except FileNotFoundError:
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Held(f.read().strip() or "another process") from None
+        except OSError:  # no flock here: hold() warns when the launch takes it
+            return
+        fcntl.flock(f, fcntl.LOCK_UN)

@@ -103,8 +103,8 @@ def make_pruner(p: PrunerConfig) -> optuna.pruners.BasePruner:
 
 
 def space_fingerprint(cfg: SweepConfig) -> str:
-    """The search space (and the sampler) a study was created with."""
-    return json.dumps({"search": cfg.search, "sampler": cfg.sampler.type}, sort_keys=True, default=str)
+    """The search space a study was created with (its sampler may change on a resume)."""
+    return json.dumps({"search": cfg.search}, sort_keys=True, default=str)
 
 
 def trial_settings(cfg: SweepConfig) -> dict:

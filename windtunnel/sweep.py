@@ -101,7 +101,7 @@ class Driver:
         self.dir = Path(cfg.results_dir) / cfg.name
         if cfg.executor.type == "local":
             preflight(cfg)
-        self.executor = make_executor(cfg.executor, self.dir)  # first: an absent cluster is an error before any write
+        self.executor = make_executor(cfg.executor, self.dir)  # before any write: an absent cluster is an error
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = hold_driver_lock(self.dir)  # before the study: recover() would take a live driver's trials
         self.study = open_study(cfg, self.dir)

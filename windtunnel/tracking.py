@@ -246,8 +246,9 @@ class _Delivery:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self, should_stop: Callable[[], bool] = lambda: False, wait_lock_s: float = 0.0,
-            progress: Callable[[int], None] | None = None) -> tuple[int, int]:
-        """Deliver what is pending; returns (sent, still pending). Raises when MLflow fails."""
+            progress: Callable[[int], None] | None = None, drop: bool = False) -> tuple[int, int]:
+        """Deliver what is pending; returns (sent, still pending). Raises when MLflow fails.
+        drop: deliver nothing, count what was pending as handled; returns (0, how many)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         with open(self.dir / LOCK, "a") as lock:
             deadline = time.monotonic() + wait_lock_s
@@ -260,9 +261,19 @@ class _Delivery:
                         raise _Busy(f"{self.dir}: another process is delivering these records") from None
                     time.sleep(0.2)
             try:
-                return self._run_locked(should_stop, progress)
+                return self._drop_locked() if drop else self._run_locked(should_stop, progress)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _drop_locked(self) -> tuple[int, int]:
+        state = _load_state(self.dir)
+        t = _target_state(state, self.uri)
+        records = _read_records(self.dir / "outbox.jsonl", int(t["offsets"].get(self.mode, 0)))
+        if records:
+            t["offsets"][self.mode] = records[-1][0]
+            t["pending"] = []
+            _save_state(self.dir, state)
+        return 0, sum(self._selected(r) for _, r in records)
 
     def _run_locked(self, should_stop, progress) -> tuple[int, int]:
         state = _load_state(self.dir)
@@ -701,29 +712,33 @@ def outbox_dirs(path: Path) -> list[Path]:
 
 
 def _replays(outbox: Path) -> set[str]:
-    """The keys of the invocations `windtunnel report --mlflow` appended (a replay of the study)."""
-    return {r["key"] for _, r in _read_records(outbox, 0)
-            if r is not None and r.get("op") == "invocation" and "replayed_from" in (r.get("params") or {})}
+    """The invocations `windtunnel report --mlflow` appended (a replay of the study) that repeat
+    runs the sweep tracked itself; a replay of a sweep run with tracking off is its only copy."""
+    records = [r for _, r in _read_records(outbox, 0) if r is not None]
+    replays = {r["key"] for r in records if r.get("op") == "invocation" and "replayed_from" in (r.get("params") or {})}
+    tracked = any(r.get("op") == "trial" and r.get("parent") not in replays for r in records)
+    return replays if tracked else set()
 
 
-def drop_pending(tracking_dir: Path, uri: str) -> int:
-    """Stop waiting for `uri` (a server gone for good): its undelivered records count as handled;
-    they stay in the outbox, and `sync --uri OTHER` can still copy them elsewhere. Returns how many."""
-    d = _Delivery(tracking_dir, uri, own_only=True)
-    with open(d.dir / LOCK, "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            state = _load_state(d.dir)
-            t = _target_state(state, uri)
-            records = _read_records(d.dir / "outbox.jsonl", int(t["offsets"].get("own", 0)))
-            n = sum(d._selected(r) for _, r in records)
-            if records:
-                t["offsets"]["own"] = records[-1][0]
-                t["pending"] = []
-                _save_state(d.dir, state)
-            return n
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def outbox_uris(tracking_dir: Path) -> list[str]:
+    """The URIs the outbox's records are addressed to, in order of first use ('' = the local store)."""
+    return list(dict.fromkeys(r.get("uri", "") for _, r in _read_records(tracking_dir / "outbox.jsonl", 0)
+                              if r is not None))
+
+
+def drop_pending(tracking_dir: Path, uri: str, wait_lock_s: float = 60.0) -> int:
+    """Stop waiting for `uri` (a server gone for good; as its records name it, or as `sync` prints
+    it): its undelivered records count as handled. They stay in the outbox, and `sync --uri OTHER`
+    can still copy them elsewhere. Returns how many."""
+    from windtunnel.errors import ConfigError
+
+    named = {u: u for u in outbox_uris(tracking_dir)} | {_Delivery(tracking_dir, u).resolved_uri: u
+                                                          for u in outbox_uris(tracking_dir)}
+    if uri not in named:
+        raise ConfigError(f"--drop: {tracking_dir.parent}'s records go to no {uri!r} "
+                          f"(allowed: {', '.join(repr(u) for u in dict.fromkeys(named.values()))})")
+    d = _Delivery(tracking_dir, named[uri], own_only=True)
+    return d.run(wait_lock_s=wait_lock_s, drop=True)[1]
 
 
 def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) -> tuple[int, int, dict[str, int], str | None]:
@@ -731,11 +746,7 @@ def _sync_dir(tracking_dir: Path, uri: str | None, wait_lock_s: float = 60.0) ->
     if uri is not None:
         deliveries = [_Delivery(tracking_dir, uri.strip(), own_only=False)]
     else:
-        uris = []
-        for _, rec in _read_records(tracking_dir / "outbox.jsonl", 0):
-            if rec is not None and rec.get("uri", "") not in uris:
-                uris.append(rec.get("uri", ""))
-        deliveries = [_Delivery(tracking_dir, u, own_only=True) for u in uris]
+        deliveries = [_Delivery(tracking_dir, u, own_only=True) for u in outbox_uris(tracking_dir)]
     sent, pending = 0, {}
     error = None
     for d in deliveries:

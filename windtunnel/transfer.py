@@ -478,6 +478,11 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
         row("optim.lr", lr, "base lr, kept (MiniCPM: μP's lr does not follow the batch)", "--lr-batch-scaling none")
 
     # -- schedule
+    if D < bs_tokens:  # ceil(D / batch) would make it one step, silently
+        given = "--tokens" if laws.tokens is not None else "--tokens-per-param" if laws.tokens_per_param is not None \
+            else "--scaling-law (its tokens per parameter)"
+        raise ConfigError(f"{given}: a token budget of {D:,} is under one step's batch of {bs_tokens:,} tokens "
+                          f"(allowed: >= {bs_tokens:,})")
     steps = row("total steps", math.ceil(D / bs_tokens), "ceil(D / batch tokens)", "above")
     sched = to_dict(w.schedule)
     warm = target.warmup if target.warmup is not None else sched["warmup"]

@@ -3,8 +3,9 @@
 A sweep appends every MLflow record to <results_dir>/<sweep>/tracking/outbox.jsonl and delivers it
 in the background; what a down server did not take waits there. This command delivers the rest
 (each record to the URI its sweep used, or all of them to --uri), skipping what already arrived;
-a `report --mlflow` replay is not copied by --uri (it repeats the sweep's own runs). A server gone
-for good: `--drop URI` stops waiting for it (its records stay in the outbox for --uri to copy).
+a `report --mlflow` replay is not copied by --uri where the sweep tracked its runs itself (it
+repeats them). A server gone for good: `--drop URI` stops waiting for it (its records stay in the
+outbox for --uri to copy).
 Exit 0 when nothing is left pending, 1 otherwise.
 """
 from __future__ import annotations

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from windtunnel.errors import ConfigError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,12 +48,6 @@ def run(args) -> int:
         scaling_law=transfer.load_law(args.scaling_law, "scaling-law") if args.scaling_law else None,
         tokens=args.tokens, tokens_per_param=args.tokens_per_param, lr_batch_scaling=args.lr_batch_scaling)
     plan = transfer.plan(winner, target, laws)
-    budget, batch = plan.value("D (tokens)"), plan.value("batch size (tokens)")
-    if budget < batch:  # ceil(D / batch) would make it one step, silently
-        given = "--tokens" if args.tokens is not None else "--tokens-per-param" if args.tokens_per_param is not None \
-            else "--scaling-law (its tokens per parameter)"
-        raise ConfigError(f"{given}: a token budget of {budget:,} is under one step's batch of {batch:,} tokens "
-                          f"(allowed: >= {batch:,})")
     src = plan.trial.data.source
     # best.yaml names the data its sweep read, e.g. a shard folder on its authors' machine; a relative
     # path is read from --out first, as `windtunnel train` does

@@ -54,7 +54,8 @@ def _as_trained(config_file: str, cfg) -> None:
     from windtunnel.trainer import resolve_device
 
     how = load_yaml(config_file).get("trained_with") or {}
-    if how.get("threads") and resolve_device(cfg.train.device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    cpu_both = str(how.get("device", "")).startswith("cpu") and resolve_device(cfg.train.device).type == "cpu"
+    if how.get("threads") and cpu_both and "OMP_NUM_THREADS" not in os.environ:  # a GPU worker's threads mean nothing here
         torch.set_num_threads(int(how["threads"]))
         print(f"windtunnel trial: {how['threads']} CPU thread(s), as the sweep trained it "
               "(OMP_NUM_THREADS=N sets another count)", file=sys.stderr)
