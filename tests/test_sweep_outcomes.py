@@ -1,7 +1,8 @@
 """What a sweep makes of its trials besides training them: the shipped sweep files ask valid
 trials; the pruner stops bad trials early but never a finished one; the best trial's config,
 re-run with `windtunnel trial`, gives its loss back; a trial past its time limit is retried, then
-failed with its reason."""
+failed with its reason. And what `windtunnel sweep` says when it ends: failures, a complete
+sweep, where the best is."""
 import itertools
 import os
 import json
@@ -26,14 +27,13 @@ SWEEPS = sorted(p.stem for p in (Path(__file__).parents[1] / "sweeps").glob("*.y
 TOKENS = 60 * 1024  # quickstart's steps are 1024 tokens: evaluations at 10, 20, ... 59 steps
 
 
-def _sweep(results, *overrides, rc=0, timeout=600):
+def _sweep(results, *overrides, rc=0, timeout=600) -> subprocess.CompletedProcess:
+    """`windtunnel sweep quickstart` into results (a later override wins), which must exit rc."""
     cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
            "tracking.enabled=false", f"train.tokens={TOKENS}", "train.eval_every=10000", *overrides]
     run = subprocess.run(cmd, cwd=results.parent, capture_output=True, text=True, timeout=timeout)
     assert run.returncode == rc, run.stdout[-2000:] + run.stderr[-2000:]
-    if rc == 1:  # every trial failed: the run says so
-        assert "windtunnel sweep: all 1 trials of this run failed" in run.stderr
-    return quickstart_study(results)
+    return run
 
 
 @pytest.mark.parametrize("name", SWEEPS)
@@ -66,9 +66,9 @@ def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path)
     was pruned at its last evaluation (and lost its loss). best.yaml records how its trial was
     trained (a CPU's threads set the order of float sums); re-run, it gives the same loss."""
     results = tmp_path / "results"
-    study = _sweep(results, "n_trials=8", "executor.workers=1", "population.size=1", "sampler.n_startup_trials=8",
-                   "search.optim.lr.low=1e-6", "pruner.type=median", "pruner.n_startup_trials=2",
-                   "pruner.n_warmup_evals=1")
+    _sweep(results, "n_trials=8", "executor.workers=1", "population.size=1", "sampler.n_startup_trials=8",
+           "search.optim.lr.low=1e-6", "pruner.type=median", "pruner.n_startup_trials=2", "pruner.n_warmup_evals=1")
+    study = quickstart_study(results)
     trials = study.get_trials()
     pruned = [t for t in trials if t.state == TS.PRUNED]
     done = [t for t in trials if t.state == TS.COMPLETE]
@@ -93,9 +93,10 @@ def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path)
 
 def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_path):
     results = tmp_path / "results"
-    study = _sweep(results, "n_trials=1", "executor.workers=1", "population.size=1", "pruner.type=none",
-                   "train.tokens=50000000", "executor.trial_timeout_s=4", "executor.retries=1", rc=1)
-    trials = study.get_trials()
+    run = _sweep(results, "n_trials=1", "executor.workers=1", "population.size=1", "pruner.type=none",
+                 "train.tokens=50000000", "executor.trial_timeout_s=4", "executor.retries=1", rc=1)
+    assert "windtunnel sweep: all 1 trials of this run failed" in run.stderr
+    trials = quickstart_study(results).get_trials()
     assert [t.state for t in trials] == [TS.FAIL, TS.FAIL]
     first, second = trials
     assert first.user_attrs["retried"] and "timed out after 4 s; retried" in first.user_attrs["reason"]
@@ -104,6 +105,30 @@ def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_
     ps = subprocess.run(["pgrep", "-f", f"windtunnel.worker {results}"], capture_output=True, text=True)
     assert ps.stdout.strip() == ""  # the cancelled workers are gone
 
+
+QUICK = ("train.tokens=16000", "train.eval_every=8000")  # two evaluations: enough to end a sweep
+
+
+def test_a_run_whose_every_trial_failed_exits_1_without_a_best(tmp_path):
+    """It exited 0 and printed `best: .../best.yaml`, a file never written."""
+    results = tmp_path / "results"
+    # a vocab below the data's 256: every worker refuses it
+    p = _sweep(results, *QUICK, "n_trials=2", "model.vocab_size=100", rc=1)
+    assert "(0 ok, 0 pruned, 2 failed this run)" in p.stdout and "best:" not in p.stdout
+    d = results / "quickstart"
+    assert p.stderr.strip().splitlines()[-1] == (f"windtunnel sweep: all 2 trials of this run failed; their reasons: "
+                                                 f"{d}/trials.csv, their workers' logs: {d}/bundles/*/worker.log")
+    assert not (d / "best.yaml").exists() and list(d.glob("bundles/*/worker.log"))
+
+
+def test_a_complete_sweep_says_so_and_how_to_add_trials(tmp_path):
+    results = tmp_path / "results"
+    p = _sweep(results, *QUICK, "n_trials=1")
+    assert "best:" in p.stdout, p.stdout + p.stderr
+    p = _sweep(results, *QUICK, "n_trials=1")
+    assert p.stdout.splitlines()[0] == ("quickstart: already complete: 1 trials; raise n_trials (now 1) to add more, "
+                                      "e.g. n_trials=2")
+    assert "best:" in p.stdout
 
 def test_wsd_branches_of_a_sweep_feed_the_scaling_law(tmp_path):
     """MiniCPM's data-model scaling from a real sweep: one stable run per size, decays branched at
