@@ -34,7 +34,6 @@ def test_coord_check_bad_plot_file_fails_before_the_check(capsys, monkeypatch, t
 def _broken(role_of=None, **mults):
     """parametrization.rule / multipliers with one μP rule broken (a fault no config can cause)."""
     import dataclasses
-    import math
 
     from windtunnel import parametrization as P
 
@@ -52,7 +51,7 @@ def _broken(role_of=None, **mults):
         m = P.width_mult(kw["d_model"], kw["dim_model_base"])
         return dataclasses.replace(out, **{k: f(m) for k, f in mults.items()}) if par == "mup" else out
 
-    return broken_rule, broken_multipliers, math
+    return broken_rule, broken_multipliers
 
 
 BROKEN = {  # name: (what breaks, the activation the check must flag)
@@ -70,7 +69,7 @@ def test_the_check_catches_a_broken_mup_rule(monkeypatch, name):
     from windtunnel.coord_check import coord_check, mup_violations
 
     kwargs, flagged = BROKEN[name]
-    rule, multipliers, _ = _broken(**kwargs)
+    rule, multipliers = _broken(**kwargs)
     base = trial_config([])  # unbroken, the check passes: the first test's exit status 0
     monkeypatch.setattr(P, "rule", rule)
     monkeypatch.setattr(P, "multipliers", multipliers)
