@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import unavailable
 from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
 
 BIN = Path(sys.executable).parent
@@ -52,7 +53,7 @@ def export(tmp_path: Path, *args) -> Path:
 def test_launch_sh_config_error_is_one_line_exit_2(tmp_path):
     """Under torchrun each rank printed the error, then torchrun's ChildFailedError traceback, exit 1."""
     if shutil.which("torchrun", path=str(BIN)) is None:
-        pytest.skip(f"torchrun not installed in {BIN}")
+        unavailable(f"torchrun not installed in {BIN}")
     out = export(tmp_path)
     for extra, message in ((["train.tokens=BAD"], "train.tokens: must be an integer (got 'BAD')"),
                            (["data.source=/nonexistent/shards"], "data.source: /nonexistent/shards does not exist"),
