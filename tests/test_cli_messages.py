@@ -206,3 +206,9 @@ def test_population_bench_without_cuda_is_one_line():
     r = subprocess.run([sys.executable, "-m", "windtunnel.bench.population", "--steps", "1"], capture_output=True,
                        text=True, env=ENV, timeout=120)
     assert r.returncode == 1 and r.stderr.strip() == "bench: needs a CUDA GPU", r.stderr[-2000:]
+
+
+def test_train_world_without_check_is_refused(tmp_path):
+    """--world is the launch check's; a training launch takes its world size from torchrun."""
+    one_line(cli("train", tmp_path / "train.yaml", "--world", "2"),
+             "--world: only with --check (a launch takes its world size from torchrun)")

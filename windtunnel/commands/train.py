@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 
+from windtunnel.errors import ConfigError
+
 
 def add_arguments(p) -> None:
     import argparse
@@ -34,6 +36,8 @@ def run(args) -> int:
     if args.check:
         check(args.config, args.overrides, args.world)
         return 0
+    if args.world is not None:  # a launch's world is torchrun's to say
+        raise ConfigError("--world: only with --check (a launch takes its world size from torchrun)")
     result = main(args.config, args.overrides)
     if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now: torchrun's env
         print(json.dumps(result))
