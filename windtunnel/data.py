@@ -220,6 +220,15 @@ def data_vocab(cfg: DataConfig) -> int | None:
     return _tokenizer_vocab(cfg)
 
 
+def model_vocab(asked: int, cfg: DataConfig, held: int | None) -> int | None:
+    """The model's vocabulary: model.vocab_size, or 0 for the data's (`held`, None where unknown);
+    one smaller than the data's is refused (its token ids would index past the embedding)."""
+    if held and asked and asked < held:
+        raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {held} "
+                          f"(got {asked}; data.source {cfg.source})")
+    return asked or held
+
+
 def _tokenizer_vocab(cfg: DataConfig) -> int:
     """The vocabulary cfg's tokenizer is asked for (BPE may stop short of it)."""
     return cfg.vocab_size if cfg.tokenizer == "bpe" else 256

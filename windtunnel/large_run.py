@@ -238,9 +238,7 @@ class LargeRun:
         self.shards = data_mod.load(cfg.data)
         if self.rank == 0:
             dist.barrier()
-        vocab = cfg.model.vocab_size or self.shards.vocab_size
-        if vocab < self.shards.vocab_size:
-            raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {self.shards.vocab_size} (got {vocab})")
+        vocab = data_mod.model_vocab(cfg.model.vocab_size, cfg.data, self.shards.vocab_size)
 
         model = Transformer(cfg.model, vocab, population=1)
         roles = model.param_roles()
@@ -549,10 +547,7 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
         if not path.exists():  # e.g. a results/ best.yaml's shard folder on its authors' machine
             raise ConfigError(f"data.source: {src} does not exist on this machine (allowed: stdlib, a text file "
                               "or folder, a shard folder of `windtunnel data prepare`; e.g. data.source=stdlib)")
-    vocab = data_mod.data_vocab(cfg.data)
-    if vocab and cfg.model.vocab_size and cfg.model.vocab_size < vocab:
-        raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {vocab} "
-                          f"(got {cfg.model.vocab_size}; data.source {src})")
+    data_mod.model_vocab(cfg.model.vocab_size, cfg.data, data_mod.data_vocab(cfg.data))
     try:
         locks.probe(run_dir / "train.lock")
     except locks.Held as e:

@@ -116,9 +116,7 @@ class Population:
         c0 = cfgs[0]
         self.device = torch.device(device) if device is not None else resolve_device(c0.train.device)
         self.shards = data_mod.load(c0.data)
-        vocab = c0.model.vocab_size or self.shards.vocab_size
-        if vocab < self.shards.vocab_size:
-            raise ConfigError(f"model.vocab_size: must be >= the data's vocabulary {self.shards.vocab_size}", )
+        vocab = data_mod.model_vocab(c0.model.vocab_size, c0.data, self.shards.vocab_size)
         self.model = Transformer(c0.model, vocab, population=self.K)
         _init_trials(self.model, cfgs, _init_threads(self.device))
         self.model.to(self.device)
