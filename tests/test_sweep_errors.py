@@ -129,6 +129,27 @@ def test_overrides_of_a_config_file_read_numbers_as_hydra_does(tmp_path):
     assert cfg.optim.lr == 0.001 and cfg.train.tokens == 2_000_000 and type(cfg.train.tokens) is int
 
 
+def test_whole_numbers_in_exponent_form_fill_integer_fields(tmp_path):
+    """`train.tokens=2e5` on the command line, in a sweep file or a search range, as `2e6` above in a
+    config file: an integer; a fraction (1.5) or a small exponent (1e-1) is still refused."""
+    from windtunnel.configure import load_sweep, trial_config
+    from windtunnel.errors import ConfigError
+
+    cfg = trial_config(["train.tokens=2e5", "model.d_model=1.28e2", "optim.lr=1e-2", "model.init_std=1e0"])
+    assert (cfg.train.tokens, cfg.model.d_model, cfg.optim.lr, cfg.model.init_std) == (200_000, 128, 0.01, 1.0)
+    assert type(cfg.train.tokens) is int and type(cfg.model.init_std) is float
+    for bad, shown in (("1.5", "'1.5'"), ("1e-1", "'0.1'")):
+        with pytest.raises(ConfigError, match=rf"^model\.d_model: must be an integer \(got {shown}\)"):
+            trial_config([f"model.d_model={bad}"])
+    f = tmp_path / "s.yaml"
+    f.write_text("defaults: [_self_]\nn_trials: 4\ntrain: {tokens: 3e4}\n"
+                 "search: {train.tokens: {type: int, low: 1e4, high: 2e4}}\n")
+    sweep = load_sweep(str(f), ["model.seq_len=6.4e1"])
+    assert sweep.trial.train.tokens == 30_000 and sweep.trial.model.seq_len == 64
+    p = sweep.search["train.tokens"]
+    assert (p["low"], p["high"]) == (10_000, 20_000) and type(p["low"]) is int
+
+
 def test_unwritable_results_dir_is_one_line(tmp_path):
     """An OS error on a path the user gave (here results_dir under a regular file): one line naming it."""
     (tmp_path / "file").write_text("")

@@ -81,12 +81,21 @@ def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | 
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=[_whole_override(o) for o in overrides])
         return OmegaConf.to_container(cfg, resolve=True)
     except ConfigError:
         raise
     except Exception as e:  # Hydra/OmegaConf errors, as one line naming the key
         raise ConfigError(_override_error(e)) from None
+
+
+def _whole_override(item: str) -> str:
+    """`train.tokens=2e5` as `train.tokens=200000`: Hydra reads the exponent as a float, which an
+    int field refuses (the YAML files read it as an integer: `_whole_or_float`)."""
+    key, sep, text = item.partition("=")
+    if sep and _WHOLE_EXPONENT.match(text) and float(text).is_integer():
+        return f"{key}={int(float(text))}"
+    return item
 
 
 def trial_config(overrides: list[str], config_file: str | None = None) -> TrialConfig:
@@ -112,6 +121,18 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
    |[-+]?\.(?:inf|Inf|INF)
    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _whole_or_float(loader, node):
+    """An exponent with a whole value (2e5, 1.5e6) is an integer, so int fields take it as written;
+    float fields still hold a float (coerce, OmegaConf convert ints)."""
+    text = loader.construct_scalar(node)
+    value = loader.construct_yaml_float(node)
+    return int(value) if _WHOLE_EXPONENT.match(text) and value.is_integer() else value
+
+
+_WHOLE_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE]\+?[0-9]+$")
+_Loader.add_constructor("tag:yaml.org,2002:float", _whole_or_float)
 
 
 def load_yaml(path: str | Path) -> dict:
