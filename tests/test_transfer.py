@@ -171,7 +171,13 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     assert argv[argv.index("--rdzv_endpoint") + 1] == "node0:29500"
     assert not os.path.exists(PWN)
     sbatch = (out / "launch.sbatch").read_text()
-    assert "#SBATCH --job-name=x_touch_tmp_pwned\n" in sbatch and "#SBATCH --gpus-per-node=2\n" in sbatch
+    assert "#SBATCH --job-name=x_touch_tmp_pwned\n" in sbatch
+    # a cpu target asks for its processes' CPUs, not GPUs (test_launch_sbatch.py submits it); a GPU one for GPUs
+    assert "#SBATCH --cpus-per-task=2\n" in sbatch and "--gpus" not in sbatch
+    gpu = transfer.plan(transfer.load_winner(str(best)), transfer.load_target("tiny-cpu", ["device=cuda"]),
+                        transfer.Laws(batch_size=2048, tokens=65536))
+    sbatch = export.launch_sbatch(gpu, out)
+    assert "#SBATCH --gpus-per-node=2\n" in sbatch and "--cpus-per-task" not in sbatch
 
     # train.yaml is what `windtunnel train` takes; the run name survives intact, paths are slugs
     from windtunnel.large_run import load_config

@@ -2,7 +2,7 @@
 
     train.yaml     what `windtunnel train` takes: the target's TrialConfig + a `large_run` section
     launch.sh      torchrun on one node (run it on each node for several; env NNODES, NODE_RANK...)
-    launch.sbatch  Slurm: nodes, GPUs, time; srun starts one torchrun per node
+    launch.sbatch  Slurm: nodes, GPUs (a cpu target: CPUs), time; srun starts one torchrun per node
     config.json    a Hugging Face-style MiniCPM config of the target
     transfer.md    every number with its formula and source
 
@@ -65,17 +65,19 @@ exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
 def launch_sbatch(plan: Plan, out_dir: Path) -> str:
     t, lr = plan.target, plan.large_run
     name = slug(lr["run_name"])
-    extra = ""
-    if t.partition:
-        extra += f"#SBATCH --partition={t.partition}\n"
-    if t.cpus_per_task:
-        extra += f"#SBATCH --cpus-per-task={int(t.cpus_per_task)}\n"
+    # A CPU target's processes are CPUs of the node's one task: a GPU request there is refused
+    # (sbatch: "Invalid generic resource (gres) specification") by a cluster without GPUs.
+    cpu = t.device == "cpu"
+    gpus = "" if cpu else f"#SBATCH --gpus-per-node={int(t.gpus_per_node)}\n"
+    extra = f"#SBATCH --partition={t.partition}\n" if t.partition else ""
+    cpus = max(int(t.cpus_per_task), int(t.gpus_per_node)) if cpu else int(t.cpus_per_task)
+    if cpus:
+        extra += f"#SBATCH --cpus-per-task={cpus}\n"
     return f"""#!/bin/bash
 #SBATCH --job-name={name}
 #SBATCH --nodes={int(t.nodes)}
 #SBATCH --ntasks-per-node=1
-#SBATCH --gpus-per-node={int(t.gpus_per_node)}
-#SBATCH --time={plan.slurm_time}
+{gpus}#SBATCH --time={plan.slurm_time}
 #SBATCH --output={name}-%j.out
 #SBATCH --open-mode=append
 {extra}# Written by `windtunnel transfer`. Submit: sbatch launch.sbatch [KEY=VALUE overrides of train.yaml ...]
@@ -84,12 +86,12 @@ set -euo pipefail
 HERE={_q(out_dir.resolve())}
 HERE="${{WINDTUNNEL_EXPORT_DIR:-$HERE}}"
 RUN_NAME={_q(lr['run_name'])}
-GPUS_PER_NODE={_q(t.gpus_per_node)}
+NPROC_PER_NODE={_q(t.gpus_per_node)}
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
 MASTER_PORT="${{MASTER_PORT:-29500}}"
-{_CHECK.format(world='$((SLURM_NNODES * GPUS_PER_NODE))', counts='"$SLURM_NNODES$GPUS_PER_NODE"')}
+{_CHECK.format(world='$((SLURM_NNODES * NPROC_PER_NODE))', counts='"$SLURM_NNODES$NPROC_PER_NODE"')}
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
-  torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "$GPUS_PER_NODE" \\
+  torchrun --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME-$SLURM_JOB_ID" \\
   -m windtunnel.cli train "$HERE/train.yaml" "$@"
 """
