@@ -2,7 +2,8 @@
 a sweep of 8 trials as job arrays, each with an MLflow child run and a trials.csv row; a job
 scancel'ed mid-trial and a job that reaches its time limit are requeued and resume from their
 checkpoint (not step 0); a SIGKILLed driver, re-run, re-attaches to its running jobs and replaces
-only what was lost: no duplicates, nothing lost."""
+only what was lost: no duplicates, nothing lost; a stopped driver's re-run leaves its cancelled
+jobs alone while the cluster's Epilog holds them COMPLETING."""
 import json
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import optuna
 import pytest
 
 from helpers import check_accounted, quickstart_study, wait_for
+from windtunnel import clusters
 
 pytestmark = pytest.mark.slurm
 TS = optuna.trial.TrialState
@@ -129,32 +131,75 @@ def test_slurm_driver_sigkill_reattaches(tmp_path, slurm_cluster, _cleanup):
 def test_slurm_driver_stopped_then_rerun_at_once_spends_no_retry(tmp_path, slurm_cluster, _cleanup):
     """SIGTERM (Ctrl-C) scancels the running jobs; a re-run right after, while squeue still shows
     them COMPLETING, must not re-attach them (they would end without a result and spend a retry):
-    their trials run again as attempt 1."""
+    their trials run again as attempt 1. This one-node Slurm ends a cancelled job within a second;
+    its Epilog holds one COMPLETING while a marker names it, as a cluster with a slow epilog does."""
     results = tmp_path / "results"
     cmd = _sweep_cmd(results, slurm_cluster.partition, 3, 200000, "pruner.type=none", "executor.workers=2",
                      "tracking.enabled=false")
     driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _cleanup.append(driver)
-    wait_for(lambda: _our_jobs(results) if len(_our_jobs(results)) >= 2 else None, 240, "two running jobs", driver)
-    driver.send_signal(signal.SIGTERM)
-    out, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 130, out.decode()[-2000:]
-    cancelled = [p.parent for p in (results / "quickstart" / "bundles").glob("*/cancelled")]
-    assert len(cancelled) >= 2
-    # This one-node Slurm ends a cancelled job within a second; a cluster whose epilog runs longer
-    # shows it COMPLETING (an active state) to the re-run: what the re-run's executor sees there
-    from windtunnel.configure import load_sweep
-    from windtunnel.executors import make_executor
+    running = wait_for(lambda: _two_running(results), 240, "two running jobs", driver)
+    held = [clusters.SLURM_EPILOG_HOLD / raw for raw in _raw_ids(running)]
+    try:
+        for marker in held:
+            marker.touch()
+        driver.send_signal(signal.SIGTERM)
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == 130, out.decode()[-2000:]
+        cancelled = [p.parent for p in (results / "quickstart" / "bundles").glob("*/cancelled")]
+        assert len(cancelled) >= 2
+        ids, before = [(b / "job_id").read_text().strip() for b in cancelled], set(_job_ids(results))
+        wait_for(lambda: all(s == "COMPLETING" for s in _states(ids).values()), 30, f"jobs {ids} COMPLETING")
 
-    ex = make_executor(load_sweep("quickstart", cmd[cmd.index("-q") + 1:]).executor, results / "quickstart")
-    ex.squeue.state = lambda job_id, fresh=False: "COMPLETING"
-    assert [ex.reattach(b) for b in cancelled] == [None] * len(cancelled)
-    rerun = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+        from windtunnel.configure import load_sweep
+        from windtunnel.executors import make_executor
+
+        # what the re-run's executor sees: a cancelled job in an active state, not re-attached
+        ex = make_executor(load_sweep("quickstart", cmd[cmd.index("-q") + 1:]).executor, results / "quickstart")
+        assert [ex.squeue.state(j, fresh=True) for j in ids] == ["COMPLETING"] * len(ids)
+        assert [ex.reattach(b) for b in cancelled] == [None] * len(cancelled)
+        rerun = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _cleanup.append(rerun)
+        # the held jobs keep their CPUs: the re-run has decided (and submitted anew) while they are COMPLETING
+        wait_for(lambda: set(_job_ids(results)) - before, 120, "the re-run's first submission", rerun)
+        assert all(s == "COMPLETING" for s in _states(ids).values()), _states(ids)
+    finally:
+        for marker in held:
+            marker.unlink(missing_ok=True)
+    out, _ = rerun.communicate(timeout=400)
+    assert rerun.returncode == 0, out.decode()[-3000:]
     trials = quickstart_study(results).get_trials(deepcopy=False)
     final = [t for t in trials if not t.user_attrs.get("retried")]
     assert len(final) == 3 and all(t.state == TS.COMPLETE for t in final)
     assert all(t.user_attrs.get("attempt", 1) == 1 for t in trials), [(t.number, t.user_attrs) for t in trials]
+
+
+def _two_running(results: Path) -> list[str] | None:
+    """This sweep's running jobs once there are two; running, not pending: only a job that ran
+    goes through the Epilog."""
+    jobs = [j for j, state in _states(_our_jobs(results)).items() if state == "RUNNING"]
+    return jobs if len(jobs) >= 2 else None
+
+
+def _job_ids(results: Path) -> list[str]:
+    return [p.read_text().strip() for p in (results / "quickstart" / "bundles").glob("*/job_id")]
+
+
+def _squeue(fields: str) -> list[list[str]]:
+    r = subprocess.run(["squeue", "-h", "-r", "--states=all", "-o", fields], capture_output=True, text=True,
+                       timeout=30, check=True)
+    return [line.split("|") for line in r.stdout.splitlines()]
+
+
+def _raw_ids(jobs: list[str]) -> list[str]:
+    """The SLURM_JOB_ID of each job (an array task 122_1 has its own number), which the Epilog reads."""
+    raw = dict(_squeue("%i|%A"))
+    return [raw[j] for j in jobs]
+
+
+def _states(jobs: list[str]) -> dict[str, str]:
+    states = dict(_squeue("%i|%T"))
+    return {j: states.get(j) for j in jobs}
 
 
 def _tokens_for(seconds: float) -> int:

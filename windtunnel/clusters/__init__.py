@@ -27,6 +27,8 @@ SLURM_SH = HERE / "slurm.sh"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
 SLURM_LOGS = Path("/var/log/slurm")
 SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
+# A file named by a job's SLURM_JOB_ID here holds it COMPLETING in the Epilog (slurm-epilog.sh).
+SLURM_EPILOG_HOLD = Path("/run/slurm/epilog-hold")
 SLURM_PARTITION = "debug"
 # Sessions (pytest processes) that use the machine's one Slurm: one file per pid. The last one
 # out stops Slurm if a fixture started it (marker file), so parallel test sessions share it.
@@ -129,6 +131,10 @@ def slurm_acquire() -> SlurmInfo:
     if not slurm_is_up():
         info = slurm_up(quiet=True)
         (SLURM_USERS_DIR / "started-by-fixture").write_text(str(os.getpid()))
+    elif os.geteuid() == 0:
+        # up again with the CPUs it has: a config from an older template is rewritten and the
+        # daemons restart (only then), so the tests get this checkout's config (e.g. its Epilog)
+        info = slurm_up(cpus=slurm_info().cpus, quiet=True)
     else:
         info = slurm_info()
     (SLURM_USERS_DIR / str(os.getpid())).write_text("")

@@ -2,8 +2,10 @@
 # Install and run a real single-node Slurm on this (Debian) machine, without systemd.
 #
 #   slurm.sh up [CPUS]   install slurmctld/slurmd/slurm-client/munge with apt-get when missing,
-#                        write /etc/slurm/slurm.conf from slurm.conf.template, start munged,
-#                        slurmctld and slurmd, wait until the node is idle. Idempotent.
+#                        write /etc/slurm/slurm.conf from slurm.conf.template and the Epilog
+#                        from slurm-epilog.sh, start munged, slurmctld and slurmd, wait until
+#                        the node is idle. Idempotent; on running daemons whose slurm.conf it
+#                        rewrote (an older template), it restarts them.
 #                        CPUS (optional) advertises more CPUs than the machine has, so more
 #                        jobs run side by side (SlurmdParameters=config_overrides).
 #   slurm.sh down        stop slurmd, slurmctld and munged (the ones this script started).
@@ -17,6 +19,9 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 CONF=/etc/slurm/slurm.conf
 LOGDIR=/var/log/slurm
 RUNDIR=/run/slurm
+EPILOG=/etc/slurm/windtunnel-epilog.sh
+# Markers that hold a job COMPLETING in the Epilog (slurm-epilog.sh); root's only.
+HOLD_DIR=$RUNDIR/epilog-hold
 TIMEOUT=${WINDTUNNEL_SLURM_TIMEOUT:-60}
 PACKAGES=(slurmctld slurmd slurm-client munge)
 
@@ -87,6 +92,18 @@ SlurmdParameters=config_overrides"
   return 0
 }
 
+# The Epilog slurm.conf names, copied out of the checkout (which may move or go) and replaced
+# whole by a rename, so slurmd never runs a half-written one (a failing Epilog drains the node).
+install_epilog() {
+  local tmp
+  mkdir -p /etc/slurm
+  cmp -s "$HERE/slurm-epilog.sh" "$EPILOG" && return 0
+  tmp=$(mktemp /etc/slurm/.windtunnel-epilog.XXXXXX)
+  cp "$HERE/slurm-epilog.sh" "$tmp"
+  chmod 755 "$tmp"
+  mv "$tmp" "$EPILOG"
+}
+
 start_munge() {
   if [ -n "$(running_pid /run/munge/munged.pid munged)" ]; then return 0; fi
   mkdir -p /run/munge /var/log/munge /var/lib/munge
@@ -106,9 +123,11 @@ up() {
   need_root up
   install_packages
   local changed=0
+  install_epilog
   write_config "${1:-}" && changed=1
-  mkdir -p "$RUNDIR" "$LOGDIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd
+  mkdir -p "$RUNDIR" "$LOGDIR" /var/lib/slurm/slurmctld /var/lib/slurm/slurmd "$HOLD_DIR"
   chown slurm:slurm "$RUNDIR" "$LOGDIR" /var/lib/slurm/slurmctld
+  chmod 755 "$HOLD_DIR"
   start_munge
   local ctld slurmd
   ctld=$(running_pid $RUNDIR/slurmctld.pid slurmctld)
