@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import socket
 import subprocess
 import sys
@@ -191,11 +192,37 @@ def test_mlflow_nested_run_survives_server_restart(mlflow_server, mlflow_server_
 # ------------------------------------------------------------------- no cluster needed (fast)
 
 
-def test_slurm_cannot_start_reason_names_root(monkeypatch):
-    monkeypatch.setattr(clusters, "slurm_is_up", lambda: False)
-    monkeypatch.setattr(clusters.os, "geteuid", lambda: 1000)
-    reason = clusters.slurm_cannot_start_reason()
-    assert reason is not None and "root" in reason and "slurm-up" in reason
+def test_slurm_cannot_start_reason_names_root():
+    """Asked by a real unprivileged user (a forked child that drops to nobody) where Slurm is not
+    up (no Slurm tools on its PATH), the reason names root and the command to run first. A fork,
+    not an exec: nobody may not be allowed to read the venv's Python or the checkout."""
+    nobody = pwd.getpwnam("nobody")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child answers through the pipe and exits; it never returns into pytest
+        code = 1
+        try:
+            os.close(read)
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+            os.environ["PATH"] = ""  # no sinfo: Slurm is down for this process
+            answer = {"euid": os.geteuid(), "writes_etc": os.access("/etc", os.W_OK),
+                      "reason": clusters.slurm_cannot_start_reason()}
+            os.write(write, json.dumps(answer).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        out = f.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0 and out, "the child as nobody did not answer"
+    answer = json.loads(out)
+    assert answer["euid"] != 0 and not answer["writes_etc"], answer
+    reason = answer["reason"]
+    assert reason is not None and "root" in reason and "slurm-up" in reason, reason
 
 
 def test_cluster_command_rejects_bad_port():
