@@ -143,7 +143,7 @@ def linear_cross_entropy_forward(h, weight, targets, scales, need_grad, chunk_lo
             end - start, V, 1.0 / N, HAS_GRAD=need_grad, BLOCK_SIZE=block, L2_HINTS=CE_L2_HINTS, num_warps=CE_WARPS,
         )
         if need_grad:
-            grad_h[:, start:end] = torch.bmm(z, weight)
+            torch.bmm(z, weight, out=grad_h[:, start:end])  # into the slice: no temp and copy
             _accumulate_grad_weight(grad_w, z.transpose(1, 2), h_chunk)
     return loss.mean(1), grad_h, grad_w
 
