@@ -170,11 +170,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         go = grad_loss.float()[:, None, None]  # one scale per trial: trials stay apart
-        # In place: one pass over each (out of place, the bf16 grad_h became an fp32 product cast
-        # back, three passes, and grad_w a second (K, V, C) fp32 buffer). So a second backward
-        # through a retained graph stops with autograd's "modified by an inplace operation".
         # autograd casts grad_h to h's dtype where autocast made them differ
-        return grad_h.mul_(go), grad_w.mul_(go).to(ctx.weight_dtype), None, None, None
+        return (grad_h * go).to(grad_h.dtype), (grad_w * go).to(ctx.weight_dtype), None, None, None
 
 
 def linear_cross_entropy(h, weight, targets, logit_scale):
