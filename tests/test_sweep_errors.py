@@ -26,6 +26,25 @@ CASES = {
                        "search.optim.lr.step: must be a number > 0 and <= high - low = 0.009 (got 0.5)"),
     "float_on_int": ("search:\n  model.d_model: {type: float, low: 64, high: 256}\n",
                      "search.model.d_model.type: model.d_model is an integer field (allowed: int, categorical, fixed)"),
+    # Optuna's own refusals, after the sweep had started (tracebacks); a deadline < 0 killed every bundle
+    "sampler_seed": ("sampler: {seed: -1}\n", "sampler.seed: must be in [0, 2^32-1] (got -1)"),
+    "pruner_startup": ("pruner: {n_startup_trials: -1}\n", "pruner.n_startup_trials: must be >= 0 (got -1)"),
+    "pruner_warmup": ("pruner: {n_warmup_evals: -1}\n", "pruner.n_warmup_evals: must be >= 0 (got -1)"),
+    "trial_timeout": ("executor: {trial_timeout_s: -5}\n",
+                      "executor.trial_timeout_s: must be a number >= 0 (0 = no deadline) (got -5.0)"),
+    # `log: maybe` was read as true; a word among `values` was a TypeError traceback; `values: []` blamed `low`
+    "log_not_bool": ("search:\n  optim.lr: {type: float, low: 0.001, high: 0.1, log: maybe}\n",
+                     "search.optim.lr.log: must be true or false (got 'maybe')"),
+    "values_word": ("search:\n  optim.lr: {type: float, values: [0.001, abc]}\n",
+                    "search.optim.lr.values: must be a non-empty list of finite numbers (got [0.001, 'abc'])"),
+    "values_empty": ("sampler: {type: grid}\nsearch:\n  optim.lr: {type: float, values: []}\n",
+                     "search.optim.lr.values: must be a non-empty list of finite numbers (got [])"),
+    # a section that is not a mapping: Hydra's "ConfigTypeError raised while composing config:" named nothing
+    "search_list": ("search: [optim.lr]\n",
+                    "search: must be a mapping of parameter names to ranges like optim.lr: {type: float, low: 0.001, "
+                    "high: 0.1} (got ['optim.lr'])"),
+    "section_scalar": ("optim: 0.01\n", "optim: must be a mapping of optim's fields to values (allowed: beta1, "
+                       "beta2, eps, grad_clip, lr, weight_decay) (got 0.01)"),
 }
 
 
@@ -70,6 +89,11 @@ def test_trial_cli_bad_config_exit_2(tmp_path):
     ("train.cuda_graph=maybe", "train.cuda_graph: must be true or false (got 'maybe')"),
     ("model.d_modle=64", "model.d_modle: unknown key (allowed: d_ff, d_model, "),
     ("optim.lr", "overrides: optim.lr: must be KEY=VALUE"),
+    # OmegaConf's words, or none naming the field
+    ("train.save_at=5", "train.save_at: must be a list, e.g. [1000, 2000] (got 5)"),
+    ("model.kernels=[a]", "model.kernels: must be a string (got ['a'])"),
+    ("model=5", "overrides: model: must name one of its options (allowed: proxy9m, tiny) (got '5')"),
+    ("=5", "overrides: =5: must be KEY=VALUE (the key is missing)"),
 ])
 def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
     from windtunnel.configure import compose
@@ -78,6 +102,17 @@ def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
     with pytest.raises(ConfigError) as e:
         compose([override])
     assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_section_set_as_a_value_says_how_to_set_its_fields():
+    """`sampler=gp` (sampler is no config group): "Invalid type assigned: str is not a subclass of SamplerConfig"."""
+    from windtunnel.configure import load_sweep
+    from windtunnel.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_sweep("quickstart", ["sampler=gp"])
+    assert str(e.value) == ("command line: sampler: is a section, not a config group; set its fields as "
+                            "sampler.FIELD=VALUE (allowed: n_startup_trials, seed, threads, type) (got 'gp')"), str(e.value)
 
 
 @pytest.mark.parametrize("section, key, value, expected", [

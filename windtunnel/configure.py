@@ -44,7 +44,16 @@ def _one_line(e: Exception) -> str:
 _OMEGACONF_TYPES = {"Float": "float", "Integer": "int", "String": "str"}  # -> config.TYPE_WORDS
 
 
-def _override_error(e: Exception) -> str:
+def _section_fields(name: str) -> list[str] | None:
+    """The fields of the config section `name` (model, sampler, ...); None if it is no section."""
+    from windtunnel.config import SECTIONS
+    from windtunnel.sweep_config import SWEEP_SECTIONS
+
+    cls = {**SECTIONS, **SWEEP_SECTIONS}.get(name)
+    return sorted(f.name for f in dataclasses.fields(cls)) if cls else None
+
+
+def _override_error(e: Exception, overrides: list[str] = (), conf_dir: Path | None = None) -> str:
     """Hydra's first line says only which override failed ("Error merging override optim.lr=abc");
     the OmegaConf error beneath it names the field and what went wrong: say that, in our words."""
     cause = e
@@ -57,12 +66,30 @@ def _override_error(e: Exception) -> str:
         if m := re.search(r"Could not find '([\w-]+)/(.*)'", lines[0] if lines else ""):  # a config group's option
             options = [line.strip() for line in lines if line.startswith("\t") and "=" not in line]
             return f"overrides: {m[1]}: no option {m[2]!r} (allowed: {', '.join(options)})"
+        if lines and lines[0].startswith("Config group override must be a string"):  # model=5, =5
+            groups = {p.name for p in (conf_dir or repo_dir("conf")).iterdir() if p.is_dir()}
+            for item in overrides:
+                key, _, value = item.lstrip("+~").partition("=")
+                if not key:
+                    return f"overrides: {item}: must be KEY=VALUE (the key is missing)"
+                if key in groups:
+                    options = sorted(q.stem for q in ((conf_dir or repo_dir("conf")) / key).glob("*.yaml"))
+                    return f"overrides: {key}: must name one of its options (allowed: {', '.join(options)}) (got {value!r})"
         return f"overrides: {_one_line(e)}"
     key, first = cause.full_key, _one_line(cause)
     if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
         return f"{key}: must be {TYPE_WORDS.get(_OMEGACONF_TYPES.get(m[2]), m[2])} (got {m[1]!r})"
     if m := re.match(r"Value '(.*)' is not a valid bool", first):
         return f"{key}: must be {TYPE_WORDS['bool']} (got {m[1]!r})"
+    if m := re.match(r"Cannot convert '\w+' to string: '(.*)'", first):
+        return f"{key}: must be {TYPE_WORDS['str']} (got {m[1]})"
+    if m := re.match(r"Invalid value assigned: (\w+) is not a ListConfig", first):
+        value = getattr(cause, "value", None)
+        return f"{key}: must be a list, e.g. [1000, 2000] (got {m[1] if value is None else repr(value)})"
+    if re.match(r"Invalid type assigned: \w+ is not a subclass of \w+", first) and _section_fields(key):
+        value = first.rpartition("value: ")[2] if "value: " in first else "?"
+        return (f"{key}: is a section, not a config group; set its fields as {key}.FIELD=VALUE "
+                f"(allowed: {', '.join(_section_fields(key))}) (got {value!r})")
     if first.startswith("Key ") and " not in " in first:
         owner = getattr(cause, "object_type", None)
         known = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
@@ -86,7 +113,7 @@ def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | 
     except ConfigError:
         raise
     except Exception as e:  # Hydra/OmegaConf errors, as one line naming the key
-        raise ConfigError(_override_error(e)) from None
+        raise ConfigError(_override_error(e, overrides, conf_dir)) from None
 
 
 def _whole_override(item: str) -> str:
@@ -192,9 +219,16 @@ def load_sweep(spec: str, overrides: list[str]):
     path = sweep_file(spec)
     content = load_yaml(path)
     allowed = {f.name for f in dataclasses.fields(SweepConfig)} | {"defaults"}
-    for key in content:
+    for key, value in content.items():
         if key not in allowed:
             raise ConfigError(f"{path}: {key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+        # a section that is no mapping: Hydra's error names neither the key nor what it needs
+        if key == "search" and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{path}: search: must be a mapping of parameter names to ranges like "
+                              f"optim.lr: {{type: float, low: 0.001, high: 0.1}} (got {value!r})")
+        if _section_fields(key) and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{path}: {key}: must be a mapping of {key}'s fields to values "
+                              f"(allowed: {', '.join(_section_fields(key))}) (got {value!r})")
     content.setdefault("name", path.stem)
     content = _less_overridden(content, overrides)
     try:

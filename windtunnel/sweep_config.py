@@ -44,6 +44,7 @@ class SamplerConfig:
 
     def __post_init__(self) -> None:
         check_choice("sampler.type", self.type, SAMPLERS)
+        check_field(0 <= self.seed <= 2**32 - 1, "sampler.seed", "must be in [0, 2^32-1]", self.seed)  # numpy's seeds
         check_field(self.n_startup_trials >= 0, "sampler.n_startup_trials", "must be >= 0", self.n_startup_trials)
         check_field(self.threads >= 0, "sampler.threads", "must be >= 0 (0 = auto)", self.threads)
 
@@ -59,6 +60,8 @@ class PrunerConfig:
 
     def __post_init__(self) -> None:
         check_choice("pruner.type", self.type, PRUNERS)
+        for name in ("n_startup_trials", "n_warmup_evals"):
+            check_field(getattr(self, name) >= 0, f"pruner.{name}", "must be >= 0", getattr(self, name))
         check_field(self.reduction_factor >= 2, "pruner.reduction_factor", "must be >= 2", self.reduction_factor)
 
 
@@ -107,6 +110,8 @@ class ExecutorConfig:
         check_field(self.standby in ("auto", True, False), "executor.standby", "must be auto, true or false", self.standby)
         for name in ("workers", "retries", "threads_per_worker", "time_min", "array_parallelism"):
             check_field(getattr(self, name) >= 0, f"executor.{name}", "must be >= 0", getattr(self, name))
+        check_field(self.trial_timeout_s >= 0, "executor.trial_timeout_s", "must be a number >= 0 (0 = no deadline)",
+                    self.trial_timeout_s)
         check_field(self.gpus_per_trial >= 0, "executor.gpus_per_trial", "must be >= 0", self.gpus_per_trial)
         check_field(self.cpus_per_trial > 0, "executor.cpus_per_trial", "must be > 0", self.cpus_per_trial)
         for name in ("max_requeues", "gpus_per_job", "mem_gb", "checkpoint_every"):
@@ -258,6 +263,12 @@ def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
         kind = spec.get("type")
         if kind not in PARAM_TYPES:
             raise ConfigError(f"{where}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
+        check_field(isinstance(spec.get("log", False), bool), f"{where}.log", "must be true or false", spec.get("log"))
+        if "values" in spec and kind in ("float", "int"):  # a grid's points: min and max below are its bounds
+            vals = spec["values"]
+            check_field(isinstance(vals, (list, tuple)) and len(vals) > 0 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals),
+                f"{where}.values", "must be a non-empty list of finite numbers", vals)
         p = Param(name=name, type=kind, low=spec.get("low"), high=spec.get("high"), step=spec.get("step"),
                   log=bool(spec.get("log", False)), choices=tuple(spec.get("choices") or ()),
                   value=spec.get("value"), values=tuple(spec.get("values") or ()))
