@@ -31,6 +31,11 @@ def one_line(r: subprocess.CompletedProcess, message: str) -> str:
     return lines[0]
 
 
+def exact(r: subprocess.CompletedProcess, line: str) -> None:
+    """Exit 2 and stderr is this one line."""
+    assert r.returncode == 2 and r.stderr.strip() == line, (r.returncode, r.stderr[-3000:])
+
+
 def best_yaml(tmp_path: Path, **data) -> Path:
     proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
                         data=DataConfig(max_bytes=300_000, **data), train=TrainConfig(device="cpu"))
@@ -212,3 +217,30 @@ def test_train_world_without_check_is_refused(tmp_path):
     """--world is the launch check's; a training launch takes its world size from torchrun."""
     one_line(cli("train", tmp_path / "train.yaml", "--world", "2"),
              "--world: only with --check (a launch takes its world size from torchrun)")
+
+
+def test_trial_refuses_seeds_bounds_and_state_paths_before_training(tmp_path):
+    """A negative seed was numpy's traceback, a negative data_seed or diverge_loss passed (every trial
+    'diverged' at its first evaluation), a checkpoint_dir under a file failed at the first save (after
+    training), an init_from that is no saved state was a pickle traceback, save_at without a
+    checkpoint_dir saved nothing."""
+    a_file, a_dir = tmp_path / "notes.txt", tmp_path / "states"
+    a_file.write_text("x")
+    a_dir.mkdir()
+    run = lambda *args: cli("trial", "-q", "train.tokens=4096", "train.device=cpu", *args)  # noqa: E731
+    err = "windtunnel trial: error: "
+    exact(run("train.seed=-1"), err + "train.seed: must be >= 0 (got -1)")
+    exact(run("train.data_seed=-5"), err + "train.data_seed: must be >= 0, or -1 for train.seed's (got -5)")
+    exact(run("train.diverge_loss=-1"),
+          err + "train.diverge_loss: must be >= 0 (0 = 1.5 × max(ln(vocab), first loss)) (got -1.0)")
+    exact(run(f"train.checkpoint_dir={a_file}", "train.checkpoint_every=2048"),
+          err + f"train.checkpoint_dir: {a_file} is a file; a folder is needed")
+    exact(run(f"train.checkpoint_dir={a_file / 'ckpt'}", "train.checkpoint_every=2048"),
+          err + f"train.checkpoint_dir: {a_file / 'ckpt'}: {a_file} is a file, not a folder")
+    exact(run(f"train.init_from={a_file}"), err + f"train.init_from: {a_file} is not a state saved by windtunnel's "
+          "trainer (invalid load key, 'x'.)")
+    exact(run(f"train.init_from={a_dir}"), err + f"train.init_from: {a_dir} is a folder; a saved state file is needed "
+          "(stable-TOKENS.pt, or a checkpoint's latest.pt)")
+    exact(run("train.save_at=[2048]"), err + "train.save_at: needs train.checkpoint_dir=DIR, the folder its states "
+          "are saved in (got save_at [2048] and no checkpoint_dir)")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["notes.txt", "states"]

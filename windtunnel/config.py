@@ -220,6 +220,10 @@ class TrainConfig:
             check_field(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
             check_field(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
+        check_field(self.seed >= 0, "train.seed", "must be >= 0", self.seed)  # numpy's data streams take no sign
+        check_field(self.data_seed >= -1, "train.data_seed", "must be >= 0, or -1 for train.seed's", self.data_seed)
+        check_field(self.diverge_loss >= 0, "train.diverge_loss",
+                    "must be >= 0 (0 = 1.5 × max(ln(vocab), first loss))", self.diverge_loss)
         check_field(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "train.device",
                "must be auto, cpu, cuda or cuda:N", self.device)
         for name in ("save_at", "branch_at"):

@@ -19,6 +19,21 @@ def file_in_the_way(folder: str | Path) -> Path | None:
     return None if folder.is_dir() else folder
 
 
+def make_folder(field: str, folder: str | Path) -> Path:
+    """folder, created with its parents, for what `field` names; a file in the way, or a folder
+    that cannot be created, is the one-line ConfigError naming field (before any long work)."""
+    folder = Path(folder)
+    blocker = file_in_the_way(folder)
+    if blocker is not None:
+        raise ConfigError(f"{field}: {folder} is a file; a folder is needed" if blocker == folder
+                          else f"{field}: {folder}: {blocker} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot create the folder {folder} ({e.strerror or e})") from None
+    return folder
+
+
 def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
     """tempfile.mkstemp in path's folder (created if missing), for a write renamed onto path; an
     OSError as the one-line ConfigError '<error> (<reason>)', naming the user's path, not the temp file's."""

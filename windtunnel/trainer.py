@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 
 from windtunnel import data as data_mod
 from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, make_folder
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
 from windtunnel.schedule import branch_steps, lr_factor, phase_steps
@@ -156,9 +157,20 @@ class Population:
     def _load(self, path: Path, branch: bool = False) -> None:
         """Resume from a checkpoint of this population, or (branch) start from a saved state of
         one trial or of this population, keeping this run's own schedule."""
+        where = "train.init_from" if branch else "train.checkpoint_dir"
         if not path.exists():
-            raise ConfigError(f"train.init_from: no such file {path}")
-        s = torch.load(path, map_location=self.device, weights_only=False)
+            raise ConfigError(f"{where}: no such file {path}")
+        if path.is_dir():
+            raise ConfigError(f"{where}: {path} is a folder; a saved state file is needed (stable-TOKENS.pt, "
+                              "or a checkpoint's latest.pt)")
+        try:  # any other file was a pickle or zip traceback
+            s = torch.load(path, map_location=self.device, weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+            s, reason = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
+        else:
+            reason = "it holds no trainer state"
+        if not isinstance(s, dict) or not {"configs", "rngs", "model", "opt"} <= s.keys():
+            raise ConfigError(f"{where}: {path} is not a state saved by windtunnel's trainer ({reason})")
         if not branch:  # resuming: the saved trials must be these (another trial's state would pass as its own)
             changed = [f"trial {k}: {c}" for k, (a, b) in enumerate(zip(s["configs"], self.cfgs))
                        for c in changed_settings(*(settings(x) for x in (a, b)))
@@ -292,6 +304,8 @@ class Population:
         ckpt_interval = max(1, round(c0.train.checkpoint_every / self.tokens_per_step)) \
             if c0.train.checkpoint_every else 0
         save_steps = {math.ceil(t / self.tokens_per_step): t for t in c0.train.save_at}
+        if ckpt_dir is not None and (ckpt_interval or save_steps):  # refused now, not at the first save
+            make_folder("train.checkpoint_dir", ckpt_dir)
         bar = None
         if progress:
             from tqdm import tqdm

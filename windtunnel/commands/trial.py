@@ -30,6 +30,9 @@ def run(args) -> int:
         if not path.is_file():
             raise ConfigError(f"--config: {path}: no such file (allowed: a trial config file, e.g. a sweep's best.yaml)")
     cfg = trial_config(args.overrides, args.config)
+    if cfg.train.save_at and not cfg.train.checkpoint_dir:  # the trainer saves them there, else nowhere
+        raise ConfigError(f"train.save_at: needs train.checkpoint_dir=DIR, the folder its states are saved in "
+                          f"(got save_at {cfg.train.save_at} and no checkpoint_dir)")
     if args.config:
         _as_trained(args.config, cfg)
     result = train_trial(cfg, progress=not (args.quiet or args.json))
