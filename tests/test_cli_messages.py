@@ -244,3 +244,17 @@ def test_trial_refuses_seeds_bounds_and_state_paths_before_training(tmp_path):
     exact(run("train.save_at=[2048]"), err + "train.save_at: needs train.checkpoint_dir=DIR, the folder its states "
           "are saved in (got save_at [2048] and no checkpoint_dir)")
     assert sorted(q.name for q in tmp_path.iterdir()) == ["notes.txt", "states"]
+
+
+def test_flags_out_of_range_name_the_flag(tmp_path):
+    """report --mlflow WORD exited 0 after MLflow refused every record; --world 0 was 'must equal world size
+    0 × ...'; coord-check --steps 0 blamed train.tokens, --sp-init-std model.init_std, and --lr 0 ran
+    with the default lr."""
+    exact(cli("report", tmp_path, "--mlflow", "notaurl"), "windtunnel report: error: --mlflow: must be '' (a local "
+          "store) or a URI: http(s)://HOST:PORT, sqlite:///PATH, postgresql://... (got 'notaurl')")
+    exact(cli("train", "--check", "--world", "0", tmp_path / "train.yaml"),
+          "windtunnel train: error: --world: must be >= 1, the launch's process count (got 0)")
+    err = "windtunnel coord-check: error: "
+    exact(cli("coord-check", "--steps", "0"), err + "--steps: must be >= 1 (got 0)")
+    exact(cli("coord-check", "--lr", "0"), err + "--lr: must be a finite number > 0 (got 0.0)")
+    exact(cli("coord-check", "--sp-init-std", "-1"), err + "--sp-init-std: must be a finite number > 0 (got -1.0)")

@@ -3,6 +3,7 @@ when μP fails it (the lines say which activation moved how far)."""
 from __future__ import annotations
 
 import json
+import math
 
 
 def add_arguments(p) -> None:
@@ -29,6 +30,12 @@ def run(args) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         raise ConfigError(f"--widths: must be comma-separated integers (got {args.widths!r})") from None
+    # checked here, so the error names the flag (not train.tokens or model.init_std); --lr 0 was the default lr
+    if args.steps < 1:
+        raise ConfigError(f"--steps: must be >= 1 (got {args.steps})")
+    for flag, value in (("--lr", args.lr), ("--sp-init-std", args.sp_init_std)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{flag}: must be a finite number > 0 (got {value})")
     if args.plot:
         from windtunnel.plots_fits import check_format
 

@@ -17,7 +17,9 @@ def run(args) -> int:
     from windtunnel.errors import ConfigError
     from windtunnel.results import write_report
     from windtunnel.search import open_storage
+    from windtunnel.sweep_config import check_tracking_uri
 
+    check_tracking_uri(args.mlflow, "--mlflow")  # a bare word was a folder MLflow refused, record by record
     d = Path(args.sweep_dir)
     journal = d / "study.journal"
     if d.is_file():

@@ -33,6 +33,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from windtunnel.large_run import check, main
 
+    if args.world is not None and args.world < 1:
+        raise ConfigError(f"--world: must be >= 1, the launch's process count (got {args.world})")
     if args.check:
         check(args.config, args.overrides, args.world)
         return 0
