@@ -203,6 +203,18 @@ def test_bpe_training_says_what_it_does(tmp_path):
     assert "data: training a BPE tokenizer (vocab 300) on 0.0 MB of" in r.stderr, r.stderr
 
 
+def test_data_folders_that_cannot_be_written_name_the_field(tmp_path):
+    """--out /proc/x was exit 1 naming the temp folder (/proc/.x.9h65i4eb); under a file, 'File exists'."""
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    exact(cli("data", "prepare", "stdlib", "--out", "/proc/x", "--max-bytes", "1000"),
+          "windtunnel data: error: --out: cannot write /proc/x there (No such file or directory)")
+    exact(cli("data", "prepare", "stdlib", "--out", a_file / "shards", "--max-bytes", "1000"),
+          f"windtunnel data: error: --out: {a_file} is a file; a folder is needed")
+    exact(cli("trial", "-q", "data.cache_dir=/proc/x", "data.max_bytes=1000"),
+          "windtunnel trial: error: data.cache_dir: cannot create the folder /proc/x (No such file or directory)")
+
+
 def test_population_bench_without_cuda_is_one_line():
     import torch
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from windtunnel import locks
 from windtunnel.config import DataConfig
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, make_folder
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
@@ -126,9 +126,12 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
                 "source_hash": hashlib.sha256(text).hexdigest()}
     if _kept(out_dir, settings, out_field):
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(out_field, out_dir.parent)  # a file in the way, or no right to create it: one line naming out_field
     _clear_dead_temps(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    except OSError as e:  # OSError's line named the temp folder
+        raise ConfigError(f"{out_field}: cannot write {out_dir} there ({e.strerror or e})") from None
     tmp.chmod(0o755)  # mkdtemp's 0700 would become the shard folder's: a shared cache others cannot read
     lock = locks.hold(tmp.with_name(tmp.name + ".lock"))  # held while tmp is ours (see _clear_dead_temps)
     try:
