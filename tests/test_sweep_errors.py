@@ -186,12 +186,18 @@ def test_whole_numbers_in_exponent_form_fill_integer_fields(tmp_path):
 
 
 def test_unwritable_results_dir_is_one_line(tmp_path):
-    """An OS error on a path the user gave (here results_dir under a regular file): one line naming it."""
+    """results_dir or a journal's folder under a regular file: exit 1 and the OS's 'Not a directory' or
+    'File exists' (naming no field), after the sweep's folder was made; now refused with the config."""
     (tmp_path / "file").write_text("")
     p = _run(["sweep", "quickstart", f"results_dir={tmp_path / 'file' / 'results'}", "n_trials=1"], tmp_path)
-    assert p.returncode == 1, p.stderr
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in p.stderr and str(tmp_path / "file") in lines[0], p.stderr
+    assert p.returncode == 2 and p.stderr.strip() == (f"windtunnel sweep: error: command line: results_dir: "
+                                                      f"{tmp_path / 'file' / 'results' / 'quickstart'}: "
+                                                      f"{tmp_path / 'file'} is a file, not a folder"), p.stderr
+    p = _run(["sweep", "quickstart", f"results_dir={tmp_path / 'r'}", f"storage={tmp_path / 'file' / 's.journal'}",
+              "n_trials=1"], tmp_path)
+    assert p.returncode == 2 and p.stderr.strip() == (f"windtunnel sweep: error: command line: storage: "
+                                                      f"{tmp_path / 'file'} is a file; a folder is needed"), p.stderr
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["file"]
 
 
 @pytest.mark.parametrize("args,expected", [

@@ -19,14 +19,20 @@ def file_in_the_way(folder: str | Path) -> Path | None:
     return None if folder.is_dir() else folder
 
 
-def make_folder(field: str, folder: str | Path) -> Path:
-    """folder, created with its parents, for what `field` names; a file in the way, or a folder
-    that cannot be created, is the one-line ConfigError naming field (before any long work)."""
+def check_folder(field: str, folder: str | Path) -> None:
+    """ConfigError naming field when a file keeps folder from being created (writes nothing)."""
     folder = Path(folder)
     blocker = file_in_the_way(folder)
     if blocker is not None:
         raise ConfigError(f"{field}: {folder} is a file; a folder is needed" if blocker == folder
                           else f"{field}: {folder}: {blocker} is a file, not a folder")
+
+
+def make_folder(field: str, folder: str | Path) -> Path:
+    """folder, created with its parents, for what `field` names; a file in the way, or a folder
+    that cannot be created, is the one-line ConfigError naming field (before any long work)."""
+    folder = Path(folder)
+    check_folder(field, folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, check_folder
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 PRUNERS = ("median", "hyperband", "sha", "none")
@@ -179,6 +179,7 @@ class SweepConfig(TrialConfig):
         check_field(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
         check_choice("objective", self.objective, ("final_val_loss",))
         _check_storage(self.storage)
+        check_folder("results_dir", Path(self.results_dir).expanduser() / self.name)  # before the sweep writes
 
     @property
     def trial(self) -> TrialConfig:
@@ -193,6 +194,8 @@ def _check_storage(url: str) -> None:
     """Checked before the sweep writes anything: a bare word became a journal file of that name
     in the cwd, and a URL Optuna cannot open was a page of SQLAlchemy traceback."""
     if not url or url.endswith(".journal"):
+        if url:  # a file in the way of its folder was "File exists", after the sweep's folder was made
+            check_folder("storage", Path(url).expanduser().parent)
         return
     check_field("://" in url, "storage", f"must be {STORAGE_FORMS}", url)
     from sqlalchemy.engine import make_url
