@@ -225,6 +225,17 @@ def test_population_bench_without_cuda_is_one_line():
     assert r.returncode == 1 and r.stderr.strip() == "bench: needs a CUDA GPU", r.stderr[-2000:]
 
 
+def test_train_check_refuses_run_folders_under_a_file(tmp_path):
+    """--check said '<file>/train.lock: Not a directory', exit 1, naming no field."""
+    out = export(tmp_path, "gpus_per_node=1")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("x")
+    exact(cli("train", "--check", out / "train.yaml", f"large_run.run_dir={a_file}"),
+          f"windtunnel train: error: large_run.run_dir: {a_file} is a file; a folder is needed")
+    exact(cli("train", "--check", out / "train.yaml", f"train.checkpoint_dir={a_file / 'ckpt'}"),
+          f"windtunnel train: error: train.checkpoint_dir: {a_file / 'ckpt'}: {a_file} is a file, not a folder")
+
+
 def test_train_world_without_check_is_refused(tmp_path):
     """--world is the launch check's; a training launch takes its world size from torchrun."""
     one_line(cli("train", tmp_path / "train.yaml", "--world", "2"),

@@ -51,7 +51,7 @@ from windtunnel import locks
 from windtunnel import parametrization as mup
 from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
                                trial_from_dict)
-from windtunnel.errors import ConfigError
+from windtunnel.errors import ConfigError, check_folder
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import resolve_device
@@ -548,6 +548,8 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
             raise ConfigError(f"data.source: {src} does not exist on this machine (allowed: stdlib, a text file "
                               "or folder, a shard folder of `windtunnel data prepare`; e.g. data.source=stdlib)")
     data_mod.model_vocab(cfg.model.vocab_size, cfg.data, data_mod.data_vocab(cfg.data))
+    check_folder("large_run.run_dir", run_dir)  # a file in the way: the OS's 'Not a directory', exit 1
+    check_folder("train.checkpoint_dir", ckpt_dir)
     try:
         locks.probe(run_dir / "train.lock")
     except locks.Held as e:
