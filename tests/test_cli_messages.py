@@ -281,3 +281,25 @@ def test_flags_out_of_range_name_the_flag(tmp_path):
     exact(cli("coord-check", "--steps", "0"), err + "--steps: must be >= 1 (got 0)")
     exact(cli("coord-check", "--lr", "0"), err + "--lr: must be a finite number > 0 (got 0.0)")
     exact(cli("coord-check", "--sp-init-std", "-1"), err + "--sp-init-std: must be a finite number > 0 (got -1.0)")
+
+
+def test_a_config_for_the_other_command_and_lone_widths_say_what_to_do(tmp_path):
+    """trial --config train.yaml said 'large_run: unknown section', train best.yaml 'number: unknown
+    section'; coord-check with one width exited 0 with no verdict; --target /no/such.yaml did not name
+    --target; fit printed `np.float64(-0.001)`."""
+    train_yaml = tmp_path / "train.yaml"
+    train_yaml.write_text("large_run: {run_name: x}\nmodel: {d_model: 64}\n")
+    exact(cli("trial", "--config", train_yaml), f"windtunnel trial: error: {train_yaml}: a large run's config: run it "
+          f"with `windtunnel train {train_yaml}` (or the launch.sh beside it)")
+    best = best_yaml(tmp_path)
+    exact(cli("train", best), f"windtunnel train: error: {best}: a sweep's winner, not a large run's config: "
+          f"`windtunnel transfer` makes one (train.yaml); `windtunnel trial --config {best}` re-runs the trial")
+    exact(cli("coord-check", "--widths", "64,64"),
+          "windtunnel coord-check: error: --widths: must name at least two different widths (got '64,64')")
+    r = cli("transfer", best, "--target", tmp_path / "no.yaml", "--out", tmp_path / "out")
+    assert r.returncode == 2 and r.stderr.startswith(f"windtunnel transfer: error: --target: {tmp_path / 'no.yaml'}: "
+                                                     "no such file (allowed: "), r.stderr
+    table = tmp_path / "lr.csv"
+    table.write_text("parametrization,width,lr,loss\nmup,64,-0.001,3.0\nmup,64,0.01,2.9\nmup,128,0.02,2.8\n")
+    exact(cli("fit", "lr-transfer", "--input", table),
+          f"windtunnel fit: error: {table}: column 'lr': values must be finite and > 0 (got -0.001)")

@@ -32,6 +32,9 @@ CASES = {
     "pruner_warmup": ("pruner: {n_warmup_evals: -1}\n", "pruner.n_warmup_evals: must be >= 0 (got -1)"),
     "trial_timeout": ("executor: {trial_timeout_s: -5}\n",
                       "executor.trial_timeout_s: must be a number >= 0 (0 = no deadline) (got -5.0)"),
+    # a key of another type was ignored without a word
+    "stray_key": ("search:\n  optim.lr: {type: fixed, value: 0.01, low: 0.001}\n",
+                  "search.optim.lr.low: not a key of a fixed parameter (allowed: type, value)"),
     # `log: maybe` was read as true; a word among `values` was a TypeError traceback; `values: []` blamed `low`
     "log_not_bool": ("search:\n  optim.lr: {type: float, low: 0.001, high: 0.1, log: maybe}\n",
                      "search.optim.lr.log: must be true or false (got 'maybe')"),

@@ -129,6 +129,9 @@ def trial_config(overrides: list[str], config_file: str | None = None) -> TrialC
     """A TrialConfig from conf/ + overrides, or from a resolved YAML file (best.yaml) + overrides."""
     if config_file:
         d = load_yaml(config_file)
+        if "large_run" in d:
+            raise ConfigError(f"{config_file}: a large run's config: run it with `windtunnel train {config_file}` "
+                              f"(or the launch.sh beside it)")
         d = d.get("trial", d)  # best.yaml may wrap the trial with its sweep context
         merged = _apply_overrides(d, overrides)
         return trial_from_dict(merged)

@@ -204,7 +204,7 @@ def check_frame(df: pd.DataFrame, kind: str) -> pd.DataFrame:
             col = out[c].to_numpy()
             bad = ~(np.isfinite(col) & (col > 0))
             if bad.any():
-                raise ConfigError(f"{where}: column {c!r}: values must be finite and > 0 (got {col[bad][0]!r})")
+                raise ConfigError(f"{where}: column {c!r}: values must be finite and > 0 (got {float(col[bad][0])!r})")
     if out.empty:
         raise ConfigError(f"{where}: no rows with a finite 'loss' (columns {','.join(need)})")
     out.attrs["source"] = where

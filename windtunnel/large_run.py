@@ -520,6 +520,9 @@ def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, L
     from windtunnel.configure import load_yaml, parse_value
 
     d = load_yaml(config)
+    if "trial" in d and "large_run" not in d:  # a sweep's best.yaml: one trial's config, no run
+        raise ConfigError(f"{config}: a sweep's winner, not a large run's config: `windtunnel transfer` makes one "
+                          f"(train.yaml); `windtunnel trial --config {config}` re-runs the trial")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:

@@ -28,6 +28,8 @@ PRUNERS = ("median", "hyperband", "sha", "none")
 EXECUTORS = ("local", "ray", "slurm")
 PARAM_TYPES = ("float", "int", "categorical", "fixed")
 PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "value", "values")
+_RANGE = ("type", "low", "high", "step", "log", "values")  # values: a grid's points
+TYPE_KEYS = {"float": _RANGE, "int": _RANGE, "categorical": ("type", "choices"), "fixed": ("type", "value")}
 
 
 @dataclass(kw_only=True)
@@ -266,6 +268,10 @@ def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
         kind = spec.get("type")
         if kind not in PARAM_TYPES:
             raise ConfigError(f"{where}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
+        stray = set(spec) - set(TYPE_KEYS[kind])  # `{type: fixed, value: 0.01, low: 1}` meant something else
+        if stray:
+            raise ConfigError(f"{where}.{sorted(stray)[0]}: not a key of a {kind} parameter "
+                              f"(allowed: {', '.join(TYPE_KEYS[kind])})")
         check_field(isinstance(spec.get("log", False), bool), f"{where}.log", "must be true or false", spec.get("log"))
         if "values" in spec and kind in ("float", "int"):  # a grid's points: min and max below are its bounds
             vals = spec["values"]

@@ -177,6 +177,8 @@ def load_target(target: str, overrides: list[str] = ()) -> Target:
         p = repo_dir("conf") / "target" / f"{target}.yaml"
         if not p.is_file():
             raise ConfigError(f"--target: unknown target {target!r} (allowed: {', '.join(target_names())}, or a YAML path)")
+    if not p.is_file():
+        raise ConfigError(f"--target: {target}: no such file (allowed: {', '.join(target_names())}, or a YAML path)")
     d = load_yaml(p)
     d.setdefault("name", p.stem)
     str_fields = {f.name for f in dataclasses.fields(Target) if str(f.type) == "str"}

@@ -30,6 +30,8 @@ def run(args) -> int:
         widths = [int(w) for w in args.widths.split(",")]
     except ValueError:
         raise ConfigError(f"--widths: must be comma-separated integers (got {args.widths!r})") from None
+    if len(set(widths)) < 2:  # the check is a comparison across widths: one has nothing to compare
+        raise ConfigError(f"--widths: must name at least two different widths (got {args.widths!r})")
     # checked here, so the error names the flag (not train.tokens or model.init_std); --lr 0 was the default lr
     if args.steps < 1:
         raise ConfigError(f"--steps: must be >= 1 (got {args.steps})")
