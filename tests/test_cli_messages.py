@@ -303,3 +303,11 @@ def test_a_config_for_the_other_command_and_lone_widths_say_what_to_do(tmp_path)
     table.write_text("parametrization,width,lr,loss\nmup,64,-0.001,3.0\nmup,64,0.01,2.9\nmup,128,0.02,2.8\n")
     exact(cli("fit", "lr-transfer", "--input", table),
           f"windtunnel fit: error: {table}: column 'lr': values must be finite and > 0 (got -0.001)")
+
+
+def test_a_budget_under_one_step_is_refused():
+    """train.tokens=10 trained one whole step (1024 tokens) and exited 0: a sweep over 10..100 tokens
+    ran the same trial each time."""
+    exact(cli("trial", "train.tokens=10", "train.batch_size=16", "model.seq_len=64"),
+          "windtunnel trial: error: train.tokens: must be at least one step, train.batch_size × model.seq_len = "
+          "1024 tokens (got 10)")
