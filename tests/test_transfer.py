@@ -223,3 +223,28 @@ def test_a_target_vocabulary_smaller_than_the_data_is_refused(best, tmp_path):
     assert "target.vocab_size: 256 is smaller than the data's vocabulary (4096, data.source stdlib)" in r.stderr
     assert cli("transfer", best, "--target", "tiny-cpu", "vocab_size=4096", "--tokens", "65536", "--batch-size", "2048",
                "--out", tmp_path / "o").returncode == 0
+
+
+@pytest.mark.parametrize("target, width", [("minicpm-1.2b", 1536), ("minicpm-2.4b", 2304)])
+def test_the_papers_wind_tunnel_optimum_gives_the_released_minicpm_configs(tmp_path, target, width):
+    """MiniCPM's μP optimum from its 0.009B wind tunnel (d_model 256 = dim_model_base, head dim 64:
+    scale_emb 12, scale_depth 1.4, init_std 0.1, lr 0.01) transferred to the released shapes gives the
+    multipliers of their config.json (scale_emb 12, scale_depth 1.4, dim_model_base 256,
+    initializer_range 0.1) and MiniCPM's per-group rules: hidden lr 0.01 / (width / 256), hidden
+    init std 0.1 / sqrt(width / 256), the embedding's unchanged."""
+    wind_tunnel = TrialConfig(
+        model=ModelConfig(d_model=256, n_layers=4, n_heads=4, seq_len=512, scale_emb=12.0, scale_depth=1.4,
+                          init_std=0.1, dim_model_base=256),
+        optim=OptimConfig(lr=0.01), schedule=ScheduleConfig(kind="wsd"), train=TrainConfig(batch_size=16))
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"sweep": "paper", "number": 0, "value": 3.0,
+                                                        "trial": to_dict(wind_tunnel)}))
+    plan = transfer.plan(transfer.load_winner(str(tmp_path / "best.yaml")), transfer.load_target(target),
+                         transfer.Laws(batch_size=4 * 2**20, tokens=10**12))
+    hf = export.hf_config(plan)
+    assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"], hf["initializer_range"]) == (12, 1.4, 256, 0.1)
+    assert hf["hidden_size"] == width and not any("head dim" in w for w in plan.warnings), plan.warnings
+    groups = {g["role"]: g for g in plan.groups}
+    m = width / 256
+    assert groups["hidden"]["lr"] == pytest.approx(0.01 / m, rel=1e-12)
+    assert groups["hidden"]["init_std"] == pytest.approx(0.1 / math.sqrt(m), rel=1e-12)
+    assert (groups["embedding"]["lr"], groups["embedding"]["init_std"]) == (pytest.approx(0.01), 0.1)
