@@ -1,7 +1,10 @@
-"""The one error type users see: a bad value, named by its field, with what is allowed; and the
-two path checks that turn a file in the way, or an unwritable folder, into one."""
+"""The one error type users see: a bad value, named by its field, with what is allowed; the two
+path checks that turn a file in the way, or an unwritable folder, into one; and the names of the
+temp files an atomic write renames, which a killed writer's successor removes."""
 from __future__ import annotations
 
+import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -48,3 +51,41 @@ def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
         return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     except OSError as e:
         raise ConfigError(f"{error} ({e.strerror or e})") from None
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0].replace("/", "_") or "host"
+
+
+def temp_prefix(path: Path) -> str:
+    """'.NAME.HOST.PID.': the start of a temp file's name for a write renamed onto path, so that a
+    later writer can tell the temps of a killed process (SIGKILL runs no cleanup) from a live one's."""
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove the temp files (temp_prefix) that writers of path killed mid-write left beside it:
+    those of this host whose process is gone. Another host's (a shared filesystem) are left alone."""
+    start = f".{path.name}.{_host()}."
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for e in entries:
+        pid = e.name[len(start):].split(".", 1)[0] if e.name.startswith(start) else ""
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            os.unlink(e.path)
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True

@@ -200,6 +200,36 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
+def _create_sqlite_store(db: Path) -> None:
+    """Create the SQLite store at db, unless it exists, whole or not at all. MLflow builds a new
+    store's schema in dozens of migrations, committed one by one: a process killed among them left
+    a store every later connection failed on ('table ... already exists'), so no record could be
+    delivered there again. Here the schema is built under a temp name and linked into place when
+    complete; a link never replaces a store another process created meanwhile."""
+    if db.exists():
+        return
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from windtunnel.errors import remove_stale_temps, temp_prefix
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(db)  # a creation killed before: its temp store and journal
+    tmp = db.with_name(f"{temp_prefix(db)}tmp")
+    uri = f"sqlite:///{tmp}"
+    try:
+        store = SqlAlchemyStore(uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        store.engine.dispose()  # no connection to the temp name outlives it
+        getattr(SqlAlchemyStore, "_engine_map", {}).pop(uri, None)
+        try:
+            os.link(tmp, db)
+        except FileExistsError:
+            pass  # another process created it first: theirs is used
+    finally:
+        for p in (tmp, tmp.with_name(tmp.name + "-journal")):
+            p.unlink(missing_ok=True)
+
+
 class _Busy(Exception):
     """Another process (a `windtunnel sync`, or the sweep's deliverer) is delivering this outbox."""
 
@@ -231,7 +261,10 @@ class _Delivery:
             _quiet_mlflow()
             from mlflow.tracking import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.resolved_uri)
+            uri = self.resolved_uri
+            if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
+                _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+            self._client = MlflowClient(tracking_uri=uri)
             _quiet_mlflow()  # the SQL store configures its loggers on first use
         return self._client
 

@@ -1,0 +1,63 @@
+"""Commands SIGKILLed mid-write, then run again: what they leave is whole (or absent), no temp
+file stays in the user's folders, and the re-run gives what an uninterrupted run gives."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+
+from helpers import wait_for
+from windtunnel.tracking import _Outbox, local_uri
+
+
+def _cli(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "windtunnel.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _outbox(tracking, trials: int) -> None:
+    """The records a tracked sweep of `trials` trials appends (tracking.Tracker), to the local store."""
+    out = _Outbox(tracking / "outbox.jsonl")
+    base = {"uri": "", "experiment": "quickstart", "time": int(time.time() * 1000)}
+    out.append({**base, "op": "invocation", "key": "inv-1", "name": "quickstart-1", "params": {"n_trials": trials},
+                "tags": {"windtunnel.sweep": "quickstart"}})
+    for n in range(trials):
+        out.append({**base, "op": "trial", "key": f"inv-1/trial-{n}-1", "parent": "inv-1", "number": n,
+                    "attempt": 1, "params": {"optim.lr": 0.01 * (n + 1)},
+                    "curve": [{"tokens": 1024 * s, "val_loss": 5.0 - s} for s in (1, 2, 3)],
+                    "metrics": {"final_val_loss": 2.0}, "status": "FINISHED", "tags": {}})
+    out.append({**base, "op": "finish", "key": "inv-1/finish", "parent": "inv-1", "status": "FINISHED"})
+    out.close()
+
+
+def test_sync_killed_while_it_creates_the_local_store(tmp_path):
+    """MLflow creates a new SQLite store in dozens of migrations: `sync` (or the sweep's deliverer)
+    SIGKILLed among them left a store every later delivery failed on ('table ... already exists').
+    The store now appears whole or not at all, and the next sync delivers every record once.
+    Killed at four points of the creation (the store is ~1 MB when made)."""
+    for size in (150_000, 350_000, 550_000, 750_000):
+        tracking = tmp_path / f"at{size}" / "quickstart" / "tracking"
+        _outbox(tracking, 3)
+        proc = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", "sync", str(tracking.parent)], cwd=tmp_path,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        def half_made():  # the store, or its temp, part way through its migrations
+            return [(n, s) for n in os.listdir(tracking) if n.lstrip(".").startswith("mlflow.db")
+                    and (s := os.stat(tracking / n).st_size) >= size]
+
+        seen = wait_for(half_made, 120, f"the local store's creation to reach {size} bytes", proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not (tracking / "mlflow.db").exists(), f"killed while creating the store ({seen}), yet it is there"
+
+        again = _cli("sync", tracking.parent, cwd=tmp_path)
+        assert again.returncode == 0 and again.stdout.strip().endswith("sent 5, 0 pending"), again.stdout + again.stderr
+        assert not [n for n in os.listdir(tracking) if n.startswith(".")], os.listdir(tracking)  # no temp left
+        client = mlflow.MlflowClient(local_uri(tracking))
+        runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id], max_results=100)
+        assert sorted(r.info.run_name for r in runs) == ["quickstart-1", "trial-0000", "trial-0001", "trial-0002"]
+        assert all(r.info.status == "FINISHED" for r in runs)
+        child = next(r for r in runs if r.info.run_name == "trial-0001")
+        assert [m.value for m in client.get_metric_history(child.info.run_id, "val_loss")] == [4.0, 3.0, 2.0]
