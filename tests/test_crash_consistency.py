@@ -7,6 +7,7 @@ import sys
 import time
 
 import mlflow
+import pytest
 
 from helpers import wait_for
 from windtunnel.tracking import _Outbox, local_uri
@@ -61,3 +62,53 @@ def test_sync_killed_while_it_creates_the_local_store(tmp_path):
         assert all(r.info.status == "FINISHED" for r in runs)
         child = next(r for r in runs if r.info.run_name == "trial-0001")
         assert [m.value for m in client.get_metric_history(child.info.run_id, "val_loss")] == [4.0, 3.0, 2.0]
+
+
+def _kill_when(cmd, cwd, folder, prefixes, what):
+    """Start cmd and SIGKILL it as soon as a file whose name starts with one of `prefixes`
+    appears in `folder` (a temp file being written): returns that name."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # polled tightly: a small figure takes ~50 ms
+        try:
+            seen = next((n for n in os.listdir(folder) if n.startswith(prefixes)), None)
+        except FileNotFoundError:
+            seen = None
+        if seen:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return seen
+        time.sleep(0.002)
+    out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    pytest.fail(f"{cmd[3]} ended (exit {proc.returncode}) before {what}: {out[-2000:]}")
+
+
+def test_fit_and_report_killed_mid_write_leave_no_temp_file_after_a_rerun(tmp_path):
+    """A figure or table is written to a hidden temp file and renamed: a SIGKILL during the write
+    left that temp (`.lr.png.k2x9a1`) in the user's folder for good, one more per kill. The next
+    write of the same file now removes the temps of writers that are gone."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    fit = [sys.executable, "-m", "windtunnel.cli", "fit", "lr-transfer", "--input",
+           str(repo / "results" / "windtunnel" / "lr_width"), "--plot", "out/lr.png"]
+    seen = _kill_when(fit, tmp_path, tmp_path / "out", (".lr.png.",), "fit's figure being written")
+    assert (tmp_path / "out" / seen).exists()  # SIGKILL runs no cleanup: the temp is there
+    again = subprocess.run(fit, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert os.listdir(tmp_path / "out") == ["lr.png"]
+
+    results = tmp_path / "results"
+    sweep = _cli("sweep", "quickstart", "-q", "n_trials=3", f"results_dir={results}", "train.tokens=20000",
+                 "train.eval_every=10000", "population.size=1", "pruner.type=none", "tracking.enabled=false",
+                 cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    sd = results / "quickstart"
+    before = {n: (sd / n).read_bytes() for n in os.listdir(sd) if n.endswith((".csv", ".yaml", ".md", ".png"))}
+    report = [sys.executable, "-m", "windtunnel.cli", "report", str(sd)]
+    seen = _kill_when(report, tmp_path, sd, (".loss_vs_params.png.", ".history.png."), "report's plots being written")
+    assert (sd / seen).exists()
+    again = subprocess.run(report, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [n for n in os.listdir(sd) if n.startswith(".")] == []
+    assert {n: (sd / n).read_bytes() for n in before} == before  # what an uninterrupted report writes

@@ -45,10 +45,12 @@ def make_folder(field: str, folder: str | Path) -> Path:
 
 def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
     """tempfile.mkstemp in path's folder (created if missing), for a write renamed onto path; an
-    OSError as the one-line ConfigError '<error> (<reason>)', naming the user's path, not the temp file's."""
+    OSError as the one-line ConfigError '<error> (<reason>)', naming the user's path, not the temp file's.
+    The temp's name says whose it is (temp_prefix); those of killed writers of path go first."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        remove_stale_temps(path)
+        return tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
     except OSError as e:
         raise ConfigError(f"{error} ({e.strerror or e})") from None
 

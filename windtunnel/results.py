@@ -12,6 +12,8 @@ import optuna
 import pandas as pd
 import yaml
 
+from windtunnel.errors import remove_stale_temps, temp_prefix
+
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -64,7 +66,8 @@ def branches_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    remove_stale_temps(path)  # those of a writer killed mid-write (a SIGKILLed sweep or report)
+    tmp = path.with_name(f"{temp_prefix(path)}tmp")
     write(tmp)
     os.replace(tmp, path)
 
