@@ -112,3 +112,31 @@ def test_fit_and_report_killed_mid_write_leave_no_temp_file_after_a_rerun(tmp_pa
     assert again.returncode == 0, again.stdout + again.stderr
     assert [n for n in os.listdir(sd) if n.startswith(".")] == []
     assert {n: (sd / n).read_bytes() for n in before} == before  # what an uninterrupted report writes
+
+
+def test_a_killed_or_stopped_sweep_leaves_no_mlflow_run_running(tmp_path):
+    """Each invocation of a tracked sweep is a parent run: a driver SIGKILLed, or stopped with
+    SIGTERM, never ended its run, which MLflow showed RUNNING for good. A stop now ends it KILLED;
+    a killed driver's run is ended KILLED (at its last record's time) by the next run."""
+    from helpers import check_accounted, finished_count
+
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", "n_trials=5", f"results_dir={results}",
+           "train.tokens=40000", "train.eval_every=20000", "executor.workers=2", "population.size=1",
+           "pruner.type=none"]
+    for sig, at in ((signal.SIGKILL, 1), (signal.SIGTERM, 3)):
+        driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        wait_for(lambda: finished_count(results) >= at, 240, f"{at} finished trials", driver)
+        driver.send_signal(sig)
+        out, _ = driver.communicate(timeout=120)
+        assert driver.returncode == (-9 if sig == signal.SIGKILL else 130), out.decode()[-2000:]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    check_accounted(results, 5)
+
+    client = mlflow.MlflowClient(local_uri(results / "quickstart" / "tracking"))
+    exp = client.get_experiment_by_name("quickstart")
+    parents = [r for r in client.search_runs([exp.experiment_id], max_results=100, order_by=["attributes.start_time ASC"])
+               if "mlflow.parentRunId" not in r.data.tags]
+    assert [r.info.status for r in parents] == ["KILLED", "KILLED", "FINISHED"]
+    assert all(r.info.end_time >= r.info.start_time for r in parents)

@@ -124,6 +124,7 @@ class Driver:
             from windtunnel.tracking import Tracker
 
             self.tracker = Tracker(cfg.tracking.uri, experiment=cfg.name, outbox=self.dir / "tracking" / "outbox.jsonl")
+            self.tracker.end_unfinished()  # a killed driver's invocation: KILLED, not RUNNING for good
             self.parent = self.tracker.start_invocation(
                 params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
                         "executor": cfg.executor.type, "population": self.K},
@@ -329,6 +330,8 @@ class Driver:
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()
+            if self.tracker is not None:  # delivered by the deliverer's last pass, after this process exits
+                self.tracker.finish_invocation(self.parent, status="KILLED")
             write_report(self.study, self.dir)  # the tables and report say what finished (a second Ctrl-C skips it)
             raise
         finally:

@@ -588,8 +588,26 @@ class Tracker:
         self._append({"op": "artifacts", "key": f"{parent_key}/artifacts-{uuid.uuid4().hex[:8]}",
                       "parent": parent_key, "paths": out})
 
-    def finish_invocation(self, parent_key: str, status: str = "FINISHED") -> None:
-        self._append({"op": "finish", "key": f"{parent_key}/finish", "parent": parent_key, "status": status})
+    def finish_invocation(self, parent_key: str, status: str = "FINISHED", at_ms: int | None = None) -> None:
+        self._append({"op": "finish", "key": f"{parent_key}/finish", "parent": parent_key, "status": status,
+                      **({"time": int(at_ms)} if at_ms is not None else {})})
+
+    def end_unfinished(self) -> int:
+        """End as KILLED the invocations of this experiment and URI whose process died before it
+        finished them (SIGKILL, a machine gone): their parent runs stayed RUNNING in MLflow for
+        good. Each ends at its last record's time. Returns how many."""
+        records = [r for _, r in _read_records(self.outbox_path, 0) if r is not None]
+        mine = {r["key"] for r in records if r.get("op") == "invocation" and r.get("uri", "") == self.uri
+                and r.get("experiment") == self.experiment}
+        last: dict[str, int] = {}
+        for r in records:
+            key = r.get("key") if r.get("op") == "invocation" else r.get("parent")
+            if key in mine:
+                last[key] = max(last.get(key, 0), int(r.get("time") or 0))
+        ended = {r.get("parent") for r in records if r.get("op") == "finish"}
+        for key in sorted(mine - ended):
+            self.finish_invocation(key, status="KILLED", at_ms=last[key])
+        return len(mine - ended)
 
     # -- waiting and stopping ------------------------------------------------------------------
     def flush(self, timeout: float = 30.0, until_error: bool = False) -> bool:
