@@ -10,7 +10,7 @@
 #   bash results/windtunnel/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.kernels.bench)
 #   bash results/windtunnel/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash results/windtunnel/gpu.sh profile [ARGS]      # where a population step's time goes
-#   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention (kernels.tune)
+#   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention | cross_entropy (kernels.tune)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash results/windtunnel/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
