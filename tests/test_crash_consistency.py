@@ -140,3 +140,28 @@ def test_a_killed_or_stopped_sweep_leaves_no_mlflow_run_running(tmp_path):
                if "mlflow.parentRunId" not in r.data.tags]
     assert [r.info.status for r in parents] == ["KILLED", "KILLED", "FINISHED"]
     assert all(r.info.end_time >= r.info.start_time for r in parents)
+
+
+def test_a_trial_killed_while_it_saves_a_checkpoint_leaves_no_temp_after_the_resume(tmp_path):
+    """A checkpoint is written to a temp and renamed: SIGKILLed while the temp is being written, the
+    trial left it for good (tens of MB here; GBs for a large population). The resumed trial starts
+    from the last whole checkpoint and its next save removes the dead writer's temp."""
+    ckpt = tmp_path / "ckpt"
+    args = ["trial", "-q", "model.d_model=256", "model.n_layers=4", "model.n_heads=4", "model.seq_len=64",
+            "train.batch_size=8", f"train.tokens={24 * 8 * 64}", f"train.checkpoint_every={8 * 64}",
+            f"train.checkpoint_dir={ckpt}", "train.device=cpu", "data.max_bytes=300000"]
+    p = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", *args], cwd=tmp_path,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    temps, deadline = [], time.monotonic() + 240
+    try:
+        while not temps and p.poll() is None and time.monotonic() < deadline:
+            temps = [e.name for e in os.scandir(ckpt) if e.name.endswith(".tmp")] if ckpt.is_dir() else []
+        assert temps, "no checkpoint temp seen while the trial ran: " + (p.stderr.read() if p.poll() is not None else "")
+        p.kill()  # SIGKILL: no cleanup runs
+    finally:
+        p.kill()
+        p.wait()
+    assert any(e.name.endswith(".tmp") for e in os.scandir(ckpt))  # the killed save's temp is there
+    r = _cli(*args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(e.name for e in os.scandir(ckpt)) == ["latest.pt"]

@@ -55,6 +55,19 @@ def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
         raise ConfigError(f"{error} ({e.strerror or e})") from None
 
 
+def write_atomically(path: Path, write) -> None:
+    """write(tmp), then tmp renamed onto path: a reader sees the old file or the new one, never part
+    of one. The temp is named by temp_prefix, so the next write of path removes a killed writer's."""
+    remove_stale_temps(path)
+    tmp = path.with_name(f"{temp_prefix(path)}tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _host() -> str:
     return socket.gethostname().split(".")[0].replace("/", "_") or "host"
 

@@ -51,7 +51,7 @@ from windtunnel import locks
 from windtunnel import parametrization as mup
 from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
                                trial_from_dict)
-from windtunnel.errors import ConfigError, check_folder
+from windtunnel.errors import ConfigError, check_folder, write_atomically
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import resolve_device
@@ -511,9 +511,7 @@ class LargeRun:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import yaml
 
-from windtunnel.errors import remove_stale_temps, temp_prefix
+from windtunnel.errors import write_atomically
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -65,13 +64,6 @@ def branches_frame(study: optuna.Study) -> pd.DataFrame:
     return _per_point_frame(study, "branches", {"n_params": "params"})
 
 
-def _atomic(path: Path, write) -> None:
-    remove_stale_temps(path)  # those of a writer killed mid-write (a SIGKILLed sweep or report)
-    tmp = path.with_name(f"{temp_prefix(path)}tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.value is not None and math.isfinite(t.value)]
@@ -80,18 +72,18 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
     df = trials_frame(study)
-    _atomic(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
-    _atomic(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
+    write_atomically(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
+    write_atomically(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
     for name, frame in (("curves.csv", curves_frame(study)), ("branches.csv", branches_frame(study))):
         if not frame.empty:
-            _atomic(sweep_dir / name, lambda p, f=frame: f.to_csv(p, index=False))
+            write_atomically(sweep_dir / name, lambda p, f=frame: f.to_csv(p, index=False))
     best = best_trial(study)
     if best is not None:
         prov = best.user_attrs.get("result", {}).get("provenance", {})
         doc = {"sweep": study.study_name, "number": best.number, "value": best.value, "params": best.params,
                "trained_with": {k: prov[k] for k in ("device", "threads", "population") if k in prov},
                "trial": best.user_attrs["config"]}
-        _atomic(sweep_dir / "best.yaml", lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
+        write_atomically(sweep_dir / "best.yaml", lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
     return df
 
 
@@ -123,7 +115,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
         fig.suptitle(f"{study.study_name}: loss vs each searched hyperparameter (colour = trial number)")
         fig.tight_layout()
         out.append(sweep_dir / "loss_vs_params.png")
-        _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+        write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.scatter(done.number, done.value, s=12, label="trial")
@@ -132,7 +124,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
     ax.legend()
     fig.tight_layout()
     out.append(sweep_dir / "history.png")
-    _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+    write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
     plt.close(fig)
     imp = importances(study)
     if imp:
@@ -142,7 +134,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
         ax.set(xlabel="importance (fANOVA)", title=f"{study.study_name}: parameter importance")
         fig.tight_layout()
         out.append(sweep_dir / "importance.png")
-        _atomic(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+        write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
     return out
 
@@ -202,5 +194,5 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     if not failed.empty:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
     report = sweep_dir / "report.md"
-    _atomic(report, lambda p: p.write_text("\n".join(lines) + "\n"))
+    write_atomically(report, lambda p: p.write_text("\n".join(lines) + "\n"))
     return [sweep_dir / "trials.csv", sweep_dir / "best.yaml", report, *plots]

@@ -27,7 +27,7 @@ import torch
 
 from windtunnel import data as data_mod
 from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
-from windtunnel.errors import ConfigError, make_folder
+from windtunnel.errors import ConfigError, make_folder, write_atomically
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
 from windtunnel.schedule import branch_steps, lr_factor, phase_steps
@@ -79,9 +79,7 @@ def resolve_device(name: str) -> torch.device:
 
 def _atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))  # a killed save's temp goes at the next
 
 
 def _init_threads(device: torch.device) -> int:

@@ -14,6 +14,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from windtunnel.errors import write_atomically
+
 PAYLOAD, RESULT = "payload.json", "result.json"
 
 
@@ -83,9 +85,7 @@ def _resumed_from(latest: Path) -> int | None:
 
 
 def write_json_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj)))
 
 
 def standby(bundles: str) -> int:
