@@ -10,11 +10,15 @@ from windtunnel.tracking import local_uri
 
 def test_report_regenerates_and_replays_to_mlflow(tmp_path):
     results = tmp_path / "results"
-    run = subprocess.run([sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", "n_trials=3",
-                          f"results_dir={results}", "train.tokens=20000", "train.eval_every=10000", "tracking.enabled=false",
-                          "population.size=3", "pruner.type=none"], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
+    sweep_cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", "n_trials=3",
+                 f"results_dir={results}", "train.tokens=20000", "train.eval_every=10000", "tracking.enabled=false",
+                 "population.size=3", "pruner.type=none"]
+    for _ in range(2):  # the second finds the sweep complete: its empty run is no "Run:" line of the report
+        run = subprocess.run(sweep_cmd, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
     sweep = results / "quickstart"
+    runs = [line for line in (sweep / "report.md").read_text().splitlines() if line.startswith("Run: ")]
+    assert len(runs) == 1 and runs[0].startswith("Run: 3 trials in "), runs
     before = {name: (sweep / name).read_text() for name in ("trials.csv", "report.md")}
     for name in ("trials.csv", "report.md", "best.yaml", "history.png"):
         (sweep / name).unlink()

@@ -170,7 +170,7 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         lines += ["", "`best.yaml` holds its full resolved config and how it was trained: `windtunnel trial --config best.yaml` "
                   "re-runs it (on a CPU with the same threads: the same loss, bit for bit; trained in a population "
                   "of several: within float noise).", ""]
-    for inv in study.user_attrs.get("invocations", []):
+    for inv in [i for i in study.user_attrs.get("invocations", []) if i["trials"]]:  # not a re-run of a complete sweep
         hours = inv["wall_s"] / 3600
         lines += [f"Run: {inv['trials']} trials in {inv['wall_s'] / 60:.1f} min on {inv['slots']} slot(s), "
                   f"population {inv['population']}, sampler {inv['sampler']}: "
