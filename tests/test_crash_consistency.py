@@ -33,6 +33,14 @@ def _outbox(tracking, trials: int) -> None:
     out.close()
 
 
+def _size(path) -> int:
+    """Its size, 0 once gone: SQLite's -journal files come and go between a listing and a stat."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
 def test_sync_killed_while_it_creates_the_local_store(tmp_path):
     """MLflow creates a new SQLite store in dozens of migrations: `sync` (or the sweep's deliverer)
     SIGKILLed among them left a store every later delivery failed on ('table ... already exists').
@@ -46,7 +54,7 @@ def test_sync_killed_while_it_creates_the_local_store(tmp_path):
 
         def half_made():  # the store, or its temp, part way through its migrations
             return [(n, s) for n in os.listdir(tracking) if n.lstrip(".").startswith("mlflow.db")
-                    and (s := os.stat(tracking / n).st_size) >= size]
+                    and (s := _size(tracking / n)) >= size]
 
         seen = wait_for(half_made, 120, f"the local store's creation to reach {size} bytes", proc)
         proc.send_signal(signal.SIGKILL)

@@ -282,3 +282,25 @@ def test_sync_counts_records_it_cannot_deliver_apart_from_sent(sweep_dir, capsys
         f.write(json.dumps({"op": "artifacts", "key": "y", "parent": "never-delivered", "paths": [], "uri": ""}) + "\n")
     assert main(["sync", str(sweep_dir)]) == 0
     assert capsys.readouterr().out.strip().endswith("sent 0, 0 pending, 2 skipped for good (warnings above)")
+
+
+def test_a_sweep_tracked_from_its_resume_on_logs_the_trials_told_before(tmp_path):
+    """Trials told to the study but never tracked (the sweep ran with tracking off, or its driver died
+    between the tell and the record) are logged by the next tracked run, once; a re-run logs none again."""
+    import mlflow
+
+    from windtunnel.tracking import local_uri
+
+    results = tmp_path / "results"
+    base = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
+            "train.tokens=20000", "train.eval_every=10000", "population.size=1", "pruner.type=none"]
+    for extra in (["n_trials=2", "tracking.enabled=false"], ["n_trials=3"], ["n_trials=3"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+    client = mlflow.MlflowClient(local_uri(results / "quickstart" / "tracking"))
+    exp = client.get_experiment_by_name("quickstart")
+    runs = client.search_runs([exp.experiment_id], max_results=100)
+    children = sorted(int(r.data.tags["windtunnel.trial_number"]) for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert children == [0, 1, 2]
+    assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 2 for r in runs
+               if "mlflow.parentRunId" in r.data.tags)

@@ -129,6 +129,8 @@ class Driver:
                 params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
                         "executor": cfg.executor.type, "population": self.K},
                 tags={"windtunnel.sweep": cfg.name})
+            # trials told but never tracked: run with tracking off, or a driver killed between the two
+            track_finished(self.tracker, self.parent, self.study, skip=self.tracker.logged_trials())
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def finished(self) -> int:
@@ -388,6 +390,15 @@ def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, r
                       tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
 
 
+def track_finished(tracker, parent: str, study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> None:
+    """Every finished trial of the study as a child run of parent, but those (number, attempt) in skip."""
+    for t in study.get_trials(deepcopy=False):
+        attempt = t.user_attrs.get("attempt", 1)
+        if counts_as_finished(t) and (t.number, attempt) not in skip:
+            track_trial(tracker, parent, t.number, attempt, t.user_attrs.get("config", {}),
+                        t.user_attrs.get("result", {}), t.value, t.state)
+
+
 def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> bool:
     """Log a finished study's trials to MLflow after the fact (a sweep run with tracking off, e.g.
     on a GPU machine without MLflow): one parent run, a child run per finished trial."""
@@ -395,10 +406,7 @@ def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> boo
 
     tracker = Tracker(uri, experiment=study.study_name, outbox=sweep_dir / "tracking" / "outbox.jsonl")
     parent = tracker.start_invocation(params={"replayed_from": "study"}, tags={"windtunnel.sweep": study.study_name})
-    for t in study.get_trials(deepcopy=False):
-        if counts_as_finished(t):
-            track_trial(tracker, parent, t.number, t.user_attrs.get("attempt", 1), t.user_attrs.get("config", {}),
-                        t.user_attrs.get("result", {}), t.value, t.state)
+    track_finished(tracker, parent, study)
     tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
     tracker.finish_invocation(parent)
     ok = tracker.flush(timeout=300, until_error=True)  # a server that fails: its records wait for sync

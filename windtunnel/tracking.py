@@ -592,6 +592,12 @@ class Tracker:
         self._append({"op": "finish", "key": f"{parent_key}/finish", "parent": parent_key, "status": status,
                       **({"time": int(at_ms)} if at_ms is not None else {})})
 
+    def logged_trials(self) -> set[tuple[int, int]]:
+        """(number, attempt) of each trial this experiment and URI has a record of in the outbox."""
+        return {(r["number"], r["attempt"]) for _, r in _read_records(self.outbox_path, 0)
+                if r is not None and r.get("op") == "trial" and r.get("uri", "") == self.uri
+                and r.get("experiment") == self.experiment}
+
     def end_unfinished(self) -> int:
         """End as KILLED the invocations of this experiment and URI whose process died before it
         finished them (SIGKILL, a machine gone): their parent runs stayed RUNNING in MLflow for
