@@ -97,13 +97,15 @@ def test_trial_cli_bad_config_exit_2(tmp_path):
     ("model.kernels=[a]", "model.kernels: must be a string (got ['a'])"),
     ("model=5", "overrides: model: must name one of its options (allowed: proxy9m, tiny) (got '5')"),
     ("=5", "overrides: =5: must be KEY=VALUE (the key is missing)"),
+    ("model=tiny model=5", "overrides: model: must name one of its options (allowed: proxy9m, tiny) (got '5')"),
+    ("data=stdlib =5", "overrides: =5: must be KEY=VALUE (the key is missing)"),
 ])
 def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
     from windtunnel.configure import compose
     from windtunnel.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        compose([override])
+        compose(override.split(" "))
     assert str(e.value).startswith(expected) and "\n" not in str(e.value), str(e.value)
 
 
@@ -174,6 +176,7 @@ def test_whole_numbers_in_exponent_form_fill_integer_fields(tmp_path):
     from windtunnel.errors import ConfigError
 
     cfg = trial_config(["train.tokens=2e5", "model.d_model=1.28e2", "optim.lr=1e-2", "model.init_std=1e0"])
+    assert trial_config(["train.save_at=[1e4, 2.5e4]", "train.tokens=3e4"]).train.save_at == [10_000, 25_000]
     assert (cfg.train.tokens, cfg.model.d_model, cfg.optim.lr, cfg.model.init_std) == (200_000, 128, 0.01, 1.0)
     assert type(cfg.train.tokens) is int and type(cfg.model.init_std) is float
     for bad, shown in (("1.5", "'1.5'"), ("1e-1", "'0.1'")):

@@ -72,9 +72,10 @@ def _override_error(e: Exception, overrides: list[str] = (), conf_dir: Path | No
                 key, _, value = item.lstrip("+~").partition("=")
                 if not key:
                     return f"overrides: {item}: must be KEY=VALUE (the key is missing)"
-                if key in groups:
+                if key in groups:  # the group set to no option's name (model=tiny beside it is fine)
                     options = sorted(q.stem for q in ((conf_dir or repo_dir("conf")) / key).glob("*.yaml"))
-                    return f"overrides: {key}: must name one of its options (allowed: {', '.join(options)}) (got {value!r})"
+                    if value not in options:
+                        return f"overrides: {key}: must name one of its options (allowed: {', '.join(options)}) (got {value!r})"
         return f"overrides: {_one_line(e)}"
     key, first = cause.full_key, _one_line(cause)
     if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
@@ -120,9 +121,13 @@ def _whole_override(item: str) -> str:
     """`train.tokens=2e5` as `train.tokens=200000`: Hydra reads the exponent as a float, which an
     int field refuses (the YAML files read it as an integer: `_whole_or_float`)."""
     key, sep, text = item.partition("=")
-    if sep and _WHOLE_EXPONENT.match(text) and float(text).is_integer():
-        return f"{key}={int(float(text))}"
-    return item
+    if not sep:
+        return item
+    whole = lambda t: str(int(float(t))) if _WHOLE_EXPONENT.match(t) and float(t).is_integer() else t  # noqa: E731
+    if text.startswith("[") and text.endswith("]"):  # train.save_at=[1e5,2e5]; other lists stay as typed
+        items = [t.strip() for t in text[1:-1].split(",")]
+        return f"{key}=[{','.join(map(whole, items))}]" if any(whole(t) != t for t in items) else item
+    return f"{key}={whole(text)}"
 
 
 def trial_config(overrides: list[str], config_file: str | None = None) -> TrialConfig:
