@@ -241,6 +241,12 @@ class TrialConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        step = self.train.batch_size * self.model.seq_len
+        # less would still train one whole step: every smaller budget the same trial
+        check_field(self.train.tokens >= step, "train.tokens",
+                    f"must be at least one step, train.batch_size × model.seq_len = {step} tokens", self.train.tokens)
+
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig,
             "schedule": ScheduleConfig, "train": TrainConfig}

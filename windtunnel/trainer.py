@@ -113,10 +113,6 @@ class Population:
                 raise ConfigError("population: trials differ in a shape-changing field; bundle them separately")
         self.cfgs, self.K = cfgs, len(cfgs)
         c0 = cfgs[0]
-        step = c0.train.batch_size * c0.model.seq_len
-        if c0.train.tokens < step:  # it would train one whole step: every smaller budget the same trial
-            raise ConfigError(f"train.tokens: must be at least one step, train.batch_size × model.seq_len = {step} "
-                              f"tokens (got {c0.train.tokens})")
         self.device = torch.device(device) if device is not None else resolve_device(c0.train.device)
         self.shards = data_mod.load(c0.data)
         vocab = data_mod.model_vocab(c0.model.vocab_size, c0.data, self.shards.vocab_size)
