@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import uuid
 from pathlib import Path
 
 
@@ -59,7 +60,7 @@ def write_atomically(path: Path, write) -> None:
     """write(tmp), then tmp renamed onto path: a reader sees the old file or the new one, never part
     of one. The temp is named by temp_prefix, so the next write of path removes a killed writer's."""
     remove_stale_temps(path)
-    tmp = path.with_name(f"{temp_prefix(path)}tmp")
+    tmp = path.with_name(f"{temp_prefix(path)}{uuid.uuid4().hex[:8]}.tmp")  # unique: threads of one process too
     try:
         write(tmp)
         os.replace(tmp, path)
