@@ -204,3 +204,36 @@ def test_atomic_writes_from_threads_of_one_process_do_not_collide(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and sorted(p.name for p in tmp_path.iterdir()) == ["x.json"], errors[:1]
+
+
+def test_a_large_run_killed_while_it_creates_its_sqlite_store_logs_when_relaunched(tmp_path):
+    """`windtunnel train` with large_run.tracking_uri=sqlite:///...: rank 0 SIGKILLed while MLflow
+    built the new store left one every relaunch failed on; the store appears whole or not at all."""
+    import yaml
+
+    from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
+
+    proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
+                        data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu", batch_size=16))
+    (tmp_path / "best.yaml").write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(proxy)}))
+    r = _cli("transfer", tmp_path / "best.yaml", "--target", "tiny-cpu", "gpus_per_node=1", "seq_len=16", "run_name=m",
+             "--out", tmp_path / "exp", "--batch-size", "256", "--tokens", "25600", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    db = tmp_path / "m.db"
+    cmd = ["train", tmp_path / "exp" / "train.yaml", "large_run.stop_after_steps=3", f"large_run.tracking_uri=sqlite:///{db}"]
+    proc = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", *map(str, cmd)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def half_made():
+        return [(n, s) for n in os.listdir(tmp_path) if n.lstrip(".").startswith("m.db")
+                and (s := _size(tmp_path / n)) >= 350_000]
+
+    seen = wait_for(half_made, 120, "the store's creation to reach 350 kB", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not db.exists(), f"killed while creating the store ({seen}), yet it is there"
+    again = _cli(*cmd, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    [run] = client.search_runs([client.get_experiment_by_name("windtunnel-large-runs").experiment_id])
+    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 1

@@ -387,6 +387,9 @@ class LargeRun:
         if self.run.tracking_uri:
             import mlflow
 
+            from windtunnel.tracking import ensure_store
+
+            ensure_store(self.run.tracking_uri)  # a rank 0 killed while MLflow built it left a broken store
             mlflow.set_tracking_uri(self.run.tracking_uri)
             mlflow.set_experiment(self.run.experiment)
             id_file = self.run_dir / "mlflow_run_id"

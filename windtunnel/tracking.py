@@ -200,6 +200,12 @@ def _number(v: Any) -> float | None:
     return float(v)
 
 
+def ensure_store(uri: str) -> None:
+    """Before the first MLflow call on uri: a SQLite store that does not exist yet is created whole."""
+    if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
+        _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+
+
 def _create_sqlite_store(db: Path) -> None:
     """Create the SQLite store at db, unless it exists, whole or not at all. MLflow builds a new
     store's schema in dozens of migrations, committed one by one: a process killed among them left
@@ -225,6 +231,9 @@ def _create_sqlite_store(db: Path) -> None:
             os.link(tmp, db)
         except FileExistsError:
             pass  # another process created it first: theirs is used
+        except OSError:  # a filesystem without hard links: a rename, after one last look
+            if not db.exists():
+                os.replace(tmp, db)
     finally:
         for p in (tmp, tmp.with_name(tmp.name + "-journal")):
             p.unlink(missing_ok=True)
@@ -262,8 +271,7 @@ class _Delivery:
             from mlflow.tracking import MlflowClient
 
             uri = self.resolved_uri
-            if uri.startswith("sqlite:///") and "?" not in uri and ":memory:" not in uri:
-                _create_sqlite_store(Path(uri[len("sqlite:///"):]))
+            ensure_store(uri)
             self._client = MlflowClient(tracking_uri=uri)
             _quiet_mlflow()  # the SQL store configures its loggers on first use
         return self._client
