@@ -215,6 +215,10 @@ def test_slurm_cannot_start_reason_names_root():
         finally:
             os._exit(code)
     os.close(write)
+    import select
+
+    if not select.select([read], [], [], 60)[0]:  # a child hung (it should answer in milliseconds)
+        os.kill(pid, 9)
     with os.fdopen(read) as f:
         out = f.read()
     _, status = os.waitpid(pid, 0)
