@@ -20,7 +20,7 @@ from pathlib import Path
 
 import yaml
 
-from windtunnel.errors import ConfigError, file_in_the_way, temp_beside
+from windtunnel.errors import ConfigError, check_folder, make_folder, temp_beside
 from windtunnel.transfer import GIB, Plan, fmt, slug
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
@@ -219,15 +219,9 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
     """Write the five files into out_dir (created); returns their paths."""
     out = Path(out_dir)
-    folder = file_in_the_way(out)
-    if folder is not None:
-        raise ConfigError(f"--out: {out} is a file; a folder is needed (created if missing)" if folder == out
-                          else f"--out: {out}: {folder} is a file; a folder is needed (created if missing)")
+    check_folder("--out", out)
     _check_checkpoints(plan, out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--out: cannot create the folder {out} ({e.strerror or e})") from None
+    make_folder("--out", out)
     texts = {
         "train.yaml": "# `windtunnel train train.yaml`: written by `windtunnel transfer` (see transfer.md)\n"
                       + yaml.safe_dump(plan.train_yaml(), sort_keys=False),
