@@ -70,7 +70,14 @@ def write_atomically(path: Path, write) -> None:
 
 
 def _host() -> str:
-    return socket.gethostname().split(".")[0].replace("/", "_") or "host"
+    """This machine's short name and its PID namespace: containers that share a hostname (host
+    networking) but not their pids must not judge each other's writers dead."""
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    name = socket.gethostname().split(".")[0].replace("/", "_") or "host"
+    return f"{name}-{ns}"
 
 
 def temp_prefix(path: Path) -> str:
