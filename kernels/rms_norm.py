@@ -26,7 +26,9 @@ import triton.language as tl
 # the best at each.
 FWD_TILE = 2048  # forward elements per program: rows per program = FWD_TILE // next_pow2(C), 1 to 64
 BWD_TILE = 2048  # backward elements per step of a program's row loop, likewise
-FWD_ELEMS_PER_THREAD = 16  # warps = tile // (32 * elements per thread), 1 to 16
+# warps = tile // (32 * elements per thread), 1 to 16; None: C / 32, a warp per row, the best forward
+# at C = 256 (by 7% at one trial) and at C = 512 on an H200 (results/bench/rms_norm_tune_h200.log)
+FWD_ELEMS_PER_THREAD = None
 BWD_ELEMS_PER_THREAD = 32  # likewise in the backward: fewer warps, cheaper dw reduction
 BWD_PROGRAMS_PER_SM = 2  # backward programs per SM at least: each ends in a costly dw reduction + atomic add
 BWD_MAX_STEPS = 16  # more backward programs when each would walk more row blocks than this
@@ -174,7 +176,8 @@ def rms_norm_forward(x, weight, eps, residual=None, scale=None, zero_dw=False):
         r2 = h = x2
     y = torch.empty_like(h)
     dw = torch.empty(weight.shape, dtype=torch.float32, device=x.device) if zero_dw else None
-    block, block_rows, warps = _config(n_cols, FWD_TILE, FWD_ELEMS_PER_THREAD)
+    per_thread = FWD_ELEMS_PER_THREAD or max(1, triton.next_power_of_2(n_cols) // 32)
+    block, block_rows, warps = _config(n_cols, FWD_TILE, per_thread)
     grid = max(triton.cdiv(n_rows, block_rows), n_groups if zero_dw else 1)  # program k zeroes dw[k]
     _rms_norm_fwd_kernel[(grid,)](
         y, y.stride(0), h, h.stride(0), x2, x2.stride(0), r2, r2.stride(0),

@@ -31,7 +31,7 @@ from . import linear_cross_entropy as L
 from . import rms_norm as R
 from .bench import _bench, _graph_ms
 
-FWD_GRID = {"FWD_TILE": (1024, 2048, 4096, 8192), "FWD_ELEMS_PER_THREAD": (8, 16, 32)}
+FWD_GRID = {"FWD_TILE": (1024, 2048, 4096, 8192), "FWD_ELEMS_PER_THREAD": (None, 8, 16, 32)}
 BWD_GRID = {"BWD_TILE": (512, 1024, 2048, 4096), "BWD_ELEMS_PER_THREAD": (8, 16, 32),
             "BWD_PROGRAMS_PER_SM": (1, 2, 4, 8, 16), "BWD_STAGES": (2, 3, 4)}
 
