@@ -30,21 +30,24 @@ EPS = 1e-6
 
 
 @triton.jit
+def _tile(M, Nn, BM: tl.constexpr, BN: tl.constexpr, GROUP: tl.constexpr):
+    """This program's (row tile, column tile) in grouped order: programs near in time share A rows in L2."""
+    pid = tl.program_id(0)
+    n_n = tl.cdiv(Nn, BN)
+    first_m = pid // (GROUP * n_n) * GROUP
+    size = tl.minimum(tl.cdiv(M, BM) - first_m, GROUP)
+    return first_m + (pid % (GROUP * n_n)) % size, (pid % (GROUP * n_n)) // size
+
+
+@triton.jit
 def _gemm(A, B, Cout, W, G, M, Nn, Kd, sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, sgb, sgm,
           NORM: tl.constexpr, SWIGLU: tl.constexpr, F_: tl.constexpr,
           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     """C[b] = A[b] @ B[b] (A (M, Kd), B (Kd, Nn) by strides). NORM: A's rows RMS-normalised and
     scaled by W[b] first (BK == Kd: the whole row is one tile). SWIGLU: a second accumulator on
     B's columns + F_, writes silu(acc) * acc2 to Cout (M, F_) and [acc | acc2] to G (M, 2F_)."""
-    pid = tl.program_id(0)
+    pm, pn = _tile(M, Nn, BM, BN, GROUP)
     b = tl.program_id(1).to(tl.int64)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(Nn, BN)
-    group = pid // (GROUP * n_n)  # grouped order: programs near in time share A rows in L2
-    first_m = group * GROUP
-    size = tl.minimum(n_m - first_m, GROUP)
-    pm = first_m + (pid % (GROUP * n_n)) % size
-    pn = (pid % (GROUP * n_n)) // size
     rm = pm * BM + tl.arange(0, BM)
     rn = pn * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
@@ -79,15 +82,8 @@ def _gemm(A, B, Cout, W, G, M, Nn, Kd, sab, sam, sak, sbb, sbk, sbn, scb, scm, s
 def _gemm_tma(A, B, Cout, G, M, Nn, Kd, SWIGLU: tl.constexpr, F_: tl.constexpr,
               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr):
     """As _gemm (no NORM), its tiles moved by TMA: A, B, C seen as 2-D (trials x rows, cols)."""
-    pid = tl.program_id(0)
+    pm, pn = _tile(M, Nn, BM, BN, GROUP)
     b = tl.program_id(1)
-    n_m = tl.cdiv(M, BM)
-    n_n = tl.cdiv(Nn, BN)
-    group = pid // (GROUP * n_n)
-    first_m = group * GROUP
-    size = tl.minimum(n_m - first_m, GROUP)
-    pm = first_m + (pid % (GROUP * n_n)) % size
-    pn = (pid % (GROUP * n_n)) // size
     n_b = tl.num_programs(1)
     n_w = 2 * Nn if SWIGLU else Nn
     a_d = tl.make_tensor_descriptor(A, shape=[n_b * M, Kd], strides=[Kd, 1], block_shape=[BM, BK])
