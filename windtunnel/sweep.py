@@ -390,28 +390,39 @@ def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, r
                       tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
 
 
+def _untracked(study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> list[optuna.trial.FrozenTrial]:
+    """The study's finished trials but those whose (number, attempt) is in skip."""
+    return [t for t in study.get_trials(deepcopy=False)
+            if counts_as_finished(t) and (t.number, t.user_attrs.get("attempt", 1)) not in skip]
+
+
 def track_finished(tracker, parent: str, study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> None:
     """Every finished trial of the study as a child run of parent, but those (number, attempt) in skip."""
-    for t in study.get_trials(deepcopy=False):
-        attempt = t.user_attrs.get("attempt", 1)
-        if counts_as_finished(t) and (t.number, attempt) not in skip:
-            track_trial(tracker, parent, t.number, attempt, t.user_attrs.get("config", {}),
-                        t.user_attrs.get("result", {}), t.value, t.state)
+    for t in _untracked(study, skip):
+        track_trial(tracker, parent, t.number, t.user_attrs.get("attempt", 1), t.user_attrs.get("config", {}),
+                    t.user_attrs.get("result", {}), t.value, t.state)
 
 
-def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> bool:
+def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> tuple[int, bool]:
     """Log a finished study's trials to MLflow after the fact (a sweep run with tracking off, e.g.
-    on a GPU machine without MLflow): one parent run, a child run per finished trial."""
+    on a GPU machine without MLflow): one parent run, a child run per finished trial that the
+    server at uri does not hold or wait for yet (Tracker.logged_trials), so a replay run again,
+    or after more trials finished, adds each trial once; with none new it logs nothing.
+    Returns (trials replayed, every record for uri delivered)."""
     from windtunnel.tracking import Tracker
 
     tracker = Tracker(uri, experiment=study.study_name, outbox=sweep_dir / "tracking" / "outbox.jsonl")
-    parent = tracker.start_invocation(params={"replayed_from": "study"}, tags={"windtunnel.sweep": study.study_name})
-    track_finished(tracker, parent, study)
-    tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
-    tracker.finish_invocation(parent)
+    skip = tracker.logged_trials()
+    new = len(_untracked(study, skip))
+    if new:
+        parent = tracker.start_invocation(params={"replayed_from": "study"}, tags={"windtunnel.sweep": study.study_name})
+        track_finished(tracker, parent, study, skip)
+        tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
+        tracker.finish_invocation(parent)
+    # with nothing new this still retries what an earlier replay left waiting for this server
     ok = tracker.flush(timeout=300, until_error=True)  # a server that fails: its records wait for sync
     tracker.close()
-    return ok
+    return new, ok
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -70,6 +70,11 @@ def local_uri(tracking_dir: Path) -> str:
     return f"sqlite:///{Path(tracking_dir).resolve()}/mlflow.db"
 
 
+def resolve_uri(tracking_dir: Path, uri: str) -> str:
+    """The server a record's uri names: '' is the sweep's local store (as `sync` prints it)."""
+    return uri or local_uri(tracking_dir)
+
+
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -263,7 +268,7 @@ class _Delivery:
 
     @property
     def resolved_uri(self) -> str:
-        return self.uri or local_uri(self.dir)
+        return resolve_uri(self.dir, self.uri)
 
     def client(self):
         if self._client is None:
@@ -545,7 +550,7 @@ class Tracker:
 
     @property
     def resolved_uri(self) -> str:
-        return self.uri or local_uri(self.dir)
+        return resolve_uri(self.dir, self.uri)
 
     @property
     def last_error(self) -> str | None:
@@ -601,10 +606,10 @@ class Tracker:
                       **({"time": int(at_ms)} if at_ms is not None else {})})
 
     def logged_trials(self) -> set[tuple[int, int]]:
-        """(number, attempt) of each trial this experiment and URI has a record of in the outbox."""
-        return {(r["number"], r["attempt"]) for _, r in _read_records(self.outbox_path, 0)
-                if r is not None and r.get("op") == "trial" and r.get("uri", "") == self.uri
-                and r.get("experiment") == self.experiment}
+        """(number, attempt) of each trial of this experiment that this URI's server holds or is
+        to get (records_at): what a sweep's catch-up and a `report --mlflow` replay leave out."""
+        return {(r["number"], r["attempt"]) for r in records_at(self.dir, self.uri)
+                if r.get("op") == "trial" and r.get("experiment") == self.experiment}
 
     def end_unfinished(self) -> int:
         """End as KILLED the invocations of this experiment and URI whose process died before it
@@ -785,6 +790,22 @@ def _replays(outbox: Path) -> set[str]:
     return replays if tracked else set()
 
 
+def records_at(tracking_dir: Path, uri: str) -> list[dict]:
+    """The outbox's records that the server at uri holds or is to get: those addressed to it
+    (delivered, waiting, or dropped by `sync --drop`, which counts them as handled) and those
+    `sync --uri` copied there (or was copying when cut off). Servers compare resolved, so '' and
+    the local store's path are one. Built from the append-only outbox and the atomically replaced
+    state, so a crash anywhere leaves a consistent answer, erring towards 'held' (no duplicate)."""
+    state = _load_state(tracking_dir, quiet=True)
+    records = [r for _, r in _read_records(tracking_dir / "outbox.jsonl", 0) if r is not None]
+    server = resolve_uri(tracking_dir, uri)
+    same = {u for u in {*state["targets"], *(r.get("uri", "") for r in records)}
+            if resolve_uri(tracking_dir, u) == server}
+    targets = state["targets"]
+    copied = {k for u in same & targets.keys() for k in [*targets[u].get("runs", {}), *targets[u].get("pending", [])]}
+    return [r for r in records if r.get("uri", "") in same or r.get("key") in copied]
+
+
 def outbox_uris(tracking_dir: Path) -> list[str]:
     """The URIs the outbox's records are addressed to, in order of first use ('' = the local store)."""
     return list(dict.fromkeys(r.get("uri", "") for _, r in _read_records(tracking_dir / "outbox.jsonl", 0)
@@ -797,7 +818,7 @@ def drop_pending(tracking_dir: Path, uri: str, wait_lock_s: float = 60.0) -> int
     can still copy them elsewhere. Returns how many."""
     from windtunnel.errors import ConfigError
 
-    named = {u: u for u in outbox_uris(tracking_dir)} | {_Delivery(tracking_dir, u).resolved_uri: u
+    named = {u: u for u in outbox_uris(tracking_dir)} | {resolve_uri(tracking_dir, u): u
                                                           for u in outbox_uris(tracking_dir)}
     if uri not in named:
         raise ConfigError(f"--drop: {tracking_dir.parent}'s records go to no {uri!r} "

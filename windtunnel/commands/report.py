@@ -8,7 +8,7 @@ def add_arguments(p) -> None:
     p.add_argument("sweep_dir", help="a sweep's results folder, e.g. results/quickstart")
     p.add_argument("--mlflow", nargs="?", const="", metavar="URI",
                    help="also log the study's trials to MLflow (default: the sweep's local store), e.g. for "
-                        "a sweep that ran with tracking.enabled=false")
+                        "a sweep that ran with tracking.enabled=false; trials already there are not logged again")
 
 
 def run(args) -> int:
@@ -34,8 +34,17 @@ def run(args) -> int:
     for f in write_report(study, d):
         print(f)
     if args.mlflow is not None:
+        from windtunnel.results import counts_as_finished
         from windtunnel.sweep import replay_to_mlflow
+        from windtunnel.tracking import resolve_uri
 
-        ok = replay_to_mlflow(study, d, args.mlflow)
-        print(f"MLflow: {'delivered' if ok else 'some records wait in the outbox (windtunnel sync)'}")
+        new, ok = replay_to_mlflow(study, d, args.mlflow)
+        uri = resolve_uri(d / "tracking", args.mlflow)
+        if not new:  # run again, or before any trial finished: each trial is in MLflow once
+            n = sum(counts_as_finished(t) for t in study.get_trials(deepcopy=False))
+            print(f"report: all {n} finished trials of {study.study_name} are already in MLflow at {uri}"
+                  f"{'' if ok else ' (some wait in the outbox: windtunnel sync)'}; nothing to replay")
+        else:
+            print(f"MLflow: delivered {new} trials to {uri}" if ok
+                  else "MLflow: some records wait in the outbox (windtunnel sync)")
     return 0
