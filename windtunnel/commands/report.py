@@ -42,8 +42,9 @@ def run(args) -> int:
         uri = resolve_uri(d / "tracking", args.mlflow)
         if not new:  # run again, or before any trial finished: each trial is in MLflow once
             n = sum(counts_as_finished(t) for t in study.get_trials(deepcopy=False))
-            print(f"report: all {n} finished trials of {study.study_name} are already in MLflow at {uri}"
-                  f"{'' if ok else ' (some wait in the outbox: windtunnel sync)'}; nothing to replay")
+            held = f"all {n} finished trials of {study.study_name} are already in MLflow at {uri}" if n \
+                else f"{study.study_name} has no finished trials"
+            print(f"report: {held}{'' if ok else ' (some wait in the outbox: windtunnel sync)'}; nothing to replay")
         else:
             print(f"MLflow: delivered {new} trials to {uri}" if ok
                   else "MLflow: some records wait in the outbox (windtunnel sync)")
