@@ -77,20 +77,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except ConfigError as e:
-        print(f"windtunnel {name}: error: {e}", file=sys.stderr)
+        _say(f"windtunnel {name}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"windtunnel {name}: interrupted", file=sys.stderr)
+        _say(f"windtunnel {name}: interrupted")
         return 130
     except ExecutorGone as e:
-        print(f"windtunnel {name}: error: {e}", file=sys.stderr)
+        _say(f"windtunnel {name}: error: {e}")
         return 1
     except OSError as e:  # a path the user gave that cannot be read or written: no traceback
         if e.filename is None or os.environ.get("WINDTUNNEL_DEBUG"):
             raise
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename
-        print(f"windtunnel {name}: error: {where}: {e.strerror or e}", file=sys.stderr)
+        _say(f"windtunnel {name}: error: {where}: {e.strerror or e}")
         return 1
+
+
+def _say(line: str) -> None:
+    """One write per line: print() makes two (text, then newline), and under torchrun every rank's
+    line would interleave with the others' on the shared stderr."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 if __name__ == "__main__":
