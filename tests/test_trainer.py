@@ -12,11 +12,20 @@ from windtunnel.schedule import decay_curve, lr_factor, phase_steps
 from windtunnel.trainer import Population, branch_configs, bundle_key, train_trial
 
 
-def test_population_adamw_equals_torch_adamw_with_mup_groups():
+STEPS = 3
+# fp64 throughout (weights and the optimizer's hyperparameters): each step's rounding is ~1 ulp of
+# fp64, which even Adam's first steps (g / sqrt(g^2), chaotic for near-zero gradients) amplify to
+# no more than ~1e-14 after 3 steps (2e-15 is the largest seen over 40 seeds). In fp32 the same
+# comparison differs by up to 1.5e-6, and whether that passes depended on the processor.
+ADAMW_ATOL = 100 * STEPS * torch.finfo(torch.float64).eps  # 6.7e-14: >= 10x the largest difference seen
+
+
+def _adamw_pair_max_difference(token_seed: int) -> dict[str, float]:
     cfg = with_overrides(tiny_trial(), {"model.d_model": 64, "model.dim_model_base": 16, "optim.weight_decay": 0.1})
     a = Transformer(cfg.model, 256)
     a.init_trial(0, cfg.model, torch.Generator().manual_seed(0))
-    b = Transformer(cfg.model, 256)
+    a.double()
+    b = Transformer(cfg.model, 256).double()
     b.load_state_dict(a.state_dict())
     ours = PopulationAdamW(a, [cfg])
     groups = {}
@@ -26,16 +35,26 @@ def test_population_adamw_equals_torch_adamw_with_mup_groups():
         groups.setdefault(key, []).append(p)
     ref = torch.optim.AdamW([{"params": ps, "lr": cfg.optim.lr * lm, "weight_decay": wd}
                              for (lm, wd), ps in groups.items()], betas=(0.9, 0.95), eps=1e-8)
-    idx = torch.randint(0, 256, (1, 4, 32), generator=torch.Generator().manual_seed(0))  # not the global RNG: what earlier tests drew
-    for _ in range(3):
+    idx = torch.randint(0, 256, (1, 4, 32), generator=torch.Generator().manual_seed(token_seed))
+    for _ in range(STEPS):
         for model in (a, b):
             model(idx, idx.roll(1, -1)).sum().backward()
-        ours.step(torch.ones(1))
+        ours.step(torch.ones(1, dtype=torch.float64))
         ref.step()
         for m in (a, b):
             m.zero_grad(set_to_none=True)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+    return {name: (p - q).abs().max().item() for (name, p), q in zip(a.named_parameters(), b.parameters())}
+
+
+def test_population_adamw_equals_torch_adamw_with_mup_groups():
+    """PopulationAdamW (K=1) against torch.optim.AdamW with μP's groups, over 40 token seeds."""
+    worst = {}
+    for seed in range(40):
+        diffs = _adamw_pair_max_difference(seed)
+        name = max(diffs, key=diffs.get)
+        worst[seed] = (diffs[name], name)
+    seed, (diff, name) = max(worst.items(), key=lambda kv: kv[1][0])
+    assert diff <= ADAMW_ATOL, f"seed {seed}: {name} differs by {diff:.3g} > {ADAMW_ATOL:.3g}"
 
 
 def test_trial_is_deterministic_on_cpu():

@@ -21,6 +21,10 @@ class PopulationAdamW:
     def __init__(self, model: torch.nn.Module, cfgs: list[TrialConfig]):
         roles = model.param_roles()
         device = next(model.parameters()).device
+        # hyperparameters in fp32 (what the fused kernel reads), or fp64 for an fp64 model, so that
+        # the fp64 comparison with torch.optim.AdamW is not limited by their rounding
+        hp = torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32
+        self.hp_dtype = hp
         o = cfgs[0].optim  # betas, eps and clipping are shared by a bundle (trainer.bundle_key)
         self.beta1, self.beta2, self.eps = o.beta1, o.beta2, o.eps
         self.names, self.params, lr_mult, wd = [], [], [], []
@@ -30,9 +34,9 @@ class PopulationAdamW:
             self.params.append(p)
             lr_mult.append([r.lr_mult for r in rules])
             wd.append([r.wd_mult * c.optim.weight_decay for r, c in zip(rules, cfgs)])
-        self.lr_mult = torch.tensor(lr_mult, dtype=torch.float32, device=device)  # (P, K)
-        self.wd = torch.tensor(wd, dtype=torch.float32, device=device)  # (P, K)
-        self.peak_lr = torch.tensor([c.optim.lr for c in cfgs], dtype=torch.float32, device=device)
+        self.lr_mult = torch.tensor(lr_mult, dtype=hp, device=device)  # (P, K)
+        self.wd = torch.tensor(wd, dtype=hp, device=device)  # (P, K)
+        self.peak_lr = torch.tensor([c.optim.lr for c in cfgs], dtype=hp, device=device)
         self.exp_avg = [torch.zeros_like(p) for p in self.params]
         self.exp_avg_sq = [torch.zeros_like(p) for p in self.params]
         self.t = torch.zeros((), dtype=torch.float64, device=device)  # steps taken, on the device
@@ -44,9 +48,9 @@ class PopulationAdamW:
         gradient clipping factor (clip_scale_per_trial)."""
         self.t += 1
         bc1 = 1 - self.beta1 ** self.t
-        bc2_rsqrt = (1 - self.beta2 ** self.t).rsqrt().float()
+        bc2_rsqrt = (1 - self.beta2 ** self.t).rsqrt().to(self.hp_dtype)
         lr = self.peak_lr * lr_factor  # (K,)
-        step_size = (lr * self.lr_mult) / bc1.float()  # (P, K)
+        step_size = (lr * self.lr_mult) / bc1.to(self.hp_dtype)  # (P, K)
         decay = 1 - lr * self.lr_mult * self.wd  # decoupled: scaled by the group's lr, as AdamW does
         if grad_scale is None:
             grad_scale = torch.ones_like(lr)
