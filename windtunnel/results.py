@@ -27,7 +27,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     for t in study.get_trials(deepcopy=False):
         r = t.user_attrs.get("result", {})
         rows.append({"number": t.number, "state": t.state.name, "value": t.value,
-                     **t.params, **fixed,
+                     **t.params, **fixed, "train.seed": t.user_attrs.get("config", {}).get("train", {}).get("seed"),
                      "status": r.get("status", ""), "tokens": r.get("tokens"), "seconds": r.get("seconds"),
                      "tokens_per_s": r.get("tokens_per_s"), "attempt": t.user_attrs.get("attempt", 1),
                      "retried": bool(t.user_attrs.get("retried", False)),

@@ -142,6 +142,13 @@ def _check_resumed(study: optuna.Study, cfg: SweepConfig) -> None:
         if changed:
             raise ConfigError(f"{changed[0].split()[0]}: study {cfg.name!r} searched another space "
                               f"({'; '.join(changed)}); set it back, or use a new name= or results_dir=")
+    # a study made before trials had their own seeds ran every trial with train.seed: common
+    seeds = study.user_attrs.get("seeds", "common" if study.get_trials(deepcopy=False) else cfg.seeds)
+    if seeds != cfg.seeds:
+        raise ConfigError(f"seeds: study {cfg.name!r} ran its trials with seeds={seeds} (now {cfg.seeds}); "
+                          f"set seeds={seeds} to resume it, or use a new name= or results_dir=")
+    if "seeds" not in study.user_attrs:
+        study.set_user_attr("seeds", seeds)
     now, before = trial_settings(cfg), study.user_attrs.get("trial_settings")
     if before is None:
         study.set_user_attr("trial_settings", now)

@@ -17,17 +17,18 @@ from pathlib import Path
 import optuna
 
 from windtunnel import data, locks
-from windtunnel.config import to_dict, with_overrides
+from windtunnel.config import TrialConfig, to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
-from windtunnel.sweep_config import SweepConfig
+from windtunnel.sweep_config import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
 from windtunnel.worker import RESULT
 
 TS = optuna.trial.TrialState
+CARRIED = ("seed_of", "replicate")  # what a retry keeps of the trial it replaces: its seeds, confirm's replicate
 
 
 @dataclass
@@ -151,9 +152,8 @@ class Driver:
             if self.stop.requested:  # between asks: each GP ask can take seconds
                 break
             trial = self.study.ask(self.dists)
-            params = {**trial.params, **self.fixed}
             try:
-                tcfg = with_overrides(self.cfg.trial, params)
+                tcfg = self.trial_config(trial)
             except ConfigError as e:  # e.g. a sampled width that n_heads does not divide
                 self._tell(trial, "failed", None, {"reason": f"invalid config: {e}"})
                 continue
@@ -167,6 +167,15 @@ class Driver:
                     t.set_user_attr("bundle", str(b.dir))
                 self.ready.append(b)
         self.asking += time.time() - t0
+
+    def trial_config(self, trial: optuna.trial.Trial) -> TrialConfig:
+        """The base config with the trial's sampled and fixed params and, with seeds=per_trial, its
+        own seeds (a retry keeps its first attempt's: `seed_of`)."""
+        params = {**trial.params, **self.fixed}
+        if self.cfg.seeds == "per_trial":
+            seeds = trial_seeds(self.cfg.train.seed, trial.user_attrs.get("seed_of", trial.number))
+            params = {"train.seed": seeds[0], "train.data_seed": seeds[1], **params}  # a searched seed wins
+        return with_overrides(self.cfg.trial, params)
 
     def fill(self) -> None:
         free = self.slots_free()
@@ -226,9 +235,10 @@ class Driver:
             trial.set_user_attr("retried", True)
             trial.set_user_attr("reason", f"{reason}; retried")
             self.study.tell(trial.number, state=TS.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"attempt": attempt + 1 if its_fault else attempt,
-                                                                  "retry_of": trial.number},
-                                     skip_if_exists=False)
+            carried = {k: trial.user_attrs[k] for k in CARRIED if k in trial.user_attrs}
+            self.study.enqueue_trial(trial.params, user_attrs={
+                "seed_of": trial.number, **carried, "attempt": attempt + 1 if its_fault else attempt,
+                "retry_of": trial.number}, skip_if_exists=False)
         else:
             self._tell(trial, "failed", None, {"reason": f"{reason} (attempt {attempt}, no retries left)"})
 

@@ -27,6 +27,7 @@ SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 PRUNERS = ("median", "hyperband", "sha", "none")
 EXECUTORS = ("local", "ray", "slurm")
 PARAM_TYPES = ("float", "int", "categorical", "fixed")
+SEED_MODES = ("per_trial", "common")
 PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "value", "values")
 _RANGE = ("type", "low", "high", "step", "log", "values")  # values: a grid's points
 TYPE_KEYS = {"float": _RANGE, "int": _RANGE, "categorical": ("type", "choices"), "fixed": ("type", "value")}
@@ -163,6 +164,11 @@ class SweepConfig(TrialConfig):
     search: dict[str, Any] = field(default_factory=dict)
     objective: str = "final_val_loss"
     """Minimised: the validation loss at the end of the token budget."""
+    seeds: str = "per_trial"
+    """per_trial: each trial draws its init and data seeds from train.seed and its number
+    (trial_seeds), so its loss carries its own noise, as a replicate's would; common: every trial
+    trains with train.seed and train.data_seed (common random numbers: one draw of the noise for
+    all, so trials differ by their parameters alone, and a winner may be that draw's favourite)."""
     n_trials: int = 20
     storage: str = ""
     """'' = an Optuna journal file <results_dir>/<name>/study.journal; or any Optuna storage URL
@@ -180,12 +186,23 @@ class SweepConfig(TrialConfig):
                     "must be one plain folder name: letters, digits, '.', '_', '-' (not '.' or '..')", self.name)
         check_field(self.n_trials >= 1, "n_trials", "must be >= 1", self.n_trials)
         check_choice("objective", self.objective, ("final_val_loss",))
+        check_choice("seeds", self.seeds, SEED_MODES)
         _check_storage(self.storage)
         check_folder("results_dir", Path(self.results_dir).expanduser() / self.name)  # before the sweep writes
 
     @property
     def trial(self) -> TrialConfig:
         return TrialConfig(**{k: getattr(self, k) for k in SECTIONS})
+
+
+def trial_seeds(seed: int, index: int, stream: int = 0) -> tuple[int, int]:
+    """(init seed, data seed) of trial `index` of a sweep whose train.seed is `seed`: independent
+    streams (numpy's SeedSequence), one per (seed, stream, index). Stream 0 is the sweep's trials,
+    1 the replicates of `windtunnel confirm`, so a confirmation never reuses a search's draw."""
+    import numpy as np
+
+    init, data = np.random.SeedSequence([seed, stream, index]).generate_state(2)
+    return int(init), int(data)
 
 
 STORAGE_FORMS = ("'' (a journal file in the sweep's folder), a path ending in .journal, sqlite:///PATH "
