@@ -90,6 +90,25 @@ def wsd_branches(noise=5e-4, seed=0) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+H_A, H_B = 0.956, 0.3  # lr*(T) = a · T^-b: 0.010 at 4M tokens, 0.0044 at 64M
+H_GRID = 2.0 ** np.arange(-11.0, -2.9, 1.0)  # 9 lrs, x2 apart
+
+
+def horizon_sweep(noise=1e-3, seeds=(0, 1), stds=(0.05, 0.1, 0.2)) -> pd.DataFrame:
+    """Final loss around lr*(T) (parabola in log2 lr) and init_std* = 0.1 (parabola in log2 std)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for t in (4e6, 1.6e7, 6.4e7):
+        x0 = np.log2(H_A * t**-H_B)
+        for lr in H_GRID:
+            for std in stds:
+                for s in seeds:
+                    loss = (3.0 - 0.1 * np.log10(t) + 0.03 * (np.log2(lr) - x0) ** 2
+                            + 0.02 * np.log2(std / 0.1) ** 2 + noise * rng.standard_normal())
+                    rows.append({"tokens": t, "lr": lr, "init_std": std, "seed": s, "loss": loss})
+    return pd.DataFrame(rows)
+
+
 def rel(a, b):
     return abs(a - b) / abs(b)
 
@@ -248,7 +267,7 @@ def test_wsd_without_enough_points_has_no_law_and_rejects_two_sizes_for_one_mode
 def csvs(tmp_path):
     out = {}
     for kind, df in (("lr-transfer", lr_sweep()), ("batch-size", bs_sweep()), ("scaling-law", nd_grid()),
-                     ("wsd", wsd_branches())):
+                     ("wsd", wsd_branches()), ("horizon", horizon_sweep())):
         p = tmp_path / f"{kind}.csv"
         df.to_csv(p, index=False)
         out[kind] = p
@@ -294,6 +313,7 @@ _LAW = r"L\(N, D\) = (\S+) \+ (\S+)/N\^(\S+) \+ (\S+)/D\^(\S+) "
 HUMAN = {  # each table's summary line, and the fit's (JSON) numbers it prints
     "lr-transfer": (r"in lr-grid steps: mup (\S+), sp (\S+)$", lambda d: [d["drift_steps"]["mup"], d["drift_steps"]["sp"]]),
     "batch-size": (r"bs_opt = (\S+) / L\^(\S+) ", lambda d: [d["a"], d["b"]]),
+    "horizon": (r"lr\*\(T\) = (\S+) · T\^-(\S+) ", lambda d: [d["a"], d["b"]]),
     "scaling-law": (_LAW, lambda d: [d[k] for k in ("E", "A", "alpha", "B", "beta")]),
     "wsd": (_LAW, lambda d: [d["scaling_law"][k] for k in ("E", "A", "alpha", "B", "beta")]),
 }
@@ -352,7 +372,9 @@ def test_cli_bad_values_and_options(csvs, tmp_path, capsys):
     assert main(["fit", "scaling-law", "-i", str(p)]) == 2
     err = _one_error_line(capsys)
     assert str(p) in err and "'N'" in err and "ten" in err
-    assert main(["fit", "lr-transfer", "-i", str(csvs["lr-transfer"]), "--bootstrap", "3"]) == 2
+    assert main(["fit", "lr-transfer", "-i", str(csvs["lr-transfer"]), "--compute", "1e21"]) == 2
+    assert "--compute" in _one_error_line(capsys)
+    assert main(["fit", "horizon", "-i", str(csvs["horizon"]), "--bootstrap", "1"]) == 2
     assert "--bootstrap" in _one_error_line(capsys)
     assert main(["fit", "wsd", "-i", str(csvs["wsd"]), "--plot", str(tmp_path / "x.jpg")]) == 2
     assert ".png" in _one_error_line(capsys)

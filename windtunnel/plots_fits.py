@@ -1,4 +1,4 @@
-"""Figures for the fits in windtunnel/fits.py. matplotlib (Agg) is imported only when one is drawn.
+"""Figures for the fits in windtunnel/fits/. matplotlib (Agg) is imported only when one is drawn.
 
 Each `plot_*` takes the fit and the checked frame it came from and writes one image file,
 via a temporary file renamed into place, so a failed plot leaves nothing half-written.
@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.errors import ConfigError, file_in_the_way, temp_beside
-from windtunnel.fits import BatchSizeFit, LrTransferFit, ScalingLawFit, WsdFit, predict_loss
+from windtunnel.fits import BatchSizeFit, HorizonFit, LrTransferFit, ScalingLawFit, WsdFit, predict_loss
 
 FORMATS = ("png", "pdf", "svg")
 
@@ -63,26 +63,58 @@ def save_figure(fig, path: str | Path, flag: str = "--plot") -> Path:
 
 
 def plot_lr_transfer(fit: LrTransferFit, df: pd.DataFrame, path: str | Path) -> Path:
-    """Loss vs lr (log x) per width, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
+    """Loss vs lr (log x) per width and depth, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
     plt = pyplot()
-    d = df.groupby(["parametrization", "width", "lr"], as_index=False)["loss"].mean()
+    d = df.assign(depth=df["depth"] if "depth" in df.columns else np.nan)
+    d = d.groupby(["parametrization", "width", "depth", "lr"], as_index=False, dropna=False)["loss"].mean()
     ps = sorted(d["parametrization"].unique())
     fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
     for ax, p in zip(axes[0], ps):
         dp = d[d["parametrization"] == p]
-        widths = sorted(dp["width"].unique())
-        colors = plt.cm.viridis(np.linspace(0, 0.9, len(widths)))
-        for w, c in zip(widths, colors):
-            dw = dp[dp["width"] == w].sort_values("lr")
-            ax.plot(dw["lr"], dw["loss"], "o-", color=c, ms=3, label=f"width {w:g}")
-            o = next(o for o in fit.optima if o.parametrization == p and o.width == w)
+        lines = dp[["width", "depth"]].drop_duplicates().sort_values(["width", "depth"]).to_numpy()
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(lines)))
+        for (w, dep), c in zip(lines, colors):
+            dw = dp[(dp["width"] == w) & ((dp["depth"] == dep) | (np.isnan(dep) & dp["depth"].isna()))].sort_values("lr")
+            ax.plot(dw["lr"], dw["loss"], "o-", color=c, ms=3, label=f"width {w:g}" + ("" if np.isnan(dep) else f", depth {dep:g}"))
+            o = next(o for o in fit.optima if o.parametrization == p and o.width == w
+                     and (o.depth == dep or (o.depth is None and np.isnan(dep))))
             ax.plot([o.lr_opt], [o.loss_opt], "*" if not o.at_edge else "x", color=c, ms=12, mec="k")
         drift = fit.drift_steps.get(p)
-        ax.set_title(f"{p}" + (f" (optimum drift {drift:.1f} grid steps)" if drift is not None else ""))
+        depth = fit.drift(p, "depth")
+        ax.set_title(f"{p}" + (f" (width drift {drift:.1f} grid steps)" if drift is not None else "")
+                     + (f"\n(depth drift {depth.octaves:+.2f} octaves)" if depth is not None else ""), fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("loss")
+    return save_figure(fig, path)
+
+
+def plot_horizon(fit: HorizonFit, df: pd.DataFrame, path: str | Path) -> Path:
+    """Left: loss vs lr per token budget (best init_std at each lr), optima marked. Right: lr* vs T and a·T^-b."""
+    plt = pyplot()
+    d = df.groupby(["tokens", "lr"] + (["init_std"] if "init_std" in df.columns else []), as_index=False)["loss"].mean()
+    d = d.groupby(["tokens", "lr"], as_index=False)["loss"].min()
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    budgets = sorted(d["tokens"].unique())
+    colors = plt.cm.plasma(np.linspace(0, 0.85, len(budgets)))
+    for t, c, p in zip(budgets, colors, fit.points):
+        g = d[d["tokens"] == t].sort_values("lr")
+        ax.plot(g["lr"], g["loss"], "o-", color=c, ms=3, label=f"T = {t:.3g}")
+        ax.plot([p.lr_opt], [p.loss_opt], "x" if p.at_edge else "*", color=c, ms=12, mec="k")
+        lo, hi = p.lr_opt_ci or (p.lr_opt, p.lr_opt)
+        ax2.errorbar([t], [p.lr_opt], yerr=[[p.lr_opt - lo], [hi - p.lr_opt]], fmt="x" if p.at_edge else "o", color=c)
+    T = np.geomspace(min(budgets) / 1.5, max(budgets) * 1.5, 50)
+    ax2.plot(T, fit.a * T**-fit.b, "k--", label=f"lr* = {fit.a:.3g} · T^-{fit.b:.3g}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final loss")
+    ax.legend(fontsize=8)
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_xlabel("token budget T")
+    ax2.set_ylabel("optimal lr (95% interval)")
+    ax2.legend(fontsize=8)
     return save_figure(fig, path)
 
 

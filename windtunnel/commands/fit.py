@@ -1,18 +1,24 @@
 """`windtunnel fit KIND --input CSV|SWEEP_DIR [--json] [--plot FILE.png]`: fit one law from a results table.
 
-    lr-transfer   columns parametrization,width,lr,loss  -> optimal lr per width, drift in grid steps
-    batch-size    columns model,batch_size,tokens,loss   -> bs_opt = a / L^b (MiniCPM)
+    lr-transfer   columns parametrization,width,lr,loss[,depth,seed|run] -> optimal lr per width and
+                  depth, drift across width (lr-grid steps) and depth (octaves, goal < 1/2 over 8x)
+    batch-size    columns model,batch_size,tokens,loss[,lr,seed|run]     -> bs_opt = a / L^b (MiniCPM),
+                  the lr tuned per batch size
+    horizon       columns tokens,lr,loss[,init_std,seed|run]             -> lr*(T) = a · T^-b
     scaling-law   columns N,D,loss                       -> L = E + A/N^alpha + B/D^beta, N_opt, D_opt
     wsd           columns model,N,tokens,loss            -> loss vs data per size, and the scaling law
 
-lr-transfer, batch-size and wsd also read what a sweep writes: its results folder or a table in
-it, e.g. `windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep).
-lr-transfer takes trials.csv (model.parametrization, model.d_model, optim.lr, value); batch-size
-the folder's curves.csv (model.d_model, train.batch_size x model.seq_len tokens, val_loss at every
-evaluation); wsd its branches.csv (model.d_model, n_params, tokens and final_val_loss of every
-decay branch).
+All but scaling-law also read what a sweep writes: its results folder or a table in it, e.g.
+`windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep).
+lr-transfer and horizon take trials.csv (model.parametrization, model.d_model, model.n_layers,
+optim.lr, train.tokens, model.init_std, value); batch-size the folder's curves.csv (model.d_model,
+train.batch_size x model.seq_len tokens, optim.lr, val_loss at every evaluation); wsd its
+branches.csv (model.d_model, n_params, tokens and final_val_loss of every decay branch).
 COMPLETE trials only. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
 axis E + A/N^alpha (or B/D^beta) has three unknowns.
+Intervals (95%): lr-transfer, batch-size and horizon resample runs within each cell of the design
+(seeds; --bootstrap resamples, default 1000; none with one run per cell), scaling-law and wsd
+resample rows (--bootstrap K, default 0). docs/laws.md says how each law is measured.
 """
 from __future__ import annotations
 
@@ -36,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure (.png, .pdf or .svg)")
     parser.add_argument("--compute", type=float, metavar="C",
                         help="scaling-law, wsd: FLOP budget C = 6ND for N_opt, D_opt (default: largest 6ND in the data)")
-    parser.add_argument("--bootstrap", type=int, default=0, metavar="K",
-                        help="scaling-law, wsd: K row resamples for 95%% intervals (default 0: none)")
+    parser.add_argument("--bootstrap", type=int, metavar="K",
+                        help="resamples for 95%% intervals: scaling-law, wsd resample rows (default 0: none); "
+                             f"the others runs within cells (default {fits.RESAMPLES}; 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
 
 
@@ -72,21 +79,23 @@ def _law_text(d: dict) -> str:
 
 def run(args: argparse.Namespace) -> int:
     kind = args.kind
-    if kind in ("lr-transfer", "batch-size"):
-        for opt, val, default in (("--compute", args.compute, None), ("--bootstrap", args.bootstrap, 0)):
-            if val != default:
-                raise ConfigError(f"{opt}: applies to scaling-law and wsd only (got fit {kind})")
-    if args.bootstrap < 0:
-        raise ConfigError(f"--bootstrap: must be >= 0 (got {args.bootstrap})")
+    if kind not in ("scaling-law", "wsd") and args.compute is not None:
+        raise ConfigError(f"--compute: applies to scaling-law and wsd only (got fit {kind})")
+    if args.bootstrap is None:
+        args.bootstrap = 0 if kind in ("scaling-law", "wsd") else fits.RESAMPLES
+    if args.bootstrap < 0 or args.bootstrap == 1:
+        raise ConfigError(f"--bootstrap: must be 0 (no intervals) or >= 2 resamples (got {args.bootstrap})")
     if args.plot:
         from windtunnel.plots_fits import check_format
 
         check_format(args.plot)  # before the fit runs
     df = fits.load_csv(args.input, kind)
     if kind == "lr-transfer":
-        fit = fits.fit_lr_transfer(df)
+        fit = fits.fit_lr_transfer(df, bootstrap_n=args.bootstrap, seed=args.seed)
     elif kind == "batch-size":
-        fit = fits.fit_batch_size(df)
+        fit = fits.fit_batch_size(df, bootstrap_n=args.bootstrap, seed=args.seed)
+    elif kind == "horizon":
+        fit = fits.fit_horizon(df, bootstrap_n=args.bootstrap, seed=args.seed)
     elif kind == "scaling-law":
         fit = fits.fit_scaling_law(df, compute=args.compute, bootstrap=args.bootstrap, seed=args.seed)
     else:
@@ -100,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
             plots_fits.plot_lr_transfer(fit, df, args.plot)
         elif kind == "batch-size":
             plots_fits.plot_batch_size(fit, df, args.plot)
+        elif kind == "horizon":
+            plots_fits.plot_horizon(fit, df, args.plot)
         elif kind == "scaling-law":
             plots_fits.plot_scaling_law(fit, df, args.plot)
         else:
@@ -110,17 +121,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ci(ci, f=None) -> str:
+    """' [lo, hi]' of a 95% interval, '' without one."""
+    f = f or _fmt
+    return f" [{f(ci[0])}, {f(ci[1])}]" if ci else ""
+
+
 def _print(args: argparse.Namespace, kind: str, d: dict) -> None:
     if args.json:
         print(json.dumps(d, indent=2, allow_nan=False))
         return
     if kind == "lr-transfer":
-        print(_table(d["optima"], ["parametrization", "width", "lr_opt", "loss_opt", "at_edge"]))
-        print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
-              + ", ".join(f"{p} {_fmt(v)}" for p, v in d["drift_steps"].items()))
+        _print_lr_transfer(d)
     elif kind == "batch-size":
-        print(_table(d["points"], ["model", "tokens", "batch_size_opt", "loss_opt", "at_edge"]))
-        print(f"bs_opt = {_fmt(d['a'])} / L^{_fmt(d['b'])}   (r2 {_fmt(d['r2'])}; edge optima not fitted)")
+        _print_batch_size(d)
+    elif kind == "horizon":
+        _print_horizon(d)
     elif kind == "scaling-law":
         print(_law_text(d))
     else:
@@ -129,3 +145,55 @@ def _print(args: argparse.Namespace, kind: str, d: dict) -> None:
               f"no scaling law: needs >= {fits.MIN_LEVELS} model sizes and >= {fits.MIN_LEVELS} token counts")
     if args.plot:
         print(f"wrote {args.plot}")
+
+
+def _no_interval(d: dict, cell: str) -> None:
+    if not d["resamples"]:
+        print(f"no intervals: one run per {cell}, or --bootstrap 0 (replicate seeds to get them)")
+
+
+def _edges(what: str, names: list[str]) -> None:
+    if names:
+        print(f"optimum on the {what} grid's edge (a bound, not an optimum; extend the grid past it): " + "; ".join(names))
+
+
+def _print_lr_transfer(d: dict) -> None:
+    rows = [{**o, "95% interval": _ci(o["lr_opt_ci"]).strip()} for o in d["optima"]]
+    cols = ["parametrization", "width"] + (["depth"] if any(o["depth"] is not None for o in rows) else [])
+    print(_table(rows, cols + ["lr_opt", "95% interval", "loss_opt", "at_edge"]))
+    print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
+          + ", ".join(f"{p} {_fmt(v)}" for p, v in d["drift_steps"].items()))
+    for r in (r for r in d["drifts"] if r["axis"] == "depth"):
+        verdict = ("not measured: an optimum sat on the lr grid's edge" if r["goal_met"] is None else
+                   ("met" if r["goal_met"] else "NOT met")
+                   + ("" if r["goal_met_95"] is None else f" ({'also' if r['goal_met_95'] else 'not'} by the whole interval)"))
+        print(f"drift across depth {_fmt(r['low'])} -> {_fmt(r['high'])} (width {_fmt(r['at'])}), {r['parametrization']}: "
+              f"{r['octaves']:+.3f} octaves{_ci(r['ci'], lambda v: f'{v:+.3f}')}; goal |drift| < "
+              f"{_fmt(r['goal_octaves'])} octave: {verdict}")
+    _edges("lr", [f"{o['parametrization']} width {_fmt(o['width'])}" + (f" depth {_fmt(o['depth'])}" if o["depth"] else "")
+                  for o in d["optima"] if o["at_edge"]])
+    _no_interval(d, "(parametrization, width, depth, lr)")
+
+
+def _print_batch_size(d: dict) -> None:
+    print(_table(d["points"], ["model", "tokens", "batch_size_opt", "loss_opt", "at_edge"]))
+    print(f"bs_opt = {_fmt(d['a'])} / L^{_fmt(d['b'])}   (r2 {_fmt(d['r2'])}; edge optima not fitted)")
+    if d["ci"]:
+        print(f"95% intervals over runs: a{_ci(d['ci']['a'])}, b{_ci(d['ci']['b'])}")
+    _no_interval(d, "(model, batch size, lr)")
+    if not d["lr_tuned"]:
+        print("the lr was not tuned: one lr per batch size (sweep an lr grid per batch size: sweeps/batch_size.yaml)")
+    else:
+        _edges("lr", [f"{t['model']} batch {_fmt(t['batch_size'])}" for t in d["lr_optima"] if t["at_edge"]])
+
+
+def _print_horizon(d: dict) -> None:
+    rows = [{**p, "95% interval": _ci(p["lr_opt_ci"]).strip()} for p in d["points"]]
+    std = any(p["init_std_opt"] is not None for p in rows)
+    print(_table(rows, ["tokens", "lr_opt", "95% interval", "loss_opt", "at_edge"] + (["init_std_opt"] if std else [])))
+    ci = d["ci"] or {}
+    print(f"lr*(T) = {_fmt(d['a'])} · T^-{_fmt(d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b'))}; edge optima not fitted)")
+    if d["c"] is not None:
+        print(f"init_std*(T) = {_fmt(d['c'])} · T^-{_fmt(d['d'])}   (d{_ci(ci.get('d'))})")
+    _edges("lr", [f"tokens {_fmt(p['tokens'])}" for p in d["points"] if p["at_edge"]])
+    _no_interval(d, "(tokens, lr, init_std)")

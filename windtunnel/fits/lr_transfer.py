@@ -1,0 +1,182 @@
+"""μTransfer's test: the optimal lr per (parametrization, width, depth) and how far it drifts.
+
+Per group, the seeds' mean loss at each lr; the optimum is a parabola in log2(lr) through the
+argmin and its neighbours (`parabola_min`). Drift across width is given in steps of the lr grid
+(as in Tensor Programs V, fig. 1); across depth in octaves (log2 of the ratio of the optima),
+with the goal of issue 24: under half an octave over 8x depth. Intervals: `bootstrap` over the
+runs (seeds) of each (group, lr) cell.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from windtunnel.errors import ConfigError
+from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
+from windtunnel.fits.frames import check_frame, jsonable, where
+from windtunnel.fits.optimum import curve_optimum, grid_step
+
+GOAL_OCTAVES = 0.5
+GOAL_DEPTH_RATIO = 8.0
+"""Issue 24's goal: the optimum moves less than GOAL_OCTAVES over GOAL_DEPTH_RATIO x depth. A sweep
+spanning another ratio is held to the same rate per doubling of depth."""
+
+
+@dataclass
+class LrOptimum:
+    parametrization: str
+    width: float
+    lr_opt: float
+    loss_opt: float
+    at_edge: bool
+    """The grid's smallest or largest lr had the lowest loss: lr_opt is a bound, not an optimum."""
+    depth: float | None = None
+    lr_opt_ci: tuple[float, float] | None = None
+    """95% bootstrap interval of lr_opt over the cell's runs (None: one run per cell)."""
+
+
+@dataclass
+class Drift:
+    """log2(lr_opt at the largest) - log2(lr_opt at the smallest) of widths or depths, at one
+    value of the other."""
+
+    parametrization: str
+    axis: str
+    """'width' or 'depth'."""
+    low: float
+    high: float
+    at: float | None
+    """The other axis' value (None: not in the data)."""
+    octaves: float
+    ci: tuple[float, float] | None
+    edge: bool
+    """One of the two optima sat on the grid's edge: the drift is not measured."""
+    goal_octaves: float | None = None
+    """For depth: the most drift the goal allows over this sweep's depth ratio."""
+    goal_met: bool | None = None
+    """|octaves| < goal_octaves (None when an optimum sat on the edge)."""
+    goal_met_95: bool | None = None
+    """The whole interval lies inside ±goal_octaves (None without an interval)."""
+
+
+@dataclass
+class LrTransferFit:
+    optima: list[LrOptimum]
+    drift_steps: dict[str, float | None]
+    """|log2 lr_opt(largest width) - log2 lr_opt(smallest width)| in grid steps, per parametrization."""
+    grid_step_log2: dict[str, float]
+    """Median spacing of each parametrization's lr grid, in log2 units."""
+    drifts: list[Drift] = field(default_factory=list)
+    resamples: int = 0
+    """Bootstrap resamples behind the intervals (0: one run per cell, no intervals)."""
+
+    def lr_opt(self, parametrization: str, width: float, depth: float | None = None) -> float:
+        for o in self.optima:
+            if o.parametrization == parametrization and o.width == width and (depth is None or o.depth == depth):
+                return o.lr_opt
+        raise KeyError((parametrization, width, depth))
+
+    def drift(self, parametrization: str, axis: str) -> Drift | None:
+        return next((d for d in self.drifts if d.parametrization == parametrization and d.axis == axis), None)
+
+    def to_dict(self) -> dict:
+        return jsonable({
+            "optima": [asdict(o) for o in self.optima],
+            "drift_steps": self.drift_steps,
+            "grid_step_log2": self.grid_step_log2,
+            "drifts": [asdict(d) for d in self.drifts],
+            "resamples": self.resamples,
+        })
+
+
+def _unit(d: pd.DataFrame) -> list[str] | None:
+    """Rows of one run: a run or seed column names them; without either every row is a run."""
+    return ["run"] if "run" in d.columns else ["seed"] if "seed" in d.columns else None
+
+
+def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -> LrTransferFit:
+    """Optimal lr per (parametrization, width[, depth]) from an lr x width (x depth) sweep, its
+    drift across width (grid steps) and depth (octaves), and bootstrap intervals over seeds.
+
+    Repeated (group, lr) rows (seeds) are averaged; rows with NaN loss are dropped.
+    """
+    d = check_frame(df, "lr-transfer")
+    where_ = where(d)
+    if "depth" not in d.columns:
+        d["depth"] = np.nan
+    keys = ["parametrization", "width", "depth"]
+    d["_g"] = d.groupby(keys, sort=True, dropna=False).ngroup()
+    groups = d.drop_duplicates("_g").sort_values("_g")[keys].to_numpy()
+    steps: dict[str, float] = {}
+    for p, dp in d.groupby("parametrization", sort=True):
+        steps[str(p)] = grid_step(np.log2(dp["lr"].to_numpy()))
+        if not np.isfinite(steps[str(p)]):
+            raise ConfigError(f"{where_}: column 'lr': parametrization {p!r} has one lr value; a grid of >= 3 is needed")
+    gid, x, y = d["_g"].to_numpy(), np.log2(d["lr"].to_numpy()), d["loss"].to_numpy()
+    bounds_all = np.searchsorted(np.sort(gid), np.arange(len(groups) + 1))
+    order_all = np.argsort(gid, kind="stable")
+
+    def optima(idx: np.ndarray | None) -> list[tuple[float, float, bool]]:
+        if idx is None:
+            idx, bounds = order_all, bounds_all
+        else:
+            idx = idx[np.argsort(gid[idx], kind="stable")]
+            bounds = np.searchsorted(gid[idx], np.arange(len(groups) + 1))
+        return [curve_optimum(x[idx[a:b]], y[idx[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    pairs = _drift_pairs(groups)
+
+    def statistic(idx: np.ndarray) -> dict[str, float]:
+        opt = optima(idx)
+        out = {f"lr_opt/{k}": 2.0 ** opt[k][0] for k in range(len(groups))}
+        for j, (_, _, lo, hi, _, _) in enumerate(pairs):
+            out[f"drift/{j}"] = opt[hi][0] - opt[lo][0]
+        return out
+
+    boot = bootstrap(units(d, ["_g", "lr"], _unit(d)), statistic, n=bootstrap_n, seed=seed)
+    opt = optima(None)
+    result = []
+    for k, (p, w, dep) in enumerate(groups):
+        xo, fo, edge = opt[k]
+        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge,
+                                None if pd.isna(dep) else float(dep), boot[f"lr_opt/{k}"]))
+    drifts, drift_steps = [], {p: None for p in steps}
+    for j, (p, axis, lo, hi, a, b) in enumerate(pairs):
+        octaves = opt[hi][0] - opt[lo][0]
+        edge = opt[hi][2] or opt[lo][2]
+        at = groups[lo][2] if axis == "width" else groups[lo][1]
+        dr = Drift(str(p), axis, float(a), float(b), None if pd.isna(at) else float(at), octaves,
+                   boot[f"drift/{j}"], edge)
+        if axis == "width":
+            drift_steps[str(p)] = abs(octaves) / steps[str(p)]
+        else:
+            dr.goal_octaves = GOAL_OCTAVES * math.log2(b / a) / math.log2(GOAL_DEPTH_RATIO)
+            if not edge:
+                dr.goal_met = abs(octaves) < dr.goal_octaves
+                if dr.ci is not None:
+                    dr.goal_met_95 = -dr.goal_octaves < dr.ci[0] and dr.ci[1] < dr.goal_octaves
+        drifts.append(dr)
+    return LrTransferFit(result, drift_steps, steps, drifts, boot.n)
+
+
+def _drift_pairs(groups: np.ndarray) -> list[tuple]:
+    """(parametrization, axis, group of the smallest, group of the largest, smallest, largest) for
+    the width drift at the smallest depth that has >= 2 widths, and the depth drift at the smallest
+    width that has >= 2 depths."""
+    out = []
+    g = pd.DataFrame(groups, columns=["p", "w", "d"])
+    g["k"] = range(len(g))
+    for p, gp in g.groupby("p", sort=True):
+        for axis, col, other in (("width", "w", "d"), ("depth", "d", "w")):
+            if gp[col].isna().all():
+                continue
+            for _, line in gp.groupby(other, sort=True, dropna=False):
+                if line[col].nunique() >= 2:
+                    line = line.sort_values(col)
+                    out.append((p, axis, int(line["k"].iloc[0]), int(line["k"].iloc[-1]),
+                                float(line[col].iloc[0]), float(line[col].iloc[-1])))
+                    break
+    return out
