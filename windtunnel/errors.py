@@ -3,6 +3,7 @@ path checks that turn a file in the way, or an unwritable folder, into one; and 
 temp files an atomic write renames, which a killed writer's successor removes."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import tempfile
@@ -58,15 +59,33 @@ def temp_beside(path: Path, error: str, suffix: str = "") -> tuple[int, str]:
 
 def write_atomically(path: Path, write) -> None:
     """write(tmp), then tmp renamed onto path: a reader sees the old file or the new one, never part
-    of one. The temp is named by temp_prefix, so the next write of path removes a killed writer's."""
+    of one. The temp is named by temp_prefix, so the next write of path removes a killed writer's.
+    A full disk is disk_full's one line."""
     remove_stale_temps(path)
     tmp = path.with_name(f"{temp_prefix(path)}{uuid.uuid4().hex[:8]}.tmp")  # unique: threads of one process too
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise disk_full(path) from None
         raise
+
+
+def disk_full(path: str | Path) -> OSError:
+    """A full disk (ENOSPC) met writing path, as the OSError the CLI prints as one line: the
+    file, the filesystem it is on and what is free there, and that running again resumes."""
+    mount = Path(os.path.abspath(path))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    try:
+        st = os.statvfs(mount)
+        free = f"{st.f_bavail * st.f_frsize // 1024} KB free"
+    except OSError:
+        free = "free space unknown"
+    return OSError(errno.ENOSPC, f"no space left on the filesystem at {mount} ({free}); every record written "
+                   "before is intact: free some space and run the same command again to continue", str(path))
 
 
 def _host() -> str:

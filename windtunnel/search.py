@@ -10,11 +10,10 @@ from pathlib import Path
 
 import optuna
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import get_lock_file
 
 from windtunnel.config import RUN_ONLY, changed_settings, settings
 from windtunnel.errors import ConfigError
+from windtunnel.journal import JournalFile
 from windtunnel.sweep_config import Param, PrunerConfig, SamplerConfig, SweepConfig, grid_space, parse_search
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -26,23 +25,10 @@ def storage_url(cfg: SweepConfig, sweep_dir: Path) -> str:
     return cfg.storage or str(sweep_dir / "study.journal")
 
 
-class _JournalFile(JournalFileBackend):
-    """Optuna's journal file without an fsync per record: a killed process loses nothing (its
-    writes are in the OS's cache); only a machine crash could lose the last records, and a
-    torn last line is skipped on replay. The fsyncs were ~15% of the driver's cost per trial
-    (scripts: windtunnel/bench/driver.py)."""
-
-    def append_logs(self, logs: list[dict]) -> None:
-        with get_lock_file(self._lock):
-            text = "\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n"
-            with open(self._file_path, "ab") as f:
-                f.write(text.encode("utf-8"))
-
-
 def open_storage(url: str):
     if url.endswith(".journal") or "://" not in url:
         Path(url).parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(_JournalFile(url))
+        return JournalStorage(JournalFile(url))
     return url
 
 

@@ -5,6 +5,7 @@ failed and re-enqueued with the same parameters (attempt + 1), so none is lost o
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import signal
@@ -260,6 +261,10 @@ class Driver:
                 outcome = str(e)
             except ExecutorGone:  # no bundle can run: the driver stops (see run)
                 raise
+            except OSError as e:  # a full disk stops the driver; its trials resume with the next run
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                outcome = e
             except Exception as e:  # the worker raised: deterministic, so no retry
                 outcome = e
             ended.append((b, freed, outcome))
@@ -345,6 +350,12 @@ class Driver:
             if self.tracker is not None:  # delivered by the deliverer's last pass, after this process exits
                 self.tracker.finish_invocation(self.parent, status="KILLED")
             write_report(self.study, self.dir)  # the tables and report say what finished (a second Ctrl-C skips it)
+            raise
+        except OSError as e:  # a full disk (disk_full): stop the workers; nothing more can be written
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                for b in self.running:
+                    b.handle.cancel()
+                self.executor.close()
             raise
         finally:
             if bar is not None:

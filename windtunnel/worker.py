@@ -8,6 +8,7 @@ resumable checkpoints into the bundle folder so a requeued job continues where i
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -122,6 +123,8 @@ def main(bundle_dir: str) -> int:
     except Exception as e:  # the driver records the reason; the sweep goes on
         traceback.print_exc()
         out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the driver stops, the trials wait
+            out["disk_full"] = e.filename or str(d)
     _free_device_memory()
     write_json_atomic(out, d / RESULT)  # the bundle's end: the local executor gives the slot away now
     return 0

@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from windtunnel.errors import disk_full
 from windtunnel.executors import WorkerLost
 from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
@@ -72,6 +73,8 @@ class LocalHandle:
             raise WorkerLost(f"worker exited with status {self.proc.returncode} before writing a result "
                              f"(log: {self.bundle_dir / 'worker.log'})")
         out = json.loads(res.read_text())
+        if out.get("disk_full"):  # no fault of the trials: the driver stops, they run again with it
+            raise disk_full(out["disk_full"])
         if not out["ok"]:
             raise RuntimeError(out["error"])
         return out["results"]
