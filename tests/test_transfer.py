@@ -187,11 +187,15 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     assert cfg.model.d_model == 64 and cfg.train.batch_size == 64
 
     hf = json.loads((out / "config.json").read_text())
-    assert hf["architectures"] == ["MiniCPMForCausalLM"]
+    # a Llama config transformers ships (test_export_hf.py: the one export-hf writes), μP folded
+    assert hf["architectures"] == ["LlamaForCausalLM"] and hf["model_type"] == "llama"
     assert (hf["hidden_size"], hf["num_hidden_layers"], hf["num_attention_heads"], hf["vocab_size"]) == (64, 2, 4, 256)
     assert hf["intermediate_size"] == cfg.model.ffn_dim == 192
-    assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"], hf["initializer_range"]) == (10, 1.2, 16, 0.05)
-    assert hf["tie_word_embeddings"] is True and hf["max_position_embeddings"] == 32
+    mup = hf["windtunnel"]
+    assert (mup["scale_emb"], mup["scale_depth"], mup["dim_model_base"], hf["initializer_range"]) == (10, 1.2, 16, 0.05)
+    # scale_emb 10 × the embedding, ÷ 4 the head: folded, they are two matrices
+    assert hf["tie_word_embeddings"] is False and hf["max_position_embeddings"] == 32
+    assert hf["eos_token_id"] == 0  # byte-level data: NUL's id (windtunnel/hf.py)
 
     md = (out / "transfer.md").read_text()
     target = transfer.load_target("tiny-cpu", [f"run_name={EVIL}"])
@@ -241,7 +245,8 @@ def test_the_papers_wind_tunnel_optimum_gives_the_released_minicpm_configs(tmp_p
     plan = transfer.plan(transfer.load_winner(str(tmp_path / "best.yaml")), transfer.load_target(target),
                          transfer.Laws(batch_size=4 * 2**20, tokens=10**12))
     hf = export.hf_config(plan)
-    assert (hf["scale_emb"], hf["scale_depth"], hf["dim_model_base"], hf["initializer_range"]) == (12, 1.4, 256, 0.1)
+    mup = hf["windtunnel"]
+    assert (mup["scale_emb"], mup["scale_depth"], mup["dim_model_base"], hf["initializer_range"]) == (12, 1.4, 256, 0.1)
     assert hf["hidden_size"] == width and not any("head dim" in w for w in plan.warnings), plan.warnings
     groups = {g["role"]: g for g in plan.groups}
     m = width / 256

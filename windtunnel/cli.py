@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("windtunnel.commands.cluster", "start/stop a local Ray cluster or single-node Slurm"),
     "transfer": ("windtunnel.commands.transfer", "rescale the winners to a target shape and export launchable configs"),
     "train": ("windtunnel.commands.train", "the large-run trainer (torchrun, FSDP2, WSD, resume)"),
+    "export-hf": ("windtunnel.commands.export_hf", "a checkpoint as a Hugging Face Llama folder (safetensors, tokenizer)"),
 }
 
 

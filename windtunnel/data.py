@@ -241,11 +241,12 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("WINDTUNNEL_CACHE", Path.home() / ".cache" / "windtunnel")) / "data"
 
 
-def load(cfg: DataConfig) -> Shards:
-    """Open the shards `cfg` names, preparing (and caching) them from text on first use."""
+def shard_dir(cfg: DataConfig) -> Path:
+    """The folder holding `cfg`'s shards: data.source itself when it is a shard folder, else its
+    place in the cache (which `load` fills on first use)."""
     src = Path(cfg.source).expanduser()
     if cfg.source != "stdlib" and (src / "manifest.json").exists():
-        return Shards.open(src, cfg.val_fraction)
+        return src
     vocab = _tokenizer_vocab(cfg)
     if cfg.source == "stdlib":  # fixed for a Python install: skip reading 30 MB to hash it
         ident = f"{stdlib_dir()}|{sys.version}|{cfg.max_bytes}".encode()
@@ -253,7 +254,12 @@ def load(cfg: DataConfig) -> Shards:
         ident = read_text(cfg.source, cfg.max_bytes)[0]
     key = f"{cfg.tokenizer}{vocab}-{hashlib.sha256(ident).hexdigest()[:16]}"
     out = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
-    out = out / key
+    return out / key
+
+
+def load(cfg: DataConfig) -> Shards:
+    """Open the shards `cfg` names, preparing (and caching) them from text on first use."""
+    out = shard_dir(cfg)
     if not (out / "manifest.json").exists():
         prepare(cfg.source, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_bytes=cfg.max_bytes,
                 out_field="data.cache_dir")

@@ -3,7 +3,7 @@
     train.yaml     what `windtunnel train` takes: the target's TrialConfig + a `large_run` section
     launch.sh      torchrun on one node (run it on each node for several; env NNODES, NODE_RANK...)
     launch.sbatch  Slurm: nodes, GPUs (a cpu target: CPUs), time; srun starts one torchrun per node
-    config.json    a Hugging Face-style MiniCPM config of the target
+    config.json    the Hugging Face Llama config `windtunnel export-hf` gives the trained run
     transfer.md    every number with its formula and source
 
 Every value placed in a script is shell-quoted (shlex.quote) or, on `#SBATCH` lines (which no
@@ -13,7 +13,6 @@ and all of them are rendered before the first is written, so an error leaves not
 from __future__ import annotations
 
 import json
-import math
 import os
 import shlex
 from pathlib import Path
@@ -98,36 +97,11 @@ srun --ntasks-per-node=1 --kill-on-bad-exit=1 \\
 
 
 def hf_config(plan: Plan) -> dict:
-    """A Hugging Face MiniCPM config. The forward multipliers come from parametrization.py, so an
-    sp model is written with the values that make MiniCPM's multipliers 1."""
-    from windtunnel import parametrization as mup
+    """The config.json that `windtunnel export-hf` writes for this run's checkpoints (a Llama
+    config, μP folded into the weights: windtunnel/hf.py); token ids where the tokenizer is known."""
+    from windtunnel import hf
 
-    mc = plan.trial.model
-    mult = mup.model_multipliers(mc)
-    clean = lambda x: int(round(x)) if abs(x - round(x)) < 1e-9 * max(1.0, abs(x)) else float(f"{x:.12g}")  # noqa: E731
-    return {
-        "architectures": ["MiniCPMForCausalLM"],
-        "model_type": "minicpm",
-        "hidden_size": mc.d_model,
-        "num_hidden_layers": mc.n_layers,
-        "num_attention_heads": mc.n_heads,
-        "num_key_value_heads": mc.n_heads,
-        "intermediate_size": mc.ffn_dim,
-        "vocab_size": plan.target.vocab_size,
-        "max_position_embeddings": mc.seq_len,
-        "hidden_act": "silu",
-        "rms_norm_eps": mc.norm_eps,
-        "rope_theta": mc.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "scale_emb": clean(mult.embedding),
-        "scale_depth": clean(mult.residual * math.sqrt(mc.n_layers)),
-        "dim_model_base": clean(mc.d_model * mult.logit),
-        "initializer_range": mc.init_std,
-        "tie_word_embeddings": mc.tie_embeddings,
-        "torch_dtype": "bfloat16",
-        "use_cache": True,
-    }
+    return hf.llama_config(plan.trial.model, plan.target.vocab_size, hf.eos_id(plan.trial))
 
 
 def _table(header: list[str], rows: list[list]) -> str:

@@ -15,6 +15,7 @@
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash results/windtunnel/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
 #   bash results/windtunnel/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
+#   bash results/windtunnel/gpu.sh hf                  # the ~0.5B export: short run, export-hf, transformers' loss
 #   bash results/windtunnel/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash results/windtunnel/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
@@ -96,6 +97,18 @@ case $stage in
     python3 -m windtunnel.bench.large_run_stats "$log" --config /tmp/run-all/train.yaml --baseline "$W/loss-base.jsonl" \
       | tee "$W/stats-all.json"
     tar czf "$OUT/multigpu.tgz" -C "$W" . ;;
+  hf)  # issue 25: the exported ~0.5B target trained briefly on 1 GPU (200 steps), `windtunnel export-hf` of its
+    # final checkpoint, then transformers' loss on the run's held-out windows against the run's own last
+    # validation loss (windtunnel.bench.hf_check exits 1 past 1%). The device's transformers and safetensors serve.
+    W=/tmp/hf; rm -rf "$W" /tmp/run-hf /tmp/hf-model; mkdir -p "$W"
+    python3 -m windtunnel.cli transfer results/windtunnel/mup_hp --target h100-0.5b --out /tmp/run-hf \
+      --tokens 6553600 --batch-size 32768 run_name=hf checkpoint_every=6553600 \
+      data_source="$PWD/.cache/stdlib-bpe16k" > "$W/transfer.log"
+    (cd /tmp/run-hf && bash launch.sh > "$W/train.log" 2>&1) || { tail -20 "$W/train.log"; exit 1; }
+    python3 -m windtunnel.cli export-hf /tmp/run-hf --out /tmp/hf-model 2>&1 | tee "$W/export.log"
+    cp /tmp/run-hf/runs/hf/loss.jsonl /tmp/hf-model/config.json "$W/"
+    set +e; python3 -m windtunnel.bench.hf_check /tmp/hf-model --run /tmp/run-hf 2>"$W/hf_check.err" | tee "$W/hf_check.json"
+    rc=${PIPESTATUS[0]}; set -e; tar czf "$OUT/hf.tgz" -C "$W" .; exit "$rc" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides
