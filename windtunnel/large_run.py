@@ -222,6 +222,17 @@ def _local(x) -> torch.Tensor:
 # --------------------------------------------------------------------------- the run
 
 
+def param_groups(model: torch.nn.Module, roles: dict[str, str], cfg: TrialConfig) -> list[dict]:
+    """AdamW's parameter groups: one per (lr multiplier, weight-decay multiplier) that
+    parametrization.py's rule gives a parameter's role (roles: model.param_roles())."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        r = mup.model_rule(roles[name], cfg.model)
+        groups.setdefault((r.lr_mult, r.wd_mult), []).append(p)
+    o = cfg.optim
+    return [{"params": ps, "lr": o.lr * lm, "weight_decay": o.weight_decay * wm} for (lm, wm), ps in groups.items()]
+
+
 class LargeRun:
     def __init__(self, cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path = "."):
         self.run = run
@@ -247,15 +258,10 @@ class LargeRun:
         model.init_trial(0, cfg.model, torch.Generator().manual_seed(cfg.train.seed))
         model.to(self.device)
         shard_model(model, self.world, self.device)  # new DTensor parameters: build groups after this
-        groups: dict[tuple[float, float], list] = {}
-        for name, p in model.named_parameters():
-            r = mup.model_rule(roles[name], cfg.model)
-            groups.setdefault((r.lr_mult, r.wd_mult), []).append(p)
+        groups = param_groups(model, roles, cfg)
+        self.base_lrs = [g["lr"] for g in groups]  # train_step sets each group's lr to base × schedule
         o = cfg.optim
-        self.base_lrs = [o.lr * lm for lm, _ in groups]
-        self.opt = torch.optim.AdamW(
-            [{"params": ps, "lr": o.lr * lm, "weight_decay": o.weight_decay * wm} for (lm, wm), ps in groups.items()],
-            lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self.opt = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
         self.model = model
         self.tokens_per_step = cfg.train.batch_size * T
         self.total_steps = math.ceil(cfg.train.tokens / self.tokens_per_step)

@@ -79,6 +79,8 @@ def clip_scale_per_trial(params: list[torch.Tensor], max_norm: float) -> torch.T
     optimizer applies it in its update, sparing a pass over the gradients."""
     if max_norm <= 0:
         return torch.ones(params[0].shape[0], device=params[0].device)
-    # vector_norm reads each gradient once; grad.pow(2).sum() wrote a squared copy of it first
-    norm = sum(torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=torch.float32).square() for p in params).sqrt()
+    # vector_norm reads each gradient once; grad.pow(2).sum() wrote a squared copy of it first.
+    # In fp32 at least (bf16 gradients), in fp64 for an fp64 model (its comparison with clip_grad_norm_)
+    acc = torch.promote_types(params[0].grad.dtype, torch.float32)
+    norm = sum(torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=acc).square() for p in params).sqrt()
     return (max_norm / (norm + 1e-6)).clamp(max=1.0)
