@@ -85,7 +85,8 @@ class ExecutorConfig:
     77-85 s with it, 69-73 s without)."""
     # ray
     address: str = ""
-    """ray: '' starts a new local instance; auto, HOST:PORT or ray://HOST:PORT joins a cluster."""
+    """ray: '' joins $RAY_ADDRESS when set, else starts a new local instance; auto, HOST:PORT or
+    ray://HOST:PORT joins a cluster."""
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     """ray: fractional GPUs allowed (0.25 = four bundles share a GPU)."""

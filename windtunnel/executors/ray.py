@@ -7,7 +7,8 @@ four one-trial bundles share a GPU; Ray only books it, the trials really share t
 has `max_retries=0`: a worker that dies (SIGKILL, OOM, node lost) surfaces as `WorkerLost` and
 the driver decides whether to retry.
 
-    executor.address=''                 a new local instance (127.0.0.1, no dashboard)
+    executor.address=''                 $RAY_ADDRESS when set (as inside `ray job submit`), else
+                                        a new local instance (127.0.0.1, no dashboard)
     executor.address=auto               the cluster `ray start` left in /tmp/ray on this machine
     executor.address=HOST:PORT          a cluster's GCS
     executor.address=ray://HOST:PORT    Ray Client (a login node outside the cluster)
@@ -107,7 +108,17 @@ class RayHandle:
             pass
 
 
-def _check_listening(address: str, timeout: float = 5.0) -> None:
+def cluster_address(cfg: ExecutorConfig) -> tuple[str, str]:
+    """(address, the field it came from): executor.address, else RAY_ADDRESS (set inside `ray job
+    submit` and by users who mean their cluster: a private instance there would run a cluster's
+    sweep on one node); ('', '') for a new local instance."""
+    if cfg.address:
+        return cfg.address, "executor.address"
+    env = os.environ.get("RAY_ADDRESS", "").strip()
+    return (env, "RAY_ADDRESS") if env else ("", "")
+
+
+def _check_listening(address: str, timeout: float = 5.0, field: str = "executor.address") -> None:
     """ray.init(HOST:PORT) retries an absent GCS for minutes: a one-line error at once instead."""
     import socket
 
@@ -115,14 +126,16 @@ def _check_listening(address: str, timeout: float = 5.0) -> None:
 
     if address in ("auto", "local"):
         return
-    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host, _, port = address.removeprefix("ray://").removeprefix("http://").rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError(f"executor.address: must be '', auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
+        raise ConfigError(f"{field}: must be '', auto, HOST:PORT or ray://HOST:PORT (got {address!r})")
     try:
         socket.create_connection((host, int(port)), timeout=timeout).close()
     except OSError as e:
-        raise ConfigError(f"executor.address: no Ray cluster answers at {address} ({e.strerror or e}); start one "
-                          "with `windtunnel cluster ray-up`, or leave executor.address empty for a local one") from None
+        fix = "unset RAY_ADDRESS for a local one" if field == "RAY_ADDRESS" else \
+            "leave executor.address empty for a local one"
+        raise ConfigError(f"{field}: no Ray cluster answers at {address} ({e.strerror or e}); start one "
+                          f"with `windtunnel cluster ray-up`, or {fix}") from None
 
 
 class RayExecutor:
@@ -135,10 +148,11 @@ class RayExecutor:
         # ray.init points SIGTERM at sys.exit: the driver's own handler (a clean stop) is put back
         main = threading.current_thread() is threading.main_thread()
         sigterm = signal.getsignal(signal.SIGTERM) if main else None
-        if self.connected and cfg.address:
-            _check_listening(cfg.address)
+        address, field = cluster_address(cfg)
+        if self.connected and address:
+            _check_listening(address, field=field)
             _token_auth_like_ray_start()
-            ray.init(address=cfg.address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
+            ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
         elif self.connected:  # a new instance of our own, nothing listening beyond 127.0.0.1
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env,
