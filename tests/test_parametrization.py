@@ -60,3 +60,23 @@ def test_optimizer_groups_follow_the_rules():
     assert lr_mult["layers.0.mlp.w_gate_up"] == pytest.approx(0.25)
     wd = dict(zip(opt.names, opt.wd[:, 0].tolist()))
     assert wd["layers.0.mlp_norm"] == 0.0 and wd["wte"] == pytest.approx(0.1)
+
+
+def test_depth_scaling_none_is_the_control_without_one_over_sqrt_depth():
+    """model.depth_scaling=none (issue 24's control): each residual branch × scale_depth, not
+    scale_depth / sqrt(n_layers); it trains in one population with the sqrt trials (its own
+    res_mult). Catches the switch ignored, or applied to sp, or a bad value accepted."""
+    kw = dict(d_model=256, dim_model_base=256, n_layers=16, scale_emb=12, scale_depth=1.4)
+    assert mup.multipliers("mup", **kw).residual == pytest.approx(1.4 / 4)
+    assert mup.multipliers("mup", **kw, depth_scaling="none").residual == pytest.approx(1.4)
+    assert mup.multipliers("sp", **kw, depth_scaling="none").residual == 1.0
+    sqrt = ModelConfig(d_model=64, n_layers=4, n_heads=2, scale_depth=2.0)
+    none = ModelConfig(d_model=64, n_layers=4, n_heads=2, scale_depth=2.0, depth_scaling="none")
+    model = Transformer(sqrt, 100, population=2)
+    for k, cfg in enumerate((sqrt, none)):
+        model.init_trial(k, cfg, torch.Generator().manual_seed(0))
+    assert model.res_mult.tolist() == pytest.approx([1.0, 2.0])
+    from windtunnel.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="model.depth_scaling"):
+        ModelConfig(depth_scaling="half")

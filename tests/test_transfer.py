@@ -253,3 +253,30 @@ def test_the_papers_wind_tunnel_optimum_gives_the_released_minicpm_configs(tmp_p
     assert groups["hidden"]["lr"] == pytest.approx(0.01 / m, rel=1e-12)
     assert groups["hidden"]["init_std"] == pytest.approx(0.1 / math.sqrt(m), rel=1e-12)
     assert (groups["embedding"]["lr"], groups["embedding"]["init_std"]) == (pytest.approx(0.01), 0.1)
+
+
+def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
+    """--horizon-law (a `fit horizon --json` file): lr = proxy lr × (D / proxy tokens)^-b, shown in
+    transfer.md as the proxy lr, the width and depth factors and the horizon factor, each a row;
+    without it the factor is 1 (off). Catches the factor applied the wrong way round (T^+b), to the
+    absolute law a·D^-b instead of the proxy's lr, or left out of the exported lr."""
+    law = tmp_path / "horizon.json"
+    law.write_text(json.dumps({"a": 5.0, "b": 0.5, "points": []}))
+    out = tmp_path / "o"
+    r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
+            "--horizon-law", law, "--out", out)
+    assert r.returncode == 0, r.stderr
+    cfg = yaml.safe_load((out / "train.yaml").read_text())
+    want = 0.02 * (400_000 / 100_000) ** -0.5  # proxy lr 0.02 trained 100k tokens: 4x the budget, half the lr
+    assert cfg["optim"]["lr"] == pytest.approx(want)
+    md = (out / "transfer.md").read_text()
+    for name, value in (("proxy lr", 0.02), ("lr width factor", 1), ("lr depth factor", 1),
+                        ("lr horizon factor", 0.5), ("optim.lr (base)", want)):
+        assert f"| {name} | {transfer.fmt(value)} |" in md, name
+    plan = transfer.plan(transfer.load_winner(str(best)), transfer.load_target("tiny-cpu"),
+                         transfer.Laws(batch_size=2048, tokens=400_000))
+    assert plan.value("lr horizon factor") == 1.0 and plan.trial.optim.lr == 0.02
+    law.write_text(json.dumps({"a": 5.0}))
+    r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
+            "--horizon-law", law, "--out", tmp_path / "o2")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--horizon-law" in r.stderr and "'b'" in r.stderr

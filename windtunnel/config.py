@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from windtunnel.errors import ConfigError
+from windtunnel.parametrization import DEPTH_SCALINGS
 
 PARAMETRIZATIONS = ("sp", "mup")
 KERNELS = ("auto", "torch", "triton")
@@ -81,6 +82,8 @@ class ModelConfig:
     """μP: multiplies the embedding output (MiniCPM: 12)."""
     scale_depth: float = 1.4
     """μP: each residual branch is scaled by scale_depth/sqrt(n_layers) (MiniCPM: 1.4)."""
+    depth_scaling: str = "sqrt"
+    """μP: sqrt divides scale_depth by sqrt(n_layers) (MiniCPM); none leaves it out (a control)."""
     dim_model_base: int = 256
     """μP: the width at which μP and sp coincide (MiniCPM: 256)."""
     init_std: float = 0.1
@@ -105,6 +108,7 @@ class ModelConfig:
                f"must leave an even head dim (RoPE rotates pairs; model.d_model={self.d_model} / n_heads "
                f"= {self.d_model // self.n_heads})", self.n_heads)
         check_choice("model.parametrization", self.parametrization, PARAMETRIZATIONS)
+        check_choice("model.depth_scaling", self.depth_scaling, DEPTH_SCALINGS)
         check_choice("model.kernels", self.kernels, KERNELS)
         for name in ("scale_emb", "scale_depth", "init_std", "rope_theta", "norm_eps"):
             v = getattr(self, name)

@@ -4,6 +4,8 @@ transfer module all call these functions; nothing else knows a μP multiplier.
 MiniCPM's μP (arXiv 2404.06395, its released code), with width multiplier m = d_model / dim_model_base:
   forward:  embedding output × scale_emb; each residual branch × scale_depth / sqrt(n_layers);
             final hidden state ÷ m before the LM head.
+            (model.depth_scaling none: each branch × scale_depth alone, the control of the depth-
+            transfer experiment, issue 24: it shows what the 1/sqrt(n_layers) buys.)
   init:     hidden matrices std init_std / sqrt(m); embedding and untied head std init_std;
             norm weights 1.
   AdamW lr: hidden matrices lr / m; embedding, head and norms lr.
@@ -21,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 ROLES = ("embedding", "hidden", "output", "vector")
+DEPTH_SCALINGS = ("sqrt", "none")
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,14 @@ def rule(role: str, parametrization: str, *, d_model: int, dim_model_base: int, 
 
 
 def multipliers(parametrization: str, *, d_model: int, dim_model_base: int, n_layers: int,
-                scale_emb: float, scale_depth: float) -> Multipliers:
+                scale_emb: float, scale_depth: float, depth_scaling: str = "sqrt") -> Multipliers:
+    if depth_scaling not in DEPTH_SCALINGS:
+        raise ValueError(f"model.depth_scaling: must be one of {', '.join(DEPTH_SCALINGS)} (got {depth_scaling!r})")
     if parametrization == "sp":
         return Multipliers(embedding=1.0, residual=1.0, logit=1.0)
     if parametrization == "mup":
-        return Multipliers(embedding=scale_emb, residual=scale_depth / math.sqrt(n_layers),
+        depth = math.sqrt(n_layers) if depth_scaling == "sqrt" else 1.0
+        return Multipliers(embedding=scale_emb, residual=scale_depth / depth,
                            logit=1.0 / width_mult(d_model, dim_model_base))
     raise ValueError(f"model.parametrization: must be one of sp, mup (got {parametrization!r})")
 
@@ -77,4 +83,5 @@ def model_rule(role: str, model_cfg) -> Rule:
 def model_multipliers(model_cfg) -> Multipliers:
     return multipliers(model_cfg.parametrization, d_model=model_cfg.d_model,
                        dim_model_base=model_cfg.dim_model_base, n_layers=model_cfg.n_layers,
-                       scale_emb=model_cfg.scale_emb, scale_depth=model_cfg.scale_depth)
+                       scale_emb=model_cfg.scale_emb, scale_depth=model_cfg.scale_depth,
+                       depth_scaling=model_cfg.depth_scaling)

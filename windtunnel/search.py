@@ -43,7 +43,13 @@ def distribution(p: Param) -> optuna.distributions.BaseDistribution:
 
 
 def distributions(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
-    return {n: distribution(p) for n, p in parse_search(cfg.search, cfg.trial).items() if p.type != "fixed"}
+    out = {n: distribution(p) for n, p in parse_search(cfg.search, cfg.trial).items() if p.type != "fixed"}
+    if cfg.extend.param in out:  # room for the points grid_extend adds past the grid's ends
+        from windtunnel.grid_extend import widened
+
+        d = out[cfg.extend.param]
+        out[cfg.extend.param] = optuna.distributions.FloatDistribution(*widened(d.low, d.high, cfg), log=d.log)
+    return out
 
 
 def fixed_params(cfg: SweepConfig) -> dict:

@@ -21,6 +21,7 @@ from windtunnel import data, locks
 from windtunnel.config import TrialConfig, to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
+from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
@@ -112,6 +113,7 @@ class Driver:
         self.dists = distributions(cfg)
         self.fixed = fixed_params(cfg)
         self.K = population_size(cfg)
+        self.extra = sum(MARK in t.user_attrs for t in self.study.get_trials(deepcopy=False))
         self.running: list[Bundle] = []
         self.ready: list[Bundle] = []  # asked ahead, waiting for a slot
         self.tally = Tally()
@@ -141,8 +143,16 @@ class Driver:
     def in_flight(self) -> int:
         return sum(len(b.trials) for b in self.running + self.ready)
 
-    def remaining(self) -> int:
-        return self.cfg.n_trials - self.finished() - self.in_flight()
+    def remaining(self) -> int:  # extension trials (grid_extend) come on top of n_trials
+        return self.cfg.n_trials + self.extra - self.finished() - self.in_flight()
+
+    def extend(self) -> bool:
+        """Enqueue the trials past an edge optimum of the grid's extend.param; False if none."""
+        new = [] if self.stop.requested else edge_points(self.study, self.cfg)
+        for params, side in new:
+            self.study.enqueue_trial(params, user_attrs={MARK: side}, skip_if_exists=False)
+        self.extra += len(new)
+        return bool(new)
 
     # -- ask ------------------------------------------------------------------------------------
     def ask_bundles(self, n: int) -> None:
@@ -338,9 +348,7 @@ class Driver:
                 if time.time() - last_write > 10:
                     write_tables(self.study, self.dir)
                     last_write = time.time()
-                if not self.running and not self.ready and self.finished() >= self.cfg.n_trials:
-                    break
-                if not self.running and not self.ready and self.remaining() <= 0:
+                if not self.running and not self.ready and self.remaining() <= 0 and not self.extend():
                     break
                 time.sleep(0.05)
         except (KeyboardInterrupt, ExecutorGone):  # trials left running: the next run re-runs them

@@ -159,6 +159,24 @@ class PopulationConfig:
 
 
 @dataclass(kw_only=True)
+class ExtendConfig:
+    """Grow a grid sweep's axis (e.g. optim.lr) past an edge until each optimum is interior
+    (windtunnel/grid_extend.py): once the grid is done, every group of the other grid axes whose
+    lowest mean loss sits at its smallest or largest value gets the next point beyond, value ÷ or
+    × factor, with each replicate (train.seed) of the grid; repeated until none is on an edge."""
+
+    param: str = ""
+    """The grid axis to extend ('' = off)."""
+    factor: float = 2.0
+    max_steps: int = 4
+    """New points per side and group at most: past them the optimum is reported as on the edge."""
+
+    def __post_init__(self) -> None:
+        check_field(math.isfinite(self.factor) and self.factor > 1, "extend.factor", "must be a number > 1", self.factor)
+        check_field(self.max_steps >= 1, "extend.max_steps", "must be >= 1", self.max_steps)
+
+
+@dataclass(kw_only=True)
 class SweepConfig(TrialConfig):
     name: str = ""
     description: str = ""
@@ -180,6 +198,7 @@ class SweepConfig(TrialConfig):
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     population: PopulationConfig = field(default_factory=PopulationConfig)
+    extend: ExtendConfig = field(default_factory=ExtendConfig)
 
     def __post_init__(self) -> None:
         # the sweep's folder under results_dir and its study name: one plain path component
@@ -234,7 +253,7 @@ def _check_storage(url: str) -> None:
 
 
 SWEEP_SECTIONS = {"sampler": SamplerConfig, "pruner": PrunerConfig, "executor": ExecutorConfig,
-                  "tracking": TrackingConfig, "population": PopulationConfig}
+                  "tracking": TrackingConfig, "population": PopulationConfig, "extend": ExtendConfig}
 
 
 def sweep_from_dict(d: dict) -> SweepConfig:
@@ -257,6 +276,12 @@ def sweep_from_dict(d: dict) -> SweepConfig:
     parse_search(cfg.search, cfg.trial)  # validates the space against the trial config
     if cfg.sampler.type == "grid":
         grid_space(parse_search(cfg.search, cfg.trial))
+    if cfg.extend.param:
+        grid = grid_space(parse_search(cfg.search, cfg.trial)) if cfg.sampler.type == "grid" else {}
+        p = parse_search(cfg.search, cfg.trial).get(cfg.extend.param)
+        check_field(cfg.extend.param in grid and p.type == "float" and not p.step and min(grid[cfg.extend.param]) > 0,
+                    "extend.param", "must name a float axis given by values > 0 of a grid sweep (sampler.type grid)",
+                    cfg.extend.param)
     return cfg
 
 

@@ -34,7 +34,7 @@ from windtunnel.schedule import branch_steps, lr_factor, phase_steps
 
 # Fields that may differ between trials of one population; everything else must match.
 PER_TRIAL = {
-    "model": ("scale_emb", "scale_depth", "init_std", "dim_model_base", "parametrization"),
+    "model": ("scale_emb", "scale_depth", "depth_scaling", "init_std", "dim_model_base", "parametrization"),
     "optim": ("lr", "weight_decay"),
     "schedule": ("kind", "warmup", "decay", "decay_shape", "final_lr_frac"),
     "train": ("seed", "data_seed", "diverge_loss", "checkpoint_dir", "init_from"),

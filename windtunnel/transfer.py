@@ -230,10 +230,10 @@ def load_winner(path: str) -> Winner:
 
 
 def load_law(path: str, kind: str) -> dict:
-    """A fit's --json output: kind 'batch-size' needs a, b; 'scaling-law' needs E, A, B, alpha,
-    beta (a `fit wsd --json` file is read through its 'scaling_law')."""
-    need = {"batch-size": ("a", "b"), "scaling-law": ("E", "A", "B", "alpha", "beta")}[kind]
-    opt = "--batch-size-law" if kind == "batch-size" else "--scaling-law"
+    """A fit's --json output: kind 'batch-size' and 'horizon' need a, b; 'scaling-law' needs E, A, B,
+    alpha, beta (a `fit wsd --json` file is read through its 'scaling_law')."""
+    need = {"batch-size": ("a", "b"), "horizon": ("a", "b"), "scaling-law": ("E", "A", "B", "alpha", "beta")}[kind]
+    opt = f"--{kind}-law" if kind != "scaling-law" else "--scaling-law"
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{opt}: {path}: no such file (the output of `windtunnel fit {kind} --json`)")
@@ -252,6 +252,27 @@ def load_law(path: str, kind: str) -> dict:
     return {**d, "source": str(p)}
 
 
+def _base_lr(w: TrialConfig, target: Target, laws: Laws, D: int, row, src_w: str) -> float:
+    """The target's base lr and its rows: the proxy's lr, then its width, depth and horizon factors."""
+    if target.lr is not None:
+        return row("optim.lr (base)", target.lr, "given in the target (no factor applied)", f"target {target.name}")
+    proxy = row("proxy lr", w.optim.lr, "the winner's μP base lr", src_w)
+    row("lr width factor", 1.0, "1: μP's base lr is width-independent (hidden matrices get lr / m, below)",
+        "windtunnel.parametrization.rule")
+    row("lr depth factor", 1.0, "1: kept across depth with scale_depth / sqrt(n_layers) (measure it: "
+        "`windtunnel fit lr-transfer` on sweeps/lr_depth.yaml)", "docs/laws.md")
+    if laws.horizon_law is not None:
+        from windtunnel.fits import horizon_factor
+
+        hl, T0 = laws.horizon_law, w.train.tokens
+        f = row("lr horizon factor", horizon_factor(hl, T0, D),
+                f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)", hl["source"])
+    else:
+        f = row("lr horizon factor", 1.0, "1: off (give --horizon-law FILE.json from `windtunnel fit horizon --json`)",
+                "command line")
+    return row("optim.lr (base)", proxy * f, "proxy lr × width × depth × horizon factors", "above")
+
+
 @dataclass
 class Laws:
     """Inputs of the batch size and the token budget; a given value always beats a fit."""
@@ -266,6 +287,8 @@ class Laws:
     tokens_per_param: float | None = None
     lr_batch_scaling: str = "none"
     """none (MiniCPM: μP's lr is kept) or sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch))."""
+    horizon_law: dict | None = None
+    """lr*(T) = a · T^-b (`windtunnel fit horizon --json`): the lr × (D / proxy tokens)^-b; None: off."""
 
     def __post_init__(self) -> None:
         for name, opt in (("batch_size", "--batch-size"), ("tokens", "--tokens")):
@@ -381,9 +404,6 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     # -- per-group values through parametrization.py
     model = _meta_model(mc, target.vocab_size)
     roles = sorted(set(model.param_roles().values()), key=mup.ROLES.index)
-    lr = target.lr if target.lr is not None else w.optim.lr
-    row("optim.lr (base)", lr, "given in the target" if target.lr is not None else "= the winner's μP base lr",
-        f"target {target.name}" if target.lr is not None else src_w)
 
     # -- batch size (tokens per step)
     T = target.seq_len
@@ -434,6 +454,9 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
         bs_opt = row("batch size (tokens, wanted)", bl["a"] / L ** bl["b"],
                      f"a / L^b = {fmt(bl['a'])} / L^{fmt(bl['b'])} (MiniCPM's law)", bl["source"])
     seqs_wanted = row("batch size (sequences, wanted)", bs_opt / T, "tokens / seq_len", "above")
+
+    # -- the base lr: the proxy's, × width, depth and horizon factors (each its own row)
+    lr = _base_lr(w, target, laws, D, row, src_w)
 
     # -- parallelism and memory
     world = row("GPUs (world size)", target.world, "nodes × gpus_per_node", f"target {target.name}")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 def add_arguments(p) -> None:
-    p.add_argument("sweep", help="a name in sweeps/ (quickstart, mup_hp, lr_width, batch_size, wsd_branches) "
+    p.add_argument("sweep", help="a name in sweeps/ (quickstart, mup_hp, lr_width, lr_depth, lr_horizon, batch_size, wsd_branches) "
                                  "or a path to a sweep YAML file")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="Hydra overrides: n_trials=50 executor.workers=2 model.d_model=128 results_dir=/tmp/r "

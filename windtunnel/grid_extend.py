@@ -1,0 +1,87 @@
+"""A grid sweep's axis grown past its edges until each optimum is interior (SweepConfig.extend).
+
+An optimum on a grid's edge is only a bound: the batch-size protocol of issue 23 tunes the lr per
+batch size on a small grid and must not leave a batch size's best lr at the grid's end. Once the
+grid is finished, the driver asks `edge_points` for new trials: for every group (one value of
+each other grid axis but the replicates, train.seed and train.data_seed), the mean loss of each
+value of the axis over the group's finished trials, a diverged trial counting as +inf; where the
+lowest sits at the smallest (largest) value tried, the next value below (above), one per
+replicate of the grid. The driver enqueues them and asks again when they are done, so a sweep
+resumed after a stop goes on where it was; a group stops growing after max_steps new values a
+side (the fits then report its optimum as on the edge).
+"""
+from __future__ import annotations
+
+import math
+
+import optuna
+
+from windtunnel.sweep_config import SweepConfig, grid_space, parse_search
+
+REPLICATES = ("train.seed", "train.data_seed")
+MARK = "extension"
+"""User attribute of an extension trial (its side: 'low' or 'high'); the driver counts them."""
+
+
+def _params(t: optuna.trial.FrozenTrial) -> dict:
+    """A trial's parameters, also while it waits in the queue (then only its enqueued ones)."""
+    return t.params or dict(t.system_attrs.get("fixed_params", {}))
+
+
+def _loss(t: optuna.trial.FrozenTrial) -> float | None:
+    """Its final loss; +inf if it diverged (the lr is past the edge of stability); None if unknown."""
+    if t.user_attrs.get("retried"):
+        return None
+    if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None and math.isfinite(t.value):
+        return t.value
+    if t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("result", {}).get("status") == "diverged":
+        return math.inf
+    return None
+
+
+def edge_points(study: optuna.Study, cfg: SweepConfig) -> list[tuple[dict, str]]:
+    """(params, side) of each trial to add: the next value past every edge optimum of cfg.extend.param."""
+    ext = cfg.extend
+    if not ext.param:
+        return []
+    grid = grid_space(parse_search(cfg.search, cfg.trial))
+    lo0, hi0 = min(grid[ext.param]), max(grid[ext.param])
+    others = [n for n in grid if n != ext.param and n not in REPLICATES]
+    reps = [n for n in grid if n in REPLICATES]
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    for t in study.get_trials(deepcopy=False):
+        p = _params(t)
+        if ext.param not in p or t.user_attrs.get("retried"):
+            continue
+        tried = groups.setdefault(tuple(p.get(n) for n in others), {}).setdefault(float(p[ext.param]), [])
+        loss = _loss(t)
+        if loss is not None:
+            tried.append(loss)
+    out = []
+    for key, tried in sorted(groups.items(), key=lambda kv: repr(kv[0])):
+        means = {v: sum(ls) / len(ls) for v, ls in tried.items() if ls}
+        if not means:
+            continue
+        best = min(means, key=means.get)
+        values = sorted(tried)  # pending ones included: a point asked already is not asked again
+        for side, edge, new, n_beyond in (
+                ("low", values[0], values[0] / ext.factor, sum(v < lo0 for v in values)),
+                ("high", values[-1], values[-1] * ext.factor, sum(v > hi0 for v in values))):
+            if best == edge and means[best] < math.inf and n_beyond < ext.max_steps:
+                base = dict(zip(others, key))
+                for rep in _replicates(grid, reps):
+                    out.append(({**base, **rep, ext.param: new}, side))
+    return out
+
+
+def _replicates(grid: dict[str, list], reps: list[str]) -> list[dict]:
+    combos = [{}]
+    for n in reps:
+        combos = [{**c, n: v} for c in combos for v in grid[n]]
+    return combos
+
+
+def widened(low: float, high: float, cfg: SweepConfig) -> tuple[float, float]:
+    """The extended axis' range for Optuna's distribution: the grid's, max_steps factors wider each side."""
+    k = cfg.extend.factor ** cfg.extend.max_steps
+    return low / k, high * k
