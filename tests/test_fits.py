@@ -279,6 +279,7 @@ def csvs(tmp_path):
     ("batch-size", {"a", "b", "points"}),
     ("scaling-law", {"E", "A", "B", "alpha", "beta", "N_opt", "D_opt", "tokens_per_param"}),
     ("wsd", {"points", "scaling_law"}),
+    ("horizon", {"a", "b", "ci", "points"}),
 ])
 def test_cli_json_parses_and_plot_is_a_png(kind, keys, csvs, tmp_path, capsys):
     png = tmp_path / "sub" / f"{kind}.png"

@@ -161,12 +161,14 @@ def _print_lr_transfer(d: dict) -> None:
     rows = [{**o, "95% interval": _ci(o["lr_opt_ci"]).strip()} for o in d["optima"]]
     cols = ["parametrization", "width"] + (["depth"] if any(o["depth"] is not None for o in rows) else [])
     print(_table(rows, cols + ["lr_opt", "95% interval", "loss_opt", "at_edge"]))
-    print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
-          + ", ".join(f"{p} {_fmt(v)}" for p, v in d["drift_steps"].items()))
+    if any(v is not None for v in d["drift_steps"].values()):
+        print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
+              + ", ".join(f"{p} {_fmt(v)}" for p, v in d["drift_steps"].items()))
     for r in (r for r in d["drifts"] if r["axis"] == "depth"):
         verdict = ("not measured: an optimum sat on the lr grid's edge" if r["goal_met"] is None else
                    ("met" if r["goal_met"] else "NOT met")
-                   + ("" if r["goal_met_95"] is None else f" ({'also' if r['goal_met_95'] else 'not'} by the whole interval)"))
+                   + ("" if r["goal_met_95"] is None else
+                      f"; the whole 95% interval inside ±{_fmt(r['goal_octaves'])}: {'yes' if r['goal_met_95'] else 'no'}"))
         print(f"drift across depth {_fmt(r['low'])} -> {_fmt(r['high'])} (width {_fmt(r['at'])}), {r['parametrization']}: "
               f"{r['octaves']:+.3f} octaves{_ci(r['ci'], lambda v: f'{v:+.3f}')}; goal |drift| < "
               f"{_fmt(r['goal_octaves'])} octave: {verdict}")
