@@ -201,3 +201,20 @@ def test_estimate_is_calibrated_on_mup_hp_and_grows_with_depth():
     depth = estimate(load_sweep("lr_depth", []))
     secs = [s for _, _, s in depth["by_shape"]]
     assert depth["trials"] == 144 and secs == sorted(secs) and secs[-1] > 2 * secs[0]
+
+
+def test_batch_size_reads_the_lr_and_each_run_from_a_sweeps_curves(tmp_path, capsys):
+    """curves.csv of sweeps/batch_size.yaml: optim.lr tunes, the trial number is the run (its
+    evaluations one unit), so 2 seeds a cell give intervals. Catches the lr column dropped (lr not
+    tuned) and runs taken from rows (every evaluation a unit)."""
+    df = bs_curves()
+    curves = pd.DataFrame({"number": df["run"], "state": "COMPLETE", "model.d_model": df["model"].str[1:].astype(int),
+                           "train.batch_size": (df["batch_size"] // 1024).astype(int), "optim.lr": df["lr"],
+                           "tokens": df["tokens"].astype(int), "val_loss": df["loss"]})
+    curves.to_csv(tmp_path / "curves.csv", index=False)
+    (tmp_path / "best.yaml").write_text("trial:\n  model: {seq_len: 1024}\n  train: {eval_every: 1000000}\n")
+    assert main(["fit", "batch-size", "-i", str(tmp_path), "--json", "--bootstrap", "40"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["lr_tuned"] and d["resamples"] == 40 and d["ci"]["b"][0] < d["b"] < d["ci"]["b"][1]
+    want = fits.fit_batch_size(df, bootstrap_n=40).to_dict()
+    assert d["b"] == pytest.approx(want["b"]) and d["ci"]["b"] == pytest.approx(want["ci"]["b"])
