@@ -304,3 +304,40 @@ def test_a_sweep_tracked_from_its_resume_on_logs_the_trials_told_before(tmp_path
     assert children == [0, 1, 2]
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 2 for r in runs
                if "mlflow.parentRunId" in r.data.tags)
+
+
+def test_sync_in_another_program_sets_mlflow_http_settings_only_while_it_delivers(tmp_path, monkeypatch):
+    """`sync` delivers with no HTTP retries (a retried POST could create a second run), but run
+    inside another program (this test session) it set MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 in that
+    program's environment for good: every later MLflow client there ran without retries. Now the
+    setting holds while the delivery runs and is gone after; a value the user set is kept.
+    Mutants caught: the old os.environ.setdefault in _quiet_mlflow outside any scope (leaks), and
+    no setting at all. The server is a port bound and never listened on: refused at once."""
+    import os
+    import socket
+    import time
+
+    from windtunnel import tracking
+
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
+    seen = []
+    deliver = tracking._Delivery._deliver_one
+
+    def spy(self, rec, t):
+        seen.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
+        return deliver(self, rec, t)
+
+    monkeypatch.setattr(tracking._Delivery, "_deliver_one", spy)
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        out = tracking._Outbox(tmp_path / "sweep" / "tracking" / "outbox.jsonl")
+        out.append({"uri": uri, "experiment": "e", "time": int(time.time() * 1000), "op": "invocation",
+                    "key": "inv-1", "name": "inv-1", "params": {}, "tags": {}})
+        out.close()
+        t0 = time.monotonic()
+        assert sync(tmp_path / "sweep") == (0, 1)  # refused: still pending
+        assert time.monotonic() - t0 < 30, "a refused connection was retried (MLflow's default: 7 times, a minute and more)"
+    assert seen == [("0", "7")]
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"

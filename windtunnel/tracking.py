@@ -33,6 +33,7 @@ from the outbox's own location at delivery time, so a moved results dir still sy
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -175,10 +176,37 @@ def _target_state(state: dict, uri: str) -> dict:
 
 
 def _quiet_mlflow() -> None:
-    for name, value in HTTP_ENV.items():
-        os.environ.setdefault(name, value)
     for name in ("mlflow", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_env_lock = threading.Lock()
+_env_users, _env_saved = 0, {}
+
+
+@contextlib.contextmanager
+def _http_env():
+    """HTTP_ENV (where the user set none) while a delivery runs, then the environment as it was:
+    `sync` called inside another program (a test session, a notebook) must not leave that
+    program's own MLflow clients without retries. Concurrent deliveries share one setting."""
+    global _env_users, _env_saved
+    with _env_lock:
+        if _env_users == 0:
+            _env_saved = {name: os.environ.get(name) for name in HTTP_ENV}
+            for name, value in HTTP_ENV.items():
+                os.environ.setdefault(name, value)
+        _env_users += 1
+    try:
+        yield
+    finally:
+        with _env_lock:
+            _env_users -= 1
+            if _env_users == 0:
+                for name, value in _env_saved.items():
+                    if value is None:
+                        os.environ.pop(name, None)
+                    else:
+                        os.environ[name] = value
 
 
 _KEY_BAD = re.compile(r"[^\w\-. /:]")
@@ -227,7 +255,7 @@ def _create_sqlite_store(db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(db)  # a creation killed before: its temp store and journal
     tmp = db.with_name(f"{temp_prefix(db)}{uuid.uuid4().hex[:8]}.tmp")
-    uri = f"sqlite:///{tmp}"
+    uri = f"sqlite:///{db}"
     try:
         store = SqlAlchemyStore(uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
         store.engine.dispose()  # no connection to the temp name outlives it
@@ -307,7 +335,8 @@ class _Delivery:
                         raise _Busy(f"{self.dir}: another process is delivering these records") from None
                     time.sleep(0.2)
             try:
-                return self._drop_locked() if drop else self._run_locked(should_stop, progress)
+                with _http_env():
+                    return self._drop_locked() if drop else self._run_locked(should_stop, progress)
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -766,6 +795,8 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--uri", default="")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="windtunnel tracking: %(message)s")
+    for name, value in HTTP_ENV.items():  # the deliverer's own process (Tracker passes them too)
+        os.environ.setdefault(name, value)
     _quiet_mlflow()
     return follow(Path(args.tracking_dir), args.uri)
 
