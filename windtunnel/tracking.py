@@ -255,7 +255,7 @@ def _create_sqlite_store(db: Path) -> None:
     db.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(db)  # a creation killed before: its temp store and journal
     tmp = db.with_name(f"{temp_prefix(db)}{uuid.uuid4().hex[:8]}.tmp")
-    uri = f"sqlite:///{db}"
+    uri = f"sqlite:///{tmp}"
     try:
         store = SqlAlchemyStore(uri, DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
         store.engine.dispose()  # no connection to the temp name outlives it
