@@ -36,8 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("kind", choices=list(fits.COLUMNS), metavar="KIND", help=f"one of: {', '.join(fits.COLUMNS)}")
     parser.add_argument("--input", "-i", required=True, metavar="CSV|SWEEP_DIR",
-                        help="a CSV of the kind's columns (extra columns are ignored), or for lr-transfer, "
-                             "batch-size and wsd a sweep's results folder or a table in it")
+                        help="a CSV of the kind's columns (extra columns are ignored), or for all but "
+                             "scaling-law a sweep's results folder or a table in it")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure (.png, .pdf or .svg)")
     parser.add_argument("--compute", type=float, metavar="C",
