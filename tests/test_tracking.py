@@ -341,3 +341,38 @@ def test_sync_in_another_program_sets_mlflow_http_settings_only_while_it_deliver
         assert time.monotonic() - t0 < 30, "a refused connection was retried (MLflow's default: 7 times, a minute and more)"
     assert seen == [("0", "7")]
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_ends_killed_with_its_artifacts_and_provenance_tags(tmp_path):
+    """SIGTERM mid-sweep: the parent run ends KILLED and still gets the report and tables the stop
+    wrote; it carries the git commit and package versions. Catches the killed path skipping
+    log_artifacts, and parent runs without provenance tags."""
+    import signal
+
+    import mlflow
+
+    from helpers import quickstart_study, wait_for
+    from windtunnel.tracking import local_uri
+
+    results = tmp_path / "results"
+    cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
+           "n_trials=40", "train.tokens=20000", "train.eval_every=10000", "population.size=1", "pruner.type=none"]
+    driver = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def complete() -> int:
+        study = quickstart_study(results)
+        return 0 if study is None else sum(t.state.name == "COMPLETE" for t in study.get_trials(deepcopy=False))
+
+    wait_for(lambda: complete() >= 1, 240, "a complete trial", driver)
+    driver.send_signal(signal.SIGTERM)
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130, out.decode()[-2000:]
+    sync(results / "quickstart")  # what the deliverer's last pass had not sent yet
+    client = mlflow.MlflowClient(local_uri(results / "quickstart" / "tracking"))
+    runs = client.search_runs([client.get_experiment_by_name("quickstart").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.status == "KILLED"
+    assert {"report.md", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    tags = parent.data.tags
+    assert tags["windtunnel.version.torch"] and tags["windtunnel.version.optuna"] and tags["mlflow.source.git.commit"]

@@ -23,8 +23,9 @@ in it are relative to the file's folder.
   atomically after it. A launch finding `latest` resumes from it. SIGTERM (Slurm's time limit,
   preemption) saves at the end of the current step and exits.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
-  large_run.tracking_uri is set, logs to MLflow (one run per run_dir, reused on resume); it prints
-  where that log is, then a progress line per evaluation (a minute apart at most), to stderr.
+  large_run.tracking_uri is set, tracks the run in MLflow without ever waiting for it
+  (windtunnel/run_tracking.py: one run per run_dir, FINISHED only when training completed); it
+  prints where that log is, then a progress line per evaluation (a minute apart at most), to stderr.
 - check() finds in one plain process what a launch would refuse (launch.sh runs it first).
 """
 from __future__ import annotations
@@ -116,6 +117,10 @@ class LargeRunConfig:
     experiment: str = "windtunnel-large-runs"
     log_every: int = 1
     """Steps between MLflow metric points (loss.jsonl gets every step)."""
+    source_sweep: str = ""
+    """The sweep whose winner this run was transferred from (an MLflow tag; `windtunnel transfer` sets it)."""
+    source_trial: int = -1
+    """That winner's trial number (-1: unknown)."""
     stop_after_steps: int = 0
     """Stop (without saving) once this many steps are done, as a crash would; 0 = run to the end."""
     keep_last: int = 2
@@ -276,7 +281,7 @@ class LargeRun:
         self.cfg = cfg
         self.step = 0
         self._sigterm = False
-        self._mlflow = None
+        self._tracker = None
 
     def _hold_run_lock(self):
         """One launch per run: a second launch of the same run (a job submitted twice, launch.sh run
@@ -376,10 +381,13 @@ class LargeRun:
             return
         with open(self.run_dir / "loss.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._mlflow is not None and "step" in record and (record["step"] % self.run.log_every == 0
-                                                             or "val_loss" in record):
-            metrics = {k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
-            self._mlflow.log_metrics(metrics, step=record["step"])
+        if self._tracker is not None and "tokens" in record and "event" not in record and \
+                (record["step"] % self.run.log_every == 0 or "val_loss" in record):
+            # the trials' names, against tokens (windtunnel/tracking.py _op_trial)
+            names = {"loss": "train_loss", "val_loss": "val_loss", "lr": "lr", "grad_norm": "grad_norm",
+                     "max_mem_gb": "max_mem_gb"}
+            self._tracker.log(record["tokens"], {names[k]: v for k, v in record.items()
+                                                 if k in names and isinstance(v, (int, float))})
 
     def _open_logs(self, start: int, resumed_from: str | None) -> None:
         if self.rank != 0:
@@ -391,23 +399,19 @@ class LargeRun:
                     if line.strip() and json.loads(line).get("step", 0) <= start]
             _write_atomic(log, "".join(line + "\n" for line in keep))
         if self.run.tracking_uri:
-            import mlflow
+            from windtunnel.provenance import tags
+            from windtunnel.run_tracking import RunTracker
 
-            from windtunnel.tracking import ensure_store
-
-            ensure_store(self.run.tracking_uri)  # a rank 0 killed while MLflow built it left a broken store
-            mlflow.set_tracking_uri(self.run.tracking_uri)
-            mlflow.set_experiment(self.run.experiment)
-            id_file = self.run_dir / "mlflow_run_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else None
-            active = mlflow.start_run(run_id=run_id, run_name=None if run_id else self.run.run_name)
-            if run_id is None:
-                _write_atomic(id_file, active.info.run_id + "\n")
-                flat = {f"{s}.{k}": v for s, sec in to_dict(self.cfg).items() for k, v in sec.items()}
-                flat.update({f"large_run.{k}": v for k, v in dataclasses.asdict(self.run).items()})
-                flat.update(world=self.world, device=str(self.device), torch=torch.__version__)
-                mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
-            self._mlflow = mlflow
+            flat = {f"{s}.{k}": v for s, sec in to_dict(self.cfg).items() for k, v in sec.items()}
+            flat.update({f"large_run.{k}": v for k, v in dataclasses.asdict(self.run).items()})
+            flat.update(world=self.world, device=str(self.device))
+            run_tags = {**tags(), "windtunnel.large_run": self.run.run_name, "windtunnel.world": str(self.world)}
+            if self.run.source_sweep:
+                run_tags["windtunnel.sweep"] = self.run.source_sweep
+            if self.run.source_trial >= 0:
+                run_tags["windtunnel.trial_number"] = str(self.run.source_trial)
+            self._tracker = RunTracker(self.run.tracking_uri, self.run.experiment, self.run_dir, self.run.run_name,
+                                       {k: str(v)[:500] for k, v in flat.items()}, run_tags, self.device)
         self._log({"event": "start", "step": start, "resumed_from": resumed_from, "world": self.world,
                    "device": self.device.type, "total_steps": self.total_steps})
 
@@ -457,6 +461,7 @@ class LargeRun:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
         t0, last = time.perf_counter(), {}
         said = t0
+        status = "FAILED"  # MLflow's status, unless the loop ends: completed, or stopped
         try:
             while self.step < self.total_steps:
                 if self.run.stop_after_steps and self.step >= self.run.stop_after_steps:
@@ -489,13 +494,19 @@ class LargeRun:
             done = self.step >= self.total_steps
             if done:
                 self._log({"event": "done", "step": self.step})
+            status = "FINISHED" if done else "KILLED"  # a signal or stop_after_steps ended it early
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            if self._mlflow is not None:
-                self._mlflow.end_run()
+            if self._tracker is not None and not self._tracker.close(status):
+                self._say(f"MLflow: not every record was delivered ({self._tracker.tracker.last_error}); they wait "
+                          f"in {self._tracker.dir}: `windtunnel sync {self.run_dir}` sends them")
         return {"start_step": start, "step": self.step, "total_steps": self.total_steps, "done": done,
-                "loss": last.get("loss"), "resumed_from": resumed_from}
+                "loss": last.get("loss"), "resumed_from": resumed_from,
+                "tracking_s": self._tracker.seconds if self._tracker is not None else 0.0}
 
     def _say(self, line: str) -> None:
         """Rank 0's progress, to stderr (stdout carries the final JSON result)."""

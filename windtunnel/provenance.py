@@ -37,3 +37,20 @@ def provenance(device=None) -> dict:
             pass
     return {"git": git_revision(), "host": platform.node(), "python": platform.python_version(),
             "packages": versions, "device": device_name(device) if device is not None else ""}
+
+
+TAGGED_PACKAGES = ("windtunnel", "torch", "triton", "numpy", "optuna", "mlflow", "ray", "submitit", "transformers")
+
+
+def tags() -> dict[str, str]:
+    """A tracked run's provenance as MLflow tags: the code's commit (MLflow's own tag, which its UI
+    shows; '+dirty' when the tree had uncommitted changes), this host, Python and package versions."""
+    git = git_revision()
+    out = {"mlflow.source.git.commit": git.removesuffix("+dirty"), "windtunnel.git": git,
+           "windtunnel.host": platform.node(), "windtunnel.python": platform.python_version()}
+    for pkg in TAGGED_PACKAGES:
+        try:
+            out[f"windtunnel.version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return {k: v for k, v in out.items() if v}

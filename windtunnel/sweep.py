@@ -23,6 +23,7 @@ from windtunnel.errors import ConfigError
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
+from windtunnel.provenance import tags as provenance_tags
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig, trial_seeds
@@ -132,7 +133,7 @@ class Driver:
             self.parent = self.tracker.start_invocation(
                 params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
                         "executor": cfg.executor.type, "population": self.K},
-                tags={"windtunnel.sweep": cfg.name})
+                tags={"windtunnel.sweep": cfg.name, **provenance_tags()})
             # trials told but never tracked: run with tracking off, or a driver killed between the two
             track_finished(self.tracker, self.parent, self.study, skip=self.tracker.logged_trials())
 
@@ -355,9 +356,13 @@ class Driver:
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()
-            if self.tracker is not None:  # delivered by the deliverer's last pass, after this process exits
-                self.tracker.finish_invocation(self.parent, status="KILLED")
-            write_report(self.study, self.dir)  # the tables and report say what finished (a second Ctrl-C skips it)
+            try:  # the tables and report say what finished (a second Ctrl-C skips them)
+                files = write_report(self.study, self.dir)
+                if self.tracker is not None:
+                    self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
+            finally:
+                if self.tracker is not None:  # delivered by the deliverer's last pass, after this process exits
+                    self.tracker.finish_invocation(self.parent, status="KILLED")
             raise
         except OSError as e:  # a full disk (disk_full): stop the workers; nothing more can be written
             if e.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -531,6 +531,28 @@ class _Delivery:
             rel = Path(p).parent if not os.path.isabs(p) else Path(".")
             self.client().log_artifact(run_id, str(path), artifact_path=None if str(rel) == "." else str(rel))
 
+    def _op_metrics(self, rec: dict, t: dict) -> bool | None:
+        """A large run's points (windtunnel/run_tracking.py): {"step", "time", "values"} each."""
+        from mlflow.entities import Metric
+
+        run_id = t["runs"].get(rec.get("parent", ""))
+        if run_id is None:
+            log.warning("metrics record %s: its run was never delivered; skipped", rec.get("key"))
+            return False
+        metrics = [Metric(_key(k), float(v), int(pt.get("time") or rec["time"]), int(pt["step"]))
+                   for pt in rec.get("points") or [] for k, v in (pt.get("values") or {}).items()
+                   if _number(v) is not None and math.isfinite(v)]
+        self._log_batch(run_id, metrics, {}, {})
+
+    def _op_reopen(self, rec: dict, t: dict) -> bool | None:
+        """A resumed large run: its run is RUNNING again, with this launch's tags (git commit, versions)."""
+        run_id = t["runs"].get(rec.get("parent", ""))
+        if run_id is None:
+            log.warning("reopen record %s: its run was never delivered; skipped", rec.get("key"))
+            return False
+        self.client().update_run(run_id, status="RUNNING")
+        self._log_batch(run_id, [], {}, {_key(k): str(v)[:MAX_TAG_VALUE] for k, v in (rec.get("tags") or {}).items()})
+
     def _op_finish(self, rec: dict, t: dict) -> None:
         run_id = t["runs"].get(rec.get("parent", ""))
         if run_id is not None:
@@ -609,11 +631,21 @@ class Tracker:
         self._outbox.append({"uri": self.uri, "experiment": self.experiment, "time": _now_ms(), **record})
         self._poke(b"w")
 
-    def start_invocation(self, params: dict, tags: dict) -> str:
-        key = f"inv-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        self._append({"op": "invocation", "key": key, "name": f"{self.experiment}-{key[4:19]}",
+    def start_invocation(self, params: dict, tags: dict, key: str | None = None, name: str | None = None) -> str:
+        """A parent run (a sweep's invocation; a large run, with its own key and name)."""
+        key = key or f"inv-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        self._append({"op": "invocation", "key": key, "name": name or f"{self.experiment}-{key[4:19]}",
                       "params": params or {}, "tags": tags or {}})
         return key
+
+    def reopen(self, key: str, tags: dict) -> None:
+        """The run of `key` is RUNNING again (a large run resumed), with these tags."""
+        self._append({"op": "reopen", "key": f"{key}/reopen-{uuid.uuid4().hex[:8]}", "parent": key, "tags": tags or {}})
+
+    def log_metrics(self, key: str, points: list[dict]) -> None:
+        """Metric points of the run of `key`: [{"step", "time" (ms), "values": {name: number}}]."""
+        self._append({"op": "metrics", "key": f"{key}/metrics-{uuid.uuid4().hex[:8]}", "parent": key,
+                      "points": points})
 
     def log_trial(self, parent_key: str, number: int, attempt: int, params: dict, curve: list[dict],
                   metrics: dict, status: str, tags: dict | None = None) -> None:
