@@ -78,7 +78,8 @@ def llama_config(mc: ModelConfig, vocab_size: int, eos_id: int | None = None, dt
         "use_cache": True,
         "dtype": dtype,
         "windtunnel": {"parametrization": mc.parametrization, "folded_into_weights": True,
-                       "scale_emb": _clean(m.embedding), "scale_depth": _clean(m.residual * math.sqrt(mc.n_layers)),
+                       "scale_emb": _clean(m.embedding), "depth_scaling": mc.depth_scaling,
+                       "scale_depth": _clean(m.residual * (math.sqrt(mc.n_layers) if mc.depth_scaling == "sqrt" else 1)),
                        "dim_model_base": _clean(mc.d_model * m.logit)},
     }
 
