@@ -124,6 +124,8 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
 
     def col(c: str) -> pd.Series:
         s = src[c]
+        if s not in df.columns and "." in s and (v := _best_value(table, s)) is not None:
+            return pd.Series(v, index=df.index)  # not searched: the same for every trial
         if s not in df.columns:
             hint = (f"the sweep parameter that gives {kind}'s {c!r}: search it, type fixed for one value"
                     if "." in s else f"it gives {kind}'s {c!r}; a sweep's {name} has it")
@@ -150,19 +152,26 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     return out
 
 
+def _best_value(table: Path, key: str) -> Any:
+    """A setting's value in the best trial's config beside `table` (None if absent)."""
+    best = table.parent / "best.yaml"
+    if not best.is_file():
+        return None
+    import yaml
+
+    v: Any = (yaml.safe_load(best.read_text()) or {}).get("trial", {})
+    for k in key.split("."):
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
 def _sweep_setting(df: pd.DataFrame, table: Path, key: str, kind: str, why: str):
     """A config value: the table's column if the sweep searched it, else the (same for all trials)
     value in the best trial's config."""
     if key in df.columns:
         return df[key]
     best = table.parent / "best.yaml"
-    v: Any = None
-    if best.is_file():
-        import yaml
-
-        v = (yaml.safe_load(best.read_text()) or {}).get("trial", {})
-        for k in key.split("."):
-            v = v.get(k) if isinstance(v, dict) else None
+    v = _best_value(table, key)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
         raise ConfigError(f"{table}: missing column {key!r} and no {key} in {best} ({kind} needs it for {why})")
     return v
