@@ -11,6 +11,7 @@ import optuna
 import pandas as pd
 import yaml
 
+from windtunnel import symmetry
 from windtunnel.errors import write_atomically
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -117,6 +118,15 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
         out.append(sweep_dir / "loss_vs_params.png")
         write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
+    ratio = ratio_analysis(study, df)
+    if ratio is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        symmetry.plot_ratio(ax, ratio["done"], ratio["fit"])
+        ax.set_title(f"{study.study_name}: loss vs scale_emb / scale_depth (colour = trial number)", fontsize=9)
+        fig.tight_layout()
+        out.append(sweep_dir / "loss_vs_ratio.png")
+        write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.scatter(done.number, done.value, s=12, label="trial")
     ax.plot(done.number, done.value.cummin(), color="C3", label="best so far")
@@ -137,6 +147,22 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
         write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
     return out
+
+
+def ratio_analysis(study: optuna.Study, df: pd.DataFrame) -> dict | None:
+    """The complete trials with their scale_emb / scale_depth, its fit and what the space searched
+    (windtunnel/symmetry.py), or None when the sweep could not move the ratio."""
+    space = json.loads(study.user_attrs.get("space", "{}")).get("search", {})
+    searched = [n for n, s in space.items() if s.get("type") != "fixed"]
+    done = df[(df.state == "COMPLETE") & ~df.retried] if "retried" in df else df[df.state == "COMPLETE"]
+    if done.empty or not {symmetry.EMB, symmetry.DEPTH} & set(searched):
+        return None
+    done = symmetry.with_ratio(done, json.loads(study.user_attrs.get("sweep", "{}")))
+    if done is None:
+        return None
+    log_knobs = [n for n in searched if space[n].get("log")]
+    return {"done": done, "fit": symmetry.ratio_fit(done, log_knobs), "log_knobs": log_knobs,
+            "both": bool(symmetry.ridge_warning(space))}
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
@@ -183,6 +209,9 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     imp = importances(study)
     if imp:
         lines += ["**Parameter importance (fANOVA):** " + ", ".join(f"`{k}` {v:.2f}" for k, v in imp.items()), ""]
+    ratio = ratio_analysis(study, df)
+    if ratio is not None and ratio["fit"] is not None:
+        lines += [symmetry.ratio_sentence(ratio["fit"], ratio["both"], ratio["log_knobs"]), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     top = final[final.state == "COMPLETE"].sort_values("value").head(10)
     if not top.empty:

@@ -18,6 +18,11 @@ def run(args) -> int:
     from windtunnel.configure import load_sweep
 
     cfg = load_sweep(args.sweep, args.overrides)  # every error is raised before anything is written
+    from windtunnel.symmetry import ridge_warning
+
+    ridge = ridge_warning(cfg.search, cfg.model.parametrization)
+    if ridge:
+        print(f"windtunnel sweep: warning: {ridge}", file=sys.stderr, flush=True)
     from windtunnel.sweep import run_sweep
 
     out = run_sweep(cfg, progress=not args.quiet)
