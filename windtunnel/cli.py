@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("windtunnel.commands.data", "prepare token shards from text (`data prepare`)"),
     "sweep": ("windtunnel.commands.sweep", "run or resume a sweep: Optuna search, executors, MLflow"),
     "report": ("windtunnel.commands.report", "regenerate a sweep's tables, plots and report.md"),
+    "confirm": ("windtunnel.commands.confirm", "re-run a sweep's best configurations with n seeds: means, 95% intervals, ties"),
     "sync": ("windtunnel.commands.sync", "send tracking records a sweep could not deliver to MLflow"),
     "ui": ("windtunnel.commands.ui", "open the MLflow UI of a results dir on 127.0.0.1"),
     "fit": ("windtunnel.commands.fit", "fit a law: lr-transfer, batch-size, scaling-law, wsd"),

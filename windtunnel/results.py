@@ -17,6 +17,25 @@ from windtunnel.errors import write_atomically
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
+def open_sweep_study(d: Path) -> optuna.Study:
+    """The study of a folder `windtunnel sweep` (or `confirm`) wrote; ConfigError naming it if none."""
+    from windtunnel.errors import ConfigError
+    from windtunnel.search import open_storage
+
+    d = Path(d)
+    if d.is_file():
+        raise ConfigError(f"{d} is a file; a sweep's results folder is needed (RESULTS_DIR/SWEEP, e.g. results/quickstart)")
+    if not d.is_dir():
+        raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
+    if not (d / "study.journal").exists():
+        raise ConfigError(f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote)")
+    storage = open_storage(str(d / "study.journal"))
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if not names:
+        raise ConfigError(f"{d}: its study.journal holds no study yet (allowed: a folder `windtunnel sweep` wrote)")
+    return optuna.load_study(study_name=names[0], storage=storage)
+
+
 def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
     """COMPLETE, PRUNED, or FAIL that was not replaced by a retry."""
     return t.state in FINAL and not t.user_attrs.get("retried", False)
@@ -215,7 +234,9 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     lines += [f"![{p.stem}]({p.name})" for p in plots]
     top = final[final.state == "COMPLETE"].sort_values("value").head(10)
     if not top.empty:
-        cols = ["number", "value"] + [c for c in top.columns if "." in c]
+        if ratio is not None:  # the knob that matters beside the two that carry it
+            top = symmetry.with_ratio(top, json.loads(study.user_attrs.get("sweep", "{}")))
+        cols = ["number", "value"] + [c for c in top.columns if "." in c] + ([symmetry.RATIO] if ratio is not None else [])
         lines += ["", "## Top trials", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in top.iterrows():
             lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")

@@ -25,6 +25,7 @@ from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.provenance import tags as provenance_tags
 from windtunnel.results import counts_as_finished, write_report, write_tables
+from windtunnel.sweep_tracking import replay_to_mlflow, replicate_tags, track_finished, track_trial  # noqa: F401
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
@@ -236,7 +237,7 @@ class Driver:
         self.tally.told.append(trial.number)
         if self.tracker is not None:
             track_trial(self.tracker, self.parent, trial.number, trial.user_attrs.get("attempt", 1),
-                        trial.user_attrs.get("config", {}), result, value, state)
+                        trial.user_attrs.get("config", {}), result, value, state, replicate_tags(trial.user_attrs))
 
     def fail_or_retry(self, trial: optuna.trial.Trial, reason: str, its_fault: bool = True) -> None:
         """Replace the trial by a copy (same parameters), or fail it once its retries are spent.
@@ -319,6 +320,12 @@ class Driver:
                 self.running.append(Bundle(trials, handle.bundle_dir, handle, time.time()))
 
     # -- the loop -------------------------------------------------------------------------------
+    def write_tables(self) -> None:  # while it runs: what `windtunnel confirm` (ConfirmDriver) writes differs
+        write_tables(self.study, self.dir)
+
+    def write_report(self) -> list[Path]:
+        return write_report(self.study, self.dir)
+
     def run(self) -> dict:
         try:
             return self._run()
@@ -347,7 +354,7 @@ class Driver:
                     t = self.tally
                     bar.set_postfix_str(f"ok={t.ok} pruned={t.pruned} failed={t.failed} best={t.best:.4f}")
                 if time.time() - last_write > 10:
-                    write_tables(self.study, self.dir)
+                    self.write_tables()
                     last_write = time.time()
                 if not self.running and not self.ready and self.remaining() <= 0 and not self.extend():
                     break
@@ -357,7 +364,7 @@ class Driver:
                 b.handle.cancel()
             self.executor.close()
             try:  # the tables and report say what finished (a second Ctrl-C skips them)
-                files = write_report(self.study, self.dir)
+                files = self.write_report()
                 if self.tracker is not None:
                     self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
             finally:
@@ -380,7 +387,7 @@ class Driver:
                  "ask_frac": self.asking / wall if wall > 0 else 0.0,
                  "population": self.K, "sampler": self.cfg.sampler.type}
         self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
-        files = write_report(self.study, self.dir)
+        files = self.write_report()
         if self.tracker is not None:
             self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
             self.tracker.finish_invocation(self.parent)
@@ -412,71 +419,16 @@ def hold_driver_lock(sweep_dir: Path):
                           "or stop it (Ctrl-C or SIGTERM; its trials resume with the next run)") from None
 
 
-def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, result: dict,
-                value: float | None, state: TS) -> None:
-    """One trial as an MLflow child run: resolved params, the loss curve over tokens, final metrics."""
-    final = {"final_val_loss": value} if value is not None else {}
-    for key in ("tokens", "seconds", "tokens_per_s"):
-        if isinstance(result.get(key), (int, float)):
-            final[key] = result[key]
-    tracker.log_trial(parent, number, attempt, params=_flatten(config), curve=result.get("curve", []),
-                      metrics=final, status={TS.COMPLETE: "FINISHED", TS.PRUNED: "KILLED"}.get(state, "FAILED"),
-                      tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500]})
-
-
-def _untracked(study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> list[optuna.trial.FrozenTrial]:
-    """The study's finished trials but those whose (number, attempt) is in skip."""
-    return [t for t in study.get_trials(deepcopy=False)
-            if counts_as_finished(t) and (t.number, t.user_attrs.get("attempt", 1)) not in skip]
-
-
-def track_finished(tracker, parent: str, study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> None:
-    """Every finished trial of the study as a child run of parent, but those (number, attempt) in skip."""
-    for t in _untracked(study, skip):
-        track_trial(tracker, parent, t.number, t.user_attrs.get("attempt", 1), t.user_attrs.get("config", {}),
-                    t.user_attrs.get("result", {}), t.value, t.state)
-
-
-def replay_to_mlflow(study: optuna.Study, sweep_dir: Path, uri: str = "") -> tuple[int, bool]:
-    """Log a finished study's trials to MLflow after the fact (a sweep run with tracking off, e.g.
-    on a GPU machine without MLflow): one parent run, a child run per finished trial that the
-    server at uri does not hold or wait for yet (Tracker.logged_trials), so a replay run again,
-    or after more trials finished, adds each trial once; with none new it logs nothing.
-    Returns (trials replayed, every record for uri delivered)."""
-    from windtunnel.tracking import Tracker
-
-    tracker = Tracker(uri, experiment=study.study_name, outbox=sweep_dir / "tracking" / "outbox.jsonl")
-    skip = tracker.logged_trials()
-    new = len(_untracked(study, skip))
-    if new:
-        parent = tracker.start_invocation(params={"replayed_from": "study"}, tags={"windtunnel.sweep": study.study_name})
-        track_finished(tracker, parent, study, skip)
-        tracker.log_artifacts(parent, [p for p in sorted(sweep_dir.glob("*")) if p.suffix in (".png", ".md", ".yaml", ".csv")])
-        tracker.finish_invocation(parent)
-    # with nothing new this still retries what an earlier replay left waiting for this server
-    ok = tracker.flush(timeout=300, until_error=True)  # a server that fails: its records wait for sync
-    tracker.close()
-    return new, ok
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def run_sweep(cfg: SweepConfig, progress: bool = True) -> dict:
+def run_sweep(cfg: SweepConfig, progress: bool = True, driver=Driver) -> dict:
+    """Run the sweep with Ctrl-C and SIGTERM pointed at its driver's StopRequest; driver(cfg,
+    progress, stop) makes it (windtunnel confirm's ConfirmDriver runs a fixed list of replicates)."""
     stop = StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        return Driver(cfg, progress, stop).run()
+        return driver(cfg, progress, stop).run()
     # before the driver opens the study: a signal while it writes there waits for the loop too
     before = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return Driver(cfg, progress, stop).run()
+        return driver(cfg, progress, stop).run()
     finally:
         for sig, handler in before.items():
             signal.signal(sig, handler)

@@ -12,6 +12,7 @@
 #   bash results/windtunnel/gpu.sh profile [ARGS]      # where a population step's time goes
 #   bash results/windtunnel/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention | cross_entropy (kernels.tune)
 #   bash results/windtunnel/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
+#   bash results/windtunnel/gpu.sh confirm NAME [ARGS] # results/windtunnel/NAME-confirm/ (windtunnel confirm; resumes)
 #   bash results/windtunnel/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash results/windtunnel/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
 #   bash results/windtunnel/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
@@ -47,6 +48,11 @@ case $stage in
       results_dir=results/windtunnel tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
     # bring back the studies and tables (a name=... override renames the sweep), not checkpoints
     tar czf "$OUT/$name.tgz" --exclude='*.pt' results/windtunnel ;;
+  confirm)  # the top configurations of a committed search (and --add ones) with n seeds each
+    name=$1; shift
+    timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli confirm "results/windtunnel/$name" -q \
+      data.source="$PWD/.cache/stdlib-bpe16k" tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name-confirm.log" || true
+    tar czf "$OUT/$name-confirm.tgz" --exclude='*.pt' "results/windtunnel/$name-confirm" ;;
   transfer)
     python3 -m windtunnel.bench.transfer_check results/windtunnel/mup_hp --data "$PWD/.cache/stdlib-bpe16k" \
       --out "$OUT" "$@" 2>&1 | tee "$OUT/transfer.log" ;;

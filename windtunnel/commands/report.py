@@ -12,30 +12,19 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import optuna
-
-    from windtunnel.errors import ConfigError
-    from windtunnel.results import write_report
-    from windtunnel.search import open_storage
+    from windtunnel.results import open_sweep_study, write_report
     from windtunnel.sweep_config import check_tracking_uri
 
     check_tracking_uri(args.mlflow, "--mlflow")  # a bare word was a folder MLflow refused, record by record
     d = Path(args.sweep_dir)
-    journal = d / "study.journal"
-    if d.is_file():
-        raise ConfigError(f"{d} is a file; a sweep's results folder is needed (RESULTS_DIR/SWEEP, e.g. results/quickstart)")
-    if not d.is_dir():
-        raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
-    if not journal.exists():
-        raise ConfigError(f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote)")
-    storage = open_storage(str(journal))
-    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-    study = optuna.load_study(study_name=names[0], storage=storage)
+    study = open_sweep_study(d)
+    if "request" in study.user_attrs:  # a `windtunnel confirm` folder: its own tables and report
+        from windtunnel.confirm import write_outputs as write_report  # noqa: F811
     for f in write_report(study, d):
         print(f)
     if args.mlflow is not None:
         from windtunnel.results import counts_as_finished
-        from windtunnel.sweep import replay_to_mlflow
+        from windtunnel.sweep_tracking import replay_to_mlflow
         from windtunnel.tracking import resolve_uri
 
         new, ok = replay_to_mlflow(study, d, args.mlflow)
