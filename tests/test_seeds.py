@@ -60,6 +60,13 @@ def test_per_trial_seeds_by_default_kept_by_a_retry_and_common_on_request(tmp_pa
                 for t in _asked(d, 3)} == {(5, -1)}
     finally:
         d._lock.close()
+    # replicates as a search axis (the laws' grids): the space's seeds stand, data_seed follows them
+    d = _driver(tmp_path / "c", "search.train.seed={type: categorical, choices: [0, 1]}")
+    try:
+        assert {(t.user_attrs["config"]["train"]["seed"], t.user_attrs["config"]["train"]["data_seed"])
+                for t in _asked(d, 4)} <= {(0, -1), (1, -1)}
+    finally:
+        d._lock.close()
 
 
 def test_a_study_from_before_seeds_resumes_only_as_common(tmp_path):

@@ -149,7 +149,7 @@ def confirm_sweep(study: optuna.Study, sweep_dir: Path, overrides: list[str], n_
             names = {f.name for f in dataclasses.fields(cls)}
             d[sec] = {k: v for k, v in d[sec].items() if k in names}
     d.update(name=f"{sweep_dir.name}-confirm", results_dir=str(sweep_dir.parent), search={}, n_trials=n_trials,
-             storage="", seeds="common", sampler={"type": "random", "seed": 0}, pruner={"type": "none"})
+             storage="", seeds="common", sampler={"type": "random", "seed": 0}, pruner={"type": "none"}, extend={})
     d.pop("description", None)
     return sweep_from_dict(_apply_overrides(d, overrides))
 

@@ -185,9 +185,10 @@ class Driver:
         """The base config with the trial's sampled and fixed params and, with seeds=per_trial, its
         own seeds (a retry keeps its first attempt's: `seed_of`)."""
         params = {**trial.params, **self.fixed}
-        if self.cfg.seeds == "per_trial":
+        # a space that sets a seed itself (replicates as a grid axis) keeps its own seeds
+        if self.cfg.seeds == "per_trial" and not {"train.seed", "train.data_seed"} & set(params):
             seeds = trial_seeds(self.cfg.train.seed, trial.user_attrs.get("seed_of", trial.number))
-            params = {"train.seed": seeds[0], "train.data_seed": seeds[1], **params}  # a searched seed wins
+            params = {"train.seed": seeds[0], "train.data_seed": seeds[1], **params}
         return with_overrides(self.cfg.trial, params)
 
     def fill(self) -> None:

@@ -187,7 +187,8 @@ class SweepConfig(TrialConfig):
     """per_trial: each trial draws its init and data seeds from train.seed and its number
     (trial_seeds), so its loss carries its own noise, as a replicate's would; common: every trial
     trains with train.seed and train.data_seed (common random numbers: one draw of the noise for
-    all, so trials differ by their parameters alone, and a winner may be that draw's favourite)."""
+    all, so trials differ by their parameters alone, and a winner may be that draw's favourite).
+    A search space that sets train.seed or train.data_seed (replicates as a grid axis) keeps those."""
     n_trials: int = 20
     storage: str = ""
     """'' = an Optuna journal file <results_dir>/<name>/study.journal; or any Optuna storage URL
