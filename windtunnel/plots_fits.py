@@ -119,9 +119,12 @@ def plot_horizon(fit: HorizonFit, df: pd.DataFrame, path: str | Path) -> Path:
 
 
 def plot_batch_size(fit: BatchSizeFit, df: pd.DataFrame, path: str | Path) -> Path:
-    """Left: loss vs batch size per (model, tokens), optima marked. Right: bs_opt vs loss and a/L^b."""
+    """Left: loss vs batch size per (model, tokens) (at each batch size's best lr of the grid), optima
+    marked. Right: bs_opt vs loss and a/L^b."""
     plt = pyplot()
-    d = df.groupby(["model", "tokens", "batch_size"], as_index=False)["loss"].mean()
+    keys = ["model", "tokens", "batch_size"]
+    d = df.groupby(keys + (["lr"] if "lr" in df.columns else []), as_index=False)["loss"].mean()
+    d = d.groupby(keys, as_index=False)["loss"].min()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     models = sorted(d["model"].unique())
     cmap = dict(zip(models, plt.cm.tab10(np.arange(len(models)) % 10)))
