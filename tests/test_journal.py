@@ -132,6 +132,7 @@ def _fill(mnt: Path, leave_kb: int) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.root
 def test_a_full_disk_stops_the_sweep_with_one_line_and_it_resumes_to_n_trials(tiny_fs):
     """On a real full filesystem at several amounts of free space: one line naming the disk (not
     an OSError traceback), every record before it readable, and after space is freed the same
