@@ -96,3 +96,28 @@ def test_a_sweep_runs_its_extension_after_the_grid(tmp_path):
         trials = pd.read_csv(results / "quickstart" / "trials.csv")
         assert sorted(trials["optim.lr"]) == pytest.approx([1e-6, 2e-6, 4e-6, 8e-6, 1.6e-5])
         assert (trials["state"] == "COMPLETE").all()
+
+
+def test_two_axes_grow_from_the_groups_best_cell():
+    """extend.param 'optim.lr,model.init_std': the best cell is (lr 0.002, init_std 0.05), init_std on
+    its grid's low edge: init_std 0.025 is added at every lr (a whole row) for each seed, nothing for
+    the interior lr. Catches the second axis ignored, or a row left incomplete."""
+    cfg = load_sweep("quickstart", ["results_dir=/tmp/unused", "tracking.enabled=false", "sampler.type=grid",
+                                    "pruner.type=none", "~search.model.scale_emb",
+                                    f"search.optim.lr={{type: float, values: {LRS}}}",
+                                    "search.model.init_std={type: float, values: [0.05, 0.1, 0.2]}",
+                                    "search.train.seed={type: categorical, choices: [0, 1]}", "n_trials=18",
+                                    "extend.param='optim.lr,model.init_std'"])
+    dists = distributions(cfg)
+    assert dists["model.init_std"].low < 0.05 / 8 and dists["optim.lr"].high > 0.004 * 8
+    study = optuna.create_study()
+    for lr in LRS:
+        for std in (0.05, 0.1, 0.2):
+            for seed in (0, 1):
+                params = {"optim.lr": lr, "model.init_std": std, "train.seed": seed}
+                study.add_trial(optuna.trial.create_trial(
+                    params=params, distributions={k: dists[k] for k in params},
+                    value=3.0 + 100 * (lr - 0.002) ** 2 + 0.1 * std))
+    new = edge_points(study, cfg)
+    assert sorted((p["optim.lr"], p["model.init_std"], p["train.seed"], side) for p, side in new) == [
+        (lr, 0.025, seed, "low") for lr in LRS for seed in (0, 1)]

@@ -1,4 +1,4 @@
-"""A grid sweep's axis grown past its edges until each optimum is interior (SweepConfig.extend).
+"""A grid sweep's axes grown past their edges until each optimum is interior (SweepConfig.extend).
 
 An optimum on a grid's edge is only a bound: the batch-size protocol of issue 23 tunes the lr per
 batch size on a small grid and must not leave a batch size's best lr at the grid's end. Once the
@@ -12,6 +12,7 @@ side (the fits then report its optimum as on the edge).
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import optuna
@@ -39,38 +40,52 @@ def _loss(t: optuna.trial.FrozenTrial) -> float | None:
     return None
 
 
+def extended(cfg: SweepConfig) -> list[str]:
+    """The axes cfg.extend.param names (comma-separated)."""
+    return [n.strip() for n in cfg.extend.param.split(",") if n.strip()]
+
+
 def edge_points(study: optuna.Study, cfg: SweepConfig) -> list[tuple[dict, str]]:
-    """(params, side) of each trial to add: the next value past every edge optimum of cfg.extend.param."""
-    ext = cfg.extend
-    if not ext.param:
+    """(params, side) of each trial to add: the next value past every edge optimum of the extended axes.
+
+    With several axes (optim.lr,model.init_std) a group's optimum is its best cell over all of
+    them; an axis whose best value is on its edge gets the next value at every value of the others
+    (a whole row of the grid: a fit that profiles one axis over the other needs it complete)."""
+    names = extended(cfg)
+    if not names:
         return []
+    ext = cfg.extend
     grid = grid_space(parse_search(cfg.search, cfg.trial))
-    lo0, hi0 = min(grid[ext.param]), max(grid[ext.param])
-    others = [n for n in grid if n != ext.param and n not in REPLICATES]
+    others = [n for n in grid if n not in names and n not in REPLICATES]
     reps = [n for n in grid if n in REPLICATES]
-    groups: dict[tuple, dict[float, list[float]]] = {}
+    groups: dict[tuple, dict[tuple, list[float]]] = {}
     for t in study.get_trials(deepcopy=False):
         p = _params(t)
-        if ext.param not in p or t.user_attrs.get("retried"):
+        if any(n not in p for n in names) or t.user_attrs.get("retried"):
             continue
-        tried = groups.setdefault(tuple(p.get(n) for n in others), {}).setdefault(float(p[ext.param]), [])
+        cell = tuple(float(p[n]) for n in names)
+        tried = groups.setdefault(tuple(p.get(n) for n in others), {}).setdefault(cell, [])
         loss = _loss(t)
         if loss is not None:
             tried.append(loss)
     out = []
     for key, tried in sorted(groups.items(), key=lambda kv: repr(kv[0])):
-        means = {v: sum(ls) / len(ls) for v, ls in tried.items() if ls}
-        if not means:
+        means = {c: sum(ls) / len(ls) for c, ls in tried.items() if ls}
+        if not means or min(means.values()) == math.inf:
             continue
         best = min(means, key=means.get)
-        values = sorted(tried)  # pending ones included: a point asked already is not asked again
-        for side, edge, new, n_beyond in (
-                ("low", values[0], values[0] / ext.factor, sum(v < lo0 for v in values)),
-                ("high", values[-1], values[-1] * ext.factor, sum(v > hi0 for v in values))):
-            if best == edge and means[best] < math.inf and n_beyond < ext.max_steps:
-                base = dict(zip(others, key))
-                for rep in _replicates(grid, reps):
-                    out.append(({**base, **rep, ext.param: new}, side))
+        base = dict(zip(others, key))
+        for i, name in enumerate(names):
+            values = sorted({c[i] for c in tried})  # pending ones included: a point asked is not asked again
+            lo0, hi0 = min(grid[name]), max(grid[name])
+            for side, edge, new, n_beyond in (
+                    ("low", values[0], values[0] / ext.factor, sum(v < lo0 for v in values)),
+                    ("high", values[-1], values[-1] * ext.factor, sum(v > hi0 for v in values))):
+                if best[i] == edge and n_beyond < ext.max_steps:  # a whole row: the grid stays rectangular
+                    rows = itertools.product(*(sorted({c[j] for c in tried}) if j != i else [new]
+                                               for j in range(len(names))))
+                    out += [({**base, **rep, **dict(zip(names, row))}, side)
+                            for row in rows for rep in _replicates(grid, reps)]
     return out
 
 

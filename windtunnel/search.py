@@ -44,11 +44,11 @@ def distribution(p: Param) -> optuna.distributions.BaseDistribution:
 
 def distributions(cfg: SweepConfig) -> dict[str, optuna.distributions.BaseDistribution]:
     out = {n: distribution(p) for n, p in parse_search(cfg.search, cfg.trial).items() if p.type != "fixed"}
-    if cfg.extend.param in out:  # room for the points grid_extend adds past the grid's ends
-        from windtunnel.grid_extend import widened
+    from windtunnel.grid_extend import extended, widened
 
-        d = out[cfg.extend.param]
-        out[cfg.extend.param] = optuna.distributions.FloatDistribution(*widened(d.low, d.high, cfg), log=d.log)
+    for name in extended(cfg):  # room for the points grid_extend adds past the grid's ends
+        d = out[name]
+        out[name] = optuna.distributions.FloatDistribution(*widened(d.low, d.high, cfg), log=d.log)
     return out
 
 

@@ -166,7 +166,8 @@ class ExtendConfig:
     × factor, with each replicate (train.seed) of the grid; repeated until none is on an edge."""
 
     param: str = ""
-    """The grid axis to extend ('' = off)."""
+    """The grid axis to extend ('' = off), or several, comma-separated: optim.lr,model.init_std (each
+    grown past the edge of the group's best cell over all of them)."""
     factor: float = 2.0
     max_steps: int = 4
     """New points per side and group at most: past them the optimum is reported as on the edge."""
@@ -277,11 +278,11 @@ def sweep_from_dict(d: dict) -> SweepConfig:
     parse_search(cfg.search, cfg.trial)  # validates the space against the trial config
     if cfg.sampler.type == "grid":
         grid_space(parse_search(cfg.search, cfg.trial))
-    if cfg.extend.param:
+    for name in (n.strip() for n in cfg.extend.param.split(",") if n.strip()):
         grid = grid_space(parse_search(cfg.search, cfg.trial)) if cfg.sampler.type == "grid" else {}
-        p = parse_search(cfg.search, cfg.trial).get(cfg.extend.param)
-        check_field(cfg.extend.param in grid and p.type == "float" and not p.step and min(grid[cfg.extend.param]) > 0,
-                    "extend.param", "must name a float axis given by values > 0 of a grid sweep (sampler.type grid)",
+        p = parse_search(cfg.search, cfg.trial).get(name)
+        check_field(name in grid and p.type == "float" and not p.step and min(grid[name]) > 0, "extend.param",
+                    "must name float axes given by values > 0 of a grid sweep (sampler.type grid), comma-separated",
                     cfg.extend.param)
     return cfg
 

@@ -194,8 +194,12 @@ def _print_horizon(d: dict) -> None:
     std = any(p["init_std_opt"] is not None for p in rows)
     print(_table(rows, ["tokens", "lr_opt", "95% interval", "loss_opt", "at_edge"] + (["init_std_opt"] if std else [])))
     ci = d["ci"] or {}
-    print(f"lr*(T) = {_fmt(d['a'])} · T^-{_fmt(d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b'))}; edge optima not fitted)")
+    print(f"lr*(T) = {_fmt(d['a'])} · T^{_fmt(-d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b'))}; "
+          "edge optima not fitted)")
     if d["c"] is not None:
-        print(f"init_std*(T) = {_fmt(d['c'])} · T^-{_fmt(d['d'])}   (d{_ci(ci.get('d'))})")
+        print(f"init_std*(T) = {_fmt(d['c'])} · T^{_fmt(-d['d'])}   (d{_ci(ci.get('d'))})")
     _edges("lr", [f"tokens {_fmt(p['tokens'])}" for p in d["points"] if p["at_edge"]])
+    # lr*(T) is read at each budget's best init_std: one on its grid's edge leaves lr*(T) a bound too
+    _edges("init_std", [f"tokens {_fmt(p['tokens'])} (init_std {_fmt(p['init_std_opt'])})" for p in d["points"]
+                        if p["init_std_at_edge"]])
     _no_interval(d, "(tokens, lr, init_std)")
