@@ -195,3 +195,28 @@ def test_transfer_config_is_the_exports(tmp_path):
     planned = hf.llama_config(cfg.model, 256)
     assert {k: v for k, v in exported.items() if not k.endswith("token_id")} == \
            {k: v for k, v in planned.items() if not k.endswith("token_id")}
+
+
+def test_trainer_folder_latest_and_stable_by_step(tmp_path):
+    """A trainer's checkpoint_dir: latest.pt by default, a stable save by --step. Catches --step
+    ignored for .pt states, and stable saves ordered as text (stable-1000 before stable-200)."""
+    from safetensors.torch import load_file
+
+    cfg = TrialConfig(model=ModelConfig(**MC))
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    models = {}
+    for name, step, seed in (("stable-200.pt", 2, 1), ("stable-1000.pt", 10, 2), ("latest.pt", 12, 3)):
+        models[step] = trained_like(cfg, seed=seed)
+        save_trial_state(ckpt / name, [cfg], models[step], step=step)
+
+    def embedding(step):
+        return models[step].wte[0].detach() * cfg.model.scale_emb
+
+    hf.export(ckpt, tmp_path / "latest")
+    torch.testing.assert_close(load_file(tmp_path / "latest" / "model.safetensors")["model.embed_tokens.weight"], embedding(12))
+    hf.export(ckpt, tmp_path / "s", step=10)
+    torch.testing.assert_close(load_file(tmp_path / "s" / "model.safetensors")["model.embed_tokens.weight"], embedding(10))
+    (ckpt / "latest.pt").unlink()
+    hf.export(ckpt, tmp_path / "newest")  # no latest.pt: the newest stable save
+    torch.testing.assert_close(load_file(tmp_path / "newest" / "model.safetensors")["model.embed_tokens.weight"], embedding(10))

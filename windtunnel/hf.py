@@ -246,14 +246,29 @@ def _steps(ckpt_dir: Path) -> dict[int, Path]:
     return out
 
 
+def _saved_step(path: Path) -> int:
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - not a trainer's state: no step of it is asked for
+        return -1
+
+
 def _large_run_checkpoint(folder: Path, step: int | None) -> Path:
     if (folder / "meta.json").is_file():
         if step is not None and int(json.loads((folder / "meta.json").read_text())["step"]) != step:
             raise _config_error(f"--step: {folder} is the checkpoint of step "
                                 f"{json.loads((folder / 'meta.json').read_text())['step']}, not {step}")
         return folder
-    if (folder / "latest.pt").is_file():
-        return folder / "latest.pt"
+    stable = sorted(folder.glob("stable-*.pt"), key=lambda f: int(f.stem[7:]) if f.stem[7:].isdigit() else -1)
+    states = stable + ([folder / "latest.pt"] if (folder / "latest.pt").is_file() else [])
+    if states:  # a trainer's checkpoint_dir: its latest state, or the one (stable saves too) of --step
+        if step is None:
+            return states[-1]
+        by_step = {_saved_step(f): f for f in states}
+        if step not in by_step:
+            raise _config_error(f"--step: {folder} holds no state of step {step} (it holds: "
+                                f"{', '.join(map(str, sorted(by_step)))})")
+        return by_step[step]
     ckpt_dir = _checkpoints(folder)
     if ckpt_dir is None:
         raise _config_error(f"SOURCE: {folder} holds no checkpoint (allowed: a trial's .pt, a large run's folder "

@@ -3,9 +3,10 @@ Llama folder (safetensors, config.json, generation_config.json, tokenizer) that 
 vLLM and lm-eval-harness load with no remote code; μP's multipliers are folded into the weights
 (windtunnel/hf.py).
 
-SOURCE: a trial's saved state (a trainer checkpoint .pt: latest.pt, stable-TOKENS.pt), a large
-run's folder (its run folder, checkpoints folder, or `windtunnel transfer`'s --out: its latest
-checkpoint, or --step N's), or one checkpoint folder (holding meta.json).
+SOURCE: a trial's saved state (a trainer checkpoint .pt: latest.pt, stable-TOKENS.pt) or the
+trainer's checkpoint folder (latest.pt, or the state of --step N), a large run's folder (its run
+folder, checkpoints folder, or `windtunnel transfer`'s --out: its latest checkpoint, or --step
+N's), or one checkpoint folder (holding meta.json).
 Needs the `hf` extra: pip install 'windtunnel[hf]'.
 """
 from __future__ import annotations
