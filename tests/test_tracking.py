@@ -376,3 +376,22 @@ def test_a_stopped_sweep_ends_killed_with_its_artifacts_and_provenance_tags(tmp_
     assert {"report.md", "trials.csv"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     tags = parent.data.tags
     assert tags["windtunnel.version.torch"] and tags["windtunnel.version.optuna"] and tags["mlflow.source.git.commit"]
+
+
+def test_the_deliverer_yields_the_cpu(tmp_path):
+    """The deliverer runs at nice +10 (set by itself: Popen's preexec_fn is unsafe in a threaded
+    large run). Catches a deliverer that competes with training at the driver's priority."""
+    import os
+    import time
+
+    def nice(pid: int) -> int:
+        return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[16])
+
+    tracker = Tracker("", experiment="e", outbox=tmp_path / "tracking" / "outbox.jsonl")
+    try:
+        want, deadline = min(19, nice(os.getpid()) + 10), time.monotonic() + 60
+        while nice(tracker._proc.pid) < want and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert nice(tracker._proc.pid) >= want
+    finally:
+        tracker.close()

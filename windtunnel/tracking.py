@@ -594,8 +594,7 @@ class Tracker:
             env.setdefault(name, value)
         self._proc = subprocess.Popen([sys.executable, "-m", "windtunnel.tracking", str(self.dir), "--uri", self.uri],
                                       stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env, close_fds=True,
-                                      start_new_session=True,  # Ctrl-C is for the driver; the pipe stops it
-                                      preexec_fn=lambda: os.nice(10))  # yield the CPU to the driver and trials
+                                      start_new_session=True)  # Ctrl-C is for the driver; the pipe stops it
         self._pipe = self._proc.stdin.fileno()
         os.set_blocking(self._pipe, False)
 
@@ -826,6 +825,9 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("tracking_dir")
     p.add_argument("--uri", default="")
     args = p.parse_args(argv)
+    # yield the CPU to the driver and trials; set here, not by Popen's preexec_fn, which runs Python
+    # between fork and exec: unsafe in a process with threads (a large run's rank 0: NCCL's, gloo's)
+    os.nice(10)
     logging.basicConfig(level=logging.WARNING, format="windtunnel tracking: %(message)s")
     for name, value in HTTP_ENV.items():  # the deliverer's own process (Tracker passes them too)
         os.environ.setdefault(name, value)
