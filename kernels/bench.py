@@ -25,6 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from windtunnel.files import write_json, write_text
+
 from .attention import apply_rope, attention, rope_cos_sin
 from .linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from .rms_norm import rms_norm, rms_norm_backward, rms_norm_forward, rms_norm_reference
@@ -345,9 +347,7 @@ def _ratio(kernel, shape_sub, a, b, key="ms"):
 
 def write(out_dir, argv, started):
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "kernels.json.tmp"), "w") as f:
-        json.dump(ROWS, f, indent=1)
-    os.replace(os.path.join(out_dir, "kernels.json.tmp"), os.path.join(out_dir, "kernels.json"))
+    write_json(os.path.join(out_dir, "kernels.json"), ROWS)
     cols = ["kernel", "impl", "shape", "ms", "ms_graph", "gbps", "tflops", "peak_mem_gb", "error"]
     lines = [
         "# Kernel benchmark", "",
@@ -407,9 +407,7 @@ def write(out_dir, argv, started):
         if t:
             lines.append(f"- trainer step d={d} K=1 (data+fwd+bwd+clip+AdamW, host included): eager PyTorch / "
                          f"Triton + CUDA graph = {t:.2f}x (goal >= 1.5)" + (f"; Triton without the graph {t0:.2f}x" if t0 else ""))
-    with open(os.path.join(out_dir, "kernels.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(out_dir, "kernels.md.tmp"), os.path.join(out_dir, "kernels.md"))
+    write_text(os.path.join(out_dir, "kernels.md"), "\n".join(lines) + "\n")
 
 
 def main(argv=None):

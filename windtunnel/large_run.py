@@ -52,7 +52,8 @@ from windtunnel import locks
 from windtunnel import parametrization as mup
 from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
                                trial_from_dict)
-from windtunnel.errors import ConfigError, check_folder, write_atomically
+from windtunnel.errors import ConfigError
+from windtunnel.files import append_line, check_folder, write_json, write_text
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import resolve_device
@@ -349,11 +350,11 @@ class LargeRun:
         if self.rank == 0:
             meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
                     "time": time.time(), "config": to_dict(self.cfg)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_json(tmp / "meta.json", meta)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.ckpt_dir / "latest", name + "\n")
+            write_text(self.ckpt_dir / "latest", name + "\n")
             steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
             for old in steps[:-self.run.keep_last]:
                 if old.name != name:
@@ -379,8 +380,7 @@ class LargeRun:
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.run_dir / "loss.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.run_dir / "loss.jsonl", json.dumps(record))
         if self._tracker is not None and "tokens" in record and "event" not in record and \
                 (record["step"] % self.run.log_every == 0 or "val_loss" in record):
             # the trials' names, against tokens (windtunnel/tracking.py _op_trial)
@@ -397,7 +397,7 @@ class LargeRun:
         if log.exists():  # drop what the interrupted launch logged after its checkpoint
             keep = [line for line in log.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start]
-            _write_atomic(log, "".join(line + "\n" for line in keep))
+            write_text(log, "".join(line + "\n" for line in keep))
         if self.run.tracking_uri:
             from windtunnel.provenance import tags
             from windtunnel.run_tracking import RunTracker
@@ -528,10 +528,6 @@ class LargeRun:
         import threading
 
         return threading.current_thread() is threading.main_thread()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:

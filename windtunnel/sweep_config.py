@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
-from windtunnel.errors import ConfigError, check_folder
+from windtunnel.errors import ConfigError
+from windtunnel.files import check_folder
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 PRUNERS = ("median", "hyperband", "sha", "none")

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from windtunnel.files import write_text
+
 HERE = Path(__file__).resolve().parent
 SLURM_SH = HERE / "slurm.sh"
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
@@ -130,14 +132,14 @@ def slurm_acquire() -> SlurmInfo:
     SLURM_USERS_DIR.mkdir(parents=True, exist_ok=True)
     if not slurm_is_up():
         info = slurm_up(quiet=True)
-        (SLURM_USERS_DIR / "started-by-fixture").write_text(str(os.getpid()))
+        write_text(SLURM_USERS_DIR / "started-by-fixture", str(os.getpid()))
     elif os.geteuid() == 0:
         # up again with the CPUs it has: a config from an older template is rewritten and the
         # daemons restart (only then), so the tests get this checkout's config (e.g. its Epilog)
         info = slurm_up(cpus=slurm_info().cpus, quiet=True)
     else:
         info = slurm_info()
-    (SLURM_USERS_DIR / str(os.getpid())).write_text("")
+    write_text(SLURM_USERS_DIR / str(os.getpid()), "")
     return info
 
 
@@ -230,9 +232,7 @@ def ray_up(port: int = RAY_DEFAULT_PORT, num_cpus: int | None = None, num_gpus: 
         if not quiet:
             print(f"ray-up: started a Ray head at {address}", file=sys.stderr)
     if address_file is not None:
-        tmp = Path(f"{address_file}.{os.getpid()}.tmp")
-        tmp.write_text(address + "\n")
-        tmp.replace(address_file)
+        write_text(Path(address_file), address + "\n")
     return address
 
 
