@@ -35,9 +35,14 @@ def find_store(results_dir: Path, sweep: str | None) -> Path:
         return results_dir / "tracking"
     found = {p.parent.parent.name: p.parent for p in sorted(results_dir.glob("*/tracking/mlflow.db"))}
     if not found:
+        # committed results carry their study, not an MLflow store: say how to make one from it
+        studies = sorted(p.parent for p in results_dir.glob("*/study.journal")) or \
+            ([results_dir] if (results_dir / "study.journal").is_file() else [])
+        hint = (f"; make one from a sweep's study: windtunnel report {studies[0]} --mlflow"
+                if studies else "")
         raise ConfigError(f"{results_dir}: holds no sweep with a local MLflow store (<sweep>/tracking/mlflow.db); "
                           "allowed: a results folder of sweeps run with tracking.uri='' "
-                          "(a sweep that logged to a server is seen in that server's UI)")
+                          f"(a sweep that logged to a server is seen in that server's UI){hint}")
     if sweep is not None:
         if sweep not in found:
             raise ConfigError(f"--sweep: no sweep {sweep!r} with a local MLflow store in {results_dir} "
