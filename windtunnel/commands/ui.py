@@ -92,7 +92,6 @@ def _check_port(port: int) -> None:
     otherwise show as the server's log and a bare exit."""
     import socket
 
-    from windtunnel.clusters import free_port
     from windtunnel.errors import ConfigError
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -100,8 +99,10 @@ def _check_port(port: int) -> None:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise ConfigError(f"--port: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); "
-                              f"allowed: a free port, e.g. --port {free_port()}") from None
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+                free.bind(("127.0.0.1", 0))  # one the OS has free now, to suggest
+                raise ConfigError(f"--port: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); "
+                                  f"allowed: a free port, e.g. --port {free.getsockname()[1]}") from None
 
 
 def run(args: argparse.Namespace) -> int:

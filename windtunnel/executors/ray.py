@@ -136,7 +136,7 @@ def _check_listening(address: str, timeout: float = 5.0, field: str = "executor.
         fix = "unset RAY_ADDRESS for a local one" if field == "RAY_ADDRESS" else \
             "leave executor.address empty for a local one"
         raise ConfigError(f"{field}: no Ray cluster answers at {address} ({e.strerror or e}); start one "
-                          f"with `windtunnel cluster ray-up`, or {fix}") from None
+                          f"with `ray start --head`, or {fix}") from None
 
 
 class RayExecutor:

@@ -170,7 +170,7 @@ def _check_controller() -> None:
     """sbatch against a stopped controller fails only at the first submission, as a traceback."""
     from windtunnel.errors import ConfigError
 
-    hint = "start the project's single-node Slurm with `windtunnel cluster slurm-up`, or use a cluster's login node"
+    hint = "run the sweep on a Slurm cluster's login node"
     try:
         r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:

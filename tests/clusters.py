@@ -1,12 +1,19 @@
-"""Real clusters on this machine: a single-node Slurm and a local Ray cluster.
+"""The tests' own clusters on this machine: a single-node Slurm and a local Ray cluster.
 
-Slurm lives in `slurm.sh` beside this file (apt-get install, a config from
-`slurm.conf.template`, munged + slurmctld + slurmd started without systemd); this module runs it.
-Ray is `ray start --head` bound to 127.0.0.1; `ray_down` stops only the cluster it started
-(found by its GCS port), never every Ray process on the machine as `ray stop` does, so other
-users' `ray.init()` instances survive.
+Test infrastructure, not part of the product: Slurm's bring-up installs packages and writes
+/etc/slurm/slurm.conf, which on a real cluster's login node would overwrite the site's. So it
+lives with the tests, and refuses to touch a slurm.conf that it did not write (naming the file).
 
-Used by `windtunnel cluster ...` (windtunnel/commands/cluster.py) and by tests/conftest.py.
+Slurm lives in tests/slurm/ (`slurm.sh`: apt-get install, a config from `slurm.conf.template`,
+munged + slurmctld + slurmd started without systemd); this module runs it. Ray is `ray start
+--head` bound to 127.0.0.1; `ray_down` stops only the cluster it started (found by its GCS port),
+never every Ray process on the machine as `ray stop` does, so other users' `ray.init()` survive.
+
+Used by tests/conftest.py and .ci/setup.sh; by hand (root for Slurm):
+
+    python tests/clusters.py slurm-up [--cpus N] | slurm-down | slurm-status
+    python tests/clusters.py ray-up [--port P] [--num-cpus N] [--num-gpus N] [--temp-dir D] | ray-down [--port P] [--all]
+
 Imports nothing heavy (no ray): Ray is driven through its `ray` command.
 """
 from __future__ import annotations
@@ -24,9 +31,11 @@ from pathlib import Path
 
 from windtunnel.files import write_text
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent / "slurm"
 SLURM_SH = HERE / "slurm.sh"
-SLURM_CONF = Path("/etc/slurm/slurm.conf")
+SLURM_CONF = Path(os.environ.get("WINDTUNNEL_SLURM_CONF", "/etc/slurm/slurm.conf"))  # slurm.sh reads the same
+# The line of slurm.conf.template that marks a config as ours: any other config is the site's.
+SLURM_CONF_MARK = "ClusterName=windtunnel"
 SLURM_LOGS = Path("/var/log/slurm")
 SLURMCTLD_PID = Path("/run/slurm/slurmctld.pid")
 # A file named by a job's SLURM_JOB_ID here holds it COMPLETING in the Epilog (slurm-epilog.sh).
@@ -115,16 +124,34 @@ def slurm_info() -> SlurmInfo:
 
 def slurm_cannot_start_reason() -> str | None:
     """Why this machine cannot bring Slurm up (None when it can, or when it is already up)."""
+    foreign = foreign_slurm_conf()
+    if foreign:
+        return foreign
     if slurm_is_up():
         return None
     if sys.platform != "linux":
         return f"single-node Slurm needs Linux (this is {sys.platform})"
     if os.geteuid() != 0:
-        return "starting Slurm needs root (it installs packages and writes /etc/slurm); run `sudo windtunnel cluster slurm-up` first"
+        return "starting Slurm needs root (it installs packages and writes /etc/slurm); run `sudo python tests/clusters.py slurm-up` first"
     have_pkgs = all(shutil.which(b) for b in ("slurmctld", "slurmd", "sinfo", "munged"))
     if not have_pkgs and not shutil.which("apt-get"):
         return "Slurm is not installed and apt-get is not available to install it"
     return None
+
+
+def foreign_slurm_conf() -> str | None:
+    """The one-line refusal when SLURM_CONF exists and this module's slurm.sh did not write it
+    (a site's Slurm: its config and daemons are not ours to rewrite or stop); None otherwise."""
+    try:
+        lines = SLURM_CONF.read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return f"{SLURM_CONF}: cannot read it ({e.strerror or e}); the test Slurm leaves it alone"
+    if SLURM_CONF_MARK in (line.strip() for line in lines):
+        return None
+    return (f"{SLURM_CONF} exists and was not written by tests/slurm/slurm.sh (no {SLURM_CONF_MARK}); "
+            "the test Slurm leaves this machine's Slurm alone")
 
 
 def slurm_acquire() -> SlurmInfo:
@@ -327,3 +354,75 @@ def ray_down(port: int = RAY_DEFAULT_PORT, address_file: Path | None = RAY_ADDRE
         print(f"ray-down: stopped the Ray cluster at 127.0.0.1:{port} ({len(pids)} processes)"
               if pids else f"ray-down: no Ray cluster at 127.0.0.1:{port}")
     return len(pids)
+
+
+# ----------------------------------------------------------------------------------------- CLI
+
+ACTIONS = ("slurm-up", "slurm-down", "slurm-status", "ray-up", "ray-down")
+
+
+def main(argv=None) -> int:
+    """`python tests/clusters.py ACTION`: bring the tests' clusters up or down by hand (and in CI)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="tests/clusters.py", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=(
+        "slurm-up     install slurmctld/slurmd/munge (apt-get, as root) and start a single-node Slurm\n"
+        "             (partition `debug`); idempotent. Config: /etc/slurm/slurm.conf from\n"
+        "             tests/slurm/slurm.conf.template (refused when a slurm.conf it did not write is there).\n"
+        "slurm-down   stop slurmd, slurmctld and munged\n"
+        "slurm-status print the daemons and `sinfo`; exit 0 when the node takes jobs\n"
+        "ray-up       `ray start --head` on 127.0.0.1:PORT; prints the address for executor.address\n"
+        "             and writes it to /tmp/windtunnel-ray-address; idempotent\n"
+        "ray-down     stop the Ray cluster on PORT (only that one; --all runs `ray stop`)"))
+    p.add_argument("action", choices=ACTIONS, metavar="ACTION", help=" | ".join(ACTIONS))
+    p.add_argument("--cpus", type=int, default=None, help="slurm-up: CPUs the node advertises (default: the machine's)")
+    p.add_argument("--port", type=int, default=None,
+                   help="ray-up/ray-down: the head's GCS port (default 6379; ray-down: the one in the address file)")
+    p.add_argument("--num-cpus", type=int, default=None, help="ray-up: CPUs of the head node (default: all)")
+    p.add_argument("--num-gpus", type=int, default=None, help="ray-up: GPUs of the head node (default: detected)")
+    p.add_argument("--temp-dir", default=None, help="ray-up: Ray's temp dir (default /tmp/ray, where address=auto looks)")
+    p.add_argument("--address-file", default=None,
+                   help="ray-up/ray-down: where the address is written (default /tmp/windtunnel-ray-address)")
+    p.add_argument("--all", action="store_true", help="ray-down: run `ray stop`, stopping every Ray process of this machine")
+    args = p.parse_args(argv)
+
+    def error(msg: str, code: int) -> int:
+        sys.stderr.write(f"tests/clusters.py {args.action}: error: {msg}\n")
+        return code
+
+    for name in ("cpus", "port", "num_cpus", "num_gpus"):
+        v = getattr(args, name)
+        if v is not None and (v < 0 or (name in ("cpus", "port") and v == 0)):
+            return error(f"--{name.replace('_', '-')}: must be a positive integer (got {v})", 2)
+    address_file = Path(args.address_file) if args.address_file else RAY_ADDRESS_FILE
+    try:
+        if args.action == "slurm-up":
+            info = slurm_up(cpus=args.cpus)
+            print(f"slurm: partition {info.partition}, node {info.node}, {info.cpus} CPUs; "
+                  f"use executor=slurm executor.partition={info.partition}")
+        elif args.action == "slurm-down":
+            slurm_down()
+        elif args.action == "slurm-status":
+            return subprocess.run(["bash", str(SLURM_SH), "status"]).returncode
+        elif args.action == "ray-up":
+            address = ray_up(port=args.port or RAY_DEFAULT_PORT, num_cpus=args.num_cpus, num_gpus=args.num_gpus,
+                             temp_dir=args.temp_dir, address_file=address_file)
+            print(address)
+            print(f"ray-up: use executor=ray executor.address={address} (written to {address_file})", file=sys.stderr)
+        elif args.action == "ray-down":
+            if args.all:
+                rc = subprocess.run([_ray_bin(), "stop"]).returncode
+                address_file.unlink(missing_ok=True)
+                return rc
+            port = args.port
+            if port is None and address_file.exists():
+                port = int(address_file.read_text().strip().rsplit(":", 1)[1])
+            ray_down(port=port or RAY_DEFAULT_PORT, address_file=address_file)
+    except ClusterError as e:
+        return error(str(e), 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

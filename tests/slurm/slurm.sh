@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install and run a real single-node Slurm on this (Debian) machine, without systemd.
+# Install and run a real single-node Slurm on this (Debian) machine, without systemd: the tests'
+# own infrastructure (tests/clusters.py runs it), for a CI machine or a throwaway one. It never
+# touches a Slurm it did not set up: a slurm.conf without its ClusterName=windtunnel is refused.
 #
 #   slurm.sh up [CPUS]   install slurmctld/slurmd/slurm-client/munge with apt-get when missing,
 #                        write /etc/slurm/slurm.conf from slurm.conf.template and the Epilog
@@ -13,10 +15,13 @@
 #
 # Needs root. Logs: /var/log/slurm/{slurmctld,slurmd}.log, /var/log/munge/munged.log.
 # Environment: WINDTUNNEL_SLURM_TIMEOUT (seconds to wait for the node, default 60).
+# WINDTUNNEL_SLURM_CONF: the config checked and written (default /etc/slurm/slurm.conf; the
+# daemons read that one, so another path serves only the refusal's test).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-CONF=/etc/slurm/slurm.conf
+CONF=${WINDTUNNEL_SLURM_CONF:-/etc/slurm/slurm.conf}
+MARK=ClusterName=windtunnel  # the template's line: a config without it is the site's
 LOGDIR=/var/log/slurm
 RUNDIR=/run/slurm
 EPILOG=/etc/slurm/windtunnel-epilog.sh
@@ -27,6 +32,13 @@ PACKAGES=(slurmctld slurmd slurm-client munge)
 
 say() { echo "slurm.sh: $*"; }
 die() { echo "slurm.sh: error: $*" >&2; exit 1; }
+
+# A site's Slurm (a slurm.conf this script did not write) is left alone: neither its config
+# rewritten nor its daemons stopped. Checked first, before root is needed.
+own_config() {
+  [ ! -e "$CONF" ] || grep -qx "$MARK" "$CONF" \
+    || die "$CONF exists and was not written by this script (no $MARK); leaving this machine's Slurm alone"
+}
 
 need_root() {
   [ "$(id -u)" = 0 ] || die "must run as root (installs packages, writes /etc/slurm, starts daemons); try: sudo $0 $*"
@@ -120,6 +132,7 @@ node_state() {
 }
 
 up() {
+  own_config
   need_root up
   install_packages
   local changed=0
@@ -189,6 +202,7 @@ stop_daemons() {
 }
 
 down() {
+  own_config
   need_root down
   stop_daemons
   stop_one /run/munge/munged.pid munged
