@@ -19,8 +19,8 @@ from pathlib import Path
 import yaml
 
 from windtunnel.errors import ConfigError
-from windtunnel.files import check_folder, make_folder, write_text
-from windtunnel.transfer import GIB, Plan, fmt, slug
+from windtunnel.files import check_folder, make_folder, slug, write_text
+from windtunnel.transfer import GIB, Plan, fmt
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
 
@@ -163,15 +163,15 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
 def _check_checkpoints(plan: Plan, out: Path) -> None:
     """The new train.yaml's first launch would resume the checkpoint its run already has in out:
     refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
-    (the launch would refuse it too, the same way: large_run.resume_changes)."""
-    from windtunnel.large_run import resume_changes
+    (the launch would refuse it too, the same way: config.relaunch_changes)."""
+    from windtunnel.config import relaunch_changes
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
     ckpt = ckpt if ckpt.is_absolute() else out / ckpt
     name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
     if not name or not (ckpt / name / "meta.json").is_file():
         return  # no checkpoint there (the launch says so itself)
-    changed = resume_changes(ckpt / name, plan.trial)
+    changed = relaunch_changes(json.loads((ckpt / name / "meta.json").read_text())["config"], plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
                           f"({name}) trained with other settings ({'; '.join(changed)}); "

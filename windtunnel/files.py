@@ -7,12 +7,19 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import socket
 import tempfile
 import uuid
 from pathlib import Path
 
 from windtunnel.errors import ConfigError
+
+
+def slug(text: str) -> str:
+    """A name safe as a path component and a Slurm job name: [A-Za-z0-9._-], never '.' or '..'."""
+    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
+    return s[:100]
 
 
 def write_atomically(path: str | Path, write, error: str | None = None, mode: int | None = None,

@@ -50,18 +50,13 @@ import torch.distributed as dist
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
-                               trial_from_dict)
+from windtunnel.config import (TrialConfig, changed_settings, relaunch_changes, section_from_dict, settings,
+                               to_dict, trial_from_dict)
 from windtunnel.errors import ConfigError
-from windtunnel.files import append_line, check_folder, write_json, write_text
+from windtunnel.files import append_line, check_folder, slug, write_json, write_text
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import resolve_device
-
-
-# What a relaunch of a run may change beside RUN_ONLY: its evaluation, its save points, its branch
-# origin (used only before the first checkpoint) and diverge_loss (which the large run does not read).
-RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.save_at", "train.init_from", "train.diverge_loss"}
 
 
 def _branch_fixed(key: str) -> bool:
@@ -76,9 +71,8 @@ def _changes(checkpoint: Path, cfg: TrialConfig, checked) -> list[str]:
 
 
 def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
-    """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE:
-    a run resumed under them would train on as something else."""
-    return _changes(checkpoint, cfg, lambda k: k not in RELAUNCH_FREE)
+    """What cfg changes of the settings a run's checkpoint was trained with (config.relaunch_changes)."""
+    return relaunch_changes(json.loads((checkpoint / "meta.json").read_text())["config"], cfg)
 
 
 def _taken(run_dir: Path, holder: str) -> ConfigError:
@@ -146,8 +140,6 @@ def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
     relative to base_dir, the folder holding train.yaml."""
     base = Path(base_dir)
     resolve = lambda p: p if Path(p).is_absolute() else str(base / p)  # noqa: E731
-    from windtunnel.transfer import slug
-
     run_dir = Path(resolve(run.run_dir or f"runs/{slug(run.run_name)}"))
     ckpt_dir = Path(resolve(cfg.train.checkpoint_dir or str(run_dir / "checkpoints")))
     src = cfg.data.source
