@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # System packages the test suite needs (Debian 12, as root). Idempotent: apt-get runs only when
 # something is missing. Called by .ci/run before the tests.
-#   slurmctld slurmd slurm-client munge   the single-node Slurm (`windtunnel cluster slurm-up`)
+#   slurmctld slurmd slurm-client munge   the tests' single-node Slurm (tests/clusters.py starts it)
 #   chromium chromium-driver               headless browser tests (marker `browser`)
 #   fonts-dejavu-core fonts-liberation     readable text in screenshots and plots
 set -euo pipefail

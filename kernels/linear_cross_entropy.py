@@ -91,8 +91,8 @@ def _cross_entropy_kernel(
 # Rows per chunk: as many as fit CHUNK_LOGITS logits (K * n * V; 2^26 bf16 logits are 128 MiB,
 # 4096 rows at V = 16384), but at least MIN_CHUNK_ROWS per trial, so a stacked population still
 # gets matmuls big enough to run near full speed, and grad_weight (fp32, read and written once a
-# chunk) is not re-accumulated too often. On an H200 (results/bench/ce_chunk_ab_h200.log), K = 64
-# trials at d 256: 1024 rows 267 TFLOP/s at 51 GB, 2048 rows 271 at 56 GB, 4096 rows 273 at 64 GB.
+# chunk) is not re-accumulated too often: 2048 rows trained 1.6% faster than 1024 for 8% more
+# memory, 4096 only 0.5% more for 15% more (results/bench/README.md#ce-chunk).
 CHUNK_LOGITS = 1 << 26
 MIN_CHUNK_ROWS = 2048
 # Launch constants of the CE kernel (fixed, so a CUDA graph records the same launch every run):

@@ -26,7 +26,7 @@ def swiglu_reference(x):
 # up in x at o + row·F and F further. F is a compile-time constant, so the division is a
 # multiply and shifts. On an H200 this walk matched the old kernel on two separate tensors
 # (same bytes), while 2-D tiles of x and row-owning programs were 3-15% slower
-# (results/bench/swiglu_layouts_h200.log).
+# (results/bench/README.md#swiglu-layouts).
 @triton.jit
 def _swiglu_fwd_kernel(Y_ptr, X_ptr, n_elements, F: tl.constexpr, BLOCK: tl.constexpr):
     o = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)

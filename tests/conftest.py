@@ -37,8 +37,8 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 _CACHE = tempfile.mkdtemp(prefix="wt-cache-")
 os.environ["WINDTUNNEL_CACHE"] = _CACHE  # set before any fixture starts a cluster: its workers inherit it
 
-from windtunnel import clusters  # noqa: E402
-from windtunnel.clusters import free_port  # noqa: F401,E402  (re-exported for tests)
+import clusters  # noqa: E402  (tests/clusters.py: the tests' own Slurm and Ray bring-up)
+from clusters import free_port  # noqa: F401,E402  (re-exported for tests)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -101,7 +101,7 @@ def ray_address():
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    """The machine's single-node Slurm, brought up (and installed) through windtunnel.clusters.
+    """The machine's single-node Slurm, brought up (and installed) through tests/clusters.py.
 
     Sessions share it: the last session out stops it, and only when a fixture started it.
     """

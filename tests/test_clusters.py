@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,9 +16,9 @@ import pytest
 import submitit
 
 from conftest import free_port
-from windtunnel import clusters
+import clusters  # tests/clusters.py
 
-WINDTUNNEL = [sys.executable, "-m", "windtunnel.cli"]
+CLUSTERS = [sys.executable, str(Path(__file__).with_name("clusters.py"))]  # the tests' bring-up, by hand
 
 
 def _pickle_this_module_by_value():
@@ -36,7 +37,7 @@ def _square(x: int):
 
 @pytest.mark.slurm
 def test_slurm_status_command(slurm_cluster):
-    r = subprocess.run([*WINDTUNNEL, "cluster", "slurm-status"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*CLUSTERS, "slurm-status"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "slurmctld: running" in r.stdout and slurm_cluster.partition in r.stdout
 
@@ -122,7 +123,7 @@ def test_ray_up_is_idempotent_and_down_stops_only_its_cluster(ray_address, tmp_p
     addr_file = tmp_path / "address"
     port = int(ray_address.rsplit(":", 1)[1])
     # ray-up on a running cluster: prints the same address, starts nothing.
-    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", str(port), "--address-file", str(addr_file)],
+    r = subprocess.run([*CLUSTERS, "ray-up", "--port", str(port), "--address-file", str(addr_file)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == ray_address == addr_file.read_text().strip()
@@ -131,14 +132,14 @@ def test_ray_up_is_idempotent_and_down_stops_only_its_cluster(ray_address, tmp_p
     # A second cluster comes up beside it; ray-down stops that one and leaves the fixture's.
     other = free_port()
     temp_dir = Path(f"/tmp/wt-ray-other-{os.getpid()}")
-    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", str(other), "--num-cpus", "1",
+    r = subprocess.run([*CLUSTERS, "ray-up", "--port", str(other), "--num-cpus", "1",
                         "--temp-dir", str(temp_dir), "--address-file", str(addr_file)],
                        capture_output=True, text=True, timeout=180)
     try:
         assert r.returncode == 0, r.stderr
         assert clusters.ray_is_up(f"127.0.0.1:{other}")
     finally:
-        d = subprocess.run([*WINDTUNNEL, "cluster", "ray-down", "--address-file", str(addr_file)],
+        d = subprocess.run([*CLUSTERS, "ray-down", "--address-file", str(addr_file)],
                            capture_output=True, text=True, timeout=120)
         subprocess.run(["rm", "-rf", str(temp_dir)])
     assert d.returncode == 0 and f"127.0.0.1:{other}" in d.stdout, d.stdout + d.stderr
@@ -230,5 +231,37 @@ def test_slurm_cannot_start_reason_names_root():
 
 
 def test_cluster_command_rejects_bad_port():
-    r = subprocess.run([*WINDTUNNEL, "cluster", "ray-up", "--port", "0"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*CLUSTERS, "ray-up", "--port", "0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--port" in r.stderr and "got 0" in r.stderr
+
+
+def test_the_test_slurm_refuses_a_slurm_conf_it_did_not_write(tmp_path, monkeypatch):
+    """A site's slurm.conf (no ClusterName=windtunnel) is neither rewritten nor its daemons
+    stopped: slurm.sh up/down stop at once with one line naming the file, and the fixture's reason
+    names it too. slurm.sh runs with only grep and dirname on PATH, so a missing guard reaches
+    need_root (no `id`: 'must run as root') and fails here, touching nothing."""
+    site = tmp_path / "slurm.conf"
+    site.write_text("ClusterName=site\nSlurmctldHost=login1\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("grep", "dirname"):
+        (bin_dir / tool).symlink_to(shutil.which(tool))
+    env = {"PATH": str(bin_dir), "WINDTUNNEL_SLURM_CONF": str(site)}
+    for action in ("up", "down"):
+        r = subprocess.run(["/bin/bash", str(clusters.SLURM_SH), action], capture_output=True, text=True, env=env, timeout=30)
+        assert r.returncode == 1 and r.stderr.splitlines() == [
+            f"slurm.sh: error: {site} exists and was not written by this script (no ClusterName=windtunnel); "
+            "leaving this machine's Slurm alone"], r.stderr
+    assert site.read_text() == "ClusterName=site\nSlurmctldHost=login1\n"
+    ours = tmp_path / "ours.conf"
+    ours.write_text((clusters.HERE / "slurm.conf.template").read_text())
+    r = subprocess.run(["/bin/bash", str(clusters.SLURM_SH), "up"], capture_output=True, text=True,
+                       env={**env, "WINDTUNNEL_SLURM_CONF": str(ours)}, timeout=30)
+    assert r.returncode == 1 and "must run as root" in r.stderr and "not written" not in r.stderr, r.stderr
+
+    monkeypatch.setattr(clusters, "SLURM_CONF", site)
+    assert clusters.slurm_cannot_start_reason() == (
+        f"{site} exists and was not written by tests/slurm/slurm.sh (no ClusterName=windtunnel); "
+        "the test Slurm leaves this machine's Slurm alone")
+    monkeypatch.setattr(clusters, "SLURM_CONF", ours)
+    assert clusters.foreign_slurm_conf() is None

@@ -188,7 +188,7 @@ def test_atomic_writes_from_threads_of_one_process_do_not_collide(tmp_path):
     rename took the file another was writing)."""
     import threading
 
-    from windtunnel.errors import write_atomically
+    from windtunnel.files import write_atomically
 
     path, errors = tmp_path / "x.json", []
 

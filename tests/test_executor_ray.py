@@ -104,7 +104,7 @@ def test_ray_sweep_stopped_then_its_cluster_gone(tmp_path, _drivers):
     import shutil
     import tempfile
 
-    from windtunnel import clusters
+    import clusters  # tests/clusters.py
 
     port = clusters.free_port()
     temp_dir = tempfile.mkdtemp(prefix="wt-ray-", dir="/tmp")  # Ray's socket paths must stay short

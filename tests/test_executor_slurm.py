@@ -16,7 +16,7 @@ import pytest
 
 from conftest import unavailable
 from helpers import check_accounted, quickstart_study, wait_for
-from windtunnel import clusters
+import clusters  # tests/clusters.py
 
 pytestmark = pytest.mark.slurm
 TS = optuna.trial.TrialState

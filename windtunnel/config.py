@@ -266,6 +266,9 @@ def to_dict(cfg: Any) -> dict:
 # eval_every moves only where the pruner and the divergence check look, not what is trained.
 RUN_ONLY = ("model.kernels", "train.device", "train.compile", "train.cuda_graph", "train.checkpoint_dir",
             "train.checkpoint_every", "train.eval_every", "data.source", "data.cache_dir")
+# What a relaunch of a large run may change beside RUN_ONLY: its evaluation, its save points, its
+# branch origin (used only before the first checkpoint) and diverge_loss (the large run ignores it).
+RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.save_at", "train.init_from", "train.diverge_loss"}
 
 
 def settings(cfg: TrialConfig | dict) -> dict:
@@ -279,6 +282,14 @@ def changed_settings(before: dict, now: dict, keys=None) -> list[str]:
     key only one side has is no change: a field added (or removed) since `before` was stored."""
     keys = sorted(now) if keys is None else sorted(keys)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in keys if k in before and k in now and before[k] != now[k]]
+
+
+def relaunch_changes(stored: dict, cfg: TrialConfig) -> list[str]:
+    """What cfg changes of the settings a large run's checkpoint was trained with (stored: its
+    config), beside RELAUNCH_FREE: a run resumed under them would train on as something else.
+    Asked by the launch (large_run) and by `transfer --out` (export) before it writes over a run."""
+    now = settings(cfg)
+    return changed_settings(settings(stored), now, [k for k in now if k not in RELAUNCH_FREE])
 
 
 def field_type(key: str) -> str | None:

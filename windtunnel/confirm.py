@@ -29,7 +29,8 @@ import pandas as pd
 import yaml
 
 from windtunnel.config import RUN_ONLY, SECTIONS, field_type, settings, to_dict, trial_from_dict, with_overrides
-from windtunnel.errors import ConfigError, write_atomically
+from windtunnel.errors import ConfigError
+from windtunnel.files import write_atomically
 from windtunnel.results import counts_as_finished
 from windtunnel.sweep import Driver
 from windtunnel.sweep_config import SweepConfig, sweep_from_dict, trial_seeds

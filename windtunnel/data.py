@@ -29,7 +29,8 @@ import numpy as np
 
 from windtunnel import locks
 from windtunnel.config import DataConfig
-from windtunnel.errors import ConfigError, make_folder
+from windtunnel.errors import ConfigError
+from windtunnel.files import make_folder, write_json
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
 
@@ -154,7 +155,7 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
         ids.astype(dtype).tofile(tmp / "tokens.bin")
         manifest = {**settings, "vocab_size": int(vocab), "tokens": int(ids.size),
                     "dtype": np.dtype(dtype).name, "source": name}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        write_json(tmp / "manifest.json", manifest)
         try:
             os.replace(tmp, out_dir)
         except OSError:  # out_dir filled since the check: keep it if another process wrote these shards

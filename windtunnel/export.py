@@ -13,14 +13,14 @@ and all of them are rendered before the first is written, so an error leaves not
 from __future__ import annotations
 
 import json
-import os
 import shlex
 from pathlib import Path
 
 import yaml
 
-from windtunnel.errors import ConfigError, check_folder, make_folder, temp_beside
-from windtunnel.transfer import GIB, Plan, fmt, slug
+from windtunnel.errors import ConfigError
+from windtunnel.files import check_folder, make_folder, slug, write_text
+from windtunnel.transfer import GIB, Plan, fmt
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
 
@@ -160,30 +160,18 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
     return "\n".join(parts)
 
 
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    fd, tmp = temp_beside(path, f"--out: cannot write in {path.parent}", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _check_checkpoints(plan: Plan, out: Path) -> None:
     """The new train.yaml's first launch would resume the checkpoint its run already has in out:
     refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
-    (the launch would refuse it too, the same way: large_run.resume_changes)."""
-    from windtunnel.large_run import resume_changes
+    (the launch would refuse it too, the same way: config.relaunch_changes)."""
+    from windtunnel.config import relaunch_changes
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
     ckpt = ckpt if ckpt.is_absolute() else out / ckpt
     name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
     if not name or not (ckpt / name / "meta.json").is_file():
         return  # no checkpoint there (the launch says so itself)
-    changed = resume_changes(ckpt / name, plan.trial)
+    changed = relaunch_changes(json.loads((ckpt / name / "meta.json").read_text())["config"], plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
                           f"({name}) trained with other settings ({'; '.join(changed)}); "
@@ -207,6 +195,7 @@ def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[
     paths = []
     for name in FILES:
         p = out / name
-        _write_atomic(p, texts[name], 0o755 if name.startswith("launch") else 0o644)
+        write_text(p, texts[name], error=f"--out: cannot write in {p.parent}",
+                   mode=0o755 if name.startswith("launch") else 0o644)
         paths.append(p)
     return paths

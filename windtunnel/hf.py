@@ -344,7 +344,7 @@ def export(source: str | Path, out: str | Path, *, step: int | None = None, tria
     Each file is written to a temp name and renamed; an earlier export's other shards go last."""
     from safetensors.torch import save_file
 
-    from windtunnel.errors import check_folder, make_folder, write_atomically
+    from windtunnel.files import check_folder, make_folder, write_atomically
 
     out = Path(out)
     check_folder("--out", out)

@@ -21,7 +21,7 @@ from pathlib import Path
 from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import get_lock_file
 
-from windtunnel.errors import disk_full
+from windtunnel.files import disk_full, write_atomically
 
 _OP = b'{"op_code":'
 
@@ -133,7 +133,7 @@ class JournalFile(JournalFileBackend):
             return
         moved = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
         try:
-            moved.write_bytes(bad)
+            write_atomically(moved, lambda tmp: tmp.write_bytes(bad))
             if b"\n" not in bad:  # a torn last line: no reader consumed it, so cut it off in place
                 os.truncate(path, begin + good)
             else:  # whole lines went too: a new file (a new inode) tells readers past them to start again
@@ -148,16 +148,10 @@ class JournalFile(JournalFileBackend):
 
 def _copy_head(path: Path, size: int, mode: int) -> None:
     """path's first size bytes, renamed over path."""
-    tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")
-    try:
-        with open(path, "rb") as src, open(tmp, "wb") as dst:
-            while size > 0 and (chunk := src.read(min(size, 1 << 24))):
+    def copy(tmp: Path) -> None:
+        left = size
+        with open(path, "rb") as src, tmp.open("wb") as dst:
+            while left > 0 and (chunk := src.read(min(left, 1 << 24))):
                 dst.write(chunk)
-                size -= len(chunk)
-            os.fchmod(dst.fileno(), mode)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+                left -= len(chunk)
+    write_atomically(path, copy, mode=mode, fsync=True)

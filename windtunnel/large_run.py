@@ -50,17 +50,13 @@ import torch.distributed as dist
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config import (RUN_ONLY, TrialConfig, changed_settings, section_from_dict, settings, to_dict,
-                               trial_from_dict)
-from windtunnel.errors import ConfigError, check_folder, write_atomically
+from windtunnel.config import (TrialConfig, changed_settings, relaunch_changes, section_from_dict, settings,
+                               to_dict, trial_from_dict)
+from windtunnel.errors import ConfigError
+from windtunnel.files import append_line, check_folder, slug, write_json, write_text
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import resolve_device
-
-
-# What a relaunch of a run may change beside RUN_ONLY: its evaluation, its save points, its branch
-# origin (used only before the first checkpoint) and diverge_loss (which the large run does not read).
-RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.save_at", "train.init_from", "train.diverge_loss"}
 
 
 def _branch_fixed(key: str) -> bool:
@@ -75,9 +71,8 @@ def _changes(checkpoint: Path, cfg: TrialConfig, checked) -> list[str]:
 
 
 def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
-    """What cfg changes of the settings a run's checkpoint was trained with, beside RELAUNCH_FREE:
-    a run resumed under them would train on as something else."""
-    return _changes(checkpoint, cfg, lambda k: k not in RELAUNCH_FREE)
+    """What cfg changes of the settings a run's checkpoint was trained with (config.relaunch_changes)."""
+    return relaunch_changes(json.loads((checkpoint / "meta.json").read_text())["config"], cfg)
 
 
 def _taken(run_dir: Path, holder: str) -> ConfigError:
@@ -145,8 +140,6 @@ def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
     relative to base_dir, the folder holding train.yaml."""
     base = Path(base_dir)
     resolve = lambda p: p if Path(p).is_absolute() else str(base / p)  # noqa: E731
-    from windtunnel.transfer import slug
-
     run_dir = Path(resolve(run.run_dir or f"runs/{slug(run.run_name)}"))
     ckpt_dir = Path(resolve(cfg.train.checkpoint_dir or str(run_dir / "checkpoints")))
     src = cfg.data.source
@@ -349,11 +342,11 @@ class LargeRun:
         if self.rank == 0:
             meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
                     "time": time.time(), "config": to_dict(self.cfg)}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+            write_json(tmp / "meta.json", meta)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _write_atomic(self.ckpt_dir / "latest", name + "\n")
+            write_text(self.ckpt_dir / "latest", name + "\n")
             steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
             for old in steps[:-self.run.keep_last]:
                 if old.name != name:
@@ -379,8 +372,7 @@ class LargeRun:
     def _log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.run_dir / "loss.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.run_dir / "loss.jsonl", json.dumps(record))
         if self._tracker is not None and "tokens" in record and "event" not in record and \
                 (record["step"] % self.run.log_every == 0 or "val_loss" in record):
             # the trials' names, against tokens (windtunnel/tracking.py _op_trial)
@@ -397,7 +389,7 @@ class LargeRun:
         if log.exists():  # drop what the interrupted launch logged after its checkpoint
             keep = [line for line in log.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= start]
-            _write_atomic(log, "".join(line + "\n" for line in keep))
+            write_text(log, "".join(line + "\n" for line in keep))
         if self.run.tracking_uri:
             from windtunnel.provenance import tags
             from windtunnel.run_tracking import RunTracker
@@ -528,10 +520,6 @@ class LargeRun:
         import threading
 
         return threading.current_thread() is threading.main_thread()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:

@@ -5,13 +5,13 @@ via a temporary file renamed into place, so a failed plot leaves nothing half-wr
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from windtunnel.errors import ConfigError, file_in_the_way, temp_beside
+from windtunnel.errors import ConfigError
+from windtunnel.files import file_in_the_way, write_atomically
 from windtunnel.fits import BatchSizeFit, HorizonFit, LrTransferFit, ScalingLawFit, WsdFit, predict_loss
 
 FORMATS = ("png", "pdf", "svg")
@@ -46,18 +46,9 @@ def save_figure(fig, path: str | Path, flag: str = "--plot") -> Path:
     path = Path(path)
     fmt = check_format(path, flag)
     try:
-        fd, tmp = temp_beside(path, f"{flag}: cannot write {path} there")
-    except ConfigError:
-        pyplot().close(fig)
-        raise
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the figure private
-    try:
-        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight"),
+                         error=f"{flag}: cannot write {path} there", mode=0o644)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         pyplot().close(fig)
     return path
 

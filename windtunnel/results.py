@@ -12,7 +12,7 @@ import pandas as pd
 import yaml
 
 from windtunnel import symmetry
-from windtunnel.errors import write_atomically
+from windtunnel.files import write_atomically, write_text
 
 FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -103,7 +103,7 @@ def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
         doc = {"sweep": study.study_name, "number": best.number, "value": best.value, "params": best.params,
                "trained_with": {k: prov[k] for k in ("device", "threads", "population") if k in prov},
                "trial": best.user_attrs["config"]}
-        write_atomically(sweep_dir / "best.yaml", lambda p: p.write_text(yaml.safe_dump(doc, sort_keys=False)))
+        write_text(sweep_dir / "best.yaml", yaml.safe_dump(doc, sort_keys=False))
     return df
 
 
@@ -244,5 +244,5 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     if not failed.empty:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
     report = sweep_dir / "report.md"
-    write_atomically(report, lambda p: p.write_text("\n".join(lines) + "\n"))
+    write_text(report, "\n".join(lines) + "\n")
     return [sweep_dir / "trials.csv", sweep_dir / "best.yaml", report, *plots]

@@ -28,7 +28,7 @@ MAX_POINTS = 500
 class RunTracker:
     def __init__(self, uri: str, experiment: str, run_dir: Path, name: str, params: dict, tags: dict,
                  device=None):
-        from windtunnel.errors import write_atomically
+        from windtunnel.files import write_atomically
         from windtunnel.tracking import Tracker
 
         t0 = time.perf_counter()

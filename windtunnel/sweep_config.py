@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
-from windtunnel.errors import ConfigError, check_folder
+from windtunnel.errors import ConfigError
+from windtunnel.files import check_folder
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 PRUNERS = ("median", "hyperband", "sha", "none")
@@ -41,9 +42,8 @@ class SamplerConfig:
     n_startup_trials: int = 10
     threads: int = 0
     """gp: CPU threads for its model fits in the driver (torch's intra-op threads); 0 = auto, a
-    quarter of the cores, 1 to 4. The workers share those cores: in mup_hp's GP sweep on an
-    H200 host (16 cores) a 64-trial bundle took 34-46 s to ask on all 16, 14-17 s on 4, longer
-    than and then well inside the 30-40 s a bundle trains (alone, 11 s either way)."""
+    quarter of the cores, 1 to 4. The workers share those cores: on all of them a GP ask took
+    longer than a bundle trains, on 4 well less (results/bench/driver.md)."""
 
     def __post_init__(self) -> None:
         check_choice("sampler.type", self.type, SAMPLERS)
@@ -81,8 +81,7 @@ class ExecutorConfig:
     standby: Any = "auto"
     """local: start each slot's next worker process while its bundle trains, so Python, torch and
     CUDA are loaded when the next bundle comes (auto: when GPUs are visible; true; false). Not on
-    CPUs by default: there the early imports take cores from training (the quickstart on 2 cores:
-    77-85 s with it, 69-73 s without)."""
+    CPUs by default: there the early imports take cores from training (results/bench/README.md)."""
     # ray
     address: str = ""
     """ray: '' joins $RAY_ADDRESS when set, else starts a new local instance; auto, HOST:PORT or

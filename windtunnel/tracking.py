@@ -46,6 +46,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from windtunnel.files import write_json
+
 log = logging.getLogger(__name__)
 
 STATE = "state.json"
@@ -157,12 +159,7 @@ def _load_state(tracking_dir: Path, quiet: bool = False) -> dict:
 
 
 def _save_state(tracking_dir: Path, state: dict) -> None:
-    tmp = tracking_dir / f".{STATE}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(state, f, separators=(",", ":"))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, tracking_dir / STATE)
+    write_json(tracking_dir / STATE, state, indent=None, separators=(",", ":"), fsync=True)
 
 
 def _target_state(state: dict, uri: str) -> dict:
@@ -250,7 +247,7 @@ def _create_sqlite_store(db: Path) -> None:
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from windtunnel.errors import remove_stale_temps, temp_prefix
+    from windtunnel.files import remove_stale_temps, temp_prefix
 
     db.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(db)  # a creation killed before: its temp store and journal
@@ -749,9 +746,7 @@ class Tracker:
 
 
 def _write_status(tracking_dir: Path, error: str | None) -> None:
-    tmp = tracking_dir / f".{STATUS}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "error": error, "time": _now_ms()}))
-    os.replace(tmp, tracking_dir / STATUS)
+    write_json(tracking_dir / STATUS, {"pid": os.getpid(), "error": error, "time": _now_ms()}, indent=None)
 
 
 def follow(tracking_dir: Path, uri: str, wake_fd: int = 0) -> int:

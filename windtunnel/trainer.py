@@ -27,7 +27,8 @@ import torch
 
 from windtunnel import data as data_mod
 from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
-from windtunnel.errors import ConfigError, make_folder, write_atomically
+from windtunnel.errors import ConfigError
+from windtunnel.files import make_folder, write_atomically
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
 from windtunnel.schedule import branch_steps, lr_factor, phase_steps

@@ -49,6 +49,7 @@ from typing import Any
 from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
 from windtunnel.data import data_vocab
 from windtunnel.errors import ConfigError
+from windtunnel.files import slug
 
 GIB = 1024**3
 OVERHEAD_BYTES = 2 * GIB
@@ -66,12 +67,6 @@ def fmt(x: Any) -> str:
             return str(int(x))
         return f"{x:.6g}"
     return str(x)
-
-
-def slug(text: str) -> str:
-    """A name safe as a path component and a Slurm job name: [A-Za-z0-9._-], never '.' or '..'."""
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "run"
-    return s[:100]
 
 
 # --------------------------------------------------------------------------- target

@@ -15,7 +15,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from windtunnel.errors import write_atomically
+from windtunnel.files import write_json
 
 PAYLOAD, RESULT = "payload.json", "result.json"
 
@@ -85,10 +85,6 @@ def _resumed_from(latest: Path) -> int | None:
     return step
 
 
-def write_json_atomic(obj, path: Path) -> None:
-    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj)))
-
-
 def standby(bundles: str) -> int:
     """Load what a bundle needs (torch, the trainer, CUDA), then wait on stdin for the folder
     of the bundle to run; EOF (the sweep ended first) exits. The local executor starts this
@@ -126,7 +122,7 @@ def main(bundle_dir: str) -> int:
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # the driver stops, the trials wait
             out["disk_full"] = e.filename or str(d)
     _free_device_memory()
-    write_json_atomic(out, d / RESULT)  # the bundle's end: the local executor gives the slot away now
+    write_json(d / RESULT, out, indent=None)  # the bundle's end: the local executor gives the slot away now
     return 0
 
 

@@ -1,9 +1,9 @@
 """Benchmark scripts: each prints a table; ratios are measured side by side in one run."""
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
+
+from windtunnel.files import write_json, write_text
 
 
 def write_results(out: str | Path, name: str, rows: list[dict], markdown: str) -> None:
@@ -11,7 +11,5 @@ def write_results(out: str | Path, name: str, rows: list[dict], markdown: str) -
     so a benchmark killed while writing leaves the previous complete file."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((out / f"{name}.json", json.dumps(rows, indent=1)), (out / f"{name}.md", markdown)):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_json(out / f"{name}.json", rows)
+    write_text(out / f"{name}.md", markdown)

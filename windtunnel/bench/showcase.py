@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 
+from windtunnel.files import write_atomically, write_json
 from windtunnel.fits import fit_batch_size, fit_lr_transfer, sweep_frame
 from windtunnel.search import open_storage
 
@@ -43,10 +44,10 @@ def main(argv=None) -> int:
     root = Path(p.parse_args(argv).dir)
     # the frames `windtunnel fit KIND --input <sweep folder>` reads, kept beside each sweep
     lr = sweep_frame(root / "lr_width", "lr-transfer")
-    lr.to_csv(root / "lr_width" / "lr_width.csv", index=False)
+    write_atomically(root / "lr_width" / "lr_width.csv", lambda p: lr.to_csv(p, index=False))
     drift = fit_lr_transfer(lr).drift_steps
     bs_df = sweep_frame(root / "batch_size", "batch-size")
-    bs_df.to_csv(root / "batch_size" / "batch_size.csv", index=False)
+    write_atomically(root / "batch_size" / "batch_size.csv", lambda p: bs_df.to_csv(p, index=False))
     bs = fit_batch_size(bs_df)
     hp = _study(root / "mup_hp")
     done = [t for t in hp.get_trials(deepcopy=False) if t.state.is_finished() and not t.user_attrs.get("retried")]
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
                "best": {**hp.best_trial.params, "value": hp.best_value},
                # each full 400-trial search of mup_hp, by sampler (issue 6: < 15 GPU-min, wait < 5%)
                "searches": {name: search_run(root / name) for name in ("mup_hp", "mup_hp_tpe400", "mup_hp_gp400")}}
-    (root / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_json(root / "summary.json", summary)
     print(json.dumps(summary, indent=1))
     return 0
 

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from windtunnel.config import to_dict, with_overrides
+from windtunnel.files import write_json
 from windtunnel.transfer import Laws, load_target, load_winner, plan
 from windtunnel.trainer import Population
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                "trial": to_dict(base)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "transfer_check.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "transfer_check.json", summary)
     print(json.dumps({k: v for k, v in summary.items() if k != "trial"}, indent=1))
     return 0
 

@@ -35,9 +35,14 @@ def find_store(results_dir: Path, sweep: str | None) -> Path:
         return results_dir / "tracking"
     found = {p.parent.parent.name: p.parent for p in sorted(results_dir.glob("*/tracking/mlflow.db"))}
     if not found:
+        # committed results carry their study, not an MLflow store: say how to make one from it
+        studies = sorted(p.parent for p in results_dir.glob("*/study.journal")) or \
+            ([results_dir] if (results_dir / "study.journal").is_file() else [])
+        hint = (f"; make one from a sweep's study: windtunnel report {studies[0]} --mlflow"
+                if studies else "")
         raise ConfigError(f"{results_dir}: holds no sweep with a local MLflow store (<sweep>/tracking/mlflow.db); "
                           "allowed: a results folder of sweeps run with tracking.uri='' "
-                          "(a sweep that logged to a server is seen in that server's UI)")
+                          f"(a sweep that logged to a server is seen in that server's UI){hint}")
     if sweep is not None:
         if sweep not in found:
             raise ConfigError(f"--sweep: no sweep {sweep!r} with a local MLflow store in {results_dir} "
@@ -87,7 +92,6 @@ def _check_port(port: int) -> None:
     otherwise show as the server's log and a bare exit."""
     import socket
 
-    from windtunnel.clusters import free_port
     from windtunnel.errors import ConfigError
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -95,8 +99,10 @@ def _check_port(port: int) -> None:
         try:
             s.bind(("127.0.0.1", port))
         except OSError as e:
-            raise ConfigError(f"--port: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); "
-                              f"allowed: a free port, e.g. --port {free_port()}") from None
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as free:
+                free.bind(("127.0.0.1", 0))  # one the OS has free now, to suggest
+                raise ConfigError(f"--port: cannot listen on 127.0.0.1:{port} ({e.strerror or e}); "
+                                  f"allowed: a free port, e.g. --port {free.getsockname()[1]}") from None
 
 
 def run(args: argparse.Namespace) -> int:

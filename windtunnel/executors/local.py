@@ -19,10 +19,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from windtunnel.errors import disk_full
 from windtunnel.executors import WorkerLost
+from windtunnel.files import disk_full, write_json
 from windtunnel.sweep_config import ExecutorConfig
-from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+from windtunnel.worker import PAYLOAD, RESULT
 
 
 EXIT_GRACE_S = 10.0  # at close, how long a waiting or finished worker may take to exit before a SIGKILL
@@ -113,7 +113,7 @@ class LocalExecutor:
         slot = self.free.pop(0)
         bundle_dir.mkdir(parents=True, exist_ok=True)
         payload = {**payload, "threads": max(1, self.cfg.threads_per_worker)}
-        write_json_atomic(payload, bundle_dir / PAYLOAD)
+        write_json(bundle_dir / PAYLOAD, payload, indent=None)
         (bundle_dir / RESULT).unlink(missing_ok=True)
         proc, log = self.waiting.pop(slot, None), None
         if proc is not None and proc.poll() is None:

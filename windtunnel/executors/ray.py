@@ -25,7 +25,8 @@ from pathlib import Path
 
 from windtunnel.executors import ExecutorGone, WorkerLost
 from windtunnel.sweep_config import ExecutorConfig
-from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+from windtunnel.files import write_json, write_text
+from windtunnel.worker import PAYLOAD, RESULT
 
 
 def run_bundle_task(payload: dict) -> dict:
@@ -39,14 +40,14 @@ def run_bundle_task(payload: dict) -> dict:
 
     d = Path(payload["bundle_dir"]) if payload.get("bundle_dir") else None
     if d is not None and d.is_dir():
-        (d / "worker.pid").write_text(f"{os.getpid()}\n")
+        write_text(d / "worker.pid", f"{os.getpid()}\n")
     try:
         out = {"ok": True, "results": run_bundle(payload)}
     except Exception as e:  # deterministic: the driver fails the trials, no retry
         traceback.print_exc()
         out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
     if d is not None and d.is_dir():
-        write_json_atomic(out, d / RESULT)
+        write_json(d / RESULT, out, indent=None)
     return out
 
 
@@ -135,7 +136,7 @@ def _check_listening(address: str, timeout: float = 5.0, field: str = "executor.
         fix = "unset RAY_ADDRESS for a local one" if field == "RAY_ADDRESS" else \
             "leave executor.address empty for a local one"
         raise ConfigError(f"{field}: no Ray cluster answers at {address} ({e.strerror or e}); start one "
-                          f"with `windtunnel cluster ray-up`, or {fix}") from None
+                          f"with `ray start --head`, or {fix}") from None
 
 
 class RayExecutor:
@@ -183,7 +184,7 @@ class RayExecutor:
         cpus = self.cfg.cpus_per_trial * n
         gpus = min(1.0, self.cfg.gpus_per_trial * n) if self.cfg.gpus_per_trial > 0 else 0
         payload = {**payload, "threads": max(1, int(cpus))}
-        write_json_atomic(payload, bundle_dir / PAYLOAD)  # for the record: what this bundle ran
+        write_json(bundle_dir / PAYLOAD, payload, indent=None)  # for the record: what this bundle ran
         (bundle_dir / RESULT).unlink(missing_ok=True)
         ref = self._remote.options(num_cpus=cpus, num_gpus=gpus, max_retries=0, retry_exceptions=False,
                                    name=f"run_bundle:{bundle_dir.name}").remote(payload)

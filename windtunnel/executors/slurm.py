@@ -34,7 +34,8 @@ from pathlib import Path
 
 from windtunnel.executors import WorkerLost
 from windtunnel.sweep_config import ExecutorConfig
-from windtunnel.worker import PAYLOAD, RESULT, write_json_atomic
+from windtunnel.files import append_line, write_json, write_text
+from windtunnel.worker import PAYLOAD, RESULT
 
 JOB_ID, REQUEUES, CKPT = "job_id", "requeues", Path("ckpt") / "latest.pt"
 CANCELLED = "cancelled"  # the driver scancelled the job itself
@@ -74,7 +75,7 @@ class BundleJob(_Checkpointable):
         except Exception as e:  # deterministic: the driver fails the trials, no retry
             traceback.print_exc()
             out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
-        write_json_atomic(out, d / RESULT)
+        write_json(d / RESULT, out, indent=None)
         resumed = [r.get("resumed_from_step") for r in out.get("results", [])]
         if resumed and resumed[0] is not None:
             _append(d / "worker.log", f"finished; resumed from step {resumed[0]}")
@@ -138,7 +139,7 @@ class SlurmHandle:
         n = _read_int(self.bundle_dir / REQUEUES)
         log = self.ex.job_log(self.job_id)
         if (self.bundle_dir / CKPT).exists() and n < self.ex.cfg.max_requeues:
-            write_json_atomic(n + 1, self.bundle_dir / REQUEUES)
+            write_json(self.bundle_dir / REQUEUES, n + 1, indent=None)
             _append(self.bundle_dir / "worker.log", f"job {self.job_id} ended ({state}) without a result; "
                                                     f"resubmitted from its checkpoint ({n + 1}/{self.ex.cfg.max_requeues})")
             self.job_id = None
@@ -169,7 +170,7 @@ def _check_controller() -> None:
     """sbatch against a stopped controller fails only at the first submission, as a traceback."""
     from windtunnel.errors import ConfigError
 
-    hint = "start the project's single-node Slurm with `windtunnel cluster slurm-up`, or use a cluster's login node"
+    hint = "run the sweep on a Slurm cluster's login node"
     try:
         r = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
     except FileNotFoundError:
@@ -211,7 +212,7 @@ class SlurmExecutor:
         bundle_dir.mkdir(parents=True, exist_ok=True)
         every = payload.get("checkpoint_every") or max(1, min(t["config"]["train"]["tokens"] for t in payload["trials"]) // 10)
         payload = {**payload, "checkpoint_every": int(every), "threads": max(1, self.cfg.cpus_per_job)}
-        write_json_atomic(payload, bundle_dir / PAYLOAD)
+        write_json(bundle_dir / PAYLOAD, payload, indent=None)
         for name in (RESULT, JOB_ID, REQUEUES):
             (bundle_dir / name).unlink(missing_ok=True)
         handle = SlurmHandle(self, bundle_dir)
@@ -239,7 +240,7 @@ class SlurmExecutor:
             jobs = pending
         for h, job in zip(todo, jobs):
             h.job_id, h.submitted_at = str(job.job_id), time.monotonic()
-            (h.bundle_dir / JOB_ID).write_text(h.job_id + "\n")
+            write_text(h.bundle_dir / JOB_ID, h.job_id + "\n")
 
     def job_log(self, job_id: str | None) -> Path:
         """submitit's log of the job (its stdout and stderr)."""
@@ -273,5 +274,4 @@ def _read_int(path: Path) -> int:
 
 
 def _append(path: Path, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+    append_line(path, f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}")
