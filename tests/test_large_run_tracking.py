@@ -106,10 +106,10 @@ def test_ctrl_c_is_killed(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.mlflow_server
 def test_server_down_mid_run_neither_slows_nor_stops_it(tmp_path, mlflow_server, mlflow_server_control):
-    """The server stops after step 20 and returns ~15 s later: the run goes on at its pace, spends
-    < 3% of its time in tracking, finishes with exit 0, and every val_loss and train_loss point
-    reaches the server. Catches a blocking log call (each would wait out the HTTP timeout), an
-    exception from the client ending the run, points dropped while the server was away."""
+    """The server stops after step 20 and returns after 12 steps and 15 s or more: the run goes on
+    at its pace, spends < 3% of its time in tracking, finishes with exit 0, and every val_loss and
+    train_loss point reaches the server. Catches a blocking log call (each would wait out the HTTP
+    timeout), an exception from the client ending the run, points dropped while the server was away."""
     config = write_config(tmp_path, mlflow_server, steps=200, name="down")
     proc = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", "train", str(config)], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,8 +120,8 @@ def test_server_down_mid_run_neither_slows_nor_stops_it(tmp_path, mlflow_server,
 
     wait_for(lambda: steps() >= 20, 180, "20 steps", proc)
     mlflow_server_control.stop()
-    down_from = steps()
-    time.sleep(15)
+    down_from, t0 = steps(), time.monotonic()
+    wait_for(lambda: steps() >= down_from + 12 and time.monotonic() - t0 >= 15, 300, "12 steps without the server", proc)
     down_to = steps()
     mlflow_server_control.start()
     out, err = proc.communicate(timeout=600)
