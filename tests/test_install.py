@@ -29,12 +29,15 @@ def imported(folders: list[str]) -> dict[str, str]:
     out = {}
     for folder in folders:
         for f in (ROOT / folder).rglob("*.py"):
+            # modules beside the file (tests/helpers.py, a script's helpers.py), run from its folder: not packages
+            local = {p.stem for p in [*f.parent.glob("*.py"), *(ROOT / "tests").glob("*.py")]} | \
+                {p.name for p in f.parent.iterdir() if p.is_dir()}
             for node in ast.walk(ast.parse(f.read_text())):
                 names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
                 for n in names:
                     top = n.split(".")[0]
-                    if top not in sys.stdlib_module_names and top not in ("windtunnel", "conftest", "helpers"):
+                    if top not in sys.stdlib_module_names and top != "windtunnel" and top not in local:
                         out.setdefault(top, str(f.relative_to(ROOT)))
     return out
 
