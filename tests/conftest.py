@@ -18,8 +18,10 @@ seeded before each test.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -121,16 +123,44 @@ def slurm_cluster():
 # -------------------------------------------------------------------------------------- MLflow
 
 
+def _unassigned_port() -> int:
+    """A port on 127.0.0.1 free now, below the kernel's ephemeral range: no port the system hands
+    out by itself (another test's bind to port 0, an outgoing connection) can take it later, while
+    a server stopped for a restart on it is down."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(10000, max(low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return clusters.free_port()
+
+
+class _PortTaken(RuntimeError):
+    pass
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1:PORT with a SQLite store and local artifacts under `root`.
 
     stop() and start() keep the port and the store, so runs logged before a stop are there after.
+    The port is outside the ephemeral range (_unassigned_port); one taken by another process
+    between its choice and the server's bind is replaced by another at the first start, and
+    waited for at a restart (the URI is known by then).
     """
 
     def __init__(self, root: Path, port: int | None = None, startup_timeout_s: float = 90):
         self.root = Path(root)
-        self.port = port or clusters.free_port()
+        self._port_chosen = port is None
+        self.port = port or _unassigned_port()
         self.uri = f"http://127.0.0.1:{self.port}"
+        self._started = False
         self.log = self.root / "server.log"
         self.startup_timeout_s = startup_timeout_s
         self._proc: subprocess.Popen | None = None
@@ -153,7 +183,24 @@ class MlflowServer:
     def start(self) -> str:
         if self._proc is not None and self._proc.poll() is None and self.is_up():
             return self.uri
+        deadline = time.monotonic() + self.startup_timeout_s
+        while True:
+            try:
+                uri = self._start_once()
+                self._started = True
+                return uri
+            except _PortTaken:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"mlflow server: port {self.port} stayed taken by another process") from None
+                if self._port_chosen and not self._started:  # nobody knows the URI yet: another port
+                    self.port = _unassigned_port()
+                    self.uri = f"http://127.0.0.1:{self.port}"
+                else:  # a restart: the URI is in use, wait for the port
+                    time.sleep(1)
+
+    def _start_once(self) -> str:
         self.root.mkdir(parents=True, exist_ok=True)
+        log_start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
             # No background job runner (7 huey consumer processes): tracking is all we need.
@@ -170,7 +217,10 @@ class MlflowServer:
                 return self.uri
             time.sleep(0.5)
         self.stop()
-        tail = self.log.read_text(errors="replace").strip().splitlines()[-1:] or ["(empty log)"]
+        text = self.log.read_bytes()[log_start:].decode(errors="replace")
+        if "address already in use" in text.lower():  # uvicorn's words for EADDRINUSE
+            raise _PortTaken(self.port)
+        tail = text.strip().splitlines()[-1:] or ["(empty log)"]
         raise RuntimeError(f"mlflow server on port {self.port} did not answer /health: {tail[0]} (log: {self.log})")
 
     def stop(self, timeout: float = 20) -> None:

@@ -14,29 +14,30 @@ def tiny_trial(**train) -> TrialConfig:
     )
 
 
-def quickstart_study(results):
-    """The quickstart study under results/, or None while the driver has not created it yet."""
+def quickstart_study(results, name: str = "quickstart"):
+    """The study `name` (the quickstart sweep's, or that sweep run as name=NAME) under results/,
+    or None while the driver has not created it yet."""
     import optuna
 
     from windtunnel.search import open_storage
 
-    journal = results / "quickstart" / "study.journal"
+    journal = results / name / "study.journal"
     if not journal.exists():
         return None
     try:
-        return optuna.load_study(study_name="quickstart", storage=open_storage(str(journal)))
+        return optuna.load_study(study_name=name, storage=open_storage(str(journal)))
     except KeyError:
         return None
 
 
-def finished_count(results) -> int:
-    study = quickstart_study(results)
+def finished_count(results, name: str = "quickstart") -> int:
+    study = quickstart_study(results, name)
     return 0 if study is None else sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
 
 
-def wait_for(cond, timeout: float, what: str, proc=None):
-    """cond()'s first truthy value, polled; fails the test on timeout, or when `proc` (a driver
-    whose stdout is a pipe) ends first: a scenario that never happened must not pass."""
+def wait_for(cond, timeout: float, what: str, proc=None, poll_s: float = 0.2):
+    """cond()'s first truthy value, polled every poll_s; fails the test on timeout, or when `proc`
+    (a driver whose stdout is a pipe) ends first: a scenario that never happened must not pass."""
     import subprocess
     import time
 
@@ -54,7 +55,7 @@ def wait_for(cond, timeout: float, what: str, proc=None):
             except subprocess.TimeoutExpired:
                 out = "(its output pipes are still held open)"
             pytest.fail(f"the process ended (exit {proc.returncode}) before {what}: {out[-3000:]}")
-        time.sleep(0.2)
+        time.sleep(poll_s)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 

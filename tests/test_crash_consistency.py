@@ -42,25 +42,45 @@ def _size(path) -> int:
         return 0
 
 
+# Run as `python -c KILLED_AT_COMMIT N windtunnel-args...`: the CLI, SIGKILLed by itself when
+# SQLAlchemy begins its N-th commit (the first ~70 build a new store's schema): a kill at a known
+# point of MLflow's migrations, whatever the machine's speed (a poll on the file's size raced a
+# creation that takes ~0.3 s on a fast machine).
+KILLED_AT_COMMIT = """
+import os, runpy, signal, sys
+import sqlalchemy
+from sqlalchemy import event
+n = int(sys.argv.pop(1))
+commits = [0]
+@event.listens_for(sqlalchemy.engine.Engine, "commit")
+def _commit(conn):
+    commits[0] += 1
+    if commits[0] == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+sys.argv[0] = "windtunnel"
+runpy.run_module("windtunnel.cli", run_name="__main__")
+"""
+
+
+def _killed_at_commit(n: int, *args, cwd) -> None:
+    """The CLI with args, SIGKILLed at the n-th commit into a store it creates (fails if it was not)."""
+    r = subprocess.run([sys.executable, "-c", KILLED_AT_COMMIT, str(n), *map(str, args)], cwd=cwd,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, f"not killed at commit {n} (exit {r.returncode}): {r.stderr[-2000:]}"
+
+
 def test_sync_killed_while_it_creates_the_local_store(tmp_path):
-    """MLflow creates a new SQLite store in dozens of migrations: `sync` (or the sweep's deliverer)
-    SIGKILLed among them left a store every later delivery failed on ('table ... already exists').
-    The store now appears whole or not at all, and the next sync delivers every record once.
-    Killed at four points of the creation (the store is ~1 MB when made)."""
-    for size in (150_000, 350_000, 550_000, 750_000):
-        tracking = tmp_path / f"at{size}" / "quickstart" / "tracking"
+    """MLflow creates a new SQLite store in dozens of migrations (~70 commits): `sync` (or the
+    sweep's deliverer) SIGKILLed among them left a store every later delivery failed on ('table
+    ... already exists'). The store now appears whole or not at all, and the next sync delivers
+    every record once. Killed at four points of the creation. Mutant caught: _create_sqlite_store
+    building the store in place (SqlAlchemyStore on the final path)."""
+    for commit in (5, 25, 45, 65):
+        tracking = tmp_path / f"at{commit}" / "quickstart" / "tracking"
         _outbox(tracking, 3)
-        proc = subprocess.Popen([sys.executable, "-m", "windtunnel.cli", "sync", str(tracking.parent)], cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-
-        def half_made():  # the store, or its temp, part way through its migrations
-            return [(n, s) for n in os.listdir(tracking) if n.lstrip(".").startswith("mlflow.db")
-                    and (s := _size(tracking / n)) >= size]
-
-        seen = wait_for(half_made, 120, f"the local store's creation to reach {size} bytes", proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        assert not (tracking / "mlflow.db").exists(), f"killed while creating the store ({seen}), yet it is there"
+        _killed_at_commit(commit, "sync", tracking.parent, cwd=tmp_path)
+        assert not (tracking / "mlflow.db").exists(), f"killed at commit {commit} of the store's creation, yet it is there"
+        assert [n for n in os.listdir(tracking) if n.endswith(".tmp")], "the kill left no half-made store"
 
         again = _cli("sync", tracking.parent, cwd=tmp_path)
         assert again.returncode == 0 and again.stdout.strip().endswith("sent 5, 0 pending"), again.stdout + again.stderr
@@ -181,6 +201,51 @@ def test_a_trial_killed_while_it_saves_a_checkpoint_leaves_no_temp_after_the_res
     r = _cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert sorted(e.name for e in os.scandir(ckpt)) == ["latest.pt"]
+
+
+def test_a_trial_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path):
+    """A real `windtunnel trial` SIGKILLed once a checkpoint is there (no cleanup, no on_checkpoint
+    hook), then run again: every point of its loss curve, train and validation, equals an
+    uninterrupted run's bit for bit (CPU, fp32, one thread both). Checkpoints fall on evaluations,
+    so each train_loss averages the same steps. Mutants caught: the trainer's state without the
+    data streams' RNG state (`rngs` in Population._state) or without the optimizer's (`opt`)."""
+    import json
+
+    import torch
+
+    from windtunnel.configure import trial_config
+    from windtunnel.trainer import train_trial
+
+    every = 10 * 8 * 32  # 10 steps of 8 sequences of 32 tokens; 80 steps
+    overrides = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.kernels=torch",
+                 "train.batch_size=8", f"train.tokens={8 * every}", f"train.eval_every={every}", "train.device=cpu",
+                 "data.max_bytes=300000"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        full = train_trial(trial_config(overrides)).curve
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = tmp_path / "ckpt"
+    cmd = [sys.executable, "-m", "windtunnel.cli", "trial", "--json", *overrides, f"train.checkpoint_dir={ckpt}",
+           f"train.checkpoint_every={every}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # polled every 10 ms against the ~70 steps (a second or more) the trial has left to run
+        wait_for(lambda: (ckpt / "latest.pt").exists(), 240, "a checkpoint", p, poll_s=0.01)
+        p.kill()
+        assert p.wait() == -signal.SIGKILL, "the trial ended before the kill: nothing was resumed"
+    finally:
+        p.kill()
+        p.wait()
+    saved = torch.load(ckpt / "latest.pt", weights_only=False)["step"]
+    assert 10 <= saved < 80 and saved % 10 == 0, saved
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = json.loads(r.stdout)["curve"]
+    assert [p["step"] for p in resumed] == [p["step"] for p in full] == list(range(10, 81, 10))
+    assert resumed == full
 
 
 def test_atomic_writes_from_threads_of_one_process_do_not_collide(tmp_path):
