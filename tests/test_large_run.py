@@ -55,11 +55,13 @@ def long_export(tmp_path: Path, name: str, checkpoint_every: int) -> tuple[Path,
                   "--batch-size", "256", "--tokens", str(100_000 * 256))
 
 
-def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 90) -> subprocess.Popen:
+def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 90,
+                 new_session: bool = False) -> subprocess.Popen:
     """launch.sh in the background, returned once rank 0 has logged `steps` steps; fails (and
-    stops it) when that does not happen within `timeout`."""
+    stops it) when that does not happen within `timeout`. new_session: in a process group of its
+    own, as a terminal's foreground job is (for Ctrl-C: os.killpg)."""
     p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, start_new_session=new_session)
     log = run / "loss.jsonl"
     try:
         wait_for(lambda: log.exists() and log.read_text().count('"loss"') >= steps, timeout,
@@ -167,40 +169,74 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     assert f"stable-{stable[0]}" in names and "step-000000024" in names and "step-000000004" not in names
 
 
-def test_sigterm_saves_the_current_step_and_the_relaunch_resumes_there(tmp_path):
-    import signal
-
+def test_ctrl_c_saves_the_current_step_on_every_rank_and_the_relaunch_resumes_there(tmp_path):
+    """Ctrl-C (SIGINT to the launch's process group, as a terminal sends it) on launch.sh: every rank
+    saves at the end of its step; one line, no traceback, exit 130. It printed torchrun's
+    SignalException traceback, exited 1 and saved nothing (the relaunch lost every step since the
+    last checkpoint). Then large_run.steps=2 trains two more and saves; an absolute stop at or below
+    the saved step is refused (it trained nothing and exited 0). SIGTERM: the test below."""
     out, env = long_export(tmp_path, "sig", checkpoint_every=100_000_000)
-    p = launch_until(out, env, out / "runs" / "sig", 3)
+    run = out / "runs" / "sig"
+    p = launch_until(out, env, run, 3, new_session=True)
     err = ""
     try:
-        p.send_signal(signal.SIGTERM)  # torchrun forwards it to its workers
+        os.killpg(p.pid, signal.SIGINT)
         _, err = p.communicate(timeout=60)
     finally:
         if p.poll() is None:
-            p.kill()
-    losses, events = curve(out / "runs" / "sig")
-    assert events and events[-1]["event"] == "sigterm", f"events {events[-3:]}, torchrun: {err[-3000:]}"
+            os.killpg(p.pid, signal.SIGKILL)
+    losses, events = curve(run)
+    assert events and events[-1]["event"] == "sigint", f"events {events[-3:]}, torchrun: {err[-3000:]}"
     last = max(losses)
     assert 3 <= last < 100_000 and events[-1]["step"] == last, (last, events[-3:])
-    assert (out / "runs" / "sig" / "checkpoints" / "latest").read_text().strip() == f"step-{last:09d}"
-    r = subprocess.run(["bash", str(out / "launch.sh"), f"large_run.stop_after_steps={last + 2}"],
-                       capture_output=True, text=True, env=env, timeout=120)
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step-{last:09d}"
+    assert p.returncode == 130 and "Traceback" not in err and "SignalException" not in err, err[-3000:]
+    said = [line for line in err.splitlines() if "stopped by" in line]
+    assert said == [f"windtunnel train: stopped by SIGINT at step {last:,} of 100,000: saved "
+                    f"{run / 'checkpoints' / latest}; the same launch again resumes there"], err[-3000:]
+
+    def launch(*extra):
+        return subprocess.run(["bash", str(out / "launch.sh"), *extra], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    r = launch(f"large_run.stop_after_steps={last}")  # refused by launch.sh's check, before torchrun
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-3000:]
+    assert f"large_run.stop_after_steps: an absolute step, and {run} is already at step {last} (got {last}); " \
+           "large_run.steps=N trains N more steps, then saves" in r.stderr
+    r = launch("train.tokens=1000")  # below train.yaml's save_at: it blamed train.save_at, not the resume
+    assert r.returncode == 2 and f"train.tokens: {run} was trained with train.tokens 25600000; set it back" in r.stderr
+    r = launch("large_run.steps=2")
     assert r.returncode == 0, r.stderr[-3000:]
     result = json.loads(r.stdout.strip().splitlines()[-1])
-    assert (result["start_step"], result["step"]) == (last, last + 2)
+    assert (result["start_step"], result["step"], result["stopped"]) == (last, last + 2, "steps")
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step-{last + 2:09d}"  # saved before it stopped
+    losses, events = curve(run)  # no step lost, none logged twice
+    assert sorted(losses) == list(range(1, last + 3))
+    assert [e["event"] for e in events] == ["start", "sigint", "start", "steps"]
 
 
 def rank_pids(parent: int) -> dict[int, int]:
-    """{rank: pid} of torchrun's workers: its children, with RANK in their environment."""
-    ranks = {}
+    """{rank: pid} of the workers under `parent` (launch.sh, or torchrun): its descendants with RANK
+    in their environment."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
         try:
             ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            env = (d / "environ").read_bytes().split(b"\0") if ppid == parent else []
         except (OSError, ValueError, IndexError):
             continue
-        ranks.update((int(e[5:]), int(d.name)) for e in env if e.startswith(b"RANK="))
+        children.setdefault(ppid, []).append(int(d.name))
+    ranks, todo = {}, list(children.get(parent, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ranks.update((int(e[5:]), pid) for e in env if e.startswith(b"RANK="))
     return ranks
 
 
@@ -280,5 +316,7 @@ def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
             first.kill()
     losses, events = curve(run)
     assert events[-1]["event"] == "sigterm", err[-3000:]
+    # SIGTERM to launch.sh saves like Ctrl-C: one line, no traceback (torchrun's), exit 143
+    assert first.returncode == 143 and "Traceback" not in err and err.count("stopped by SIGTERM at step") == 1, err
     assert sorted(losses) == list(range(1, max(losses) + 1)) and max(losses) >= logged  # no step cut from the log
     assert [e["event"] for e in events] == ["start", "sigterm"]

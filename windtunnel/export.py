@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -30,23 +31,59 @@ def _q(x) -> str:
 
 
 # Before torchrun: a bad config or override is one line and exit 2 here, not one line per rank
-# under torchrun's traceback. Skipped where `windtunnel` is not on PATH (torchrun still checks).
+# under torchrun's traceback. Skipped where `windtunnel` is not found (torchrun still checks).
 _CHECK = """WORLD=""
 [[ {counts} =~ ^[0-9]+$ ]] && WORLD={world}
-if command -v windtunnel >/dev/null; then
-  windtunnel train --check ${{WORLD:+--world "$WORLD"}} "$HERE/train.yaml" "$@"
+WINDTUNNEL="$(command -v windtunnel || true)"
+[[ -z "$WINDTUNNEL" && -x "$VENV_BIN/windtunnel" ]] && WINDTUNNEL="$VENV_BIN/windtunnel"
+if [[ -n "$WINDTUNNEL" ]]; then
+  "$WINDTUNNEL" train --check ${{WORLD:+--world "$WORLD"}} "$HERE/train.yaml" "$@"
 fi"""
+
+# torchrun from PATH, else from the environment `windtunnel transfer` ran in (not activated).
+_TORCHRUN = """TORCHRUN="$(command -v torchrun || true)"
+[[ -z "$TORCHRUN" && -x "$VENV_BIN/torchrun" ]] && TORCHRUN="$VENV_BIN/torchrun"
+if [[ -z "$TORCHRUN" ]]; then
+  echo "launch.sh: torchrun not found: activate the environment windtunnel is installed in" \\
+       "(source {activate})" >&2
+  exit 127
+fi"""
+
+# Stopping: torchrun, on SIGINT or SIGTERM, prints a traceback, exits 1 and kills its ranks 30 s
+# later, mid-save or not. So it runs in the background, where it ignores SIGINT (and
+# PET_SIGNALS_TO_HANDLE keeps it from taking SIGINT back); launch.sh hands Ctrl-C or SIGTERM to
+# the ranks, each saves at the end of its step and exits 0, and launch.sh exits 130 (143).
+_RUN = """STOPPED=0
+stop() {{ STOPPED=$1; pkill "-$2" -P "${{PID:-0}}" 2>/dev/null || true; }}
+trap 'stop 130 INT' INT
+trap 'stop 143 TERM' TERM
+PET_SIGNALS_TO_HANDLE=SIGTERM,SIGHUP,SIGQUIT \\
+  "$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
+  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME" \\
+  -m windtunnel.cli train "$HERE/train.yaml" "$@" &
+PID=$!
+RC=""
+while [[ -z "$RC" ]]; do  # wait returns early, > 128, each time a trapped signal arrives
+  if wait "$PID"; then RC=0; else RC=$?; kill -0 "$PID" 2>/dev/null && RC=""; fi
+done
+[[ "$RC" == 0 && "$STOPPED" != 0 ]] && exit "$STOPPED"
+exit "$RC"
+"""
 
 
 def launch_sh(plan: Plan) -> str:
     t, lr = plan.target, plan.large_run
+    venv_bin = Path(sys.executable).parent
     return f"""#!/usr/bin/env bash
 # {slug(lr['run_name'])}: `windtunnel train` under torchrun, written by `windtunnel transfer`.
 # One node:     ./launch.sh [KEY=VALUE overrides of train.yaml ...]
 # Several:      on every node, MASTER_ADDR=<node 0> NNODES={t.nodes} ./launch.sh
 # Environment:  NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT override the defaults below.
+# Stop:         Ctrl-C or SIGTERM: every rank saves at the end of its step; run it again to resume.
+#               large_run.steps=N: N more steps, then save and stop.
 set -euo pipefail
 HERE="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
+VENV_BIN={_q(venv_bin)}
 RUN_NAME={_q(lr['run_name'])}
 DEFAULT_NNODES={_q(t.nodes)}
 DEFAULT_NPROC_PER_NODE={_q(t.gpus_per_node)}
@@ -54,11 +91,9 @@ NNODES="${{NNODES:-$DEFAULT_NNODES}}"
 NPROC_PER_NODE="${{NPROC_PER_NODE:-$DEFAULT_NPROC_PER_NODE}}"
 MASTER_ADDR="${{MASTER_ADDR:-localhost}}"
 MASTER_PORT="${{MASTER_PORT:-29500}}"
+{_TORCHRUN.format(activate=_q(venv_bin / 'activate'))}
 {_CHECK.format(world='$((NNODES * NPROC_PER_NODE))', counts='"$NNODES$NPROC_PER_NODE"')}
-exec torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
-  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME" \\
-  -m windtunnel.cli train "$HERE/train.yaml" "$@"
-"""
+{_RUN.format()}"""
 
 
 def launch_sbatch(plan: Plan, out_dir: Path) -> str:
@@ -84,6 +119,7 @@ def launch_sbatch(plan: Plan, out_dir: Path) -> str:
 set -euo pipefail
 HERE={_q(out_dir.resolve())}
 HERE="${{WINDTUNNEL_EXPORT_DIR:-$HERE}}"
+VENV_BIN={_q(Path(sys.executable).parent)}
 RUN_NAME={_q(lr['run_name'])}
 NPROC_PER_NODE={_q(t.gpus_per_node)}
 MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"

@@ -21,7 +21,8 @@ in it are relative to the file's folder.
   saves (train.save_at: the last stable state, to branch decays from) and at the end. Each is
   written to a temp folder and renamed; `latest` (a file naming the newest) is replaced
   atomically after it. A launch finding `latest` resumes from it. SIGTERM (Slurm's time limit,
-  preemption) saves at the end of the current step and exits.
+  preemption) or SIGINT (Ctrl-C) on any rank saves at the end of the current step on every rank
+  and stops with one line; so does large_run.steps, a number of steps for this launch.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
   large_run.tracking_uri is set, tracks the run in MLflow without ever waiting for it
   (windtunnel/run_tracking.py: one run per run_dir, FINISHED only when training completed); it
@@ -36,6 +37,7 @@ import gc
 import json
 import math
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -50,8 +52,8 @@ import torch.distributed as dist
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config import (TrialConfig, changed_settings, relaunch_changes, section_from_dict, settings,
-                               to_dict, trial_from_dict)
+from windtunnel.config import (RELAUNCH_FREE, TrialConfig, changed_settings, relaunch_changes, section_from_dict,
+                               settings, to_dict, trial_from_dict)
 from windtunnel.errors import ConfigError
 from windtunnel.files import append_line, check_folder, slug, write_json, write_text
 from windtunnel.model import Transformer
@@ -116,8 +118,12 @@ class LargeRunConfig:
     """The sweep whose winner this run was transferred from (an MLflow tag; `windtunnel transfer` sets it)."""
     source_trial: int = -1
     """That winner's trial number (-1: unknown)."""
+    steps: int = 0
+    """Steps this launch trains, counted from where it starts or resumes; then it saves and stops
+    (the next launch resumes there). 0 = to the end."""
     stop_after_steps: int = 0
-    """Stop (without saving) once this many steps are done, as a crash would; 0 = run to the end."""
+    """Stop (without saving) at this absolute step, as a crash would (for tests); 0 = run to the end.
+    At or below the step a resumed run is at, it is refused: large_run.steps counts from there."""
     keep_last: int = 2
     """step-* checkpoints kept (stable saves are always kept)."""
 
@@ -125,8 +131,17 @@ class LargeRunConfig:
         for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"large_run.{name}: must be >= 1 (got {getattr(self, name)!r})")
-        if self.stop_after_steps < 0:
-            raise ConfigError(f"large_run.stop_after_steps: must be >= 0 (got {self.stop_after_steps!r})")
+        for name in ("steps", "stop_after_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"large_run.{name}: must be >= 0 (got {getattr(self, name)!r})")
+
+
+def check_stop(run: LargeRunConfig, step: int, run_dir: Path) -> None:
+    """large_run.stop_after_steps is an absolute step: one the run has already reached would train
+    nothing (it exited 0 having done nothing)."""
+    if run.stop_after_steps and run.stop_after_steps <= step:
+        raise ConfigError(f"large_run.stop_after_steps: an absolute step, and {run_dir} is already at step {step} "
+                          f"(got {run.stop_after_steps}); large_run.steps=N trains N more steps, then saves")
 
 
 def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
@@ -273,7 +288,8 @@ class LargeRun:
             else torch.autocast("cpu", enabled=False)
         self.cfg = cfg
         self.step = 0
-        self._sigterm = False
+        self._saved_step = -1  # the step of the newest checkpoint written or loaded
+        self._signal = 0  # the stop signal received, ranked as in _STOPS; 0 = none
         self._tracker = None
 
     def _hold_run_lock(self):
@@ -334,6 +350,7 @@ class LargeRun:
         dist.barrier()
         try:
             dcp.save(self._state(), checkpoint_id=str(tmp))
+            self._saved_step = self.step
         except dcp.api.CheckpointException as e:  # Ctrl-C mid-save arrives wrapped: let it read as one
             if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
                 raise KeyboardInterrupt from None
@@ -362,7 +379,8 @@ class LargeRun:
         state = self._state()
         dcp.load(state, checkpoint_id=str(path))
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return int(json.loads((path / "meta.json").read_text())["step"])
+        self._saved_step = int(json.loads((path / "meta.json").read_text())["step"])
+        return self._saved_step
 
     def latest(self) -> Path | None:
         f = self.ckpt_dir / "latest"
@@ -430,10 +448,12 @@ class LargeRun:
                 "loss": loss_sum.item() / (self.run.grad_accum * self.world),
                 "lr": self.cfg.optim.lr * factor, "grad_norm": float(norm)}
 
-    def _stop_requested(self) -> bool:
-        flag = torch.tensor([1.0 if self._sigterm else 0.0], device=self.device)
+    def _stop_requested(self) -> int:
+        """The stop signal any rank received (SIGINT wins over SIGTERM), 0 if none: every rank
+        stops at the same step, whichever of them the signal reached."""
+        flag = torch.tensor([float(self._signal)], device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _STOPS[int(flag.item()) - 1] if flag.item() else 0
 
     def train(self) -> dict:
         if self.rank == 0:  # saves a killed launch left half-written (`latest` never named them)
@@ -446,12 +466,13 @@ class LargeRun:
         elif self.init_from:
             self.step, resumed_from = self.load(Path(self.init_from), resuming=False), str(self.init_from)
         start = self.step
+        check_stop(self.run, start, self.run_dir)
         self._open_logs(start, resumed_from)
         self._say(f"{self.run.run_name}: {'resuming at step ' + str(start) + ' of' if start else 'training'} "
                   f"{self.total_steps:,} steps of {self.tokens_per_step:,} tokens on {self.world} "
-                  f"{self.device.type} process{'es' if self.world > 1 else ''}; loss log {self.run_dir / 'loss.jsonl'}")
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm) if self._main_thread() else None
-        t0, last = time.perf_counter(), {}
+                  f"{self.device.type} process{'es' if self.world > 1 else ''}; loss log {_q(self.run_dir / 'loss.jsonl')}")
+        previous = {s: signal.signal(s, self._on_signal) for s in _STOPS} if self._main_thread() else {}
+        t0, last, stopped = time.perf_counter(), {}, None
         said = t0
         status = "FAILED"  # MLflow's status, unless the loop ends: completed, or stopped
         try:
@@ -478,10 +499,14 @@ class LargeRun:
                     self.save(f"stable-{self.stable_steps[self.step]}")
                 elif self.step == self.total_steps or (self.ckpt_interval and self.step % self.ckpt_interval == 0):
                     self.save(f"step-{self.step:09d}")
-                if self._stop_requested():
-                    if self.latest() is None or self.latest().name != f"step-{self.step:09d}":
+                sig = self._stop_requested()
+                if sig or (self.run.steps and self.step - start >= self.run.steps and self.step < self.total_steps):
+                    stopped = signal.Signals(sig).name if sig else "steps"
+                    if self._saved_step != self.step:
                         self.save(f"step-{self.step:09d}")
-                    self._log({"event": "sigterm", "step": self.step})
+                    self._log({"event": stopped.lower(), "step": self.step})
+                    self._say(f"{self._stopped_by(stopped)} at step {self.step:,} of {self.total_steps:,}: saved "
+                              f"{_q(self.ckpt_dir / self.latest().name)}; the same launch again resumes there")
                     break
             done = self.step >= self.total_steps
             if done:
@@ -491,13 +516,13 @@ class LargeRun:
             status = "KILLED"
             raise
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for s, handler in previous.items():
+                signal.signal(s, handler)
             if self._tracker is not None and not self._tracker.close(status):
                 self._say(f"MLflow: not every record was delivered ({self._tracker.tracker.last_error}); they wait "
-                          f"in {self._tracker.dir}: `windtunnel sync {self.run_dir}` sends them")
+                          f"in {self._tracker.dir}: `windtunnel sync {_q(self.run_dir)}` sends them")
         return {"start_step": start, "step": self.step, "total_steps": self.total_steps, "done": done,
-                "loss": last.get("loss"), "resumed_from": resumed_from,
+                "loss": last.get("loss"), "resumed_from": resumed_from, "stopped": stopped,
                 "tracking_s": self._tracker.seconds if self._tracker is not None else 0.0}
 
     def _say(self, line: str) -> None:
@@ -512,14 +537,29 @@ class LargeRun:
                   + (f" val_loss {val:.4f}" if val is not None else "")
                   + f" {rate:,.0f} tokens/s ETA {datetime.timedelta(seconds=round(eta))}")
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self._sigterm = True
+    def _stopped_by(self, stopped: str) -> str:
+        return f"large_run.steps={self.run.steps} done" if stopped == "steps" else f"stopped by {stopped}"
+
+    def _on_signal(self, signum, frame) -> None:
+        # a flag the loop reads at the end of the step: a KeyboardInterrupt mid-step lost every
+        # step since the last checkpoint. Repeats are no-ops (Ctrl-C reaches each rank from the
+        # terminal and again from launch.sh); SIGINT outranks SIGTERM.
+        self._signal = max(self._signal, _STOPS.index(signum) + 1)
 
     @staticmethod
     def _main_thread() -> bool:
         import threading
 
         return threading.current_thread() is threading.main_thread()
+
+
+# The signals that stop a run with a save, in rank order: any rank's SIGINT makes the run's exit 130.
+_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _q(path) -> str:
+    """A path as a shell reads it back (printed for a person to paste)."""
+    return shlex.quote(str(path))
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:
@@ -532,12 +572,38 @@ def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, L
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
-            raise ConfigError(f"{item!r}: overrides are SECTION.KEY=VALUE (e.g. large_run.stop_after_steps=10)")
+            raise ConfigError(f"{item!r}: overrides are SECTION.KEY=VALUE (e.g. large_run.steps=10)")
         section, _, name = key.partition(".")
         if not isinstance(d.get(section, {}), dict):
             raise ConfigError(f"{key}: {section} is not a section")
         d.setdefault(section, {})[name] = value if name in ("run_name", "run_dir", "tracking_uri") else parse_value(value)
-    return load_config(d)
+    try:
+        return load_config(d)
+    except ConfigError as e:
+        raise _blame_the_override(e, config, overrides) from None
+
+
+def _blame_the_override(e: ConfigError, config, overrides) -> ConfigError:
+    """An override that breaks a rule with another field of the file (train.tokens below the file's
+    train.save_at) was reported as that field's fault, which the user never touched."""
+    field = str(e).split(":", 1)[0]
+    keys = [o.partition("=")[0] for o in overrides]
+    if field in keys or not keys:
+        return e
+    try:
+        cfg, run = _load(config)
+    except ConfigError:
+        return e  # the file is wrong by itself
+    ours = [o for o in overrides if o.partition("=")[0].split(".")[0] == field.split(".")[0]] or overrides
+    key = ours[0].partition("=")[0]
+    _, run_dir, ckpt_dir, _ = resolve_paths(cfg, run, Path(config).resolve().parent)
+    latest = ckpt_dir / "latest"
+    if latest.is_file() and key not in RELAUNCH_FREE and key in settings(cfg):  # what resuming would refuse anyway
+        return ConfigError(f"{key}: {run_dir} was trained with {key} {settings(cfg)[key]}; set it back to resume it, "
+                           f"or branch on purpose: a new run_dir with train.init_from="
+                           f"{ckpt_dir / latest.read_text().strip()} (got {ours[0]})")
+    return ConfigError(f"{key}: {ours[0]} conflicts with {field} in {config} ({e}); change "
+                       f"{field} with it, or leave {key} as it is")
 
 
 def check(config: str | Path, overrides: list[str] = (), world: int | None = None) -> None:
@@ -567,6 +633,7 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
     name = latest.read_text().strip() if latest.is_file() else ""
     if name:
         check_checkpoint(ckpt_dir / name, cfg, run_dir, resuming=True)
+        check_stop(run, int(json.loads((ckpt_dir / name / "meta.json").read_text())["step"]), run_dir)
     elif init_from:
         check_checkpoint(Path(init_from), cfg, run_dir, resuming=False)
 
@@ -574,6 +641,10 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
 def main(config: str | Path, overrides: list[str] = ()) -> dict:
     """Load CONFIG (+ dotted KEY=VALUE overrides), train, tear the process group down."""
     cfg, run = _load(config, overrides)
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN and LargeRun._main_thread():
+        # launch.sh starts torchrun with SIGINT ignored (so torchrun leaves Ctrl-C to the ranks),
+        # and its ranks inherit that: until train() takes SIGINT over, Ctrl-C interrupts as usual
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     trainer = None
     try:
         trainer = LargeRun(cfg, run, Path(config).resolve().parent)

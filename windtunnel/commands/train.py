@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
     p.epilog = __doc__.split("\n\n", 1)[1]
     p.add_argument("config", metavar="CONFIG", help="train.yaml (a TrialConfig + a large_run section)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE",
-                   help="e.g. large_run.stop_after_steps=10 train.eval_every=1000000 (a relaunch may change "
+                   help="e.g. large_run.steps=100 (train 100 more steps, save, stop) train.eval_every=1000000 (a relaunch may change "
                         "only how the run is carried out: device, checkpoints, evaluation, save points)")
     p.add_argument("--check", action="store_true",
                    help="only check CONFIG and the overrides as a launch would, in this one process (no "
@@ -43,4 +43,6 @@ def run(args) -> int:
     result = main(args.config, args.overrides)
     if int(os.environ.get("RANK", 0)) == 0:  # the process group is gone by now: torchrun's env
         print(json.dumps(result))
-    return 0
+    # Ctrl-C's exit status, saved or not; under torchrun the rank exits 0 (torchrun reports a
+    # rank's 130 as a failure with a traceback) and launch.sh exits 130 itself
+    return 130 if result.get("stopped") == "SIGINT" and "TORCHELASTIC_RUN_ID" not in os.environ else 0
