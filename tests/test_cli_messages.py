@@ -311,3 +311,65 @@ def test_a_budget_under_one_step_is_refused():
     exact(cli("trial", "train.tokens=10", "train.batch_size=16", "model.seq_len=64"),
           "windtunnel trial: error: train.tokens: must be at least one step, train.batch_size × model.seq_len = "
           "1024 tokens (got 10)")
+
+
+# ---------------------------------------------------------------------------- pasteable output, misleading messages
+
+
+def test_printed_paths_and_commands_paste_back_whole(tmp_path, capsys):
+    """With results_dir='/tmp/my results ü 日本' the sweep printed `windtunnel ui /tmp/my results ü 日本`:
+    pasted, that is four arguments. Every path the sweep's summary prints must shell-split back
+    to itself (mutant: any print without shlex.quote)."""
+    import shlex
+
+    from windtunnel.commands.sweep import summary
+    from windtunnel.configure import load_sweep
+
+    weird = tmp_path / "my results ü 日本 it's"
+    cfg = load_sweep("quickstart", [f"results_dir=\"{weird}\""])
+    d = weird / "quickstart"
+    d.mkdir(parents=True)
+    (d / "best.yaml").write_text("x: 1\n")
+    assert summary(cfg, {"dir": str(d), "finished": 3, "ok": 0, "pruned": 0, "failed": 3}) == 1
+    out, err = capsys.readouterr()
+    said = dict(line.strip().split(":", 1) for line in out.splitlines()[1:])
+    assert shlex.split(said["table"]) == [str(d / "trials.csv")]
+    assert shlex.split(said["best"].split("(")[0]) == [str(d / "best.yaml")]
+    assert shlex.split(said["best"].split("(", 1)[1].rstrip(")")) == ["windtunnel", "trial", "--config", str(d / "best.yaml")]
+    assert shlex.split(said["MLflow"]) == ["windtunnel", "ui", str(weird)]
+    assert shlex.split(said["report"].split("(")[0]) == [str(d / "report.md")]
+    assert shlex.split(err.split("their reasons: ")[1].split(",")[0]) == [str(d / "trials.csv")]
+
+
+def test_non_ascii_in_an_unquoted_override_says_how_to_quote_it(tmp_path):
+    """Hydra's lexer refused it with 'LexerNoViableAltException: results_dir=...' and no hint;
+    the hint's command, pasted, is accepted."""
+    import shlex
+
+    value = str(tmp_path / "my results ü 日本")
+    r = cli("sweep", "quickstart", f"results_dir={value}", "n_trials=0")
+    line = one_line(r, "results_dir: non-ASCII characters must be inside quotes Hydra reads: write ")
+    assert "Lexer" not in line
+    (fixed,) = shlex.split(line.split(" write ", 1)[1])
+    assert fixed == f"results_dir='{value}'"
+    from windtunnel.configure import load_sweep
+
+    assert load_sweep("quickstart", [fixed]).results_dir == value
+
+
+def test_report_transfer_and_train_say_what_is_actually_wrong(tmp_path):
+    """report on the results dir the sweep printed (`windtunnel ui RESULTS_DIR`) said it 'holds no
+    study.journal'; transfer on a sweep whose trials all failed said it was not a sweep folder;
+    train.tokens below the file's stable save point blamed train.save_at."""
+    results = tmp_path / "my results"
+    (results / "quickstart").mkdir(parents=True)
+    (results / "quickstart" / "study.journal").write_text("")
+    one_line(cli("report", results), f"{results}: a results dir holding the sweeps quickstart: report one of them, "
+                                     f"e.g. windtunnel report '{results / 'quickstart'}'")
+    (results / "quickstart" / "trials.csv").write_text("number,state,value\n0,FAIL,\n1,FAIL,\n2,PRUNED,\n")
+    one_line(cli("transfer", results / "quickstart", "--target", "tiny-cpu", "--out", tmp_path / "x"),
+             f"{results / 'quickstart'}: no trial of this sweep has completed (2 failed, 1 pruned), so it has no "
+             "winner (best.yaml) to transfer")
+    out = export(tmp_path, "gpus_per_node=1")
+    one_line(cli("train", "--check", out / "train.yaml", "train.tokens=1000"),
+             f"train.tokens: train.tokens=1000 conflicts with train.save_at in {out / 'train.yaml'} (")

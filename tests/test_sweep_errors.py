@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from windtunnel.config import with_overrides
+
 CASES = {
     "unknown_key": ("n_trial: 5\n", "n_trial: unknown key"),
     "bounds": ("search:\n  optim.lr: {type: float, low: 0.1, high: 0.01}\n", "search.optim.lr: `low <= high` must hold"),
@@ -149,8 +151,8 @@ def test_large_run_section_is_checked_like_the_trial_sections():
 
     with pytest.raises(ConfigError, match=r"^large_run\.micro_batch: must be an integer \(got 'x'\)"):
         load_config({"large_run": {"micro_batch": "x"}})
-    with pytest.raises(ConfigError, match=r"^large_run\.steps: unknown key \(allowed: .*micro_batch"):
-        load_config({"large_run": {"steps": 3}})
+    with pytest.raises(ConfigError, match=r"^large_run\.stepz: unknown key \(allowed: .*micro_batch"):
+        load_config({"large_run": {"stepz": 3}})
     with pytest.raises(ConfigError, match=r"^large_run: must be a mapping"):
         load_config({"large_run": [1]})
     assert load_config({"large_run": {"micro_batch": 2}})[1].micro_batch == 2
@@ -293,6 +295,32 @@ def test_search_space_overrides_from_the_command_line():
         load_sweep("quickstart", ["search.optim.lrr.high=0.1"])
     with pytest.raises(ConfigError, match=r"search\.optim\.lr: `low <= high` must hold"):
         load_sweep("quickstart", ["search.optim.lr.high=1e-5"])
+
+
+def test_an_override_of_a_searched_parameter_fixes_it_and_says_so(tmp_path, capsys):
+    """`windtunnel sweep quickstart optim.lr=0.01` exited 0 and its trials ran at sampled lrs (the
+    search replaced the override): now the override fixes the parameter for this sweep, one line
+    says so, and the trials asked train at 0.01."""
+    from windtunnel.configure import load_sweep
+    from windtunnel.errors import ConfigError
+    from windtunnel.sweep import Driver
+
+    cfg = load_sweep("quickstart", ["optim.lr=0.01", f"results_dir={tmp_path}", "tracking.enabled=false"])
+    assert cfg.search["optim.lr"] == {"type": "fixed", "value": 0.01}
+    assert capsys.readouterr().err.splitlines() == [
+        "windtunnel sweep: optim.lr=0.01: a searched parameter, fixed at 0.01 for this sweep "
+        "(the same as 'search.optim.lr={type: fixed, value: 0.01}')"]
+    driver = Driver(cfg, progress=False)
+    try:
+        driver.ask_bundles(2)
+        asked = [t for b in driver.ready for t in b.trials]
+        assert asked and all("optim.lr" not in t.params for t in asked)
+        assert {with_overrides(cfg.trial, {**t.params, **driver.fixed}).optim.lr for t in asked} == {0.01}
+    finally:
+        driver._lock.close()
+    with pytest.raises(ConfigError, match=r"optim\.lr: both fixed \(optim\.lr=0\.01\) and searched "
+                                          r"\(search\.optim\.lr\.high=0\.1\); give one"):
+        load_sweep("quickstart", ["optim.lr=0.01", "search.optim.lr.high=0.1"])
 
 
 def test_absent_clusters_are_one_line_before_anything_is_written(tmp_path):

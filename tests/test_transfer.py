@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -136,6 +137,8 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     r = cli("transfer", best, "--target", "tiny-cpu", f"run_name={EVIL}", "--out", out,
             "--batch-size", "2048", "--tokens", "65536")
     assert r.returncode == 0, r.stderr
+    launch = [line for line in r.stdout.splitlines() if line.startswith("launch: ")]  # pasteable: quoted
+    assert len(launch) == 1 and shlex.split(launch[0].split("   (")[0])[1:] == [str(out / "launch.sh")], r.stdout
     for name in export.FILES:
         assert (out / name).is_file()
     assert not list(out.glob(".*.tmp"))
@@ -280,3 +283,10 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
     r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
             "--horizon-law", law, "--out", tmp_path / "o2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--horizon-law" in r.stderr and "'b'" in r.stderr
+
+
+def test_times_read_in_units_a_person_reads():
+    """The transfer summary printed `time≈0.00846886 h`."""
+    from windtunnel.transfer import duration
+
+    assert [duration(h) for h in (0.00846886, 0.25, 3.21, 100.0)] == ["30 s", "15 min", "3.2 h", "4.2 days"]

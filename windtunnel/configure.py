@@ -7,6 +7,8 @@ import copy
 import dataclasses
 import os
 import re
+import shlex
+import sys
 from pathlib import Path
 
 import yaml
@@ -61,6 +63,8 @@ def _override_error(e: Exception, overrides: list[str] = (), conf_dir: Path | No
         cause = cause.__cause__ or cause.__context__
     if cause is None:
         lines = str(e).strip().splitlines()
+        if "LexerNoViableAlt" in str(e) and (hint := _quoting_hint(overrides)):
+            return f"overrides: {hint}"
         if m := re.match(r"Error parsing override '(.*)'", lines[0] if lines else ""):
             return f"overrides: {m[1]}: must be KEY=VALUE ({lines[1] if len(lines) > 1 else 'unparsable'})"
         if m := re.search(r"Could not find '([\w-]+)/(.*)'", lines[0] if lines else ""):  # a config group's option
@@ -96,6 +100,19 @@ def _override_error(e: Exception, overrides: list[str] = (), conf_dir: Path | No
         known = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
         return f"{key}: unknown key" + (f" (allowed: {', '.join(known)})" if known else "")
     return f"{key}: {first}"
+
+
+def _quoting_hint(overrides) -> str | None:
+    """Hydra's lexer refuses non-ASCII characters outside its quotes, with only
+    'LexerNoViableAltException: KEY=VALUE': say how to quote the first such override."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if sep and not value.isascii() and value[:1] not in "'\"":
+            inner = f"{key}='{value}'" if "'" not in value else f'{key}="{value}"'
+            # the shell's double quotes keep Hydra's single ones, where nothing in it is special to the shell
+            paste = f'"{inner}"' if not set(inner) & set('"$`\\!') else shlex.quote(inner)
+            return f"{key}: non-ASCII characters must be inside quotes Hydra reads: write {paste}"
+    return None
 
 
 def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | None = None) -> dict:
@@ -240,12 +257,18 @@ def load_sweep(spec: str, overrides: list[str]):
     content.setdefault("name", path.stem)
     content = _less_overridden(content, overrides)
     try:
-        return _compose_sweep(content, overrides)
+        cfg, fixed = _compose_sweep(content, overrides)
     except ConfigError as e:
         msg = str(e).removeprefix("overrides: ")
+    else:
+        for name, value in fixed.items():  # said, not silent: the search would have overridden it
+            spec = shlex.quote(f"search.{name}={{type: fixed, value: {value}}}")
+            print(f"windtunnel sweep: {name}={value}: a searched parameter, fixed at {value} for this sweep "
+                  f"(the same as {spec})", file=sys.stderr, flush=True)
+        return cfg
     # the file's fault when what it still sets fails the same way alone, else the command line's
     try:
-        _compose_sweep(content, [])
+        _compose_sweep(content, [])[0]
         alone = None
     except ConfigError as e:
         alone = str(e).removeprefix("overrides: ")
@@ -263,7 +286,19 @@ def _compose_sweep(content: dict, overrides: list[str]):
     searched = [o for o in overrides if o.lstrip("+~").startswith("search.")]
     d = compose(["+sweep=current", *(o for o in overrides if o not in searched)], config_name="sweep")
     d["search"] = _search_overrides(d.get("search") or {}, searched)
-    return sweep_from_dict(d)
+    # KEY=VALUE of a searched parameter fixes it for this sweep (each trial's sampled value
+    # replaced it, so the override was silently ignored): {name: value}
+    fixed = {}
+    for item in overrides:
+        name = item.lstrip("+").partition("=")[0]
+        section, _, field = name.partition(".")
+        if name in d["search"] and isinstance(d.get(section), dict) and field in d[section]:
+            both = [o for o in searched if o.lstrip("+~").removeprefix("search.").startswith(name)]
+            if both:
+                raise ConfigError(f"{name}: both fixed ({item}) and searched ({both[0]}); give one")
+            fixed[name] = d[section][field]
+            d["search"][name] = {"type": "fixed", "value": fixed[name]}
+    return sweep_from_dict(d), fixed
 
 
 def _less_overridden(content: dict, overrides: list[str]) -> dict:

@@ -28,12 +28,28 @@ def open_sweep_study(d: Path) -> optuna.Study:
     if not d.is_dir():
         raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
     if not (d / "study.journal").exists():
-        raise ConfigError(f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote)")
+        raise ConfigError(_not_a_sweep(d))
     storage = open_storage(str(d / "study.journal"))
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not names:
         raise ConfigError(f"{d}: its study.journal holds no study yet (allowed: a folder `windtunnel sweep` wrote)")
     return optuna.load_study(study_name=names[0], storage=storage)
+
+
+def _not_a_sweep(d: Path) -> str:
+    """What a folder without study.journal is: the results dir the sweep printed (`windtunnel ui
+    RESULTS_DIR`), whose sweeps are its subfolders; a sweep whose study lives in a database
+    (storage=URL); or no sweep's."""
+    import shlex
+
+    sweeps = sorted(p.parent.name for p in d.glob("*/study.journal"))
+    if sweeps:
+        return (f"{d}: a results dir holding the sweeps {', '.join(sweeps)}: report one of them, e.g. "
+                f"windtunnel report {shlex.quote(str(d / sweeps[0]))}")
+    if (d / "trials.csv").is_file() or (d / "bundles").is_dir():
+        return (f"{d}: this sweep's study is not in a journal here (a sweep run with storage=URL keeps it in that "
+                "database); report reads a sweep's study.journal")
+    return f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)"
 
 
 def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:

@@ -205,8 +205,7 @@ def load_winner(path: str) -> Winner:
     p = Path(path)
     if p.is_dir():
         if not (p / "best.yaml").is_file():
-            raise ConfigError(f"{path}: no best.yaml in this folder (expected RESULTS_DIR/SWEEP after a sweep, "
-                              "or a best.yaml path)")
+            raise ConfigError(_no_winner(p, path))
         p = p / "best.yaml"
     elif not p.exists():
         raise ConfigError(f"{path}: no such file or folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)")
@@ -222,6 +221,23 @@ def load_winner(path: str) -> Winner:
     value = d.get("value")
     return Winner(cfg, str(d.get("sweep") or p.parent.name), None if number is None else int(number),
                   None if value is None else float(value), str(p))
+
+
+def _no_winner(p: Path, path: str) -> str:
+    """Why a folder has no best.yaml: a sweep none of whose trials completed (it said 'not a sweep
+    folder'), or no sweep at all."""
+    if not (p / "study.journal").exists() and not (p / "trials.csv").is_file():
+        return f"{path}: no best.yaml in this folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)"
+    states = {}
+    if (p / "trials.csv").is_file():
+        import csv
+
+        with open(p / "trials.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                states[row.get("state", "?")] = states.get(row.get("state", "?"), 0) + 1
+    counts = ", ".join(f"{n} {'failed' if s == 'FAIL' else s.lower()}" for s, n in sorted(states.items()))
+    return (f"{path}: no trial of this sweep has completed{f' ({counts})' if counts else ''}, so it has no winner "
+            f"(best.yaml) to transfer; trials.csv says why they failed, or let the sweep run on")
 
 
 def load_law(path: str, kind: str) -> dict:
@@ -342,6 +358,16 @@ def _meta_model(model_cfg, vocab: int):
 
     with torch.device("meta"):
         return Transformer(model_cfg, vocab, population=1)
+
+
+def duration(hours: float) -> str:
+    """A time as a person reads it: 31 s, 12 min, 3.2 h, 4.5 days (it printed 'time≈0.00846886 h')."""
+    s = hours * 3600
+    if s < 90:
+        return f"{max(s, 1):.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} days"
 
 
 def _hms(hours: float) -> str:
@@ -576,7 +602,7 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
                 "tokens × FLOPs per token / (GPUs × gpu_tflops × mfu)", f"target {target.name}")
     slurm_hours = min(target.max_hours, hours * 1.15 + 0.25)
     if hours * 1.15 + 0.25 > target.max_hours:
-        warnings.append(f"the run needs ~{fmt(hours)} h but one job gets {fmt(target.max_hours)} h: resubmit "
+        warnings.append(f"the run needs ~{duration(hours)} but one job gets {duration(target.max_hours)}: resubmit "
                         "launch.sbatch, it resumes from the latest checkpoint")
 
     large_run = {"run_name": run_name, "run_dir": run_dir, "micro_batch": micro, "grad_accum": accum,

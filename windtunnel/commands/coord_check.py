@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 
 
 def add_arguments(p) -> None:
@@ -47,7 +48,7 @@ def run(args) -> int:
     print(json.dumps(rows) if args.json else summary(rows))
     if args.plot:
         plot(rows, args.plot)
-        print(f"wrote {args.plot}", file=sys.stderr if args.json else sys.stdout)
+        print(f"wrote {shlex.quote(str(args.plot))}", file=sys.stderr if args.json else sys.stdout)
     broken = mup_violations(rows)
     if "mup" in args.parametrizations.split(",") and len(set(widths)) > 1:
         print("μP check: " + ("; ".join(broken) if broken else "every activation's size and change hold across widths"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 
 from windtunnel import fits
 from windtunnel.commands import stdout_may_close
@@ -144,7 +145,7 @@ def _print(args: argparse.Namespace, kind: str, d: dict) -> None:
         print(_law_text(d["scaling_law"]) if d["scaling_law"] else
               f"no scaling law: needs >= {fits.MIN_LEVELS} model sizes and >= {fits.MIN_LEVELS} token counts")
     if args.plot:
-        print(f"wrote {args.plot}")
+        print(f"wrote {shlex.quote(str(args.plot))}")
 
 
 def _no_interval(d: dict, cell: str) -> None:

@@ -1,6 +1,7 @@
 """`windtunnel report RESULTS_DIR/SWEEP`: regenerate a sweep's tables, plots and report."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 
@@ -12,6 +13,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from windtunnel import locks
     from windtunnel.results import open_sweep_study, write_report
     from windtunnel.sweep_config import check_tracking_uri
 
@@ -19,9 +21,18 @@ def run(args) -> int:
     d = Path(args.sweep_dir)
     study = open_sweep_study(d)
     if "request" in study.user_attrs:  # a `windtunnel confirm` folder: its own tables and report
-        from windtunnel.confirm import write_outputs as write_report  # noqa: F811
-    for f in write_report(study, d):
-        print(f)
+        from windtunnel.confirm import write_outputs
+
+        files = write_outputs(study, d)
+    else:
+        try:  # a driver running this sweep: its RUNNING trials run (else they stopped with their driver)
+            locks.probe(d / "driver.lock")
+            driving = False
+        except locks.Held:
+            driving = True
+        files = write_report(study, d, driver_running=driving)
+    for f in files:
+        print(shlex.quote(str(f)))
     if args.mlflow is not None:
         from windtunnel.results import counts_as_finished
         from windtunnel.sweep_tracking import replay_to_mlflow

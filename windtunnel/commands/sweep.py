@@ -1,6 +1,7 @@
 """`windtunnel sweep SWEEP [KEY=VALUE ...]`: run (or resume) a sweep."""
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,8 +26,14 @@ def run(args) -> int:
         print(f"windtunnel sweep: warning: {ridge}", file=sys.stderr, flush=True)
     from windtunnel.sweep import run_sweep
 
-    out = run_sweep(cfg, progress=not args.quiet)
-    d = out["dir"]
+    return summary(cfg, run_sweep(cfg, progress=not args.quiet))
+
+
+def summary(cfg, out: dict) -> int:
+    """What a sweep says when it ends, every path shell-quoted as printed (results_dir may hold
+    spaces or quotes), and its exit status."""
+    d = Path(out["dir"])
+    q = lambda p: shlex.quote(str(p))  # noqa: E731
     ran = out["ok"] + out["pruned"] + out["failed"]
     if not ran and out["finished"] >= cfg.n_trials:
         print(f"{cfg.name}: already complete: {out['finished']} trials; raise n_trials (now {cfg.n_trials}) to add "
@@ -34,15 +41,14 @@ def run(args) -> int:
     else:
         print(f"{cfg.name}: {out['finished']} trials finished ({out['ok']} ok, {out['pruned']} pruned, "
               f"{out['failed']} failed this run)")
-    print(f"  table:   {d}/trials.csv")
-    print(f"  report:  {d}/report.md   (plots: {d}/*.png)")
+    print(f"  table:   {q(d / 'trials.csv')}")
+    print(f"  report:  {q(d / 'report.md')}   (plots: {q(d)}/*.png)")
     if Path(d, "best.yaml").exists():  # written only once a trial completed
-        print(f"  best:    {d}/best.yaml   (windtunnel trial --config {d}/best.yaml)")
+        print(f"  best:    {q(d / 'best.yaml')}   (windtunnel trial --config {q(d / 'best.yaml')})")
     if cfg.tracking.enabled:
-        where = cfg.tracking.uri or f"windtunnel ui {cfg.results_dir}"
-        print(f"  MLflow:  {where}")
+        print(f"  MLflow:  {cfg.tracking.uri or 'windtunnel ui ' + q(cfg.results_dir)}")
     if ran and out["failed"] == ran:
-        print(f"windtunnel sweep: all {ran} trials of this run failed; their reasons: {d}/trials.csv, "
-              f"their workers' logs: {d}/bundles/*/worker.log", file=sys.stderr)
+        print(f"windtunnel sweep: all {ran} trials of this run failed; their reasons: {q(d / 'trials.csv')}, "
+              f"their workers' logs: {q(d / 'bundles')}/*/worker.log", file=sys.stderr)
         return 1
     return 0

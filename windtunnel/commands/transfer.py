@@ -14,6 +14,7 @@ conf/target/*.yaml and windtunnel.transfer.Target).
 from __future__ import annotations
 
 import argparse
+import shlex
 from pathlib import Path
 
 
@@ -71,8 +72,10 @@ def run(args) -> int:
           f"batch={plan.value('batch size (tokens)'):,} tokens ({plan.trial.train.batch_size} seq = "
           f"{plan.value('GPUs (world size)')} GPUs × {lr['micro_batch']} × {lr['grad_accum']}) "
           f"steps={plan.value('total steps'):,} lr={transfer.fmt(plan.trial.optim.lr)} "
-          f"time≈{transfer.fmt(plan.value('estimated hours'))} h")
+          f"time≈{transfer.duration(plan.value('estimated hours'))}")
     for w in plan.warnings:
         print(f"warning: {w}")
-    print("wrote " + ", ".join(str(p) for p in paths))
+    print("wrote " + ", ".join(shlex.quote(str(p)) for p in paths))
+    print(f"launch: {shlex.quote(str(Path(args.out) / 'launch.sh'))}   (Ctrl-C saves and stops it; "
+          "the same command again resumes)")
     return 0
