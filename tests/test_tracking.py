@@ -304,6 +304,34 @@ def test_a_sweep_tracked_from_its_resume_on_logs_the_trials_told_before(tmp_path
     assert children == [0, 1, 2]
     assert all(len(client.get_metric_history(r.info.run_id, "val_loss")) == 2 for r in runs
                if "mlflow.parentRunId" in r.data.tags)
+    # the third run trained nothing and had nothing to log: no parent run (it added an empty one)
+    assert sum("mlflow.parentRunId" not in r.data.tags for r in runs) == 1
+    # the objective under an obvious name, sortable as the docs show
+    ranked = client.search_runs([exp.experiment_id], "tags.windtunnel.state = 'COMPLETE'",
+                                order_by=["metrics.objective ASC"])
+    values = [r.data.metrics["objective"] for r in ranked]
+    assert len(values) == 3 and values == sorted(values)
+    assert all(r.data.metrics["objective"] == r.data.metrics["final_val_loss"] for r in ranked)
+
+
+def test_a_pruned_trial_is_a_finished_run_tagged_pruned():
+    """Logged as KILLED, a pruned trial showed in the MLflow UI as a red ✗, like a crash."""
+    import optuna
+
+    from windtunnel.sweep_tracking import track_trial
+
+    logged = []
+
+    class Tracker:
+        def log_trial(self, *args, **kw):
+            logged.append(kw)
+
+    TS = optuna.trial.TrialState
+    for state, value in ((TS.PRUNED, None), (TS.COMPLETE, 2.5), (TS.FAIL, None)):
+        track_trial(Tracker(), "p", 1, 1, {}, {"curve": []}, value, state)
+    assert [(kw["status"], kw["tags"]["windtunnel.pruned"]) for kw in logged] == [
+        ("FINISHED", "true"), ("FINISHED", "false"), ("FAILED", "false")]
+    assert logged[1]["metrics"]["objective"] == 2.5 and "objective" not in logged[0]["metrics"]
 
 
 def test_sync_in_another_program_sets_mlflow_http_settings_only_while_it_delivers(tmp_path, monkeypatch):

@@ -57,20 +57,30 @@ def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
     return t.state in FINAL and not t.user_attrs.get("retried", False)
 
 
-def trials_frame(study: optuna.Study) -> pd.DataFrame:
+def trials_frame(study: optuna.Study, driver_running: bool = False) -> pd.DataFrame:
+    """One row per trial, in its final state: an attempt replaced by a retry (same parameters) is not
+    a row of its own but counted in its retry's `attempts` (it listed 26 rows for a 20-trial sweep).
+    A trial left RUNNING by a stopped driver reads STOPPED (a re-run runs it) unless driver_running."""
     fixed = json.loads(study.user_attrs.get("fixed", "{}"))
+    trials = study.get_trials(deepcopy=False)
+    retry_of = {t.number: t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
+        if t.user_attrs.get("retried", False):
+            continue
+        attempts, n = 1, t.number
+        while n in retry_of:
+            attempts, n = attempts + 1, retry_of[n]
         r = t.user_attrs.get("result", {})
-        rows.append({"number": t.number, "state": t.state.name, "value": t.value,
+        state = "STOPPED" if t.state.name == "RUNNING" and not driver_running else t.state.name
+        rows.append({"number": t.number, "state": state, "value": t.value,
                      **t.params, **fixed, "train.seed": t.user_attrs.get("config", {}).get("train", {}).get("seed"),
                      "status": r.get("status", ""), "tokens": r.get("tokens"), "seconds": r.get("seconds"),
-                     "tokens_per_s": r.get("tokens_per_s"), "attempt": t.user_attrs.get("attempt", 1),
-                     "retried": bool(t.user_attrs.get("retried", False)),
+                     "tokens_per_s": r.get("tokens_per_s"), "attempts": attempts,
                      "reason": r.get("reason") or t.user_attrs.get("reason", "")})
     # no trial yet (a sweep stopped before its first ask): the columns the report reads, empty
     if not rows:
-        return pd.DataFrame(columns=["number", "state", "value", "attempt", "retried", "reason"]).astype({"retried": bool})
+        return pd.DataFrame(columns=["number", "state", "value", "attempts", "reason"])
     return pd.DataFrame(rows)
 
 
@@ -106,8 +116,8 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return min(done, key=lambda t: t.value) if done else None
 
 
-def write_tables(study: optuna.Study, sweep_dir: Path) -> pd.DataFrame:
-    df = trials_frame(study)
+def write_tables(study: optuna.Study, sweep_dir: Path, driver_running: bool = False) -> pd.DataFrame:
+    df = trials_frame(study, driver_running)
     write_atomically(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
     write_atomically(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
     for name, frame in (("curves.csv", curves_frame(study)), ("branches.csv", branches_frame(study))):
@@ -137,19 +147,22 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
     space = json.loads(study.user_attrs.get("space", "{}")).get("search", {})
     searched = [n for n, s in space.items() if s.get("type") != "fixed" and n in df.columns]
     if searched:
-        fig, axes = plt.subplots(1, len(searched), figsize=(4 * len(searched), 3.4), squeeze=False, sharey=True)
+        fig, axes = plt.subplots(1, len(searched), figsize=(4 * len(searched) + 1, 3.4), squeeze=False, sharey=True,
+                                 layout="constrained")  # room for the colour bar
         for ax, name in zip(axes[0], searched):
             x = done[name]
             if space[name].get("type") == "categorical":
                 x = x.astype(str)
-            ax.scatter(x, done.value, s=14, c=done.number, cmap="viridis")
+            dots = ax.scatter(x, done.value, s=14, c=done.number, cmap="viridis")
             if space[name].get("log"):
                 ax.set_xscale("log")
                 ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel(name)
         axes[0][0].set_ylabel("final validation loss")
-        fig.suptitle(f"{study.study_name}: loss vs each searched hyperparameter (colour = trial number)")
-        fig.tight_layout()
+        bar = fig.colorbar(dots, ax=axes[0].tolist(), label="trial")
+        bar.locator = matplotlib.ticker.MaxNLocator(integer=True)  # trials are whole numbers
+        bar.update_ticks()
+        fig.suptitle(f"{study.study_name}: loss vs each searched hyperparameter")
         out.append(sweep_dir / "loss_vs_params.png")
         write_atomically(out[-1], lambda p: fig.savefig(p, dpi=110, format="png"))
         plt.close(fig)
@@ -166,6 +179,7 @@ def _plots(study: optuna.Study, df: pd.DataFrame, sweep_dir: Path) -> list[Path]
     ax.scatter(done.number, done.value, s=12, label="trial")
     ax.plot(done.number, done.value.cummin(), color="C3", label="best so far")
     ax.set(xlabel="trial", ylabel="final validation loss", title=f"{study.study_name}: optimization history")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))  # no trial 2.5
     ax.legend()
     fig.tight_layout()
     out.append(sweep_dir / "history.png")
@@ -211,19 +225,20 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
-def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
+def write_report(study: optuna.Study, sweep_dir: Path, driver_running: bool = False) -> list[Path]:
     """Everything a sweep produces, regenerated from the study: tables, best.yaml, plots, report."""
-    df = write_tables(study, sweep_dir)
+    df = write_tables(study, sweep_dir, driver_running)
     plots = _plots(study, df, sweep_dir)
-    final = df[~df.retried]
-    n = final.state.value_counts().to_dict()
+    n = df.state.value_counts().to_dict()
+    retried = sum(bool(t.user_attrs.get("retried")) for t in study.get_trials(deepcopy=False))
     best = best_trial(study)
     lines = [f"# Sweep `{study.study_name}`", "",
-             f"{len(final)} trials: {n.get('COMPLETE', 0)} complete, {n.get('PRUNED', 0)} pruned, "
+             f"{len(df)} trials: {n.get('COMPLETE', 0)} complete, {n.get('PRUNED', 0)} pruned, "
              f"{n.get('FAIL', 0)} failed"
-             + (f", {n.get('RUNNING', 0) + n.get('WAITING', 0)} unfinished (running, queued, or stopped with "
-                "their driver: a re-run runs them)" if n.get("RUNNING") or n.get("WAITING") else "")
-             + f" ({int(df.retried.sum())} more were retried).", ""]
+             + (f", {n.get('RUNNING', 0) + n.get('WAITING', 0) + n.get('STOPPED', 0)} unfinished (running, queued, "
+                "or stopped with their driver: a re-run runs them)"
+                if n.get("RUNNING") or n.get("WAITING") or n.get("STOPPED") else "")
+             + f" ({retried} more were retried).", ""]
     if best is not None:
         lines += [f"**Best:** trial {best.number}, final validation loss **{best.value:.4f}**", "",
                   "| parameter | value |", "|---|---|"]
@@ -248,7 +263,7 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
     if ratio is not None and ratio["fit"] is not None:
         lines += [symmetry.ratio_sentence(ratio["fit"], ratio["both"], ratio["log_knobs"]), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots]
-    top = final[final.state == "COMPLETE"].sort_values("value").head(10)
+    top = df[df.state == "COMPLETE"].sort_values("value").head(10)
     if not top.empty:
         if ratio is not None:  # the knob that matters beside the two that carry it
             top = symmetry.with_ratio(top, json.loads(study.user_attrs.get("sweep", "{}")))
@@ -256,7 +271,7 @@ def write_report(study: optuna.Study, sweep_dir: Path) -> list[Path]:
         lines += ["", "## Top trials", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for _, r in top.iterrows():
             lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    failed = final[final.state == "FAIL"]
+    failed = df[df.state == "FAIL"]
     if not failed.empty:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
     report = sweep_dir / "report.md"

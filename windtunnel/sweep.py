@@ -25,7 +25,8 @@ from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.provenance import tags as provenance_tags
 from windtunnel.results import counts_as_finished, write_report, write_tables
-from windtunnel.sweep_tracking import replay_to_mlflow, replicate_tags, track_finished, track_trial  # noqa: F401
+from windtunnel.sweep_tracking import (_untracked, replay_to_mlflow, replicate_tags, track_finished,  # noqa: F401
+                                       track_trial)
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
@@ -131,12 +132,15 @@ class Driver:
 
             self.tracker = Tracker(cfg.tracking.uri, experiment=cfg.name, outbox=self.dir / "tracking" / "outbox.jsonl")
             self.tracker.end_unfinished()  # a killed driver's invocation: KILLED, not RUNNING for good
-            self.parent = self.tracker.start_invocation(
-                params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
-                        "executor": cfg.executor.type, "population": self.K},
-                tags={"windtunnel.sweep": cfg.name, **provenance_tags()})
-            # trials told but never tracked: run with tracking off, or a driver killed between the two
-            track_finished(self.tracker, self.parent, self.study, skip=self.tracker.logged_trials())
+            # trials told but never tracked: run with tracking off, or a driver killed between the two.
+            # A re-run of a complete sweep with nothing to log adds no parent run (each added an empty one).
+            skip = self.tracker.logged_trials()
+            if self.finished() < cfg.n_trials or _untracked(self.study, skip):
+                self.parent = self.tracker.start_invocation(
+                    params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
+                            "executor": cfg.executor.type, "population": self.K},
+                    tags={"windtunnel.sweep": cfg.name, **provenance_tags()})
+                track_finished(self.tracker, self.parent, self.study, skip=skip)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def finished(self) -> int:
@@ -322,7 +326,7 @@ class Driver:
 
     # -- the loop -------------------------------------------------------------------------------
     def write_tables(self) -> None:  # while it runs: what `windtunnel confirm` (ConfirmDriver) writes differs
-        write_tables(self.study, self.dir)
+        write_tables(self.study, self.dir, driver_running=True)
 
     def write_report(self) -> list[Path]:
         return write_report(self.study, self.dir)
@@ -366,10 +370,10 @@ class Driver:
             self.executor.close()
             try:  # the tables and report say what finished (a second Ctrl-C skips them)
                 files = self.write_report()
-                if self.tracker is not None:
+                if self.parent is not None:
                     self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
             finally:
-                if self.tracker is not None:  # delivered by the deliverer's last pass, after this process exits
+                if self.parent is not None:  # delivered by the deliverer's last pass, after this process exits
                     self.tracker.finish_invocation(self.parent, status="KILLED")
             raise
         except OSError as e:  # a full disk (disk_full): stop the workers; nothing more can be written
@@ -390,8 +394,9 @@ class Driver:
         self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
         files = self.write_report()
         if self.tracker is not None:
-            self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
-            self.tracker.finish_invocation(self.parent)
+            if self.parent is not None:
+                self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
+                self.tracker.finish_invocation(self.parent)
             if not self.tracker.flush(timeout=20):
                 print(f"MLflow: not every record was delivered ({self.tracker.last_error}); they wait in "
                       f"{self.dir / 'tracking'}: `windtunnel sync {self.dir}` sends them", file=sys.stderr)

@@ -20,15 +20,17 @@ def replicate_tags(attrs: dict) -> dict:
 
 def track_trial(tracker, parent: str, number: int, attempt: int, config: dict, result: dict,
                 value: float | None, state: TS, tags: dict | None = None) -> None:
-    """One trial as an MLflow child run: resolved params, the loss curve over tokens, final metrics."""
-    final = {"final_val_loss": value} if value is not None else {}
+    """One trial as an MLflow child run: resolved params, the loss curve over tokens, final metrics.
+    `objective` is what the study minimizes (sort the runs by it); a pruned trial ended as the
+    pruner meant it to: FINISHED, tagged windtunnel.pruned (as KILLED, the UI showed it as a red ✗)."""
+    final = {"objective": value, "final_val_loss": value} if value is not None else {}
     for key in ("tokens", "seconds", "tokens_per_s"):
         if isinstance(result.get(key), (int, float)):
             final[key] = result[key]
     tracker.log_trial(parent, number, attempt, params=_flat(config), curve=result.get("curve", []),
-                      metrics=final, status={TS.COMPLETE: "FINISHED", TS.PRUNED: "KILLED"}.get(state, "FAILED"),
-                      tags={"windtunnel.state": state.name, "windtunnel.reason": str(result.get("reason", ""))[:500],
-                            **(tags or {})})
+                      metrics=final, status="FINISHED" if state in (TS.COMPLETE, TS.PRUNED) else "FAILED",
+                      tags={"windtunnel.state": state.name, "windtunnel.pruned": str(state == TS.PRUNED).lower(),
+                            "windtunnel.reason": str(result.get("reason", ""))[:500], **(tags or {})})
 
 
 def _untracked(study: optuna.Study, skip: set[tuple[int, int]] = frozenset()) -> list[optuna.trial.FrozenTrial]:
