@@ -60,8 +60,12 @@ def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 9
     """launch.sh in the background, returned once rank 0 has logged `steps` steps; fails (and
     stops it) when that does not happen within `timeout`. new_session: in a process group of its
     own, as a terminal's foreground job is (for Ctrl-C: os.killpg)."""
-    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+    # a terminal's foreground job starts with SIGINT at its default; pytest run from a background
+    # job would hand launch.sh an ignored SIGINT, which bash cannot trap (torchrun's ranks run in
+    # sessions of their own, so only launch.sh's trap hands them Ctrl-C)
+    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if new_session else None
+    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=new_session, preexec_fn=default_sigint)
     log = run / "loss.jsonl"
     try:
         wait_for(lambda: log.exists() and log.read_text().count('"loss"') >= steps, timeout,

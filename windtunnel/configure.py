@@ -152,8 +152,8 @@ def trial_config(overrides: list[str], config_file: str | None = None) -> TrialC
     if config_file:
         d = load_yaml(config_file)
         if "large_run" in d:
-            raise ConfigError(f"{config_file}: a large run's config: run it with `windtunnel train {config_file}` "
-                              f"(or the launch.sh beside it)")
+            raise ConfigError(f"{config_file}: a large run's config: run it with "
+                              f"`windtunnel train {shlex.quote(str(config_file))}` (or the launch.sh beside it)")
         d = d.get("trial", d)  # best.yaml may wrap the trial with its sweep context
         merged = _apply_overrides(d, overrides)
         return trial_from_dict(merged)

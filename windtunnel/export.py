@@ -50,9 +50,10 @@ if [[ -z "$TORCHRUN" ]]; then
 fi"""
 
 # Stopping: torchrun, on SIGINT or SIGTERM, prints a traceback, exits 1 and kills its ranks 30 s
-# later, mid-save or not. So it runs in the background, where it ignores SIGINT (and
-# PET_SIGNALS_TO_HANDLE keeps it from taking SIGINT back); launch.sh hands Ctrl-C or SIGTERM to
-# the ranks, each saves at the end of its step and exits 0, and launch.sh exits 130 (143).
+# later, mid-save or not; and its ranks run in sessions of their own, which a terminal's Ctrl-C
+# does not reach. So torchrun runs in the background, where it ignores SIGINT (and
+# PET_SIGNALS_TO_HANDLE keeps it from taking SIGINT back), and launch.sh hands Ctrl-C or SIGTERM
+# to the ranks: each saves at the end of its step and exits 0, and launch.sh exits 130 (143).
 _RUN = """STOPPED=0
 stop() {{ STOPPED=$1; pkill "-$2" -P "${{PID:-0}}" 2>/dev/null || true; }}
 trap 'stop 130 INT' INT

@@ -90,7 +90,7 @@ def check_checkpoint(path: Path, cfg: TrialConfig, run_dir: Path, resuming: bool
     if resuming:  # the same run goes on: it must be trained as it was
         changed = resume_changes(path, cfg)
         if changed:
-            branch = (f"or branch on purpose: a new run_dir with train.init_from={path}"
+            branch = (f"or branch on purpose: a new run_dir with {_q(f'train.init_from={path}')}"
                       if not any(_branch_fixed(c.split()[0]) for c in changed) else "or export a new run")
             raise ConfigError(f"{changed[0].split()[0]}: {run_dir} was trained with other settings "
                               f"({'; '.join(changed)}); set them back to resume it, {branch}")
@@ -568,7 +568,7 @@ def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, L
     d = load_yaml(config)
     if "trial" in d and "large_run" not in d:  # a sweep's best.yaml: one trial's config, no run
         raise ConfigError(f"{config}: a sweep's winner, not a large run's config: `windtunnel transfer` makes one "
-                          f"(train.yaml); `windtunnel trial --config {config}` re-runs the trial")
+                          f"(train.yaml); `windtunnel trial --config {_q(config)}` re-runs the trial")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or "." not in key:
@@ -600,8 +600,8 @@ def _blame_the_override(e: ConfigError, config, overrides) -> ConfigError:
     latest = ckpt_dir / "latest"
     if latest.is_file() and key not in RELAUNCH_FREE and key in settings(cfg):  # what resuming would refuse anyway
         return ConfigError(f"{key}: {run_dir} was trained with {key} {settings(cfg)[key]}; set it back to resume it, "
-                           f"or branch on purpose: a new run_dir with train.init_from="
-                           f"{ckpt_dir / latest.read_text().strip()} (got {ours[0]})")
+                           f"or branch on purpose: a new run_dir with "
+                           f"{_q(f'train.init_from={ckpt_dir / latest.read_text().strip()}')} (got {ours[0]})")
     return ConfigError(f"{key}: {ours[0]} conflicts with {field} in {config} ({e}); change "
                        f"{field} with it, or leave {key} as it is")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import json
 import math
+import shlex
 import signal
 import sys
 import threading
@@ -399,7 +400,7 @@ class Driver:
                 self.tracker.finish_invocation(self.parent)
             if not self.tracker.flush(timeout=20):
                 print(f"MLflow: not every record was delivered ({self.tracker.last_error}); they wait in "
-                      f"{self.dir / 'tracking'}: `windtunnel sync {self.dir}` sends them", file=sys.stderr)
+                      f"{self.dir / 'tracking'}: `windtunnel sync {shlex.quote(str(self.dir))}` sends them", file=sys.stderr)
             self.tracker.close()
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,

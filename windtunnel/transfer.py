@@ -606,7 +606,7 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
                         "launch.sbatch, it resumes from the latest checkpoint")
 
     large_run = {"run_name": run_name, "run_dir": run_dir, "micro_batch": micro, "grad_accum": accum,
-                 "tracking_uri": target.tracking_uri, "log_every": 1, "stop_after_steps": 0, "keep_last": 2,
+                 "tracking_uri": target.tracking_uri, "log_every": 1, "steps": 0, "stop_after_steps": 0, "keep_last": 2,
                  "source_sweep": winner.sweep, "source_trial": -1 if winner.number is None else int(winner.number)}
     p = Plan(trial=trial, large_run=large_run, target=target, winner=winner, rows=rows, groups=groups,
              memory=mem, warnings=warnings, slurm_time=_hms(slurm_hours))
