@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import sqlite3
 import subprocess
@@ -142,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         exp_id = exps.get(sweep) or (next(iter(exps.values())) if len(exps) == 1 else None)
         page = experiment_url(url, exp_id) if exp_id else url
         print(f"MLflow UI of {sweep}: {page}", flush=True)
-        print(f"  (store {tracking_dir / 'mlflow.db'}; Ctrl-C stops it)", flush=True)
+        print(f"  (store {shlex.quote(str(tracking_dir / 'mlflow.db'))}; Ctrl-C stops it)", flush=True)
         return proc.wait()
     except KeyboardInterrupt:
         return 0
