@@ -1,0 +1,114 @@
+"""The findings a user acts on, with their intervals, read from the committed results.
+
+    python -m windtunnel.bench.findings [--results results/windtunnel] [--write]
+
+Prints a markdown table (the README's and results/windtunnel/README.md's findings) and, with
+--write, puts the same numbers under "trust" in summary.json, so no figure is typed by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+SEARCHES = ("mup_hp", "mup_hp_tpe400", "mup_hp_gp400")
+
+
+def _confirm(results: Path) -> dict:
+    out = {}
+    for s in SEARCHES:
+        f = results / f"{s}-confirm" / "confirm.csv"
+        if not f.is_file():
+            continue
+        df = pd.read_csv(f)
+        win = df[df.verdict == "winner"].iloc[0]
+        top = df[df.config.str.startswith("top ") & ~df.config.str.contains("scales")]
+        minicpm = df[df.config.str.contains("scale_emb=12")]
+        pairs = df[df.config.str.contains("scales ×")]
+        out[s] = {
+            "winner": win.config, "mean": win["mean"], "ci": [win.ci_low, win.ci_high],
+            "lr": win["optim.lr"], "init_std": win["model.init_std"], "ratio": win.scale_ratio,
+            "top10_tied_with_winner": int((top.verdict == "tied").sum()),
+            "minicpm_mean": None if minicpm.empty else minicpm["mean"].iloc[0],
+            "minicpm_ci": None if minicpm.empty else [minicpm.ci_low.iloc[0], minicpm.ci_high.iloc[0]],
+            "scale_pairs_tied": bool((pairs.verdict.isin(["tied", "winner"])).all()) if len(pairs) else None,
+            "seeds": int(win.n),
+        }
+    return out
+
+
+def collect(results: Path) -> dict:
+    trust: dict = {"confirm": _confirm(results)}
+    depth = results / "lr_depth" / "lr_depth_fit.json"
+    if depth.is_file():
+        trust["depth"] = {d["parametrization"]: {k: d[k] for k in ("low", "high", "octaves", "ci", "goal_met", "goal_met_95")}
+                          for d in json.loads(depth.read_text())["drifts"] if d["axis"] == "depth"}
+    horizon = results / "lr_horizon" / "horizon_law.json"
+    if horizon.is_file():
+        h = json.loads(horizon.read_text())
+        trust["horizon"] = {"lr_exponent_b": h["b"], "b_ci": h["ci"]["b"], "r2": h["r2"],
+                            "init_std_exponent_d": h.get("d"), "d_ci": h["ci"].get("d"),
+                            "tokens": [p["tokens"] for p in h["points"]]}
+    hf = results / "export_hf" / "hf_check.json"
+    if hf.is_file():
+        trust["export_hf"] = json.loads(hf.read_text())
+    return trust
+
+
+def table(t: dict) -> str:
+    ci = lambda c: f"[{c[0]:.3f}, {c[1]:.3f}]"  # noqa: E731
+    rows = ["| finding | estimate (95% interval) | what it does not show |", "|---|---|---|"]
+    for s, c in t.get("confirm", {}).items():
+        rows.append(f"| `{s}` winner after {c['seeds']} seeds each | loss {c['mean']:.3f} {ci(c['ci'])}; lr {c['lr']:.2g}, "
+                    f"init_std {c['init_std']:.2g}, scale ratio {c['ratio']:.1f}; {c['top10_tied_with_winner']} of the top 10 tied "
+                    f"with it | which of the tied configurations is best: they are one basin |")
+    if t.get("confirm"):
+        m = [c for c in t["confirm"].values() if c["minicpm_mean"] is not None]
+        if m:
+            rows.append("| MiniCPM's published configuration (lr 0.01, init_std 0.1) on this proxy | loss "
+                        + ", ".join(f"{c['minicpm_mean']:.3f} {ci(c['minicpm_ci'])}" for c in m)
+                        + " vs winners ~3.82: worse in every search | whether it is worse at MiniCPM's own horizon and data |")
+        pairs = [c["scale_pairs_tied"] for c in t["confirm"].values() if c["scale_pairs_tied"] is not None]
+        if pairs:
+            rows.append(f"| scale_emb and scale_depth both ×¼ and ×4 | tied with the winner in {sum(pairs)} of {len(pairs)} "
+                        "searches: only the ratio matters | |")
+    for p, d in t.get("depth", {}).items():
+        verdict = "goal met by the estimate" if d["goal_met"] else "goal MISSED"
+        verdict += ", but not by the whole interval" if d["goal_met"] and not d["goal_met_95"] else ""
+        rows.append(f"| optimal lr drift, depth {d['low']:.0f} → {d['high']:.0f} layers, `{p}` | {d['octaves']:+.2f} octaves "
+                    f"{ci(d['ci'])} ({verdict}; goal < 0.5) | depths beyond 32; horizons beyond 2M tokens |")
+    h = t.get("horizon")
+    if h:
+        rows.append(f"| optimal lr vs training tokens, lr* ∝ T^-b ({h['tokens'][0]:.0e}–{h['tokens'][-1]:.0e} tokens) | "
+                    f"b = {h['lr_exponent_b']:.3f} {ci(h['b_ci'])}, r² {h['r2']:.2f}; init_std* ∝ T^-{h['init_std_exponent_d']:.2f} | "
+                    "whether the power law holds to 10^11 tokens (16× span, python-stdlib corpus repeated past 7M tokens) |")
+    hf = t.get("export_hf")
+    if hf:
+        rows.append(f"| export-hf of a 200-step 0.5B run, loaded by transformers | loss gap {hf['relative_gap']:.1e} "
+                    f"(goal < 1%) on {hf['device']} | |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default="results/windtunnel")
+    p.add_argument("--write", action="store_true", help="also store the numbers in summary.json under 'trust'")
+    a = p.parse_args(argv)
+    results = Path(a.results)
+    t = collect(results)
+    print(table(t))
+    if a.write:
+        from windtunnel.files import write_atomically
+
+        f = results / "summary.json"
+        summary = json.loads(f.read_text()) if f.is_file() else {}
+        summary["trust"] = t
+        text = json.dumps(summary, indent=1, default=float) + "\n"
+        write_atomically(f, lambda tmp: Path(tmp).write_text(text))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
