@@ -63,9 +63,14 @@ def launch_until(out: Path, env: dict, run: Path, steps: int, timeout: float = 9
     # a terminal's foreground job starts with SIGINT at its default; pytest run from a background
     # job would hand launch.sh an ignored SIGINT, which bash cannot trap (torchrun's ranks run in
     # sessions of their own, so only launch.sh's trap hands them Ctrl-C)
-    default_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) if new_session else None
-    p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=new_session, preexec_fn=default_sigint)
+    # (a handler of this process's own becomes the default in the child at exec; no preexec_fn)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler) if new_session else None
+    try:
+        p = subprocess.Popen(["bash", str(out / "launch.sh")], env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=new_session)
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGINT, before)
     log = run / "loss.jsonl"
     try:
         wait_for(lambda: log.exists() and log.read_text().count('"loss"') >= steps, timeout,
