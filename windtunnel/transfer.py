@@ -270,14 +270,21 @@ def _base_lr(w: TrialConfig, target: Target, laws: Laws, D: int, row, src_w: str
     proxy = row("proxy lr", w.optim.lr, "the winner's μP base lr", src_w)
     row("lr width factor", 1.0, "1: μP's base lr is width-independent (hidden matrices get lr / m, below)",
         "windtunnel.parametrization.rule")
-    row("lr depth factor", 1.0, "1: kept across depth with scale_depth / sqrt(n_layers) (measure it: "
-        "`windtunnel fit lr-transfer` on sweeps/lr_depth.yaml)", "docs/laws.md")
+    row("lr depth factor", 1.0, "1: scale_depth / sqrt(n_layers) is meant to keep it; how far it drifts is "
+        "measured by `windtunnel fit lr-transfer` on sweeps/lr_depth.yaml (no correction applied)", "docs/laws.md")
     if laws.horizon_law is not None:
         from windtunnel.fits import horizon_factor
 
         hl, T0 = laws.horizon_law, w.train.tokens
-        f = row("lr horizon factor", horizon_factor(hl, T0, D),
-                f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)", hl["source"])
+        why = f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)"
+        b_ci = (hl.get("ci") or {}).get("b")
+        if b_ci and None not in b_ci:  # the factor's own interval, and how far past the fit's data it reaches
+            lo, hi = sorted(horizon_factor({"b": b}, T0, D) for b in b_ci)
+            why += f"; b's 95% interval gives {fmt(lo)}–{fmt(hi)}"
+        measured = [p["tokens"] for p in hl.get("points", []) if "tokens" in p]
+        if measured and D > max(measured):
+            why += f"; extrapolated {fmt(D / max(measured))}× past the longest measured run ({fmt(max(measured))} tokens)"
+        f = row("lr horizon factor", horizon_factor(hl, T0, D), why, hl["source"])
     else:
         f = row("lr horizon factor", 1.0, "1: off (give --horizon-law FILE.json from `windtunnel fit horizon --json`)",
                 "command line")
