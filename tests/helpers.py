@@ -10,7 +10,7 @@ def tiny_trial(**train) -> TrialConfig:
         optim=OptimConfig(lr=0.01),
         schedule=ScheduleConfig(kind="wsd", warmup=0.1, decay=0.2, decay_shape="exp"),
         train=TrainConfig(**{"tokens": 30 * 8 * 32, "batch_size": 8, "eval_every": 5 * 8 * 32,
-                             "eval_batches": 2, "device": "cpu", **train}),
+                             "eval_tokens": 512, "device": "cpu", **train}),
     )
 
 

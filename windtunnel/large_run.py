@@ -100,6 +100,17 @@ def check_checkpoint(path: Path, cfg: TrialConfig, run_dir: Path, resuming: bool
             raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
 
 
+def eval_chunks(n: int, rank: int, world: int, micro_batch: int) -> list[tuple[list[int], bool]]:
+    """Rank `rank`'s share of n validation windows: (window indices, counted) per micro-batch.
+    Rank r takes windows r, r + world, ...; every rank gets the same number of micro-batches
+    (a sharded forward is a collective that all ranks must join), a rank with none left runs
+    window 0 uncounted."""
+    mine = list(range(rank, n, world))
+    steps = math.ceil(math.ceil(n / world) / micro_batch)
+    return [(mine[i * micro_batch:(i + 1) * micro_batch], True) if i * micro_batch < len(mine) else ([0], False)
+            for i in range(steps)]
+
+
 @dataclass(kw_only=True)
 class LargeRunConfig:
     run_name: str = "run"
@@ -321,15 +332,17 @@ class LargeRun:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        mb = self.run.micro_batch
-        n = self.cfg.train.eval_batches * mb * self.world
-        val = torch.from_numpy(self.shards.val_windows(n, self.cfg.model.seq_len))[self.rank::self.world]
+        """Mean loss over train.eval_tokens' windows, the same windows at every world size
+        (eval_chunks says which rank takes which)."""
+        val = torch.from_numpy(self.shards.eval_windows(self.cfg.train.eval_tokens, self.cfg.model.seq_len))
         total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for w in val.split(mb):
-            w = w.to(self.device)[None]
+        for idx, counted in eval_chunks(len(val), self.rank, self.world, self.run.micro_batch):
+            w = val[idx].to(self.device)[None]
             with self.autocast:
-                total[0] += self.model(w[..., :-1], w[..., 1:])[0].double() * w.shape[1]
-            total[1] += w.shape[1]
+                loss = self.model(w[..., :-1], w[..., 1:])[0].double()
+            n = len(idx) if counted else 0
+            total[0] += loss * n
+            total[1] += n
         dist.all_reduce(total)
         return (total[0] / total[1]).item()
 

@@ -132,8 +132,7 @@ class Population:
         self.status = ["ok"] * self.K
         self.reasons = [""] * self.K
         self.curves: list[list[dict]] = [[] for _ in range(self.K)]
-        self.val = torch.from_numpy(self.shards.val_windows(c0.train.eval_batches * c0.train.batch_size,
-                                                            c0.model.seq_len))
+        self.val = torch.from_numpy(self.shards.eval_windows(c0.train.eval_tokens, c0.model.seq_len))
         self.ln_vocab = math.log(vocab)
         self.diverge_at: list[float | None] = [c.train.diverge_loss or None for c in cfgs]
         # no autocast cache: a cached cast made inside a graph capture would outlive it
@@ -232,15 +231,15 @@ class Population:
 
     @torch.no_grad()
     def evaluate(self) -> list[float]:
-        """Validation loss of each live slot."""
+        """Validation loss of each live slot: the mean over every token of self.val, whatever the
+        batch size it is cut into (a short last chunk weighs by its windows, not as a whole chunk)."""
         B, K = self.cfgs[0].train.batch_size, len(self.live)
-        total = torch.zeros(K, device=self.device)
-        chunks = self.val.split(B)
-        for w in chunks:
+        total = torch.zeros(K, device=self.device, dtype=torch.float64)
+        for w in self.val.split(B):
             w = w.to(self.device).unsqueeze(0).expand(K, -1, -1)
             with self.autocast:
-                total += self.forward(w[..., :-1], w[..., 1:]).float()
-        return (total / len(chunks)).tolist()
+                total += self.forward(w[..., :-1], w[..., 1:]).double() * w.shape[1]
+        return (total / len(self.val)).tolist()
 
     # -- the loop -------------------------------------------------------------------------------
     def lr_factors(self) -> list[float]:
