@@ -5,8 +5,8 @@ run's held-out split with the run's own last validation loss (loss.jsonl).
     python -m windtunnel.bench.hf_check HF_DIR --run EXPORT_DIR [--tolerance 0.01]
 
 EXPORT_DIR is `windtunnel transfer`'s --out (train.yaml, runs/<name>/loss.jsonl). The held-out
-windows are the ones the run evaluated on (train.eval_batches × micro_batch × world, from the
-start of the validation split), fed as token ids; the same text decoded and re-encoded by the
+windows are the ones the run evaluated on (train.eval_tokens' windows from the start of the
+validation split, whatever the world size), fed as token ids; the same text decoded and re-encoded by the
 exported tokenizer is reported beside it (its windows differ: informative, not compared).
 Prints one JSON line; exit 1 when the relative gap exceeds the tolerance.
 """
@@ -38,10 +38,8 @@ def main(argv=None) -> int:
     cfg, run_dir, _, _ = resolve_paths(cfg, run, run_folder)
     log = [json.loads(line) for line in (run_dir / "loss.jsonl").read_text().splitlines() if line.strip()]
     vals = [r for r in log if "val_loss" in r]
-    world = next((r["world"] for r in reversed(log) if "world" in r), 1)
     shards = data_mod.load(cfg.data)
-    n = cfg.train.eval_batches * run.micro_batch * world
-    windows = torch.from_numpy(shards.val_windows(n, cfg.model.seq_len))
+    windows = torch.from_numpy(shards.eval_windows(cfg.train.eval_tokens, cfg.model.seq_len))
 
     tf = import_transformers()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
