@@ -22,7 +22,7 @@ def write_config(tmp_path: Path, uri: str, steps: int, name: str = "r") -> Path:
     cfg = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
                       data=DataConfig(max_bytes=300_000), optim=OptimConfig(lr=0.01),
                       train=TrainConfig(device="cpu", batch_size=8, tokens=steps * 8 * 16, eval_every=4 * 8 * 16,
-                                        eval_batches=1, checkpoint_every=4 * 8 * 16))
+                                        eval_tokens=8 * 16, checkpoint_every=4 * 8 * 16))
     d = {**to_dict(cfg), "large_run": {"run_name": name, "micro_batch": 8, "tracking_uri": uri, "experiment": "lr",
                                        "source_sweep": "mup_hp", "source_trial": 392}}
     path = tmp_path / f"{name}.yaml"
