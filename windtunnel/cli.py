@@ -6,6 +6,7 @@ mlflow or ray takes seconds, so `windtunnel --help` imports none of them.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"windtunnel {name}: error: {e}")
         return 1
     except OSError as e:  # a path the user gave that cannot be read or written: no traceback
+        if e.errno == errno.ENOSPC and e.filename is None and not os.environ.get("WINDTUNNEL_DEBUG"):
+            _say(f"windtunnel {name}: error: no space left on device; free some and run the same command again")
+            return 1
         if e.filename is None or os.environ.get("WINDTUNNEL_DEBUG"):
             raise
         where = f"{e.filename} -> {e.filename2}" if e.filename2 else e.filename

@@ -187,10 +187,16 @@ _WHOLE_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE]\+?[0-9]+$")
 _Loader.add_constructor("tag:yaml.org,2002:float", _whole_or_float)
 
 
+MAX_YAML_BYTES = 16 * 2**20  # a config or sweep file is kilobytes; a 3 GB one was read whole, then refused
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{path}: no such file")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(f"{path}: {p.stat().st_size / 2**20:,.0f} MiB is no config file (allowed: up to "
+                          f"{MAX_YAML_BYTES // 2**20} MiB of YAML)")
     try:
         d = yaml.load(p.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:

@@ -180,7 +180,8 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
                   ["states", fmt(mem["states"] / GIB), "16 bytes × N / GPUs (fp32 weights, grads, Adam m, v; FSDP)"],
                   ["gathered", fmt(mem["gathered"] / GIB), "2 bytes × (2 blocks + root params), bf16 all-gathered"],
                   ["activations", fmt(mem["activations"] / GIB),
-                   "micro × seq_len × (L · 2·(9·C + 4·F) + 8·V) bytes"],
+                   "micro × seq_len × L · 2·(9·C + 4·F) + 8·V · min(micro × seq_len, 8192) bytes "
+                   "(windtunnel/memory.py)"],
                   ["overhead", fmt(mem["overhead"] / GIB), "CUDA context, NCCL, allocator"],
                   ["total", fmt(mem["total"] / GIB), "sum"],
                   ["budget", fmt(mem["budget"] / GIB), f"memory_fraction {fmt(t.memory_fraction)} × "

@@ -54,6 +54,10 @@ def write_atomically(path: str | Path, write, error: str | None = None, mode: in
         raise
 
 
+class DiskFull(OSError):
+    """ENOSPC (or a quota) met writing a file: the command stops; nothing written before is lost."""
+
+
 def disk_full(path: str | Path) -> OSError:
     """A full disk (ENOSPC) met writing path, as the OSError the CLI prints as one line: the
     file, the filesystem it is on and what is free there, and that running again resumes."""
@@ -65,7 +69,7 @@ def disk_full(path: str | Path) -> OSError:
         free = f"{st.f_bavail * st.f_frsize // 1024} KB free"
     except OSError:
         free = "free space unknown"
-    return OSError(errno.ENOSPC, f"no space left on the filesystem at {mount} ({free}); every record written "
+    return DiskFull(errno.ENOSPC, f"no space left on the filesystem at {mount} ({free}); every record written "
                    "before is intact: free some space and run the same command again to continue", str(path))
 
 
@@ -158,6 +162,10 @@ def file_in_the_way(folder: str | Path) -> Path | None:
 def check_folder(field: str, folder: str | Path) -> None:
     """ConfigError naming field when a file keeps folder from being created (writes nothing)."""
     folder = Path(folder)
+    for p in (folder, *folder.parents):  # mkdir said only "File exists"
+        if p.is_symlink() and not p.exists():
+            raise ConfigError(f"{field}: {p} is a symlink to {os.readlink(p)}, which does not exist; "
+                              "create its target or give another folder")
     blocker = file_in_the_way(folder)
     if blocker is not None:
         raise ConfigError(f"{field}: {folder} is a file; a folder is needed" if blocker == folder

@@ -51,6 +51,8 @@ class JournalFile(JournalFileBackend):
     decodable records only, so every process numbers them alike whatever garbage lies between."""
 
     def __init__(self, file_path: str):
+        if not os.path.exists(file_path):  # the owner's only: the sweep's config in it names the tracking server
+            os.close(os.open(file_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
         super().__init__(file_path)
         self._ino: int | None = None  # the file read so far: a repair replaces it (a new inode)
         self._pos = 0  # bytes of it consumed (whole lines only)

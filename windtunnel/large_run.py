@@ -49,6 +49,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from windtunnel import checkpoints, memory
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
@@ -145,6 +146,9 @@ class LargeRunConfig:
         for name in ("steps", "stop_after_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"large_run.{name}: must be >= 0 (got {getattr(self, name)!r})")
+        from windtunnel import credentials
+
+        self.tracking_uri = credentials.take(self.tracking_uri)  # MLflow reads them from its environment
 
 
 def check_stop(run: LargeRunConfig, step: int, run_dir: Path) -> None:
@@ -275,6 +279,8 @@ class LargeRun:
             dist.barrier()
         vocab = data_mod.model_vocab(cfg.model.vocab_size, cfg.data, self.shards.vocab_size)
 
+        memory.check(cfg.model, vocab, run.micro_batch * T, self.device, world=self.world, fsdp=True,
+                     what="this large run")  # before it is built: one line, not the OOM killer
         model = Transformer(cfg.model, vocab, population=1)
         roles = model.param_roles()
         # init is a pure function of (config, seed), drawn on the CPU: every rank builds the same
@@ -385,12 +391,11 @@ class LargeRun:
 
     def load(self, path: Path, resuming: bool) -> int:
         """Load a checkpoint: the run's own `latest` (resuming) or train.init_from's; its step."""
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         check_checkpoint(path, self.cfg, self.run_dir, resuming)
         state = self._state()
-        dcp.load(state, checkpoint_id=str(path))
+        checkpoints.dcp_load(state, path, "train.checkpoint_dir" if resuming else "train.init_from")
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self._saved_step = int(json.loads((path / "meta.json").read_text())["step"])
         return self._saved_step

@@ -276,4 +276,5 @@ def write_report(study: optuna.Study, sweep_dir: Path, driver_running: bool = Fa
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
     report = sweep_dir / "report.md"
     write_text(report, "\n".join(lines) + "\n")
-    return [sweep_dir / "trials.csv", sweep_dir / "best.yaml", report, *plots]
+    # best.yaml only where a trial completed: a sweep whose every trial failed has none
+    return [sweep_dir / "trials.csv", *([sweep_dir / "best.yaml"] if best is not None else []), report, *plots]

@@ -5,7 +5,6 @@ failed and re-enqueued with the same parameters (attempt + 1), so none is lost o
 """
 from __future__ import annotations
 
-import errno
 import json
 import math
 import shlex
@@ -18,9 +17,10 @@ from pathlib import Path
 
 import optuna
 
-from windtunnel import data, locks
+from windtunnel import data, locks, memory
 from windtunnel.config import TrialConfig, to_dict, with_overrides
 from windtunnel.errors import ConfigError
+from windtunnel.files import DiskFull
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
@@ -52,27 +52,6 @@ class Tally:
     failed: int = 0
     best: float = math.inf
     told: list[int] = field(default_factory=list)
-
-
-def population_size(cfg: SweepConfig) -> int:
-    """population.size, or for auto: as many trials as fit in the device's memory (capped at 64)."""
-    if cfg.population.size != "auto":
-        return int(cfg.population.size)
-    import torch
-
-    if not torch.cuda.is_available():
-        return 4  # on CPU a few stacked trials amortise the Python overhead; more buys nothing
-    from windtunnel.model import count_params
-
-    m, t = cfg.model, cfg.train
-    vocab = m.vocab_size or 65536
-    params = count_params(m, vocab)
-    tokens = t.batch_size * m.seq_len
-    # fp32 weights, grads, two Adam moments + bf16 activations (~34·C bytes per token per layer,
-    # Korthikanti et al.) + one chunk of fp32 logits for the fused loss
-    per_trial = 16 * params + tokens * m.n_layers * m.d_model * 34 + 4 * 8192 * vocab
-    free, _ = torch.cuda.mem_get_info()
-    return max(1, min(64, int(0.8 * free / per_trial)))
 
 
 def _ended_at(b: Bundle) -> float:
@@ -116,7 +95,7 @@ class Driver:
         self.study.set_user_attr("sweep", json.dumps(to_dict(cfg), default=str))
         self.dists = distributions(cfg)
         self.fixed = fixed_params(cfg)
-        self.K = population_size(cfg)
+        self.K = memory.population_size(cfg)
         self.extra = sum(MARK in t.user_attrs for t in self.study.get_trials(deepcopy=False))
         self.running: list[Bundle] = []
         self.ready: list[Bundle] = []  # asked ahead, waiting for a slot
@@ -140,7 +119,8 @@ class Driver:
                 self.parent = self.tracker.start_invocation(
                     params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
                             "executor": cfg.executor.type, "population": self.K},
-                    tags={"windtunnel.sweep": cfg.name, **provenance_tags()})
+                    tags={"windtunnel.sweep": cfg.name, "windtunnel.sweep_dir": str(self.dir.resolve()),
+                          **provenance_tags()})
                 track_finished(self.tracker, self.parent, self.study, skip=skip)
 
     # -- bookkeeping ----------------------------------------------------------------------------
@@ -277,12 +257,8 @@ class Driver:
                 outcome = b.handle.result()
             except WorkerLost as e:  # lost: retried
                 outcome = str(e)
-            except ExecutorGone:  # no bundle can run: the driver stops (see run)
+            except (ExecutorGone, DiskFull):  # no bundle can run, or nothing can be written: the driver stops
                 raise
-            except OSError as e:  # a full disk stops the driver; its trials resume with the next run
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                outcome = e
             except Exception as e:  # the worker raised: deterministic, so no retry
                 outcome = e
             ended.append((b, freed, outcome))
@@ -365,10 +341,12 @@ class Driver:
                 if not self.running and not self.ready and self.remaining() <= 0 and not self.extend():
                     break
                 time.sleep(0.05)
-        except (KeyboardInterrupt, ExecutorGone):  # trials left running: the next run re-runs them
+        except (KeyboardInterrupt, ExecutorGone, DiskFull) as e:  # trials left running: the next run re-runs them
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()
+            if isinstance(e, DiskFull):  # nothing more can be written
+                raise
             try:  # the tables and report say what finished (a second Ctrl-C skips them)
                 files = self.write_report()
                 if self.parent is not None:
@@ -376,12 +354,6 @@ class Driver:
             finally:
                 if self.parent is not None:  # delivered by the deliverer's last pass, after this process exits
                     self.tracker.finish_invocation(self.parent, status="KILLED")
-            raise
-        except OSError as e:  # a full disk (disk_full): stop the workers; nothing more can be written
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                for b in self.running:
-                    b.handle.cancel()
-                self.executor.close()
             raise
         finally:
             if bar is not None:

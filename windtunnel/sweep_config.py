@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
+from windtunnel import credentials
 from windtunnel.errors import ConfigError
 from windtunnel.files import check_folder
 
@@ -138,13 +139,15 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         check_tracking_uri(self.uri, "tracking.uri")
+        self.uri = credentials.take(self.uri)  # never stored or printed (windtunnel/credentials.py)
 
 
 def check_tracking_uri(uri: str | None, name: str) -> None:
     # MLflow reads a bare word as a folder of its deprecated file store, which then refuses records
     scheme = uri.partition("://")[0].partition("+")[0] if uri and "://" in uri else None
     check_field(not uri or scheme in TRACKING_SCHEMES, name,
-                "must be '' (a local store) or a URI: http(s)://HOST:PORT, sqlite:///PATH, postgresql://...", uri)
+                "must be '' (a local store) or a URI: http(s)://HOST:PORT, sqlite:///PATH, postgresql://...",
+                credentials.redact(uri) if uri else uri)
 
 
 @dataclass(kw_only=True)
@@ -386,3 +389,28 @@ def grid_space(space: dict[str, Param]) -> dict[str, list]:
         else:
             raise ConfigError(f"search.{name}: the grid sampler needs `values` or `step` (got a continuous range)")
     return grid
+
+
+def doubtful(cfg: SweepConfig) -> list[str]:
+    """Settings that are allowed but probably not meant, each a one-line warning."""
+    import os
+
+    out = []
+    t, m = cfg.train, cfg.model
+    steps = t.tokens / max(1, t.batch_size * m.seq_len)
+    if steps > 1e7:  # the quickstart's trials are ~800 steps
+        out.append(f"train.tokens: {t.tokens:.3g} tokens is {steps:.3g} steps a trial; at 1,000 steps a second "
+                   f"one trial takes {steps / 1e3 / 86400:,.0f} days")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = cfg.executor.workers * max(1, cfg.executor.threads_per_worker)
+    if cfg.executor.type == "local" and busy > cores:
+        out.append(f"executor.workers: {cfg.executor.workers} workers × {max(1, cfg.executor.threads_per_worker)} "
+                   f"threads on {cores} CPU cores: they take turns, and each trial runs slower (0 = one per core)")
+    data_params = sorted(n for n in (cfg.search or {}) if n.startswith("data."))
+    if data_params:
+        from windtunnel.data import default_cache_dir
+
+        where = cfg.data.cache_dir or default_cache_dir()
+        out.append(f"search.{data_params[0]}: each value searched prepares its own dataset in {where}, which "
+                   "nothing removes: delete what you no longer need when the sweep is done")
+    return out

@@ -94,7 +94,7 @@ class _Outbox:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)  # it names the server
         size = os.fstat(self.fd).st_size
         if size:  # a record cut short by a crash: end it, so the next one starts on a fresh line
             with open(self.path, "rb") as f:
@@ -159,7 +159,8 @@ def _load_state(tracking_dir: Path, quiet: bool = False) -> dict:
 
 
 def _save_state(tracking_dir: Path, state: dict) -> None:
-    write_json(tracking_dir / STATE, state, indent=None, separators=(",", ":"), fsync=True)
+    # the owner's only: it names the servers
+    write_json(tracking_dir / STATE, state, indent=None, separators=(",", ":"), fsync=True, mode=0o600)
 
 
 def _target_state(state: dict, uri: str) -> dict:

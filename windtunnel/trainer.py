@@ -25,10 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
+from windtunnel import checkpoints, memory
 from windtunnel import data as data_mod
 from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
 from windtunnel.errors import ConfigError
-from windtunnel.files import make_folder, write_atomically
+from windtunnel.files import make_folder
 from windtunnel.model import Transformer, count_params
 from windtunnel.optim import PopulationAdamW, clip_scale_per_trial
 from windtunnel.schedule import branch_steps, lr_factor, phase_steps
@@ -78,9 +79,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))  # a killed save's temp goes at the next
 
 
 def _init_threads(device: torch.device) -> int:
@@ -117,6 +115,8 @@ class Population:
         self.device = torch.device(device) if device is not None else resolve_device(c0.train.device)
         self.shards = data_mod.load(c0.data)
         vocab = data_mod.model_vocab(c0.model.vocab_size, c0.data, self.shards.vocab_size)
+        memory.check(c0.model, vocab, c0.train.batch_size * c0.model.seq_len, self.device, population=self.K,
+                     what="this trial" if self.K == 1 else "this population")  # before it is built
         self.model = Transformer(c0.model, vocab, population=self.K)
         _init_trials(self.model, cfgs, _init_threads(self.device))
         self.model.to(self.device)
@@ -161,8 +161,10 @@ class Population:
         if path.is_dir():
             raise ConfigError(f"{where}: {path} is a folder; a saved state file is needed (stable-TOKENS.pt, "
                               "or a checkpoint's latest.pt)")
-        try:  # any other file was a pickle or zip traceback
-            s = torch.load(path, map_location=self.device, weights_only=False)
+        try:  # any other file was a pickle or zip traceback; weights_only: a crafted pickle runs nothing
+            s = checkpoints.load_verified(path, where, map_location=self.device)
+        except ConfigError:
+            raise
         except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
             s, reason = None, (str(e).strip().splitlines() or [type(e).__name__])[0]
         else:
@@ -297,8 +299,8 @@ class Population:
         c0 = self.cfgs[0]
         ckpt_dir = Path(c0.train.checkpoint_dir) if c0.train.checkpoint_dir else None
         latest = ckpt_dir / "latest.pt" if ckpt_dir else None
-        if latest is not None and latest.exists():
-            self._load(latest)
+        if latest is not None and (latest.exists() or checkpoints.previous(latest).exists()):
+            self._load(latest if latest.exists() else checkpoints.previous(latest))
         ckpt_interval = max(1, round(c0.train.checkpoint_every / self.tokens_per_step)) \
             if c0.train.checkpoint_every else 0
         save_steps = {math.ceil(t / self.tokens_per_step): t for t in c0.train.save_at}
@@ -323,9 +325,9 @@ class Population:
                 if bar is not None:
                     bar.set_postfix(val=min((c[-1]["val_loss"] for c in self.curves if c), default=float("nan")))
             if self.step in save_steps and ckpt_dir is not None:
-                _atomic_save(self._state(), ckpt_dir / f"stable-{save_steps[self.step]}.pt")
+                checkpoints.save(self._state(), ckpt_dir / f"stable-{save_steps[self.step]}.pt")
             if ckpt_interval and self.step % ckpt_interval == 0 and latest is not None:
-                _atomic_save(self._state(), latest)
+                checkpoints.save(self._state(), latest, keep_previous=True)  # a damaged latest falls back
                 if on_checkpoint:
                     on_checkpoint(self.step)
         if bar is not None:

@@ -24,15 +24,15 @@ What transfers and how (MiniCPM, arXiv 2404.06395; μTransfer, arXiv 2203.03466)
   (train.save_at) so it can be branched into other decays.
 - Parallelism: FSDP over all nodes × gpus_per_node GPUs (one data-parallel group). The
   micro-batch is the largest power of two whose memory fits (`memory`), gradient accumulation
-  makes up the rest of the batch. Memory model, bytes per GPU:
+  makes up the rest of the batch. Memory model (windtunnel/memory.py, the sweep's too), bytes per GPU:
       states      16 · N / world         fp32 weights, grads, Adam m and v, all sharded
       gathered    2 · (2 · P_block + P_root)   bf16 all-gathered block + the prefetched next one,
                                          and the root (embedding, final norm) kept gathered
-      activations micro · T · (L · 2 · (9·C + 4·F) + 8·V)   bf16 tensors autograd keeps per
-                                         token and layer (norm in/out ×2, qkv ×3, attention out,
-                                         residual ×2, out-proj input; gate, up, silu, product),
-                                         plus fp32 logits and their gradient (an upper bound:
-                                         the fused cross-entropy chunks them)
+      activations micro · T · L · 2 · (9·C + 4·F) + 8·V · min(micro · T, 8192)   bf16 tensors
+                                         autograd keeps per token and layer (norm in/out ×2, qkv ×3,
+                                         attention out, residual ×2, out-proj input; gate, up, silu,
+                                         product), plus fp32 logits and their gradient for one
+                                         chunk of the fused cross-entropy
       overhead    2 GiB                  CUDA context, NCCL buffers, allocator slack
   against memory_fraction · gpu_memory_gb.
 """
@@ -48,11 +48,11 @@ from typing import Any
 
 from windtunnel.config import TrialConfig, section_from_dict, to_dict, trial_from_dict
 from windtunnel.data import data_vocab
+from windtunnel import memory
 from windtunnel.errors import ConfigError
 from windtunnel.files import slug
+from windtunnel.memory import GIB, OVERHEAD_BYTES  # noqa: F401  (export.py and tests import them here)
 
-GIB = 1024**3
-OVERHEAD_BYTES = 2 * GIB
 LR_BATCH_SCALINGS = ("none", "sqrt")
 
 
@@ -148,6 +148,9 @@ class Target:
         for name in ("lr", "init_std", "scale_emb", "scale_depth", "dim_model_base"):
             v = getattr(self, name)
             check(v is None or (math.isfinite(v) and v > 0), name, "must be a finite number > 0 (or absent)")
+        from windtunnel import credentials
+
+        self.tracking_uri = credentials.take(self.tracking_uri)  # the exported files never hold a password
 
     @property
     def world(self) -> int:
@@ -488,20 +491,15 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
 
     # -- parallelism and memory
     world = row("GPUs (world size)", target.world, "nodes × gpus_per_node", f"target {target.name}")
-    C, F, Lyr, V = mc.d_model, mc.ffn_dim, mc.n_layers, target.vocab_size
-    block = sum(p.numel() for p in model.layers[0].parameters())
-    root = N - Lyr * block
-    states = 16 * N / world
-    gathered = 2 * (2 * block + root)
-    act_token = Lyr * 2 * (9 * C + 4 * F) + 8 * V
     budget = target.memory_fraction * target.gpu_memory_gb * GIB
 
-    def need(micro: int) -> float:
-        return states + gathered + micro * T * act_token + OVERHEAD_BYTES
+    def need(micro: int) -> float:  # windtunnel/memory.py: the sweep's and the trainer's model too
+        return memory.estimate(mc, target.vocab_size, micro * T, world=world, fsdp=True).total
 
     if need(1) > budget:
+        one = memory.estimate(mc, target.vocab_size, T, world=world, fsdp=True)
         raise ConfigError(f"target.gpu_memory_gb: {fmt(need(1) / GIB)} GiB per GPU needed at micro-batch 1 "
-                          f"(states {fmt(states / GIB)}, activations {fmt(T * act_token / GIB)}) but "
+                          f"(states {fmt(one.states / GIB)}, activations {fmt(one.activations / GIB)}) but "
                           f"{fmt(target.memory_fraction)} × {fmt(target.gpu_memory_gb)} GiB available: "
                           f"add GPUs (nodes=, gpus_per_node=) or shorten seq_len (got {fmt(target.gpu_memory_gb)})")
     per_gpu = max(1.0, seqs_wanted / world)
@@ -517,8 +515,9 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     if abs(bs_tokens / bs_opt - 1) > 0.25:
         warnings.append(f"the batch ({fmt(bs_tokens)} tokens) is {fmt(bs_tokens / bs_opt)}× the wanted "
                         f"{fmt(bs_opt)}: the GPU count sets the smallest batch (GPUs × 1 × seq_len)")
-    mem = {"states": states, "gathered": gathered, "activations": micro * T * act_token,
-           "overhead": float(OVERHEAD_BYTES), "total": need(micro), "budget": budget}
+    at = memory.estimate(mc, target.vocab_size, micro * T, world=world, fsdp=True)
+    mem = {"states": at.states, "gathered": at.gathered, "activations": at.activations,
+           "overhead": at.overhead, "total": at.total, "budget": budget}
     row("memory per GPU (GiB)", need(micro) / GIB, "states + gathered + activations + overhead", "memory model")
 
     # -- lr and the batch

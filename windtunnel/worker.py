@@ -76,11 +76,15 @@ def run_bundle(payload: dict) -> list[dict]:
 
 def _resumed_from(latest: Path) -> int | None:
     """The step of the checkpoint a requeued job resumes from (the trainer loads it); logged."""
-    if not latest.exists():
-        return None
-    import torch
+    from windtunnel.checkpoints import previous
 
-    step = int(torch.load(latest, map_location="cpu", mmap=True, weights_only=False)["step"])
+    if not latest.exists():
+        if not previous(latest).exists():
+            return None
+        latest = previous(latest)
+    from windtunnel import checkpoints
+
+    step = int(checkpoints.load_verified(latest, "train.checkpoint_dir")["step"])
     print(f"windtunnel.worker: resumed from step {step} ({latest})", flush=True)
     return step
 

@@ -17,7 +17,10 @@ def run(args) -> int:
     from windtunnel.results import open_sweep_study, write_report
     from windtunnel.sweep_config import check_tracking_uri
 
+    from windtunnel import credentials
+
     check_tracking_uri(args.mlflow, "--mlflow")  # a bare word was a folder MLflow refused, record by record
+    args.mlflow = credentials.take(args.mlflow)
     d = Path(args.sweep_dir)
     study = open_sweep_study(d)
     if "request" in study.user_attrs:  # a `windtunnel confirm` folder: its own tables and report

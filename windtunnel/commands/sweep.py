@@ -19,11 +19,12 @@ def run(args) -> int:
     from windtunnel.configure import load_sweep
 
     cfg = load_sweep(args.sweep, args.overrides)  # every error is raised before anything is written
+    from windtunnel.sweep_config import doubtful
     from windtunnel.symmetry import ridge_warning
 
     ridge = ridge_warning(cfg.search, cfg.model.parametrization)
-    if ridge:
-        print(f"windtunnel sweep: warning: {ridge}", file=sys.stderr, flush=True)
+    for warning in [*doubtful(cfg), *([ridge] if ridge else [])]:
+        print(f"windtunnel sweep: warning: {warning}", file=sys.stderr, flush=True)
     from windtunnel.sweep import run_sweep
 
     return summary(cfg, run_sweep(cfg, progress=not args.quiet))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 
@@ -30,7 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from windtunnel.sweep_config import check_tracking_uri
     from windtunnel.tracking import _sync_dir, drop_pending, outbox_dirs
 
+    from windtunnel import credentials
+
     check_tracking_uri(args.uri, "--uri")
+    args.uri, args.drop = credentials.take(args.uri), credentials.take(args.drop)
     if args.drop is not None and args.uri is not None:
         raise ConfigError("--drop: not with --uri (drop first, then copy)")
     path = Path(args.path)
@@ -52,4 +56,21 @@ def run(args: argparse.Namespace) -> int:
         waiting = "; ".join(f"{n} pending for {uri}" for uri, n in left.items()) or "0 pending"
         line = f"{d.parent}: sent {sent}, {waiting}" + (f", {skipped} skipped for good (warnings above)" if skipped else "")
         print(line + (f" ({error})" if error else ""))
+        torn = _torn_tail(d / "outbox.jsonl")
+        if torn:  # never a silent 0: that record (often the run's finish) was not sent
+            left_total += 1
+            print(f"{d.parent}: the outbox ends in {torn} bytes of a record cut short (a full disk or a crash), "
+                  f"not sent; the run it belongs to may stay RUNNING in MLflow ({d / 'outbox.jsonl'})", file=sys.stderr)
     return 0 if left_total == 0 else 1
+
+
+def _torn_tail(outbox: Path) -> int:
+    """Bytes after the outbox's last newline: a record whose write was cut short."""
+    try:
+        with open(outbox, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - (1 << 20)))
+            tail = f.read()
+    except OSError:
+        return 0
+    return len(tail) - (tail.rfind(b"\n") + 1) if tail.rfind(b"\n") >= 0 or size <= (1 << 20) else 0

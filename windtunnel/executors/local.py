@@ -21,6 +21,7 @@ from pathlib import Path
 
 from windtunnel.executors import WorkerLost
 from windtunnel.files import disk_full, write_json
+from windtunnel.memory import oom_kills
 from windtunnel.sweep_config import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT
 
@@ -59,6 +60,7 @@ def _die_with_parent(driver: int) -> None:
 class LocalHandle:
     def __init__(self, proc: subprocess.Popen, bundle_dir: Path, slot: int, log=None):
         self.proc, self.bundle_dir, self.slot, self._log = proc, bundle_dir, slot, log
+        self._oom_kills = oom_kills()  # the kernel's count: a SIGKILL it adds to was the OOM killer's
 
     def done(self) -> bool:
         return (self.bundle_dir / RESULT).exists() or self.proc.poll() is not None
@@ -70,6 +72,9 @@ class LocalHandle:
         if self._log is not None:
             self._log.close()
         if not res.exists():
+            if self.proc.returncode == -signal.SIGKILL and oom_kills() > self._oom_kills >= 0:
+                raise WorkerLost(f"out of memory: the kernel's OOM killer ended the worker (status -9); its model "
+                                 f"and batch need more memory than was free (log: {self.bundle_dir / 'worker.log'})")
             raise WorkerLost(f"worker exited with status {self.proc.returncode} before writing a result "
                              f"(log: {self.bundle_dir / 'worker.log'})")
         out = json.loads(res.read_text())

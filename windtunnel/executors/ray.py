@@ -139,6 +139,28 @@ def _check_listening(address: str, timeout: float = 5.0, field: str = "executor.
                           f"with `ray start --head`, or {fix}") from None
 
 
+def _require_token() -> dict[str, str | None]:
+    """Token authentication for the instance about to start, with a token made for it. Ray's GCS
+    listens on every interface whatever _node_ip_address says, and without a token anyone who
+    reaches its port could run code as this user. The token lives in this process's environment
+    only (Ray's processes inherit it), is never printed or written, and is gone at close. A
+    RAY_AUTH_MODE the user set is kept. Returns the variables to restore at close."""
+    import secrets
+
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return {}
+    try:
+        from ray._raylet import Config
+    except ImportError:  # a Ray without token authentication: docs/safety.md says what listens
+        return {}
+    os.environ["RAY_AUTH_MODE"] = "token"
+    if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    Config.initialize("")  # as Ray's own _enable_token_auth: this process sees token mode too
+    return saved
+
+
 class RayExecutor:
     def __init__(self, cfg: ExecutorConfig):
         import ray
@@ -155,6 +177,7 @@ class RayExecutor:
             _token_auth_like_ray_start()
             ray.init(address=address, runtime_env=env, log_to_driver=False, logging_level="WARNING")
         elif self.connected:  # a new instance of our own, nothing listening beyond 127.0.0.1
+            self._token_vars = _require_token()
             ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False,
                      dashboard_host="127.0.0.1", _node_ip_address="127.0.0.1", runtime_env=env,
                      log_to_driver=False, logging_level="WARNING")
@@ -202,3 +225,8 @@ class RayExecutor:
 
         if self.connected and ray.is_initialized():
             ray.shutdown()  # disconnects from a cluster; stops the instance this executor started
+        for name, value in getattr(self, "_token_vars", {}).items():  # the token dies with the instance
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -1,0 +1,147 @@
+"""The one memory model: the bytes a process needs to train a model, and the check that refuses
+a trial, sweep or large run that cannot fit before anything is built.
+
+Used by the sweep (how many trials a population stacks), the transfer plan (the large run's
+micro-batch per GPU) and `check` (trainer, large run, sweep preflight). Per process:
+
+    states       16 bytes a parameter: fp32 weights, gradients and AdamW's two moments,
+                 ÷ world under FSDP, × the trials a population stacks
+    gathered     FSDP (the large run) only: bf16 copies of two blocks in flight and of the root (embeddings, head)
+    activations  per token: L · b · (9C + 4F) saved for the backward (b = 2 bytes under bf16
+                 autocast, 4 in fp32 on CPU), plus 8·V a token for the logits and their gradient,
+                 for at most LOSS_ROWS tokens (the fused cross-entropy's chunk)
+    overhead     CUDA context, allocator slack, NCCL buffers (2 GiB; none on CPU)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from windtunnel.errors import ConfigError
+
+GIB = 1024**3
+OVERHEAD_BYTES = 2 * GIB
+LOSS_ROWS = 8192
+
+
+@dataclass
+class Estimate:
+    params: int
+    states: float
+    gathered: float
+    activations: float
+    overhead: float
+
+    @property
+    def total(self) -> float:
+        return self.states + self.gathered + self.activations + self.overhead
+
+
+def block_params(C: int, F: int) -> int:
+    """One transformer block: attention (4·C²), SwiGLU (3·C·F), two norms."""
+    return 4 * C * C + 3 * C * F + 2 * C
+
+
+def estimate(model, vocab: int, tokens: int, *, world: int = 1, population: int = 1,
+             device: str = "cuda", fsdp: bool = False) -> Estimate:
+    """Bytes per process to train `model` (a ModelConfig) with `tokens` tokens a forward (micro-batch ×
+    seq_len) per trial, `population` trials stacked; fsdp: the large run's, sharded over `world` ranks."""
+    from windtunnel.model import count_params
+
+    C, F, L = model.d_model, model.ffn_dim, model.n_layers
+    N = count_params(model, vocab)
+    block = block_params(C, F)
+    act_bytes = 2 if device == "cuda" else 4
+    logits = 8 * vocab * min(tokens, LOSS_ROWS)  # fp32 logits and their gradient, one chunk of the fused loss
+    return Estimate(params=N, states=16 * N * population / world,
+                    gathered=2 * (2 * block + N - L * block) if fsdp else 0.0,
+                    activations=population * (tokens * L * act_bytes * (9 * C + 4 * F) + logits),
+                    overhead=OVERHEAD_BYTES if device == "cuda" else 0.0)
+
+
+def population_size(cfg) -> int:
+    """A sweep's population.size, or for auto: as many trials as fit in the GPU's free memory
+    (capped at 64)."""
+    if cfg.population.size != "auto":
+        return int(cfg.population.size)
+    import torch
+
+    if not torch.cuda.is_available():
+        return 4  # on CPU a few stacked trials amortise the Python overhead; more buys nothing
+    m, t = cfg.model, cfg.train
+    # the context and allocator slack are the process's, paid once
+    per_trial = estimate(m, m.vocab_size or 65536, t.batch_size * m.seq_len).total - OVERHEAD_BYTES
+    free, _ = torch.cuda.mem_get_info()
+    return max(1, min(64, int((0.8 * free - OVERHEAD_BYTES) / per_trial)))
+
+
+def free_bytes(device) -> tuple[float, str]:
+    """What `device` (a torch.device) has free now, and where that figure comes from."""
+    if device.type == "cuda":
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free), f"{device} (free GPU memory)"
+    avail = _meminfo("MemAvailable")
+    where = "this machine's available memory"
+    limit = _cgroup_room()
+    if limit is not None and limit < avail:
+        avail, where = limit, "this container's memory limit"
+    return avail, where
+
+
+def _meminfo(key: str) -> float:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
+
+
+def _cgroup_room() -> float | None:
+    """cgroup v2's memory.max less memory.current, where a limit is set."""
+    try:
+        limit = open("/sys/fs/cgroup/memory.max").read().strip()
+        if limit == "max":
+            return None
+        return float(limit) - float(open("/sys/fs/cgroup/memory.current").read())
+    except (OSError, ValueError):
+        return None
+
+
+def _gib(x: float) -> str:
+    return f"{x / GIB:.3g}"
+
+
+def check(model, vocab: int, tokens: int, device, *, world: int = 1, population: int = 1,
+          fsdp: bool = False, what: str = "this trial") -> Estimate:
+    """A ConfigError naming the sizes when the estimate exceeds what `device` has free (a
+    model that would grow until the kernel's OOM killer ends it, with no word from windtunnel).
+    WINDTUNNEL_SKIP_MEMORY_CHECK=1 skips it (an estimate can be wrong)."""
+    est = estimate(model, vocab, tokens, world=world, population=population, device=device.type, fsdp=fsdp)
+    if os.environ.get("WINDTUNNEL_SKIP_MEMORY_CHECK"):
+        return est
+    free, where = free_bytes(device)
+    if est.total > free:
+        trials = f" × {population} trials" if population > 1 else ""
+        raise ConfigError(
+            f"model: {what} needs ~{_gib(est.total)} GiB ({est.params / 1e6:,.1f}M parameters{trials}: states "
+            f"{_gib(est.states)} GiB, activations {_gib(est.activations)} GiB for {tokens:,} tokens a step) but "
+            f"{where} is {_gib(free)} GiB; shrink model.d_model / model.n_layers, train.batch_size or "
+            "population.size (WINDTUNNEL_SKIP_MEMORY_CHECK=1 to try anyway)")
+    return est
+
+
+def oom_kills() -> int:
+    """The kernel's count of processes its OOM killer ended (/proc/vmstat; -1 where unknown)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("oom_kill "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
