@@ -23,7 +23,8 @@ ORCHESTRATION_MODULES = ("windtunnel.sweep", "windtunnel.search", "windtunnel.ex
 # schema, the error type, safe file writes, file locks). Anything else is orchestration.
 CORE_MODULES = ("windtunnel.model", "windtunnel.parametrization", "windtunnel.schedule", "windtunnel.data",
                 "windtunnel.optim", "windtunnel.trainer", "windtunnel.kernels",
-                "windtunnel.checkpoints", "windtunnel.memory")  # saved states; the memory model
+                "windtunnel.checkpoints", "windtunnel.memory",  # saved states; the memory model
+                "windtunnel.prose")  # a data source: the prose corpus's extraction
 LEAVES = ("windtunnel.config", "windtunnel.errors", "windtunnel.files", "windtunnel.locks")
 # Between transfer (the plan), export (its files) and the large run (the trainer a cluster runs),
 # the one arrow: export writes transfer's plan. The large run depends on neither.
