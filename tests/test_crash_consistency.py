@@ -200,7 +200,9 @@ def test_a_trial_killed_while_it_saves_a_checkpoint_leaves_no_temp_after_the_res
         pytest.fail("three kills each landed after a checkpoint's rename")
     r = _cli(*args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(e.name for e in os.scandir(ckpt)) == ["latest.pt"]
+    names = {e.name for e in os.scandir(ckpt)}  # the checkpoint, its checksum, the previous good one
+    assert {"latest.pt", "latest.pt.sha256"} <= names <= {"latest.pt", "latest.pt.sha256", "latest.pt.prev",
+                                                          "latest.pt.prev.sha256"}, sorted(names)
 
 
 def test_a_trial_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_losses(tmp_path):

@@ -18,6 +18,8 @@ ALLOWED = {
     ("windtunnel/data.py", "tofile"),  # into a temp folder renamed whole onto the shard folder
     ("windtunnel/data.py", "save"),  # tokenizer.json, likewise into that temp folder
     ("windtunnel/executors/local.py", "open"),  # a standby worker's output, streamed as it runs
+    ("windtunnel/checkpoints.py", "open"),  # the temp, in the callback handed to write_atomically
+    ("windtunnel/checkpoints.py", "save"),  # torch.save into that temp, through the checksum
 }
 
 

@@ -24,6 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from windtunnel.errors import ConfigError
+from windtunnel.files import write_atomically, write_json
 
 # Bump when the extraction changes: cached text of another version is rebuilt, not reused.
 EXTRACTOR = 1
@@ -266,10 +267,7 @@ def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]
         Path(tmp).unlink(missing_ok=True)
     meta = {"corpus": "prose", "extractor": EXTRACTOR, "text_sha256": h.hexdigest(),
             "bytes": sum(r["bytes"] for r in rows), "packages": rows}
-    fd, tmp = tempfile.mkstemp(prefix=".corpus.", dir=out)
-    with os.fdopen(fd, "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(tmp, manifest)
+    write_json(manifest, meta)
     return text, meta
 
 
@@ -291,7 +289,8 @@ def pack(text: Path, tokenizer_json: Path, max_tokens: int, out_dir: Path, part_
     def spill(final: bool) -> None:
         while len(buf) >= part_bytes or (final and buf):
             part = out_dir / f"prose.txt.xz.{len(parts):03d}"
-            part.write_bytes(bytes(buf[:part_bytes]))
+            chunk = bytes(buf[:part_bytes])
+            write_atomically(part, lambda tmp: tmp.write_bytes(chunk))
             del buf[:part_bytes]
             parts.append(part.name)
 
@@ -311,5 +310,5 @@ def pack(text: Path, tokenizer_json: Path, max_tokens: int, out_dir: Path, part_
     shutil.copyfile(tokenizer_json, out_dir / "tokenizer.json")
     meta = {"tokens": n_tokens, "text_bytes": n_bytes, "text_sha256": h.hexdigest(), "parts": parts,
             "packed_bytes": sum((out_dir / p).stat().st_size for p in parts)}
-    (out_dir / "pack.json").write_text(json.dumps(meta, indent=1))
+    write_json(out_dir / "pack.json", meta)
     return meta
