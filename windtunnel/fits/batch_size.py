@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.errors import ConfigError
-from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
+from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
 from windtunnel.fits.frames import check_frame, jsonable, where
 from windtunnel.fits.optimum import parabola_min
 
@@ -91,9 +91,8 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
 
     def solve(idx: np.ndarray):
         """(tuned loss and lr optimum per (model, tokens, batch size), batch-size optima, law)."""
+        mean = cell_means(code, loss, idx, n_cells)
         cnt = np.bincount(code[idx], minlength=n_cells)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.bincount(code[idx], weights=loss[idx], minlength=n_cells) / cnt
         tuned = []
         for xs, ids in zip(lr_cells, cell_ids):
             ok = cnt[ids] > 0

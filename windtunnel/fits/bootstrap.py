@@ -43,6 +43,13 @@ class Bootstrap:
         return {"resamples": self.n, "level": self.level, "intervals": self.intervals, "valid": self.valid}
 
 
+def cell_means(code: np.ndarray, loss: np.ndarray, idx: np.ndarray, n_cells: int) -> np.ndarray:
+    """Mean loss per design cell over the resampled rows idx (NaN for a cell none of them hit)."""
+    cnt = np.bincount(code[idx], minlength=n_cells)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.bincount(code[idx], weights=loss[idx], minlength=n_cells) / cnt
+
+
 def units(df: pd.DataFrame, strata: list[str], unit: list[str] | None) -> list[list[np.ndarray]]:
     """Row positions of df grouped by stratum, then by unit within it: the input of `bootstrap`.
     Rows sharing the strata and unit columns form one unit (one run's evaluations); unit None:

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.errors import ConfigError
-from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
+from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
 from windtunnel.fits.frames import check_frame, jsonable, where
 from windtunnel.fits.optimum import parabola_min
 
@@ -100,9 +100,7 @@ def fit_horizon(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -
     code, loss, n_cells = d["_cell"].to_numpy(), d["loss"].to_numpy(), len(cells)
 
     def solve(idx: np.ndarray):
-        cnt = np.bincount(code[idx], minlength=n_cells)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.bincount(code[idx], weights=loss[idx], minlength=n_cells) / cnt
+        mean = cell_means(code, loss, idx, n_cells)
         out = []
         for lrs, stds, li, si, ids in per_t:
             grid = np.full((len(lrs), len(stds)), np.inf)
