@@ -16,6 +16,7 @@
 #   bash windtunnel/bench/device/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash windtunnel/bench/device/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
 #   bash windtunnel/bench/device/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
+#   bash windtunnel/bench/device/gpu.sh validate [ARGS]    # results/windtunnel/validate_0.5b/ (issue 24.6; resumes)
 #   bash windtunnel/bench/device/gpu.sh hf                  # the ~0.5B export: short run, export-hf, transformers' loss
 #   bash windtunnel/bench/device/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash windtunnel/bench/device/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
@@ -115,6 +116,21 @@ case $stage in
     cp /tmp/run-hf/runs/hf/loss.jsonl /tmp/hf-model/config.json "$W/"
     set +e; python3 -m windtunnel.bench.hf_check /tmp/hf-model --run /tmp/run-hf 2>"$W/hf_check.err" | tee "$W/hf_check.json"
     rc=${PIPESTATUS[0]}; set -e; tar czf "$OUT/hf.tgz" -C "$W" .; exit "$rc" ;;
+  validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b (horizon law on) for 30M
+    # tokens of prose, beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target).
+    # The prose slice travels packed (docs/data.md, "Carrying prose to the GPU machine") in .carry/prose.
+    D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V"
+    if [ ! -f "$D/manifest.json" ]; then
+      cat .carry/prose/prose.txt.xz.* > /tmp/prose.txt.xz
+      python3 -m windtunnel.cli data prepare /tmp/prose.txt.xz --tokenizer-file .carry/prose/tokenizer.json \
+        --max-tokens 32e6 --max-bytes 1e12 --out "$D" 2>&1 | tail -2
+    fi
+    [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
+      --tokens 30e6 --batch-size 32768 --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v \
+      run_name=v data_source="$D" > "$V/transfer.log"
+    cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"; cp "$D/manifest.json" "$V/data_manifest.json"
+    python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
+    tar czf "$OUT/validate.tgz" "$V" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides

@@ -1,0 +1,64 @@
+"""The target-scale validation's bookkeeping (windtunnel.bench.validate_target): which runs it plans,
+what counts as finished, and when it calls the goal met, missed or not yet judged. The runs themselves
+are the large run's own (tests/test_large_run*.py); here their loss.jsonl files are written directly."""
+import json
+import math
+
+import pytest
+
+from windtunnel.bench import validate_target as vt
+
+BASE = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04}}
+
+
+def write_run(out, rid, val, done=True):
+    recs = [{"event": "start", "step": 0}, {"step": 1, "tokens": 10, "loss": 9.0, "seconds": 1.5},
+            {"step": 2, "tokens": 20, "loss": 8.0, "seconds": 2.5}, {"step": 2, "tokens": 20, "val_loss": val}]
+    if done:
+        recs.append({"event": "done", "step": 2})
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{rid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_plan_runs_every_seed_0_first_and_scales_from_the_transferred_values():
+    p = vt.plan(BASE, 2)
+    assert len(p) == 2 * len(vt.CONFIGS)
+    assert [s for _, _, s, _ in p] == [0] * len(vt.CONFIGS) + [1] * len(vt.CONFIGS)
+    over = {name: o for _, name, s, o in p if s == 0}
+    assert over["transferred"]["optim.lr"] == 0.002 and over["transferred"]["model.init_std"] == 0.04
+    assert over["lr x2"]["optim.lr"] == pytest.approx(0.004)
+    assert over["init x1/2"]["model.init_std"] == pytest.approx(0.02)
+    assert over["minicpm"] | vt.MINICPM == over["minicpm"]  # MiniCPM's absolute values, not factors
+    assert len({rid for rid, *_ in p}) == len(p)
+
+
+def test_a_run_without_its_done_event_is_not_finished(tmp_path):
+    write_run(tmp_path, "a", 3.5, done=False)
+    assert vt.final(tmp_path / "runs" / "a.jsonl") is None
+    write_run(tmp_path, "a", 3.5)
+    f = vt.final(tmp_path / "runs" / "a.jsonl")
+    assert f["val_loss"] == 3.5 and f["seconds"] == 2.5 and not f["diverged"]
+
+
+def _all_runs(out, losses):
+    (out / "plan.json").write_text(json.dumps({"transfer": BASE, "seeds": 2}))
+    for rid, name, seed, _ in vt.plan(BASE, 2):
+        write_run(out, rid, losses(name, seed))
+
+
+def test_the_goal_is_judged_only_when_every_planned_run_is_done(tmp_path):
+    (tmp_path / "plan.json").write_text(json.dumps({"transfer": BASE, "seeds": 2}))
+    write_run(tmp_path, vt.run_id("transferred", 0), 3.5)
+    s = vt.summarize(tmp_path)
+    assert s["verdict"].startswith("not judged: 1 of 16") and "no seed-sd" in s["verdict"]
+    assert (tmp_path / "report.md").exists() and (tmp_path / "validate.csv").exists()
+
+
+@pytest.mark.parametrize("offset, verdict", [(0.005, "MET"), (0.05, "MISSED")])
+def test_met_within_one_pooled_seed_sd_of_the_best_missed_beyond(tmp_path, offset, verdict):
+    # every configuration: seeds 0.01 apart (sd 0.00707); "lr x1/sqrt2" is best by `offset`
+    _all_runs(tmp_path, lambda name, seed: 3.5 + 0.01 * seed - (offset if name == "lr x1/sqrt2" else 0.0))
+    s = vt.summarize(tmp_path)
+    assert s["seed_sd"] == pytest.approx(0.01 / math.sqrt(2))
+    assert s["best"] == "lr x1/sqrt2" and s["transferred_minus_best"] == pytest.approx(offset)
+    assert s["verdict"] == verdict

@@ -1,0 +1,181 @@
+"""Does the transferred configuration win at the target's scale? (issue 24 item 6)
+
+`windtunnel transfer` writes a launchable run (train.yaml + launch.sh) for the target; this trains it
+beside lr ×{½, 1/√2, √2, 2}, init_std ×{½, 2} and MiniCPM's published values (scale_emb 12,
+scale_depth 1.4, init_std 0.1, lr 0.01, through the same μP rules), each with n seeds, every run a
+real `launch.sh` of the large run. Seed 0 of every configuration runs before seed 1, and the most
+telling configurations first, so a partial result already says something.
+
+Resumable: a run whose loss.jsonl holds its `done` event is kept under OUT/runs/ and never re-run;
+`--deadline-s` starts no run that would not end before it (device calls are 10 minutes).
+
+    windtunnel transfer results/windtunnel/mup_hp-confirm --target h100-0.5b --tokens 30e6 \\
+        --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v run_name=v
+    python -m windtunnel.bench.validate_target /tmp/v --out results/windtunnel/validate_0.5b --seeds 2 \\
+        data.source=/tmp/prose
+    python -m windtunnel.bench.validate_target --summarize results/windtunnel/validate_0.5b
+
+The goal: the transferred configuration's mean final validation loss within one seed-sd (pooled
+over the configurations with 2+ seeds) of the best configuration's mean.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from windtunnel.confirm import t_interval
+from windtunnel.files import write_json, write_text
+
+R2 = math.sqrt(2)
+MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 0.1, "optim.lr": 0.01}
+# (name, lr factor, init_std factor, absolute values): the most telling first.
+CONFIGS = (("transferred", 1, 1, {}), ("lr x1/2", 0.5, 1, {}), ("lr x2", 2, 1, {}), ("minicpm", 1, 1, MINICPM),
+           ("lr x1/sqrt2", 1 / R2, 1, {}), ("lr xsqrt2", R2, 1, {}), ("init x1/2", 1, 0.5, {}),
+           ("init x2", 1, 2, {}))
+
+
+def run_id(name: str, seed: int) -> str:
+    return f"{name.replace(' ', '_').replace('/', '-')}_s{seed}"
+
+
+def plan(base: dict, seeds: int) -> list[tuple[str, str, int, dict]]:
+    """(run id, config name, seed, overrides) in the order they run."""
+    out = []
+    for seed in range(seeds):
+        for name, lr_f, init_f, absolute in CONFIGS:
+            over = {"optim.lr": base["optim"]["lr"] * lr_f, "model.init_std": base["model"]["init_std"] * init_f}
+            over.update(absolute)
+            over["train.seed"] = seed
+            out.append((run_id(name, seed), name, seed, over))
+    return out
+
+
+def final(jsonl: Path) -> dict | None:
+    """The run's last val_loss and its wall time, once its `done` event is in; None before."""
+    if not jsonl.exists():
+        return None
+    recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
+    if not any(r.get("event") == "done" for r in recs):
+        return None
+    vals = [r for r in recs if "val_loss" in r]
+    steps = [r for r in recs if "loss" in r and "step" in r]
+    return {"val_loss": vals[-1]["val_loss"] if vals else None, "tokens": vals[-1]["tokens"] if vals else None,
+            "seconds": steps[-1].get("seconds") if steps else None, "diverged": not vals or not math.isfinite(vals[-1]["val_loss"])}
+
+
+def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_s: float, est_s: float) -> None:
+    base = yaml.safe_load((transfer_dir / "train.yaml").read_text())
+    runs_dir = out / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for rid, name, seed, over in plan(base, seeds):
+        if final(runs_dir / f"{rid}.jsonl"):
+            continue
+        left = deadline_s - (time.monotonic() - t0)
+        if left < est_s:
+            print(f"validate: {rid} not started: {left:.0f} s left, a run takes ~{est_s:.0f} s", flush=True)
+            break
+        run_dir = transfer_dir / "runs" / rid
+        shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished run starts over: it saves no checkpoints
+        args = [f"{k}={v}" for k, v in over.items()] + [
+            f"large_run.run_name={rid}", f"large_run.run_dir=runs/{rid}", "train.checkpoint_every=0",
+            "train.save_at=[]", f"train.checkpoint_dir=runs/{rid}/checkpoints"] + extra
+        print(f"validate: {rid}: {' '.join(args)}", flush=True)
+        started = time.monotonic()
+        with open(out / f"{rid}.log", "w") as log:
+            rc = subprocess.call(["bash", str(transfer_dir / "launch.sh"), *args], cwd=transfer_dir,
+                                 stdout=log, stderr=subprocess.STDOUT)
+        jsonl = run_dir / "loss.jsonl"
+        if jsonl.exists():
+            shutil.copyfile(jsonl, runs_dir / f"{rid}.jsonl.tmp")
+            os.replace(runs_dir / f"{rid}.jsonl.tmp", runs_dir / f"{rid}.jsonl")
+        est_s = max(est_s, time.monotonic() - started)
+        print(f"validate: {rid} exit {rc} in {time.monotonic() - started:.0f} s: {final(runs_dir / f'{rid}.jsonl')}",
+              flush=True)
+    write_json(out / "plan.json", {"transfer": yaml.safe_load((transfer_dir / "train.yaml").read_text()),
+                                   "extra": extra, "seeds": seeds})
+
+
+def summarize(out: Path) -> dict:
+    """validate.json, validate.csv and report.md from OUT/runs/; the goal judged only where seeds allow."""
+    cfg = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
+    rows, by = [], {}
+    base = cfg.get("transfer")
+    for rid, name, seed, over in plan(base, cfg.get("seeds", 2)) if base else []:
+        f = final(out / "runs" / f"{rid}.jsonl")
+        if f:
+            rows.append({"run": rid, "config": name, "seed": seed, "lr": over["optim.lr"],
+                         "init_std": over["model.init_std"], **f})
+            if not f["diverged"]:
+                by.setdefault(name, []).append(f["val_loss"])
+    table = []
+    for name, *_ in CONFIGS:
+        v = by.get(name, [])
+        mean, sd, lo, hi = t_interval(v) if v else (math.nan,) * 4
+        table.append({"config": name, "n": len(v), "mean": mean, "sd": sd, "low": lo, "high": hi})
+    pooled = [x for t in table if t["n"] >= 2 for x in [t["sd"] ** 2]]
+    seed_sd = math.sqrt(sum(pooled) / len(pooled)) if pooled else math.nan
+    done = [t for t in table if t["n"]]
+    best = min(done, key=lambda t: t["mean"]) if done else None
+    mine = next((t for t in table if t["config"] == "transferred" and t["n"]), None)
+    gap = mine["mean"] - best["mean"] if best and mine else math.nan
+    n_planned = len(CONFIGS) * cfg.get("seeds", 2)
+    if not (best and mine) or math.isnan(seed_sd) or len(rows) < n_planned:
+        verdict = (f"not judged: {len(rows)} of {n_planned} runs done"
+                   + ("" if pooled else ", no configuration has 2 seeds yet (no seed-sd)"))
+    else:
+        verdict = "MET" if gap <= seed_sd else "MISSED"
+    summary = {"runs_done": len(rows), "runs_planned": n_planned, "seed_sd": seed_sd, "best": best and best["config"],
+               "transferred_minus_best": gap, "goal": "transferred mean within one seed-sd of the best mean",
+               "verdict": verdict, "table": table, "runs": rows}
+    write_json(out / "validate.json", summary)
+    lines = ["| config | seeds | mean val loss | sd | 95% interval |", "|---|---|---|---|---|"]
+    for t in table:
+        if t["n"]:
+            iv = f"[{t['low']:.4f}, {t['high']:.4f}]" if t["n"] > 1 else "—"
+            sd = f"{t['sd']:.4f}" if t["n"] > 1 else "—"
+            lines.append(f"| {t['config']} | {t['n']} | {t['mean']:.4f} | {sd} | {iv} |")
+    head = (f"# Validation at the target's scale\n\n{len(rows)} of {n_planned} runs done. Best so far: "
+            f"{best and best['config']}; transferred − best = {gap:.4f} nats; pooled seed-sd {seed_sd:.4f}. "
+            f"Goal ({summary['goal']}): **{verdict}**.\n\n")
+    write_text(out / "report.md", head + "\n".join(lines) + "\n")
+    import pandas as pd
+    pd.DataFrame(rows).to_csv(out / "validate.csv", index=False)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("transfer_dir", nargs="?", help="a folder `windtunnel transfer` wrote (train.yaml, launch.sh)")
+    p.add_argument("extra", nargs="*", help="KEY=VALUE overrides for every run (e.g. data.source=...)")
+    p.add_argument("--out", help="results folder (runs/, logs, validate.json, report.md)")
+    p.add_argument("--seeds", type=int, default=2)
+    p.add_argument("--deadline-s", type=float, default=math.inf, help="start no run that would end after this")
+    p.add_argument("--est-s", type=float, default=300.0, help="one run's wall time until one is measured")
+    p.add_argument("--summarize", metavar="OUT", help="only write the summary of OUT's finished runs")
+    a = p.parse_intermixed_args(argv)
+    if a.summarize:
+        print(json.dumps({k: v for k, v in summarize(Path(a.summarize)).items() if k != "runs"}, indent=1))
+        return 0
+    if not a.transfer_dir or not a.out:
+        print("validate: error: give TRANSFER_DIR and --out (or --summarize OUT)", file=sys.stderr)
+        return 2
+    if a.seeds < 1:
+        print(f"validate: error: --seeds {a.seeds}: must be at least 1", file=sys.stderr)
+        return 2
+    train(Path(a.transfer_dir).resolve(), Path(a.out).resolve(), a.seeds, a.extra, a.deadline_s, a.est_s)
+    print(json.dumps({k: v for k, v in summarize(Path(a.out).resolve()).items() if k not in ("runs", "table")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
