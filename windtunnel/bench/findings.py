@@ -51,6 +51,9 @@ def collect(results: Path) -> dict:
         trust["horizon"] = {"lr_exponent_b": h["b"], "b_ci": h["ci"]["b"], "r2": h["r2"],
                             "init_std_exponent_d": h.get("d"), "d_ci": h["ci"].get("d"),
                             "tokens": [p["tokens"] for p in h["points"]]}
+    v = results / "validate_0.5b" / "validate.json"
+    if v.is_file():
+        trust["validate"] = {k: val for k, val in json.loads(v.read_text()).items() if k != "runs"}
     hf = results / "export_hf" / "hf_check.json"
     if hf.is_file():
         trust["export_hf"] = json.loads(hf.read_text())
@@ -84,6 +87,14 @@ def table(t: dict) -> str:
         rows.append(f"| optimal lr vs training tokens, lr* ∝ T^-b ({h['tokens'][0]:.0e}–{h['tokens'][-1]:.0e} tokens) | "
                     f"b = {h['lr_exponent_b']:.3f} {ci(h['b_ci'])}, r² {h['r2']:.2f}; init_std* ∝ T^-{h['init_std_exponent_d']:.2f} | "
                     "whether the power law holds to 10^11 tokens (16× span, python-stdlib corpus repeated past 7M tokens) |")
+    v = t.get("validate")
+    if v:
+        done = [r for r in v["table"] if r["n"]]
+        losses = "; ".join(f"{r['config']} {r['mean']:.3f}" + (f" ±{r['sd']:.3f}" if r["n"] > 1 else "") for r in done)
+        rows.append(f"| transferred config at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
+                    f"({v['runs_done']} of {v['runs_planned']} runs) | {losses}; transferred − best "
+                    f"{v['transferred_minus_best']:+.3f}: {v['verdict']} (goal: within one seed-sd of the best) | "
+                    "the configurations and seeds not yet run; longer horizons |")
     hf = t.get("export_hf")
     if hf:
         rows.append(f"| export-hf of a 200-step 0.5B run, loaded by transformers | loss gap {hf['relative_gap']:.1e} "
