@@ -425,3 +425,24 @@ def test_the_deliverer_yields_the_cpu(tmp_path):
         assert nice(tracker._proc.pid) >= want
     finally:
         tracker.close()
+
+
+
+def test_mlflow_is_reached_only_through_the_tracking_package():
+    """Only windtunnel/tracking/ imports mlflow, and nothing outside it imports its private names
+    (commands/sync.py imported `_sync_dir`, sweep_tracking.py `_flat`: both fail here, as would
+    a sweep or large run calling MlflowClient itself)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "windtunnel"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        inside = path.parent == root / "tracking"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
+            if not inside and any(n.split(".")[0] == "mlflow" for n in [module, *names] if n):
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: imports mlflow")
+            if not inside and module.startswith("windtunnel.tracking"):
+                bad += [f"{path.relative_to(root)}:{node.lineno}: {n}" for n in names if n.startswith("_")]
+    assert bad == [], "MLflow reached around windtunnel/tracking/:\n" + "\n".join(bad)
