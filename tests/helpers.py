@@ -70,7 +70,7 @@ def check_accounted(results, n: int, states=("COMPLETE", "PRUNED")):
     import optuna
     import pandas as pd
 
-    from windtunnel.tracking import local_uri
+    from windtunnel.tracking.store import local_uri
 
     sweep = results / "quickstart"
     trials = quickstart_study(results).get_trials(deepcopy=False)

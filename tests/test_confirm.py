@@ -15,7 +15,7 @@ from scipy import stats
 from windtunnel import cli
 from windtunnel.confirm import config_key, parse_add, summary_frame, t_interval
 from windtunnel.search import open_storage
-from windtunnel.tracking import local_uri
+from windtunnel.tracking.store import local_uri
 
 TS = optuna.trial.TrialState
 

@@ -11,7 +11,8 @@ import mlflow
 import pytest
 
 from helpers import wait_for
-from windtunnel.tracking import _Outbox, local_uri
+from windtunnel.tracking.outbox import Outbox
+from windtunnel.tracking.store import local_uri
 
 
 def _cli(*args, cwd, timeout=300):
@@ -21,7 +22,7 @@ def _cli(*args, cwd, timeout=300):
 
 def _outbox(tracking, trials: int) -> None:
     """The records a tracked sweep of `trials` trials appends (tracking.Tracker), to the local store."""
-    out = _Outbox(tracking / "outbox.jsonl")
+    out = Outbox(tracking / "outbox.jsonl")
     base = {"uri": "", "experiment": "quickstart", "time": int(time.time() * 1000)}
     out.append({**base, "op": "invocation", "key": "inv-1", "name": "quickstart-1", "params": {"n_trials": trials},
                 "tags": {"windtunnel.sweep": "quickstart"}})
@@ -276,7 +277,7 @@ def test_atomic_writes_from_threads_of_one_process_do_not_collide(tmp_path):
 
 def test_a_large_run_killed_while_it_creates_its_sqlite_store_logs_when_relaunched(tmp_path):
     """`windtunnel train` with large_run.tracking_uri=sqlite:///...: rank 0 and its MLflow deliverer
-    (windtunnel/run_tracking.py) SIGKILLed while MLflow built the new store left one every relaunch
+    (windtunnel/tracking/large_run.py) SIGKILLed while MLflow built the new store left one every relaunch
     failed on; the store appears whole or not at all."""
     import yaml
 

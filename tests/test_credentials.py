@@ -29,7 +29,7 @@ def test_a_password_in_the_tracking_uri_reaches_mlflow_and_no_file(tmp_path, env
     """The mutant: TrackingConfig keeping the URI as given puts the password in the journal's
     `sweep` attribute, every outbox record, state.json and the 'MLflow:' line."""
     from windtunnel.search import open_study
-    from windtunnel.tracking import Tracker
+    from windtunnel.tracking.tracker import Tracker
 
     cfg = load_sweep("quickstart", [f"tracking.uri=http://alice:{SECRET}@127.0.0.1:5999", f"results_dir={tmp_path}"])
     assert cfg.tracking.uri == "http://127.0.0.1:5999"

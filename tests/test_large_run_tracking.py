@@ -1,4 +1,4 @@
-"""The large run's MLflow tracking (windtunnel/run_tracking.py): statuses that say how the run ended,
+"""The large run's MLflow tracking (windtunnel/tracking/large_run.py): statuses that say how the run ended,
 the trials' metric names against tokens, provenance tags, one run across relaunches; and a server
 stopped mid-run neither slows nor stops the run, and gets every metric when it returns."""
 import json

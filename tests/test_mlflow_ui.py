@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from windtunnel.tracking import Tracker
+from windtunnel.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[1]
 SCREENSHOT = REPO / "results" / "screenshots" / "mlflow_ui.png"

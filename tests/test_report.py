@@ -5,7 +5,7 @@ import sys
 
 import mlflow
 
-from windtunnel.tracking import local_uri
+from windtunnel.tracking.store import local_uri
 
 
 def test_report_regenerates_and_replays_to_mlflow(tmp_path):

@@ -13,8 +13,9 @@ import pytest
 
 from conftest import free_port
 from windtunnel.search import open_storage
-from windtunnel.sweep import replay_to_mlflow
-from windtunnel.tracking import local_uri, sync
+from windtunnel.tracking.sweep import replay_to_mlflow
+from windtunnel.tracking.store import local_uri
+from windtunnel.tracking.sync import sync
 
 
 def tell(study: optuna.Study, numbers) -> None:

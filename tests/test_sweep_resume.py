@@ -54,7 +54,7 @@ def test_sigkill_driver_then_resume(tmp_path):
 
     import mlflow
 
-    from windtunnel.tracking import local_uri
+    from windtunnel.tracking.store import local_uri
 
     client = mlflow.MlflowClient(local_uri(results / "quickstart" / "tracking"))
     exp = client.get_experiment_by_name("quickstart")

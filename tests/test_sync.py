@@ -7,7 +7,7 @@ import sys
 import mlflow
 
 from conftest import free_port
-from windtunnel.tracking import local_uri
+from windtunnel.tracking.store import local_uri
 
 
 def _cli(*args, cwd):

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from windtunnel.tracking import Tracker, sync
+from windtunnel.tracking.sync import sync
+from windtunnel.tracking.tracker import Tracker
 
 N_TRIALS = 20
 
@@ -289,7 +290,7 @@ def test_a_sweep_tracked_from_its_resume_on_logs_the_trials_told_before(tmp_path
     between the tell and the record) are logged by the next tracked run, once; a re-run logs none again."""
     import mlflow
 
-    from windtunnel.tracking import local_uri
+    from windtunnel.tracking.store import local_uri
 
     results = tmp_path / "results"
     base = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
@@ -318,7 +319,7 @@ def test_a_pruned_trial_is_a_finished_run_tagged_pruned():
     """Logged as KILLED, a pruned trial showed in the MLflow UI as a red ✗, like a crash."""
     import optuna
 
-    from windtunnel.sweep_tracking import track_trial
+    from windtunnel.tracking.sweep import track_trial
 
     logged = []
 
@@ -339,28 +340,29 @@ def test_sync_in_another_program_sets_mlflow_http_settings_only_while_it_deliver
     inside another program (this test session) it set MLFLOW_HTTP_REQUEST_MAX_RETRIES=0 in that
     program's environment for good: every later MLflow client there ran without retries. Now the
     setting holds while the delivery runs and is gone after; a value the user set is kept.
-    Mutants caught: the old os.environ.setdefault in _quiet_mlflow outside any scope (leaks), and
+    Mutants caught: the old os.environ.setdefault in quiet_mlflow outside any scope (leaks), and
     no setting at all. The server is a port bound and never listened on: refused at once."""
     import os
     import socket
     import time
 
-    from windtunnel import tracking
+    from windtunnel.tracking.delivery import Delivery
+    from windtunnel.tracking.outbox import Outbox
 
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
     seen = []
-    deliver = tracking._Delivery._deliver_one
+    deliver = Delivery._deliver_one
 
     def spy(self, rec, t):
         seen.append((os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES"), os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT")))
         return deliver(self, rec, t)
 
-    monkeypatch.setattr(tracking._Delivery, "_deliver_one", spy)
+    monkeypatch.setattr(Delivery, "_deliver_one", spy)
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         uri = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        out = tracking._Outbox(tmp_path / "sweep" / "tracking" / "outbox.jsonl")
+        out = Outbox(tmp_path / "sweep" / "tracking" / "outbox.jsonl")
         out.append({"uri": uri, "experiment": "e", "time": int(time.time() * 1000), "op": "invocation",
                     "key": "inv-1", "name": "inv-1", "params": {}, "tags": {}})
         out.close()
@@ -381,7 +383,7 @@ def test_a_stopped_sweep_ends_killed_with_its_artifacts_and_provenance_tags(tmp_
     import mlflow
 
     from helpers import quickstart_study, wait_for
-    from windtunnel.tracking import local_uri
+    from windtunnel.tracking.store import local_uri
 
     results = tmp_path / "results"
     cmd = [sys.executable, "-m", "windtunnel.cli", "sweep", "quickstart", "-q", f"results_dir={results}",
@@ -423,3 +425,24 @@ def test_the_deliverer_yields_the_cpu(tmp_path):
         assert nice(tracker._proc.pid) >= want
     finally:
         tracker.close()
+
+
+
+def test_mlflow_is_reached_only_through_the_tracking_package():
+    """Only windtunnel/tracking/ imports mlflow, and nothing outside it imports its private names
+    (commands/sync.py imported `_sync_dir`, sweep_tracking.py `_flat`: both fail here, as would
+    a sweep or large run calling MlflowClient itself)."""
+    import ast
+
+    root = Path(__file__).resolve().parents[1] / "windtunnel"
+    bad = []
+    for path in sorted(root.rglob("*.py")):
+        inside = path.parent == root / "tracking"
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, (ast.Import, ast.ImportFrom)) else []
+            module = (node.module or "") if isinstance(node, ast.ImportFrom) else ""
+            if not inside and any(n.split(".")[0] == "mlflow" for n in [module, *names] if n):
+                bad.append(f"{path.relative_to(root)}:{node.lineno}: imports mlflow")
+            if not inside and module.startswith("windtunnel.tracking"):
+                bad += [f"{path.relative_to(root)}:{node.lineno}: {n}" for n in names if n.startswith("_")]
+    assert bad == [], "MLflow reached around windtunnel/tracking/:\n" + "\n".join(bad)

@@ -25,7 +25,7 @@ in it are relative to the file's folder.
   and stops with one line; so does large_run.steps, a number of steps for this launch.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
   large_run.tracking_uri is set, tracks the run in MLflow without ever waiting for it
-  (windtunnel/run_tracking.py: one run per run_dir, FINISHED only when training completed); it
+  (windtunnel/tracking/large_run.py: one run per run_dir, FINISHED only when training completed); it
   prints where that log is, then a progress line per evaluation (a minute apart at most), to stderr.
 - check() finds in one plain process what a launch would refuse (launch.sh runs it first).
 """
@@ -409,13 +409,8 @@ class LargeRun:
         if self.rank != 0:
             return
         append_line(self.run_dir / "loss.jsonl", json.dumps(record))
-        if self._tracker is not None and "tokens" in record and "event" not in record and \
-                (record["step"] % self.run.log_every == 0 or "val_loss" in record):
-            # the trials' names, against tokens (windtunnel/tracking.py _op_trial)
-            names = {"loss": "train_loss", "val_loss": "val_loss", "lr": "lr", "grad_norm": "grad_norm",
-                     "max_mem_gb": "max_mem_gb"}
-            self._tracker.log(record["tokens"], {names[k]: v for k, v in record.items()
-                                                 if k in names and isinstance(v, (int, float))})
+        if self._tracker is not None:
+            self._tracker.log_record(record)
 
     def _open_logs(self, start: int, resumed_from: str | None) -> None:
         if self.rank != 0:
@@ -427,19 +422,9 @@ class LargeRun:
                     if line.strip() and json.loads(line).get("step", 0) <= start]
             write_text(log, "".join(line + "\n" for line in keep))
         if self.run.tracking_uri:
-            from windtunnel.provenance import tags
-            from windtunnel.run_tracking import RunTracker
+            from windtunnel.tracking.large_run import RunTracker
 
-            flat = {f"{s}.{k}": v for s, sec in to_dict(self.cfg).items() for k, v in sec.items()}
-            flat.update({f"large_run.{k}": v for k, v in dataclasses.asdict(self.run).items()})
-            flat.update(world=self.world, device=str(self.device))
-            run_tags = {**tags(), "windtunnel.large_run": self.run.run_name, "windtunnel.world": str(self.world)}
-            if self.run.source_sweep:
-                run_tags["windtunnel.sweep"] = self.run.source_sweep
-            if self.run.source_trial >= 0:
-                run_tags["windtunnel.trial_number"] = str(self.run.source_trial)
-            self._tracker = RunTracker(self.run.tracking_uri, self.run.experiment, self.run_dir, self.run.run_name,
-                                       {k: str(v)[:500] for k, v in flat.items()}, run_tags, self.device)
+            self._tracker = RunTracker.for_run(self.cfg, self.run, self.run_dir, self.world, self.device)
         self._log({"event": "start", "step": start, "resumed_from": resumed_from, "world": self.world,
                    "device": self.device.type, "total_steps": self.total_steps})
 
@@ -536,9 +521,9 @@ class LargeRun:
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            if self._tracker is not None and not self._tracker.close(status):
-                self._say(f"MLflow: not every record was delivered ({self._tracker.tracker.last_error}); they wait "
-                          f"in {self._tracker.dir}: `windtunnel sync {_q(self.run_dir)}` sends them")
+            left = self._tracker.close(status) if self._tracker is not None else None
+            if left:
+                self._say(left)
         return {"start_step": start, "step": self.step, "total_steps": self.total_steps, "done": done,
                 "loss": last.get("loss"), "resumed_from": resumed_from, "stopped": stopped,
                 "tracking_s": self._tracker.seconds if self._tracker is not None else 0.0}

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-import shlex
 import signal
 import sys
 import threading
@@ -24,10 +23,7 @@ from windtunnel.files import DiskFull
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
-from windtunnel.provenance import tags as provenance_tags
 from windtunnel.results import counts_as_finished, write_report, write_tables
-from windtunnel.sweep_tracking import (_untracked, replay_to_mlflow, replicate_tags, track_finished,  # noqa: F401
-                                       track_trial)
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
 from windtunnel.sweep_config import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
@@ -106,22 +102,11 @@ class Driver:
         self.waited = 0.0
         self.trained = 0.0  # slot time the bundles' trainers report as training (their `seconds`)
         self.asking = 0.0  # driver time spent asking the sampler
-        self.tracker = self.parent = None
+        self.tracking = None  # MLflow (windtunnel/tracking/sweep.py)
         if cfg.tracking.enabled:
-            from windtunnel.tracking import Tracker
+            from windtunnel.tracking.sweep import SweepTracking
 
-            self.tracker = Tracker(cfg.tracking.uri, experiment=cfg.name, outbox=self.dir / "tracking" / "outbox.jsonl")
-            self.tracker.end_unfinished()  # a killed driver's invocation: KILLED, not RUNNING for good
-            # trials told but never tracked: run with tracking off, or a driver killed between the two.
-            # A re-run of a complete sweep with nothing to log adds no parent run (each added an empty one).
-            skip = self.tracker.logged_trials()
-            if self.finished() < cfg.n_trials or _untracked(self.study, skip):
-                self.parent = self.tracker.start_invocation(
-                    params={"n_trials": cfg.n_trials, "sampler": cfg.sampler.type, "pruner": cfg.pruner.type,
-                            "executor": cfg.executor.type, "population": self.K},
-                    tags={"windtunnel.sweep": cfg.name, "windtunnel.sweep_dir": str(self.dir.resolve()),
-                          **provenance_tags()})
-                track_finished(self.tracker, self.parent, self.study, skip=skip)
+            self.tracking = SweepTracking(cfg, self.dir, self.study, self.K, self.finished() < cfg.n_trials)
 
     # -- bookkeeping ----------------------------------------------------------------------------
     def finished(self) -> int:
@@ -221,9 +206,8 @@ class Driver:
         else:
             self.tally.failed += 1
         self.tally.told.append(trial.number)
-        if self.tracker is not None:
-            track_trial(self.tracker, self.parent, trial.number, trial.user_attrs.get("attempt", 1),
-                        trial.user_attrs.get("config", {}), result, value, state, replicate_tags(trial.user_attrs))
+        if self.tracking is not None:
+            self.tracking.trial(trial, result, value, state)
 
     def fail_or_retry(self, trial: optuna.trial.Trial, reason: str, its_fault: bool = True) -> None:
         """Replace the trial by a copy (same parameters), or fail it once its retries are spent.
@@ -349,11 +333,11 @@ class Driver:
                 raise
             try:  # the tables and report say what finished (a second Ctrl-C skips them)
                 files = self.write_report()
-                if self.parent is not None:
-                    self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
+                if self.tracking is not None:
+                    self.tracking.artifacts(files)
             finally:
-                if self.parent is not None:  # delivered by the deliverer's last pass, after this process exits
-                    self.tracker.finish_invocation(self.parent, status="KILLED")
+                if self.tracking is not None:
+                    self.tracking.finish("KILLED")
             raise
         finally:
             if bar is not None:
@@ -366,14 +350,12 @@ class Driver:
                  "population": self.K, "sampler": self.cfg.sampler.type}
         self.study.set_user_attr("invocations", self.study.user_attrs.get("invocations", []) + [stats])
         files = self.write_report()
-        if self.tracker is not None:
-            if self.parent is not None:
-                self.tracker.log_artifacts(self.parent, [f for f in files if f.exists()])
-                self.tracker.finish_invocation(self.parent)
-            if not self.tracker.flush(timeout=20):
-                print(f"MLflow: not every record was delivered ({self.tracker.last_error}); they wait in "
-                      f"{self.dir / 'tracking'}: `windtunnel sync {shlex.quote(str(self.dir))}` sends them", file=sys.stderr)
-            self.tracker.close()
+        if self.tracking is not None:
+            self.tracking.artifacts(files)
+            self.tracking.finish()
+            left = self.tracking.close(timeout=20)
+            if left:
+                print(left, file=sys.stderr)
         self.executor.close()
         return {"dir": str(self.dir), "finished": self.finished(), "ok": self.tally.ok,
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}

@@ -68,9 +68,7 @@ def measure(sampler: str, storage: str, prefill: int, n: int, tracking: bool) ->
             for t in b.trials:
                 driver._tell(t, "ok", 3.0, result)
             times.append(time.perf_counter() - t0)
-        delivered = driver.tracker.flush(timeout=300) if driver.tracker else True
-        if driver.tracker:
-            driver.tracker.close()
+        delivered = driver.tracking.close(timeout=300) is None if driver.tracking else True
     return {"sampler": sampler, "storage": storage, "tracking": tracking, "trials_in_study": prefill,
             "ms_per_trial": 1000 * statistics.median(times), "ms_p90": 1000 * sorted(times)[int(0.9 * len(times))],
             "tracking_delivered": delivered, "device": f"cpu ({platform.processor() or platform.machine()})"}

@@ -38,8 +38,8 @@ def run(args) -> int:
         print(shlex.quote(str(f)))
     if args.mlflow is not None:
         from windtunnel.results import counts_as_finished
-        from windtunnel.sweep_tracking import replay_to_mlflow
-        from windtunnel.tracking import resolve_uri
+        from windtunnel.tracking.store import resolve_uri
+        from windtunnel.tracking.sweep import replay_to_mlflow
 
         new, ok = replay_to_mlflow(study, d, args.mlflow)
         uri = resolve_uri(d / "tracking", args.mlflow)

@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
     from windtunnel.sweep_config import check_tracking_uri
-    from windtunnel.tracking import _sync_dir, drop_pending, outbox_dirs
+    from windtunnel.tracking.outbox import outbox_dirs
+    from windtunnel.tracking.sync import drop_pending, sync_dir
 
     from windtunnel import credentials
 
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     left_total = 0
     for d in dirs:
-        sent, skipped, left, error = _sync_dir(d, args.uri)
+        sent, skipped, left, error = sync_dir(d, args.uri)
         left_total += sum(left.values())
         waiting = "; ".join(f"{n} pending for {uri}" for uri, n in left.items()) or "0 pending"
         line = f"{d.parent}: sent {sent}, {waiting}" + (f", {skipped} skipped for good (warnings above)" if skipped else "")

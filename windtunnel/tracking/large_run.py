@@ -1,39 +1,47 @@
 """MLflow tracking of a large run (windtunnel/large_run.py, rank 0) that cannot slow it or stop it.
 
 Every call appends to the run's outbox, <run_dir>/tracking/outbox.jsonl, and returns: the sweep's
-mechanism (windtunnel/tracking.py), whose child process delivers to MLflow, backs off while the
+mechanism (windtunnel/tracking/tracker.py), whose child process delivers to MLflow, backs off while the
 server is down and resumes when it returns; what is left at exit waits for
 `windtunnel sync RUN_DIR`. Points are buffered and appended at most every FLUSH_S seconds.
 
 - One MLflow run per run_dir, kept across relaunches (its key in tracking/run_key): a resumed
   launch sets it RUNNING again. It ends FINISHED only when training completed, KILLED when a
   signal or a step limit stopped it, FAILED on an exception (LargeRun.train decides).
-- Metrics as the trials log them, against tokens: train_loss, val_loss, lr (and grad_norm); and
+- Metrics as the trials log them, against tokens: train_loss, val_loss, lr (and grad_norm), every
+  large_run.log_every steps and at every evaluation; and
   system metrics (MLflow's `system/` names: its UI's System metrics tab) every SYSTEM_S seconds.
 - Tags: the source sweep and trial, the git commit and package versions (windtunnel.provenance).
 - `seconds`: the time spent in these calls, which the run reports (tracking_s).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
 from pathlib import Path
 
+from windtunnel.files import write_atomically
+from windtunnel.tracking.delivery import flat
+from windtunnel.tracking.outbox import NAME
+from windtunnel.tracking.tracker import Tracker
+
 FLUSH_S = 2.0
 SYSTEM_S = 10.0
 MAX_POINTS = 500
+# loss.jsonl's names -> the trials' metric names (windtunnel/tracking/delivery.py _op_trial)
+METRICS = {"loss": "train_loss", "val_loss": "val_loss", "lr": "lr", "grad_norm": "grad_norm",
+           "max_mem_gb": "max_mem_gb"}
 
 
 class RunTracker:
     def __init__(self, uri: str, experiment: str, run_dir: Path, name: str, params: dict, tags: dict,
-                 device=None):
-        from windtunnel.files import write_atomically
-        from windtunnel.tracking import Tracker
-
+                 device=None, log_every: int = 1):
         t0 = time.perf_counter()
         self.dir = Path(run_dir) / "tracking"
-        self.tracker = Tracker(uri, experiment=experiment, outbox=self.dir / "outbox.jsonl")
+        self.log_every = log_every
+        self.tracker = Tracker(uri, experiment=experiment, outbox=self.dir / NAME)
         key_file = self.dir / "run_key"
         if key_file.is_file():
             self.key = key_file.read_text().strip()
@@ -48,6 +56,32 @@ class RunTracker:
         self._sampled = self._flushed - SYSTEM_S  # the first point samples at once
         self._cpu = _cpu_times()
         self.seconds = time.perf_counter() - t0
+
+    @classmethod
+    def for_run(cls, cfg, run, run_dir: Path, world: int, device) -> RunTracker:
+        """The tracker of a large run (rank 0) from its TrialConfig and LargeRunConfig: both as
+        params, with the world and device; provenance, the run's name and its source sweep and
+        trial as tags."""
+        from windtunnel.config import to_dict
+        from windtunnel.provenance import tags
+
+        params = flat({**to_dict(cfg), "large_run": dataclasses.asdict(run)})
+        params.update(world=world, device=str(device))
+        run_tags = {**tags(), "windtunnel.large_run": run.run_name, "windtunnel.world": str(world)}
+        if run.source_sweep:
+            run_tags["windtunnel.sweep"] = run.source_sweep
+        if run.source_trial >= 0:
+            run_tags["windtunnel.trial_number"] = str(run.source_trial)
+        return cls(run.tracking_uri, run.experiment, run_dir, run.run_name,
+                   {k: str(v)[:500] for k, v in params.items()}, run_tags, device, run.log_every)
+
+    def log_record(self, record: dict) -> None:
+        """A loss.jsonl record: its metrics at its tokens, every log_every steps and at every
+        evaluation (events and records without tokens are not metrics)."""
+        if "tokens" in record and "event" not in record and \
+                (record["step"] % self.log_every == 0 or "val_loss" in record):
+            self.log(record["tokens"], {METRICS[k]: v for k, v in record.items()
+                                        if k in METRICS and isinstance(v, (int, float))})
 
     def log(self, step: int, values: dict) -> None:
         """Metric values at `step` (tokens); appended within FLUSH_S seconds."""
@@ -72,10 +106,12 @@ class RunTracker:
         cpu, self._cpu = self._cpu, _cpu_times()
         return system_metrics(self.device, cpu, self._cpu)
 
-    def close(self, status: str, wait_s: float = 30.0) -> bool:
+    def close(self, status: str, wait_s: float = 30.0) -> str | None:
         """End the run with status (FINISHED, KILLED, FAILED); wait at most wait_s for delivery.
-        True when every record was delivered; else they wait in the outbox for `windtunnel sync`."""
+        None when every record was delivered; else the line to print (they wait in the outbox
+        for `windtunnel sync`)."""
         t0 = time.perf_counter()
+        delivered = False
         try:
             self._flush()
             self.tracker.finish_invocation(self.key, status=status)
@@ -84,7 +120,7 @@ class RunTracker:
         finally:
             self.tracker.close()
             self.seconds += time.perf_counter() - t0
-        return delivered
+        return None if delivered else self.tracker.undelivered()
 
 
 def _cpu_times() -> tuple[int, int] | None:
