@@ -97,7 +97,7 @@ def _run(procs: list[subprocess.Popen], timeout: float) -> bool:
         try:
             p.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
-            _stop(procs, grace=60)
+            _stop(procs, grace=30)
             return False
     return True
 

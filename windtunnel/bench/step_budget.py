@@ -17,14 +17,9 @@ import json
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from windtunnel.config import ModelConfig  # noqa: E402
-from windtunnel.files import write_atomically, write_text  # noqa: E402
-from windtunnel.model import count_params, flops_per_token  # noqa: E402
+from windtunnel.config import ModelConfig
+from windtunnel.files import write_atomically, write_text
+from windtunnel.model import count_params, flops_per_token
 
 BF16, FP32 = 2, 4
 
@@ -96,6 +91,22 @@ def main(argv=None) -> int:
     budget = tokens * flops_per_token(cfg, vocab) / (a.goal * 1e12) * 1e3
     got = measured(a.log)
     least = {"gemm": got["gemm"], "attention": got["attention"], **floors(cfg, vocab, tokens, K, tbs)}
+    print(f"budget {budget:.1f} ms; measured {sum(got.values()):.1f} ms; least possible {sum(least.values()):.1f} ms "
+          f"({', '.join(f'{k} {v:.1f}' for k, v in least.items())})")
+    text = gap(sum(least.values()), tokens * flops_per_token(cfg, vocab),
+               measured_tflops(a.population, 256, K) if a.population else None, a.goal, a.device)
+    print(text)
+    if a.md:  # before the figure: a host without matplotlib still gets the number
+        write_text(a.md, text + "\n")
+    plot(a, got, least, budget, K, tokens, tbs)
+    return 0
+
+
+def plot(a, got: dict, least: dict, budget: float, K: int, tokens: int, tbs: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     colors = {"gemm": "#4c72b0", "attention": "#55a868", "cross-entropy": "#c44e52", "swiglu": "#8172b2",
               "rms_norm": "#ccb974", "adamw": "#64b5cd"}
@@ -120,15 +131,7 @@ def main(argv=None) -> int:
     fig.tight_layout()
     a.out.parent.mkdir(parents=True, exist_ok=True)
     write_atomically(a.out, lambda tmp: fig.savefig(tmp, dpi=130, format=a.out.suffix.lstrip(".") or "png"))
-    print(f"budget {budget:.1f} ms; measured {sum(got.values()):.1f} ms; least possible {sum(least.values()):.1f} ms "
-          f"({', '.join(f'{k} {v:.1f}' for k, v in least.items())}) -> {a.out}")
-    flops = tokens * flops_per_token(cfg, vocab)
-    text = gap(sum(least.values()), flops, measured_tflops(a.population, 256, K) if a.population else None, a.goal,
-               a.device)
-    print(text)
-    if a.md:
-        write_text(a.md, text + "\n")
-    return 0
+    print(f"-> {a.out}")
 
 
 if __name__ == "__main__":
