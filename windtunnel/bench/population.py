@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -119,6 +120,8 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(throughput(reference_trial(args.child), 1, args.steps, barrier=Path(args.barrier))))
         return 0
+    # a time limit's SIGTERM unwinds, so the peers' processes are stopped (peers.measure's finally)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cuda = torch.cuda.is_available()
     dev = device_name(torch.device("cuda" if cuda else "cpu"))
     rows = []
@@ -153,10 +156,6 @@ def main(argv=None) -> int:
         return r["tflops"] / best["tflops"] if r["name"] == "population" and r["tflops"] and best else None
 
     for d in (int(x) for x in args.d_models.split(",")):
-        if peers:  # first: their processes start on an idle GPU
-            for r in measure(reference_trial(d, kernels="torch", device="cuda" if cuda else "cpu", **shape), peers,
-                             modes if cuda else ["eager"], procs, window=args.window, report=lambda r: None):
-                add(r["name"], d, r["trials"], lambda r=r: {k: v for k, v in r.items() if k not in ("name", "trials")})
         if "eager" in baselines:
             add("eager", d, 1, lambda: throughput(reference_trial(d, kernels="torch", cuda_graph=False, **shape), 1,
                                                   args.steps))
@@ -167,6 +166,11 @@ def main(argv=None) -> int:
             add("processes", d, n, lambda: _processes(d, n, args.steps))
         for k in (int(x) for x in args.ks.split(",") if x):
             add("population", d, k, lambda: throughput(reference_trial(d, **shape), k, args.steps))
+        if peers:  # last: a run stopped by its time limit has kept the population rows; each row kept as it comes
+            measure(reference_trial(d, kernels="torch", device="cuda" if cuda else "cpu", **shape), peers,
+                    modes if cuda else ["eager"], procs, window=args.window,
+                    report=lambda r: add(r["name"], d, r["trials"],
+                                         lambda: {k: v for k, v in r.items() if k not in ("name", "trials")}))
     print(table())
     return 0
 
