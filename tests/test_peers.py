@@ -9,7 +9,7 @@ import optuna
 import pytest
 import torch
 
-from tests.helpers import tiny_trial
+from helpers import tiny_trial
 from windtunnel.bench.peers import Trial
 from windtunnel.bench.population import headline, reference_trial, strongest_peer
 from windtunnel.config import with_overrides
@@ -91,3 +91,18 @@ def test_e2e_on_cpu(tmp_path):
     trials = [t for t in study.get_trials() if not t.user_attrs.get("surplus")]
     assert len(trials) == 3 and len({t.params["optim.lr"] for t in trials}) == 3  # one seed per process
     assert "| optuna-tpe | 2 processes" in (out / "e2e.md").read_text()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_peer_rows_on_a_gpu():
+    """The GPU path the CPU cannot take: both peers compiled in their processes (the second process
+    from the first's warm cache), bf16 autocast, fused AdamW, peak memory per row."""
+    from windtunnel.bench.peers import measure
+
+    cfg = reference_trial(64, kernels="torch", n_layers=2, seq_len=64, vocab=512, batch=4)
+    rows = measure(cfg, ["nanogpt", "hf_llama"], ["compile"], [1, 2], window=1.0, report=lambda r: None)
+    assert [(r["name"], r["trials"]) for r in rows] == [("nanogpt:compile", 1), ("nanogpt:compile", 2),
+                                                        ("hf_llama:compile", 1), ("hf_llama:compile", 2)]
+    for r in rows:
+        assert r["tokens_per_s"] > 0 and r["peak_gb"] > 0 and "note" not in r, r
