@@ -162,9 +162,11 @@ def table(rows: list[dict]) -> str:
     fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
     lines = ["| side | how | trials | complete | pruned | failed | best val loss | GPU-minutes | trials per GPU-hour "
              "| first result after (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['side']} | {r['how']} | {r['asked']} | {r['complete']} | {r['pruned']} | {r['failed']} | "
-              f"{fmt(r['best_loss'], '.4f')} | {fmt(r['gpu_minutes'], '.2f')} | {fmt(r['trials_per_gpu_hour'], ',.0f')} | "
-              f"{fmt(r['first_result_s'], '.0f')} |" + (f" {r['note']}" if r["note"] else "") for r in rows]
+    for r in rows:
+        how = r["how"] + (f" ({r['note']})" if r["note"] else "")
+        lines.append(f"| {r['side']} | {how} | {r['asked']} | {r['complete']} | {r['pruned']} | {r['failed']} | "
+                     f"{fmt(r['best_loss'], '.4f')} | {fmt(r['gpu_minutes'], '.2f')} | "
+                     f"{fmt(r['trials_per_gpu_hour'], ',.0f')} | {fmt(r['first_result_s'], '.0f')} |")
     return "\n".join(lines)
 
 

@@ -130,9 +130,9 @@ def main(argv=None) -> int:
         fmt = lambda v, f: "—" if v is None else format(v, f)  # noqa: E731
         lines = ["| name | d_model | trials | tokens/s | model TFLOP/s | peak GB | × strongest peer |",
                  "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['name']} | {r['d_model']} | {r['trials']} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                  f"{fmt(r['tflops'], '.1f')} | {fmt(r['peak_gb'], '.1f')} | {fmt(vs_peer(r), '.2f')} |"
-                  + (f" {r['note']}" if r.get("note") else "") for r in rows]
+        lines += [f"| {r['name']}{f' ({note})' if (note := r.get('note')) else ''} | {r['d_model']} | {r['trials']} | "
+                  f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops'], '.1f')} | {fmt(r['peak_gb'], '.1f')} | "
+                  f"{fmt(vs_peer(r), '.2f')} |" for r in rows]
         return "\n".join(lines + headline(rows))
 
     def add(name, d, k, fn):
