@@ -48,6 +48,7 @@ def worker(index: int, journal: Path, n_trials: int, compile: bool, sweep: str, 
     from windtunnel.bench.peers import Trial
     from windtunnel.configure import load_sweep
     from windtunnel.search import distributions, fixed_params, make_sampler
+    from windtunnel.sweep_config import trial_seeds
 
     cfg = load_sweep(sweep, overrides)
     dists, fixed = distributions(cfg), fixed_params(cfg)
@@ -61,7 +62,8 @@ def worker(index: int, journal: Path, n_trials: int, compile: bool, sweep: str, 
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             break
-        tcfg = with_overrides(cfg.trial, {"train.seed": trial.number, **trial.params, **fixed})
+        init, data = trial_seeds(cfg.trial.train.seed, trial.number)  # the seeds the sweep's trial would get
+        tcfg = with_overrides(cfg.trial, {"train.seed": init, "train.data_seed": data, **trial.params, **fixed})
         if runner is None:
             runner = Trial("nanogpt", tcfg)
             if compile:
