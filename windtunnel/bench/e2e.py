@@ -153,8 +153,12 @@ def run_windtunnel(args, overrides: list[str], where: Path) -> dict:
     journal = where / name / "study.journal"
     trials = optuna.load_study(study_name=name, storage=open_storage(str(journal))).get_trials(deepcopy=False) \
         if journal.exists() else []
-    row = summary("windtunnel", f"`windtunnel sweep {args.sweep}`, local executor, population trainer", trials,
-                  args.trials, seconds, launched, whole)
+    bundles: dict[str, int] = {}  # trials per bundle: the population size the sweep chose
+    for t in trials:
+        if "bundle" in t.user_attrs:
+            bundles[t.user_attrs["bundle"]] = bundles.get(t.user_attrs["bundle"], 0) + 1
+    how = f"`windtunnel sweep {args.sweep}`, local executor, population trainer (K ≤ {max(bundles.values(), default=0)})"
+    row = summary("windtunnel", how, trials, args.trials, seconds, launched, whole)
     if not whole and proc.returncode not in (0, None, -signal.SIGTERM):
         row["note"] = f"the sweep exited {proc.returncode}"
     return row
