@@ -4,7 +4,9 @@ top GPU kernels from torch.profiler.
     python -m windtunnel.bench.profile_step [--d-model 256] [--k 64] [--steps 3] [--ops]
 
 --ops adds the PyTorch operators (with their input shapes) that launched the most GPU time:
-where the "elementwise" and "copy" kernels come from.
+where the "elementwise" and "copy" kernels come from. A line after the split gives this GPU's
+device-to-device copy bandwidth: the rate windtunnel.bench.step_budget holds the
+bandwidth-bound passes to.
 """
 from __future__ import annotations
 
@@ -70,6 +72,7 @@ def main(argv=None) -> int:
     total = sum(groups.values())
     for g, ms in sorted(groups.items(), key=lambda x: -x[1]):
         print(f"{g:<12} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+    print(f"copy bandwidth: {copy_gbs(pop.device):.0f} GB/s (read + write)")
     if args.ops:
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=acts, record_shapes=True) as prof:
@@ -79,6 +82,21 @@ def main(argv=None) -> int:
         print(prof.key_averages(group_by_input_shape=True).table(
             sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=40, max_shapes_column_width=80))
     return 0
+
+
+def copy_gbs(device: torch.device, gib: int = 1, repeats: int = 20) -> float:
+    """Bytes read + written per second by a device-to-device copy of `gib` GiB, median of repeats."""
+    src = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(repeats + 2):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize(device)
+        times.append(start.elapsed_time(end) / 1e3)
+    return 2 * src.numel() / sorted(times[2:])[repeats // 2] / 1e9
 
 
 # GPU kernels by what they do, matched on their names (first match wins)

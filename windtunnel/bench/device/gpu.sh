@@ -7,6 +7,9 @@
 # --python-version 3.12 --platform manylinux2014_x86_64 -d .whl NAME==VERSION` (both are ignored by git:
 # make them first; the device's call carries them). Each stage resumes from the study it finds.
 #   bash windtunnel/bench/device/gpu.sh bench               # results/bench/population.*
+#   bash windtunnel/bench/device/gpu.sh peers [ARGS]        # issue 27: population vs the peers a user would pick,
+#                                                      # a K=32 profile, the step's bound (population.*, step_budget.*)
+#   bash windtunnel/bench/device/gpu.sh e2e [N] [K=V..]     # issue 27: N trials of mup_hp, windtunnel vs an Optuna loop (e2e.*)
 #   bash windtunnel/bench/device/gpu.sh kernels [ARGS]      # results/bench/kernels.* (windtunnel.bench.kernels)
 #   bash windtunnel/bench/device/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash windtunnel/bench/device/gpu.sh profile [ARGS]      # where a population step's time goes
@@ -34,6 +37,26 @@ stage=$1; shift
 case $stage in
   bench)
     python3 -m windtunnel.bench.population --out "$OUT" "$@" 2>&1 | tee "$OUT/population.log" ;;
+  peers)  # ~4.5 min on an H100: the population rows, then 16 peer processes (8 per model) started at once: eager
+    # rows, one cold compile per model then 14 warm ones, compiled rows (4 s windows); then the profile and the
+    # bound of the headline's K. Each part stops itself, so the stage ends within ~6.3 min whatever happens.
+    timeout "${WT_SECONDS:-300}" python3 -m windtunnel.bench.population --d-models 256 --ks 32 --processes "" \
+      --baselines "" --peers hf_llama,nanogpt --peer-procs 1,4,8 --window 4 --steps 10 --out "$OUT" "$@" 2>&1 \
+      | tee "$OUT/population.log" || true
+    timeout 60 python3 -m windtunnel.bench.profile_step --d-model 256 --k 32 --steps 3 > "$OUT/profile_k32.log" 2>&1 || true
+    gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+    python3 -m windtunnel.bench.step_budget "$OUT/profile_k32.log" --k 32 --goal 300 --population "$OUT/population.json" \
+      --device "$gpu" --md "$OUT/step_budget.md" --out "$OUT/step_budget.png" 2>&1 | tee -a "$OUT/population.log" || true ;;
+  e2e)  # N (default 64) trials of mup_hp's space, 2M tokens each: `windtunnel sweep`, then an Optuna TPE loop of
+    # WT_PROCS (4) processes, one compiled nanoGPT-style trial each at a time; each side stops itself after
+    # WT_SIDE_SECONDS (110; then up to 30 s to stop) and reports what finished. ~3 min on an H100 at N = 64.
+    n=${1:-64}; [ $# -gt 0 ] && shift
+    rm -rf /tmp/e2e && mkdir -p /tmp/e2e  # the sides' studies and bundles stay here; $OUT gets the table and a tarball
+    python3 -m windtunnel.bench.e2e --trials "$n" --procs "${WT_PROCS:-4}" --data "$PWD/.cache/stdlib-bpe16k" \
+      --timeout "${WT_SIDE_SECONDS:-110}" --out /tmp/e2e train.tokens=2000000 train.eval_every=500000 "$@" 2>&1 \
+      | tee "$OUT/e2e.log" || true
+    cp /tmp/e2e/e2e.md /tmp/e2e/e2e.json "$OUT/" || true
+    tar czf "$OUT/e2e.tgz" --exclude='*.pt' -C /tmp/e2e e2e-runs || true ;;
   kernels)
     python3 -m windtunnel.bench.kernels --out "$OUT" "$@" 2>&1 | tee "$OUT/kernels.log" ;;
   tests)
