@@ -9,7 +9,7 @@ telling configurations first, so a partial result already says something.
 Resumable: a run whose loss.jsonl holds its `done` event is kept under OUT/runs/ and never re-run;
 `--deadline-s` starts no run that would not end before it (device calls are 10 minutes).
 
-    windtunnel transfer results/windtunnel/mup_hp-confirm --target h100-0.5b --tokens 30e6 \\
+    windtunnel transfer results/windtunnel/mup_hp-confirm --target h100-0.5b --tokens 30000000 \\
         --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v run_name=v
     python -m windtunnel.bench.validate_target /tmp/v --out results/windtunnel/validate_0.5b --seeds 2 \\
         data.source=/tmp/prose

@@ -149,7 +149,7 @@ case $stage in
         --max-tokens 32e6 --max-bytes 1e12 --out "$D" 2>&1 | tail -2
     fi
     [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
-      --tokens 30e6 --batch-size 32768 --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v \
+      --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v \
       run_name=v data_source="$D" > "$V/transfer.log"
     cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"; cp "$D/manifest.json" "$V/data_manifest.json"
     python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
