@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from windtunnel.bench import write_results
-from windtunnel.config import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig,
+from windtunnel.config.trial import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig,
                                with_overrides)
 from windtunnel.provenance import device_name
 from windtunnel.trainer import Population

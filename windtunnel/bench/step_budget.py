@@ -16,7 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from windtunnel.config import ModelConfig  # noqa: E402
+from windtunnel.config.trial import ModelConfig  # noqa: E402
 from windtunnel.files import write_atomically  # noqa: E402
 from windtunnel.model import count_params, flops_per_token  # noqa: E402
 

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
-    from windtunnel.sweep_config import check_tracking_uri
+    from windtunnel.config.sweep import check_tracking_uri
     from windtunnel.tracking import _sync_dir, drop_pending, outbox_dirs
 
     from windtunnel import credentials

@@ -1,37 +1,31 @@
-"""Hydra at the edge: compose conf/ with KEY=VALUE overrides, then convert once into the
-project's dataclasses (windtunnel/config.py). Nothing below the CLI imports Hydra.
+"""Hydra at the edge: compose conf/ (and a sweep file over conf/sweep.yaml) with KEY=VALUE
+overrides, then convert once into the project's dataclasses (trial.py, sweep.py). The only module
+of the project that imports hydra or omegaconf (tests/test_layering.py checks it).
+
+Hydra's errors name the override, OmegaConf's beneath them the field, each in its own words:
+`_override_error` says both in ours, one line naming the field and what is allowed. It reads the
+exception's text where OmegaConf gives no attribute for it (the option a config group lacks, the
+type a value failed to convert to); that wording is pinned by tests/test_sweep_errors.py.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import re
 import shlex
 import sys
 from pathlib import Path
 
-import yaml
-
-from windtunnel.config import TYPE_WORDS, TrialConfig, trial_from_dict
+from windtunnel.config import overrides as kv
+from windtunnel.config.overrides import WHOLE_EXPONENT, load_yaml, repo_dir
+from windtunnel.config.space import search_overrides
+from windtunnel.config.sweep import SWEEP_SECTIONS, SweepConfig, sweep_file, sweep_from_dict
+from windtunnel.config.trial import SECTIONS, TYPE_WORDS, TrialConfig, trial_from_dict
 from windtunnel.errors import ConfigError
-
-
-def repo_dir(name: str) -> Path:
-    """conf/ or sweeps/ beside the package (an editable install or a checkout)."""
-    env = os.environ.get(f"WINDTUNNEL_{name.upper()}")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / name
-
-
-def target_names() -> list[str]:
-    """The targets `transfer --target` knows by name: conf/target/*.yaml."""
-    return sorted(q.stem for q in (repo_dir("conf") / "target").glob("*.yaml"))
 
 
 def _register_schemas() -> None:
     from hydra.core.config_store import ConfigStore
-
-    from windtunnel.sweep_config import SweepConfig
 
     cs = ConfigStore.instance()
     cs.store(name="trial_schema", node=TrialConfig)
@@ -48,9 +42,6 @@ _OMEGACONF_TYPES = {"Float": "float", "Integer": "int", "String": "str"}  # -> c
 
 def _section_fields(name: str) -> list[str] | None:
     """The fields of the config section `name` (model, sampler, ...); None if it is no section."""
-    from windtunnel.config import SECTIONS
-    from windtunnel.sweep_config import SWEEP_SECTIONS
-
     cls = {**SECTIONS, **SWEEP_SECTIONS}.get(name)
     return sorted(f.name for f in dataclasses.fields(cls)) if cls else None
 
@@ -140,7 +131,7 @@ def _whole_override(item: str) -> str:
     key, sep, text = item.partition("=")
     if not sep:
         return item
-    whole = lambda t: str(int(float(t))) if _WHOLE_EXPONENT.match(t) and float(t).is_integer() else t  # noqa: E731
+    whole = lambda t: str(int(float(t))) if WHOLE_EXPONENT.match(t) and float(t).is_integer() else t  # noqa: E731
     if text.startswith("[") and text.endswith("]"):  # train.save_at=[1e5,2e5]; other lists stay as typed
         items = [t.strip() for t in text[1:-1].split(",")]
         return f"{key}=[{','.join(map(whole, items))}]" if any(whole(t) != t for t in items) else item
@@ -155,98 +146,12 @@ def trial_config(overrides: list[str], config_file: str | None = None) -> TrialC
             raise ConfigError(f"{config_file}: a large run's config: run it with "
                               f"`windtunnel train {shlex.quote(str(config_file))}` (or the launch.sh beside it)")
         d = d.get("trial", d)  # best.yaml may wrap the trial with its sweep context
-        merged = _apply_overrides(d, overrides)
-        return trial_from_dict(merged)
+        return trial_from_dict(kv.apply(d, overrides))
     return trial_from_dict(compose(overrides))
-
-
-class _Loader(yaml.SafeLoader):
-    """YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-3 (no dot) and 1.0e3 (no exponent sign) as
-    strings, while Hydra's conf/ files and overrides read them as numbers."""
-
-
-_Loader.yaml_implicit_resolvers = {c: [r for r in rs if r[0] != "tag:yaml.org,2002:float"]
-                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
-    [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-   |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
-   |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-   |[-+]?\.(?:inf|Inf|INF)
-   |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
-
-
-def _whole_or_float(loader, node):
-    """An exponent with a whole value (2e5, 1.5e6) is an integer, so int fields take it as written;
-    float fields still hold a float (coerce, OmegaConf convert ints)."""
-    text = loader.construct_scalar(node)
-    value = loader.construct_yaml_float(node)
-    return int(value) if _WHOLE_EXPONENT.match(text) and value.is_integer() else value
-
-
-_WHOLE_EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE]\+?[0-9]+$")
-_Loader.add_constructor("tag:yaml.org,2002:float", _whole_or_float)
-
-
-MAX_YAML_BYTES = 16 * 2**20  # a config or sweep file is kilobytes; a 3 GB one was read whole, then refused
-
-
-def load_yaml(path: str | Path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: no such file")
-    if p.stat().st_size > MAX_YAML_BYTES:
-        raise ConfigError(f"{path}: {p.stat().st_size / 2**20:,.0f} MiB is no config file (allowed: up to "
-                          f"{MAX_YAML_BYTES // 2**20} MiB of YAML)")
-    try:
-        d = yaml.load(p.read_text(), Loader=_Loader)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: YAML syntax error{where}: {getattr(e, 'problem', e)}") from None
-    if not isinstance(d, dict):
-        raise ConfigError(f"{path}: must hold a mapping of keys to values")
-    return d
-
-
-def parse_value(text: str):
-    """'0.01' -> 0.01, '1e-3' -> 0.001, 'true' -> True, '[1,2]' -> [1, 2], anything else stays a
-    string (numbers read as Hydra's overrides read them)."""
-    try:
-        return yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError:
-        return text
-
-
-def _apply_overrides(d: dict, overrides: list[str]) -> dict:
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"{item}: overrides are KEY=VALUE")
-        node, parts = d, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = parse_value(value)
-    return d
-
-
-def sweep_file(spec: str) -> Path:
-    """SWEEP is a name in sweeps/ or a path to a YAML file."""
-    p = Path(spec)
-    if p.suffix in (".yaml", ".yml") or "/" in spec:
-        if not p.is_file():
-            raise ConfigError(f"{spec}: no such sweep file")
-        return p
-    p = repo_dir("sweeps") / f"{spec}.yaml"
-    if not p.is_file():
-        names = sorted(f.stem for f in repo_dir("sweeps").glob("*.yaml"))
-        raise ConfigError(f"{spec}: no such sweep (allowed: {', '.join(names)}, or a path to a YAML file)")
-    return p
 
 
 def load_sweep(spec: str, overrides: list[str]):
     """The SweepConfig of a sweep file + KEY=VALUE overrides; every error names the file."""
-    from windtunnel.sweep_config import SweepConfig
-
     path = sweep_file(spec)
     content = load_yaml(path)
     allowed = {f.name for f in dataclasses.fields(SweepConfig)} | {"defaults"}
@@ -285,13 +190,11 @@ def _compose_sweep(content: dict, overrides: list[str]):
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from windtunnel.sweep_config import sweep_from_dict
-
     _register_schemas()
     ConfigStore.instance().store(group="sweep", name="current", node=OmegaConf.create(content), package="_global_")
     searched = [o for o in overrides if o.lstrip("+~").startswith("search.")]
     d = compose(["+sweep=current", *(o for o in overrides if o not in searched)], config_name="sweep")
-    d["search"] = _search_overrides(d.get("search") or {}, searched)
+    d["search"] = search_overrides(d.get("search") or {}, searched)
     # KEY=VALUE of a searched parameter fixes it for this sweep (each trial's sampled value
     # replaced it, so the override was silently ignored): {name: value}
     fixed = {}
@@ -313,7 +216,7 @@ def _less_overridden(content: dict, overrides: list[str]) -> dict:
     out = copy.deepcopy(content)
     for item in overrides:
         key, sep, _ = item.lstrip("+").partition("=")
-        if not sep or key.startswith(("~", "search.")):  # search.* is applied by _search_overrides
+        if not sep or key.startswith(("~", "search.")):  # search.* is applied by search_overrides (space.py)
             continue
         *parents, leaf = key.split(".")
         node = out
@@ -321,33 +224,4 @@ def _less_overridden(content: dict, overrides: list[str]) -> dict:
             node = node.get(part) if isinstance(node, dict) else None
         if isinstance(node, dict) and not isinstance(node.get(leaf), (dict, type(None))):
             del node[leaf]  # a leaf; a section stays (`executor=ray` picks a group under the file's values)
-    return out
-
-
-def _search_overrides(search: dict, overrides: list[str]) -> dict:
-    """`search.optim.lr.high=0.01` sets one field of a parameter, `search.optim.lr={type: fixed,
-    value: 0.01}` a whole one, `~search.optim.lr` drops it. Hydra cannot: a parameter's name holds
-    a dot (`optim.lr`), which its override paths read as nesting."""
-    from windtunnel.sweep_config import PARAM_KEYS
-
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in search.items()}
-    for item in overrides:
-        key, sep, text = item.lstrip("+").partition("=")
-        name = key.lstrip("~").removeprefix("search.")
-        if key.startswith("~"):
-            if out.pop(name, None) is None:
-                raise ConfigError(f"{key}: no such search parameter (have: {', '.join(out) or 'none'})")
-            continue
-        if not sep:
-            raise ConfigError(f"{item}: must be search.PARAM.FIELD=VALUE, search.PARAM={{...}} or ~search.PARAM")
-        param, _, field = name.rpartition(".")
-        if field in PARAM_KEYS and param:
-            if param not in out:
-                raise ConfigError(f"search.{param}: no such search parameter (have: {', '.join(out) or 'none'}); "
-                                  f"add one whole: 'search.{param}={{type: float, low: ..., high: ...}}'")
-            if not isinstance(out[param], dict):
-                raise ConfigError(f"search.{param}: must be a mapping like {{type: float, low: 0.001, high: 0.1}}")
-            out[param][field] = parse_value(text)
-        else:
-            out[name] = parse_value(text)
     return out
