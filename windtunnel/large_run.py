@@ -52,7 +52,7 @@ from windtunnel import checkpoints, memory
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config.large_run import LargeRunConfig, load_file
+from windtunnel.config.large_run import LargeRunConfig, load_config, read
 from windtunnel.config.trial import RELAUNCH_FREE, TrialConfig, changed_settings, relaunch_changes, settings, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.files import append_line, check_folder, slug, write_json, write_text
@@ -535,8 +535,9 @@ def _q(path) -> str:
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:
+    d = read(config, overrides)
     try:
-        return load_file(config, overrides)
+        return load_config(d)
     except ConfigError as e:
         raise _blame_the_override(e, config, overrides) from None
 

@@ -2,16 +2,14 @@
 overrides, then convert once into the project's dataclasses (trial.py, sweep.py). The only module
 of the project that imports hydra or omegaconf (tests/test_layering.py checks it).
 
-Hydra's errors name the override, OmegaConf's beneath them the field, each in its own words:
-`_override_error` says both in ours, one line naming the field and what is allowed. It reads the
-exception's text where OmegaConf gives no attribute for it (the option a config group lacks, the
-type a value failed to convert to); that wording is pinned by tests/test_sweep_errors.py.
+Errors stay one line naming the field: `_override_error` reads the field, its owner and the value
+from the attributes of OmegaConf's exception, never its wording; the one failure Hydra reports
+without naming anything (a config group set to a number) is checked before it composes.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
-import re
 import shlex
 import sys
 from pathlib import Path
@@ -37,7 +35,9 @@ def _one_line(e: Exception) -> str:
     return msg[0] if msg else type(e).__name__
 
 
-_OMEGACONF_TYPES = {"Float": "float", "Integer": "int", "String": "str"}  # -> config.TYPE_WORDS
+# what a field's annotation (trial.py's `coerce` reads the same) must hold, in words; on the
+# command line a list is written in brackets
+_WORDS = {**TYPE_WORDS, "list[int]": "a list, e.g. [1000, 2000]", "dict[str, Any]": "a mapping, e.g. {KEY: VALUE}"}
 
 
 def _section_fields(name: str) -> list[str] | None:
@@ -46,51 +46,65 @@ def _section_fields(name: str) -> list[str] | None:
     return sorted(f.name for f in dataclasses.fields(cls)) if cls else None
 
 
-def _override_error(e: Exception, overrides: list[str] = (), conf_dir: Path | None = None) -> str:
+def _annotation(key: str) -> str:
+    """The annotated type of a field by its full key ('model.d_model' -> 'int', 'train.save_at[0]'
+    -> 'int', 'n_trials' -> 'int'); '' for no field."""
+    name, index, _ = key.partition("[")
+    section, _, field = name.rpartition(".")
+    cls = {**SECTIONS, **SWEEP_SECTIONS}.get(section) if section else SweepConfig
+    kind = next((str(f.type) for f in dataclasses.fields(cls) if f.name == field), "") if cls else ""
+    kind = next((k.strip() for k in kind.split("|") if k.strip() != "None"), "")
+    return kind.removeprefix("list[").removesuffix("]") if index and kind.startswith("list[") else kind
+
+
+def _override_error(e: Exception, overrides: list[str] = ()) -> str:
     """Hydra's first line says only which override failed ("Error merging override optim.lr=abc");
-    the OmegaConf error beneath it names the field and what went wrong: say that, in our words."""
+    the OmegaConf error beneath it carries the field (full_key), its owner (object_type) and the
+    value: say what the field must hold, in our words, from them."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
+
     cause = e
     while cause is not None and not getattr(cause, "full_key", None):
         cause = cause.__cause__ or cause.__context__
     if cause is None:
-        lines = str(e).strip().splitlines()
-        if "LexerNoViableAlt" in str(e) and (hint := _quoting_hint(overrides)):
-            return f"overrides: {hint}"
-        if m := re.match(r"Error parsing override '(.*)'", lines[0] if lines else ""):
-            return f"overrides: {m[1]}: must be KEY=VALUE ({lines[1] if len(lines) > 1 else 'unparsable'})"
-        if m := re.search(r"Could not find '([\w-]+)/(.*)'", lines[0] if lines else ""):  # a config group's option
-            options = [line.strip() for line in lines if line.startswith("\t") and "=" not in line]
-            return f"overrides: {m[1]}: no option {m[2]!r} (allowed: {', '.join(options)})"
-        if lines and lines[0].startswith("Config group override must be a string"):  # model=5, =5
-            groups = {p.name for p in (conf_dir or repo_dir("conf")).iterdir() if p.is_dir()}
-            for item in overrides:
-                key, _, value = item.lstrip("+~").partition("=")
-                if not key:
-                    return f"overrides: {item}: must be KEY=VALUE (the key is missing)"
-                if key in groups:  # the group set to no option's name (model=tiny beside it is fine)
-                    options = sorted(q.stem for q in ((conf_dir or repo_dir("conf")) / key).glob("*.yaml"))
-                    if value not in options:
-                        return f"overrides: {key}: must name one of its options (allowed: {', '.join(options)}) (got {value!r})"
+        if isinstance(e, OverrideParseException):
+            if hint := _quoting_hint(overrides):
+                return f"overrides: {hint}"
+            detail = _one_line(e.__cause__) if e.__cause__ else "unparsable"
+            return f"overrides: {e.override}: must be KEY=VALUE ({detail})"
+        if isinstance(e, MissingConfigException) and e.options and "/" in (e.missing_cfg_file or ""):
+            group, _, option = e.missing_cfg_file.rpartition("/")  # a config group's option
+            return f"overrides: {group}: no option {option!r} (allowed: {', '.join(e.options)})"
         return f"overrides: {_one_line(e)}"
-    key, first = cause.full_key, _one_line(cause)
-    if m := re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first):
-        return f"{key}: must be {TYPE_WORDS.get(_OMEGACONF_TYPES.get(m[2]), m[2])} (got {m[1]!r})"
-    if m := re.match(r"Value '(.*)' is not a valid bool", first):
-        return f"{key}: must be {TYPE_WORDS['bool']} (got {m[1]!r})"
-    if m := re.match(r"Cannot convert '\w+' to string: '(.*)'", first):
-        return f"{key}: must be {TYPE_WORDS['str']} (got {m[1]})"
-    if m := re.match(r"Invalid value assigned: (\w+) is not a ListConfig", first):
-        value = getattr(cause, "value", None)
-        return f"{key}: must be a list, e.g. [1000, 2000] (got {m[1] if value is None else repr(value)})"
-    if re.match(r"Invalid type assigned: \w+ is not a subclass of \w+", first) and _section_fields(key):
-        value = first.rpartition("value: ")[2] if "value: " in first else "?"
-        return (f"{key}: is a section, not a config group; set its fields as {key}.FIELD=VALUE "
-                f"(allowed: {', '.join(_section_fields(key))}) (got {value!r})")
-    if first.startswith("Key ") and " not in " in first:
-        owner = getattr(cause, "object_type", None)
+    key, value, owner = cause.full_key, getattr(cause, "value", None), getattr(cause, "object_type", None)
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         known = sorted(f.name for f in dataclasses.fields(owner)) if dataclasses.is_dataclass(owner) else []
         return f"{key}: unknown key" + (f" (allowed: {', '.join(known)})" if known else "")
-    return f"{key}: {first}"
+    kind = _annotation(key)
+    # a scalar as the command line typed it; a list or mapping as it was read
+    shown = repr(value) if kind.startswith("list") or not isinstance(value, (str, int, float, bool)) else repr(str(value))
+    if isinstance(cause, ValidationError) and _section_fields(key):
+        return (f"{key}: is a section, not a config group; set its fields as {key}.FIELD=VALUE "
+                f"(allowed: {', '.join(_section_fields(key))}) (got {shown})")
+    if isinstance(cause, ValidationError) and kind in _WORDS:
+        return f"{key}: must be {_WORDS[kind]} (got {shown})"
+    return f"{key}: {_one_line(cause)}"
+
+
+def _group_error(overrides: list[str], conf_dir: Path) -> str | None:
+    """Checked before Hydra composes: it refuses a config group set to no option's name (model=5)
+    and an override with no key (=5) alike, with "Config group override must be a string or a
+    list. Got int", which names neither the override nor the group."""
+    groups = {p.name for p in conf_dir.iterdir() if p.is_dir()}
+    for item in overrides:
+        key, sep, text = item.lstrip("+~").partition("=")
+        if not key:
+            return f"overrides: {item}: must be KEY=VALUE (the key is missing)"
+        if key in groups and sep and not isinstance(kv.parse_value(text), (str, list)):
+            options = sorted(q.stem for q in (conf_dir / key).glob("*.yaml"))
+            return f"overrides: {key}: must name one of its options (allowed: {', '.join(options)}) (got {text!r})"
+    return None
 
 
 def _quoting_hint(overrides) -> str | None:
@@ -114,6 +128,8 @@ def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | 
 
     _register_schemas()
     conf_dir = conf_dir or repo_dir("conf")
+    if msg := _group_error(overrides, conf_dir):
+        raise ConfigError(msg)
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
@@ -122,7 +138,7 @@ def compose(overrides: list[str], config_name: str = "config", conf_dir: Path | 
     except ConfigError:
         raise
     except Exception as e:  # Hydra/OmegaConf errors, as one line naming the key
-        raise ConfigError(_override_error(e, overrides, conf_dir)) from None
+        raise ConfigError(_override_error(e, overrides)) from None
 
 
 def _whole_override(item: str) -> str:

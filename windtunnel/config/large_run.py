@@ -61,10 +61,10 @@ def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
 RAW = ("large_run.run_name", "large_run.run_dir", "large_run.tracking_uri")
 
 
-def load_file(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:
-    """The trial and large-run configs of a train.yaml, with SECTION.KEY=VALUE overrides."""
+def read(config: str | Path, overrides: list[str] = ()) -> dict:
+    """A train.yaml as nested dicts, with SECTION.KEY=VALUE overrides set (load_config checks it)."""
     d = load_yaml(config)
     if "trial" in d and "large_run" not in d:  # a sweep's best.yaml: one trial's config, no run
         raise ConfigError(f"{config}: a sweep's winner, not a large run's config: `windtunnel transfer` makes one "
                           f"(train.yaml); `windtunnel trial --config {shlex.quote(str(config))}` re-runs the trial")
-    return load_config(apply(d, overrides, raw=RAW, example="large_run.steps=10"))
+    return apply(d, overrides, raw=RAW, example="large_run.steps=10")
