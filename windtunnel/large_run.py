@@ -3,8 +3,8 @@
     windtunnel train train.yaml [KEY=VALUE ...]        one process, or under torchrun
 
 train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialConfig (model,
-data, optim, schedule, train) plus a `large_run` section (windtunnel/config/large_run.py). Relative paths
-in it are relative to the file's folder.
+data, optim, schedule, train) plus a `large_run` section (windtunnel/config/large_run.py).
+Relative paths in it are relative to the file's folder.
 
 - Process group from torchrun's environment (nccl on GPU, gloo on CPU); without torchrun, a
   one-process group, so the same code path runs everywhere.

@@ -83,7 +83,8 @@ def _override_error(e: Exception, overrides: list[str] = ()) -> str:
         return f"{key}: unknown key" + (f" (allowed: {', '.join(known)})" if known else "")
     kind = _annotation(key)
     # a scalar as the command line typed it; a list or mapping as it was read
-    shown = repr(value) if kind.startswith("list") or not isinstance(value, (str, int, float, bool)) else repr(str(value))
+    scalar = isinstance(value, (str, int, float, bool)) and not kind.startswith("list")
+    shown = repr(str(value)) if scalar else repr(value)
     if isinstance(cause, ValidationError) and _section_fields(key):
         return (f"{key}: is a section, not a config group; set its fields as {key}.FIELD=VALUE "
                 f"(allowed: {', '.join(_section_fields(key))}) (got {shown})")
