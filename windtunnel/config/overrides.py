@@ -97,7 +97,9 @@ def apply(d: dict, overrides: Iterable[str], *, raw: Collection[str] = (), examp
         *parents, leaf = path(key) if path else key.split(".")
         node = d
         for i, part in enumerate(parents):
-            node = node.setdefault(part, {})
+            if node.get(part) is None:  # `large_run:` with nothing under it is YAML's None
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
                 section = ".".join(parents[:i + 1])
                 raise ConfigError(f"{key}: {section} is not a section (got {section}: {node!r})")
