@@ -1,5 +1,5 @@
 """Small trial configs for fast CPU tests."""
-from windtunnel.config import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
+from windtunnel.config.trial import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig,
                                TrialConfig)
 
 

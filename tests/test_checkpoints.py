@@ -9,7 +9,7 @@ import torch
 
 from helpers import tiny_trial
 from windtunnel import checkpoints
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.trainer import Population, train_trial
 

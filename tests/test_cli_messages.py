@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from conftest import unavailable
-from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.trial import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
 
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
@@ -323,7 +323,7 @@ def test_printed_paths_and_commands_paste_back_whole(tmp_path, capsys):
     import shlex
 
     from windtunnel.commands.sweep import summary
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     weird = tmp_path / "my results ü 日本 it's"
     cfg = load_sweep("quickstart", [f"results_dir=\"{weird}\""])
@@ -352,7 +352,7 @@ def test_non_ascii_in_an_unquoted_override_says_how_to_quote_it(tmp_path):
     assert "Lexer" not in line
     (fixed,) = shlex.split(line.split(" write ", 1)[1])
     assert fixed == f"results_dir='{value}'"
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     assert load_sweep("quickstart", [fixed]).results_dir == value
 

@@ -65,7 +65,7 @@ BROKEN = {  # name: (what breaks, the activation the check must flag)
 @pytest.mark.parametrize("name", BROKEN)
 def test_the_check_catches_a_broken_mup_rule(monkeypatch, name):
     from windtunnel import parametrization as P
-    from windtunnel.configure import trial_config
+    from windtunnel.config.hydra import trial_config
     from windtunnel.coord_check import coord_check, mup_violations
 
     kwargs, flagged = BROKEN[name]

@@ -216,7 +216,7 @@ def test_a_trial_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_losse
 
     import torch
 
-    from windtunnel.configure import trial_config
+    from windtunnel.config.hydra import trial_config
     from windtunnel.trainer import train_trial
 
     every = 10 * 8 * 32  # 10 steps of 8 sequences of 32 tokens; 80 steps
@@ -281,7 +281,7 @@ def test_a_large_run_killed_while_it_creates_its_sqlite_store_logs_when_relaunch
     failed on; the store appears whole or not at all."""
     import yaml
 
-    from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
+    from windtunnel.config.trial import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
 
     proxy = TrialConfig(model=ModelConfig(d_model=32, n_layers=1, n_heads=2, seq_len=16, kernels="torch"),
                         data=DataConfig(max_bytes=300_000), train=TrainConfig(device="cpu", batch_size=16))

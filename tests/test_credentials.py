@@ -7,7 +7,7 @@ import stat
 import pytest
 
 from windtunnel import credentials
-from windtunnel.configure import load_sweep
+from windtunnel.config.hydra import load_sweep
 from windtunnel.errors import ConfigError
 
 SECRET = "s3cretpw"
@@ -36,7 +36,7 @@ def test_a_password_in_the_tracking_uri_reaches_mlflow_and_no_file(tmp_path, env
     assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == ("alice", SECRET)
     d = tmp_path / "quickstart"
     study = open_study(cfg, d)
-    from windtunnel.config import to_dict
+    from windtunnel.config.trial import to_dict
     import json
 
     study.set_user_attr("sweep", json.dumps(to_dict(cfg), default=str))  # as the driver stores it
@@ -60,7 +60,7 @@ def test_credentials_are_stripped_everywhere_a_uri_enters(env):
     assert credentials.take("http://[::1]:5000") == "http://[::1]:5000"
     assert credentials.take("postgresql://u:pw@db:5432/mlflow") == "postgresql://db:5432/mlflow"
     assert credentials.take("") == "" and credentials.take("sqlite:///a@b/mlflow.db") == "sqlite:///a@b/mlflow.db"
-    from windtunnel.large_run import LargeRunConfig
+    from windtunnel.config.large_run import LargeRunConfig
 
     assert LargeRunConfig(tracking_uri=f"http://a:{SECRET}@h:1").tracking_uri == "http://h:1"
 

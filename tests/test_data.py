@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from windtunnel.cli import main
-from windtunnel.config import DataConfig
+from windtunnel.config.trial import DataConfig
 from windtunnel.data import Shards, load, prepare
 from windtunnel.errors import ConfigError
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import tiny_trial
-from windtunnel.config import trial_from_dict, to_dict, with_overrides
+from windtunnel.config.trial import trial_from_dict, to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.large_run import eval_chunks
 from windtunnel.trainer import Population

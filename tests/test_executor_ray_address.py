@@ -6,7 +6,7 @@ import pytest
 
 from windtunnel.errors import ConfigError
 from windtunnel.executors import ray as ray_executor
-from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.config.sweep import ExecutorConfig
 
 
 def closed_port() -> int:

@@ -155,7 +155,7 @@ def test_slurm_driver_stopped_then_rerun_at_once_spends_no_retry(tmp_path, slurm
         ids, before = [(b / "job_id").read_text().strip() for b in cancelled], set(_job_ids(results))
         wait_for(lambda: all(s == "COMPLETING" for s in _states(ids).values()), 30, f"jobs {ids} COMPLETING")
 
-        from windtunnel.configure import load_sweep
+        from windtunnel.config.hydra import load_sweep
         from windtunnel.executors import make_executor
 
         # what the re-run's executor sees: a cancelled job in an active state, not re-attached

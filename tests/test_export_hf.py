@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from windtunnel.config import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.trial import DataConfig, ModelConfig, TrainConfig, TrialConfig, to_dict
 from windtunnel.model import Transformer
 
 pytest.importorskip("transformers")

@@ -8,7 +8,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from windtunnel.configure import load_sweep
+from windtunnel.config.hydra import load_sweep
 from windtunnel.errors import ConfigError
 from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.search import distributions

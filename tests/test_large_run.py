@@ -13,7 +13,7 @@ import yaml
 
 from conftest import unavailable
 from helpers import wait_for
-from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 
 pytestmark = pytest.mark.distributed
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from helpers import wait_for
-from windtunnel.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrialConfig, to_dict
 
 mlflow = pytest.importorskip("mlflow")
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import free_port, unavailable
-from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 
 pytestmark = [pytest.mark.slurm, pytest.mark.distributed]
 

@@ -194,7 +194,7 @@ def test_bootstrap_resamples_whole_runs_within_cells_and_stretches_for_few_seeds
 
 def test_estimate_is_calibrated_on_mup_hp_and_grows_with_depth():
     from windtunnel.bench.estimate import estimate
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     mup = estimate(load_sweep("mup_hp", ["train.tokens=2000000", "n_trials=400"]))
     assert mup["seconds"] == pytest.approx(241.5, rel=0.01)  # the measured sweep it is calibrated on

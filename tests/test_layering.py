@@ -13,10 +13,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 CORE = ["windtunnel.model", "windtunnel.parametrization", "windtunnel.schedule", "windtunnel.data",
-        "windtunnel.kernels", "windtunnel.trainer", "windtunnel.optim", "windtunnel.config"]
+        "windtunnel.kernels", "windtunnel.trainer", "windtunnel.optim", "windtunnel.config.trial"]
 ORCHESTRATION_PACKAGES = ("optuna", "ray", "mlflow", "submitit", "hydra", "omegaconf")
 ORCHESTRATION_MODULES = ("windtunnel.sweep", "windtunnel.search", "windtunnel.executors", "windtunnel.tracking",
-                         "windtunnel.commands", "windtunnel.cli", "windtunnel.configure",
+                         "windtunnel.commands", "windtunnel.cli", "windtunnel.config.hydra",
                          "windtunnel.worker", "windtunnel.results", "windtunnel.bench")
 
 # What the core may import from the package: itself, and the leaves every layer uses (the trial
@@ -25,11 +25,14 @@ CORE_MODULES = ("windtunnel.model", "windtunnel.parametrization", "windtunnel.sc
                 "windtunnel.optim", "windtunnel.trainer", "windtunnel.kernels",
                 "windtunnel.checkpoints", "windtunnel.memory",  # saved states; the memory model
                 "windtunnel.prose")  # a data source: the prose corpus's extraction
-LEAVES = ("windtunnel.config", "windtunnel.errors", "windtunnel.files", "windtunnel.locks")
+LEAVES = ("windtunnel.config.trial", "windtunnel.errors", "windtunnel.files", "windtunnel.locks")
 # Between transfer (the plan), export (its files) and the large run (the trainer a cluster runs),
 # the one arrow: export writes transfer's plan. The large run depends on neither.
 TRIO = ("windtunnel.transfer", "windtunnel.export", "windtunnel.large_run")
 TRIO_ALLOWED = {("windtunnel.export", "windtunnel.transfer")}
+# Hydra and OmegaConf stay behind one adapter: every other module reads plain dicts and dataclasses.
+HYDRA_PACKAGES = ("hydra", "omegaconf")
+HYDRA_ADAPTER = "windtunnel.config.hydra"
 
 
 def test_the_core_loads_no_orchestration():
@@ -106,3 +109,19 @@ def test_transfer_export_and_the_large_run_import_one_way():
     known = set(modules)
     edges = {(a, b) for a in TRIO for b in static_imports(a, modules[a], known) if b in TRIO and b != a}
     assert edges <= TRIO_ALLOWED, sorted(edges - TRIO_ALLOWED)
+
+
+def test_only_the_hydra_adapter_imports_hydra():
+    """A mutant caught here: `from omegaconf import OmegaConf` in transfer.py, or transfer.py and
+    large_run.py importing the adapter for its YAML reader (they did, as windtunnel.configure)."""
+    modules = _modules()
+    known = set(modules)
+    bad = []
+    for name, path in sorted(modules.items()):
+        for imported, line in static_imports(name, path, known).items():
+            if name != HYDRA_ADAPTER and imported.split(".")[0] in HYDRA_PACKAGES:
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {imported}")
+            if imported == HYDRA_ADAPTER and _under(name, ("windtunnel.transfer", "windtunnel.large_run")):
+                bad.append(f"{path.relative_to(ROOT)}:{line}: {imported}")
+    assert bad == [], "only windtunnel/config/hydra.py may import hydra or omegaconf:\n" + "\n".join(bad)
+    assert any(i.split(".")[0] in HYDRA_PACKAGES for i in static_imports(HYDRA_ADAPTER, modules[HYDRA_ADAPTER], known))

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 from helpers import tiny_trial
 from windtunnel import cli, memory
-from windtunnel.config import with_overrides
+from windtunnel.config.target import load_target
+from windtunnel.config.trial import with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.trainer import Population
 
@@ -39,11 +40,11 @@ def test_the_transfer_plan_and_the_sweep_use_the_one_memory_model(tmp_path):
     import yaml
 
     from windtunnel import transfer
-    from windtunnel.config import to_dict
+    from windtunnel.config.trial import to_dict
 
     best = tmp_path / "best.yaml"
     best.write_text(yaml.safe_dump({"sweep": "t", "number": 0, "value": 3.0, "trial": to_dict(tiny_trial())}))
-    target = transfer.load_target("tiny-cpu", ["seq_len=16"])
+    target = load_target("tiny-cpu", ["seq_len=16"])
     plan = transfer.plan(transfer.load_winner(str(best)), target,
                          transfer.Laws(batch_size=256, tokens=12 * 256))
     micro = plan.value("micro-batch (sequences per GPU)")

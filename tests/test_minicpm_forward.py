@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 from windtunnel.model import Transformer
 
 V = 97

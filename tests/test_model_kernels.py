@@ -5,7 +5,7 @@ import torch
 
 import windtunnel.kernels as K
 from conftest import unavailable
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 from windtunnel.model import Transformer
 
 pytestmark = pytest.mark.kernels

@@ -10,8 +10,9 @@ import torch.distributed as dist
 
 from helpers import tiny_trial
 from windtunnel import parametrization as mup
-from windtunnel.config import with_overrides
-from windtunnel.large_run import LargeRun, LargeRunConfig, param_groups
+from windtunnel.config.trial import with_overrides
+from windtunnel.config.large_run import LargeRunConfig
+from windtunnel.large_run import LargeRun, param_groups
 from windtunnel.model import Transformer
 from windtunnel.schedule import lr_factor
 from windtunnel.trainer import Population

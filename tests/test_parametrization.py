@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from windtunnel import parametrization as mup
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 from windtunnel.model import Transformer
 
 
@@ -48,7 +48,7 @@ def test_init_uses_the_rules():
 
 
 def test_optimizer_groups_follow_the_rules():
-    from windtunnel.config import TrialConfig
+    from windtunnel.config.trial import TrialConfig
     from windtunnel.optim import PopulationAdamW
 
     cfgs = [TrialConfig(model=ModelConfig(d_model=128, n_layers=1, n_heads=2, dim_model_base=32))]

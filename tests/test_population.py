@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import tiny_trial
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.trainer import Population, train_trial
 
 pytestmark = pytest.mark.population

@@ -14,7 +14,7 @@ def test_the_private_ray_instance_refuses_a_client_without_its_token(tmp_path, m
     import ray
 
     from windtunnel.executors.ray import RayExecutor
-    from windtunnel.sweep_config import ExecutorConfig
+    from windtunnel.config.sweep import ExecutorConfig
 
     for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
         monkeypatch.delenv(name, raising=False)

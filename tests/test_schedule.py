@@ -1,6 +1,6 @@
 import pytest
 
-from windtunnel.config import ScheduleConfig
+from windtunnel.config.trial import ScheduleConfig
 from windtunnel.schedule import branch_steps, decay_curve, lr_factor, phase_steps
 
 

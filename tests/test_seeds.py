@@ -6,11 +6,11 @@ import json
 import optuna
 import pytest
 
-from windtunnel.configure import load_sweep
+from windtunnel.config.hydra import load_sweep
 from windtunnel.errors import ConfigError
 from windtunnel.search import open_storage
 from windtunnel.sweep import Driver
-from windtunnel.sweep_config import trial_seeds
+from windtunnel.config.sweep import trial_seeds
 
 TS = optuna.trial.TrialState
 

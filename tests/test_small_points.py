@@ -23,7 +23,7 @@ def test_a_dangling_symlink_as_results_dir_is_named(tmp_path):
     """mkdir said only 'File exists'."""
     import pytest
 
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
 
     link = tmp_path / "results"
@@ -38,7 +38,7 @@ def test_a_huge_sweep_file_is_refused_before_it_is_read(tmp_path):
 
     import pytest
 
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
 
     big = tmp_path / "big.yaml"
@@ -54,8 +54,8 @@ def test_doubtful_settings_are_warned_about(tmp_path):
     """tokens=1e15, 40 workers on a few cores and searched data.* fields passed in silence."""
     import os
 
-    from windtunnel.configure import load_sweep
-    from windtunnel.sweep_config import doubtful
+    from windtunnel.config.hydra import load_sweep
+    from windtunnel.config.sweep import doubtful
 
     cfg = load_sweep("quickstart", ["train.tokens=1e15", f"executor.workers={4 * (os.cpu_count() or 1)}",
                                     "+search.data.max_bytes={type: categorical, choices: [300000, 400000]}",

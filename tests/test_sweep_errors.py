@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 
 CASES = {
     "unknown_key": ("n_trial: 5\n", "n_trial: unknown key"),
@@ -103,7 +103,7 @@ def test_trial_cli_bad_config_exit_2(tmp_path):
     ("data=stdlib =5", "overrides: =5: must be KEY=VALUE (the key is missing)"),
 ])
 def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
-    from windtunnel.configure import compose
+    from windtunnel.config.hydra import compose
     from windtunnel.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
@@ -113,7 +113,7 @@ def test_bad_override_names_the_field_and_what_is_allowed(override, expected):
 
 def test_a_section_set_as_a_value_says_how_to_set_its_fields():
     """`sampler=gp` (sampler is no config group): "Invalid type assigned: str is not a subclass of SamplerConfig"."""
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
@@ -133,7 +133,7 @@ def test_wrong_type_in_a_config_file_names_the_field(section, key, value, expect
     """`trial --config best.yaml` and the transfer build configs from plain dicts, not Hydra."""
     import numpy as np
 
-    from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+    from windtunnel.config.trial import TrialConfig, to_dict, trial_from_dict
     from windtunnel.errors import ConfigError
 
     d = to_dict(TrialConfig())
@@ -147,7 +147,7 @@ def test_wrong_type_in_a_config_file_names_the_field(section, key, value, expect
 
 def test_large_run_section_is_checked_like_the_trial_sections():
     from windtunnel.errors import ConfigError
-    from windtunnel.large_run import load_config
+    from windtunnel.config.large_run import load_config
 
     with pytest.raises(ConfigError, match=r"^large_run\.micro_batch: must be an integer \(got 'x'\)"):
         load_config({"large_run": {"micro_batch": "x"}})
@@ -162,8 +162,8 @@ def test_overrides_of_a_config_file_read_numbers_as_hydra_does(tmp_path):
     """`trial --config best.yaml train.tokens=2e6 optim.lr=1e-3`: YAML 1.1 alone reads both as strings."""
     import yaml
 
-    from windtunnel.config import TrialConfig, to_dict
-    from windtunnel.configure import trial_config
+    from windtunnel.config.trial import TrialConfig, to_dict
+    from windtunnel.config.hydra import trial_config
 
     f = tmp_path / "best.yaml"
     f.write_text(yaml.safe_dump({"trial": to_dict(TrialConfig())}))
@@ -174,7 +174,7 @@ def test_overrides_of_a_config_file_read_numbers_as_hydra_does(tmp_path):
 def test_whole_numbers_in_exponent_form_fill_integer_fields(tmp_path):
     """`train.tokens=2e5` on the command line, in a sweep file or a search range, as `2e6` above in a
     config file: an integer; a fraction (1.5) or a small exponent (1e-1) is still refused."""
-    from windtunnel.configure import load_sweep, trial_config
+    from windtunnel.config.hydra import load_sweep, trial_config
     from windtunnel.errors import ConfigError
 
     cfg = trial_config(["train.tokens=2e5", "model.d_model=1.28e2", "optim.lr=1e-2", "model.init_std=1e0"])
@@ -255,7 +255,7 @@ def _cuda() -> bool:
 def test_the_command_line_wins_over_a_bad_value_in_the_sweep_file(tmp_path):
     """Hydra type-checks the file before the overrides: `n_trials: many` failed even with
     n_trials=1, and the error blamed the command line."""
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
 
     f = tmp_path / "s.yaml"
@@ -272,7 +272,7 @@ def test_the_command_line_wins_over_a_bad_value_in_the_sweep_file(tmp_path):
 
 def test_sweep_files_read_numbers_as_the_command_line_does(tmp_path):
     """PyYAML (YAML 1.1) reads 1e-2 and 1.0e3 as strings: `high: 1e-2` was 'not a finite number'."""
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     f = tmp_path / "s.yaml"
     f.write_text("search:\n  optim.lr: {type: float, low: 1.0e-3, high: 1e-2}\noptim: {weight_decay: 1e-1}\n")
@@ -283,7 +283,7 @@ def test_sweep_files_read_numbers_as_the_command_line_does(tmp_path):
 def test_search_space_overrides_from_the_command_line():
     """A parameter's name holds a dot (optim.lr), so Hydra cannot address it: the sweep loader
     sets a field, a whole parameter, or drops one itself."""
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
 
     base = load_sweep("quickstart", []).search
@@ -301,7 +301,7 @@ def test_an_override_of_a_searched_parameter_fixes_it_and_says_so(tmp_path, caps
     """`windtunnel sweep quickstart optim.lr=0.01` exited 0 and its trials ran at sampled lrs (the
     search replaced the override): now the override fixes the parameter for this sweep, one line
     says so, and the trials asked train at 0.01."""
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
     from windtunnel.errors import ConfigError
     from windtunnel.sweep import Driver
 

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from helpers import quickstart_study
-from windtunnel.config import with_overrides
-from windtunnel.configure import load_sweep
+from windtunnel.config.trial import with_overrides
+from windtunnel.config.hydra import load_sweep
 from windtunnel.sweep import Driver
-from windtunnel.sweep_config import grid_space, parse_search
+from windtunnel.config.space import grid_space, parse_search
 from windtunnel.trainer import bundle_key
 
 TS = optuna.trial.TrialState

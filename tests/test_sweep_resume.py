@@ -224,7 +224,7 @@ def test_a_bundle_ends_at_its_result_not_its_exit(tmp_path, monkeypatch):
     """A local worker that has written its result but is still exiting (a CUDA teardown takes
     seconds) has ended: its slot is free and its result read at once; close() reaps it."""
     from windtunnel.executors import local
-    from windtunnel.sweep_config import ExecutorConfig
+    from windtunnel.config.sweep import ExecutorConfig
 
     monkeypatch.setattr(local, "EXIT_GRACE_S", 1.0)
     ex = local.LocalExecutor(ExecutorConfig(type="local", workers=1, standby=False))

@@ -1,7 +1,7 @@
 """What a resumed study keeps: fresh sampler draws, its search space, its trial settings."""
 import pytest
 
-from windtunnel.configure import load_sweep
+from windtunnel.config.hydra import load_sweep
 from windtunnel.errors import ConfigError
 from windtunnel.search import distributions, open_study
 

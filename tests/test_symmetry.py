@@ -11,7 +11,7 @@ import torch
 
 from helpers import tiny_trial
 from windtunnel import cli, symmetry
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.results import write_report
 from windtunnel.trainer import Population
 
@@ -49,7 +49,7 @@ def test_ridge_warning_names_both_knobs_only_when_both_are_searched_in_mup(monke
     assert w and "\n" not in w and symmetry.EMB in w and symmetry.DEPTH in w and "ratio" in w
     assert symmetry.ridge_warning(both, "sp") is None
     assert symmetry.ridge_warning({**both, symmetry.DEPTH: {"type": "fixed", "value": 1.4}}) is None
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     assert symmetry.ridge_warning(load_sweep("mup_hp", []).search) is None
     import windtunnel.sweep

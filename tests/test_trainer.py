@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_trial
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.model import Transformer
 from windtunnel.optim import PopulationAdamW

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from helpers import tiny_trial
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

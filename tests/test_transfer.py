@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from windtunnel import export, transfer
-from windtunnel.config import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.config.target import load_target
+from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.fits import compute_optimal
 
@@ -45,7 +46,7 @@ def cli(*args, env=None) -> subprocess.CompletedProcess:
 
 
 def test_transfer_gives_the_mup_rescaled_values(best, tmp_path):
-    target = transfer.load_target("tiny-cpu", ["d_model=128", "n_heads=4", "n_layers=3"])
+    target = load_target("tiny-cpu", ["d_model=128", "n_heads=4", "n_layers=3"])
     plan = transfer.plan(transfer.load_winner(str(best)), target, transfer.Laws(batch_size=2048, tokens=65536))
     groups = {g["role"]: g for g in plan.groups}
     m = 128 / 16  # width multiplier at the target: d_model / dim_model_base
@@ -75,7 +76,7 @@ def test_a_target_of_another_head_dim_is_warned_about(best):
     """μP here transfers across widths at a fixed head dim (the proxy's 16): widths grow by heads."""
     laws = transfer.Laws(batch_size=2048, tokens=65536)
     for heads, warned in ((8, False), (4, True)):
-        target = transfer.load_target("tiny-cpu", ["d_model=128", f"n_heads={heads}", "n_layers=3"])
+        target = load_target("tiny-cpu", ["d_model=128", f"n_heads={heads}", "n_layers=3"])
         plan = transfer.plan(transfer.load_winner(str(best)), target, laws)
         assert any("head dim (32) differs from the proxy's (16)" in w for w in plan.warnings) == warned, plan.warnings
 
@@ -87,7 +88,7 @@ def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
     (tmp_path / "sl.json").write_text(json.dumps({"points": [], "scaling_law": sl}))  # a `fit wsd --json` file
     laws = transfer.Laws(batch_size_law=transfer.load_law(str(tmp_path / "bs.json"), "batch-size"),
                          scaling_law=transfer.load_law(str(tmp_path / "sl.json"), "scaling-law"))
-    target = transfer.load_target("minicpm-1.2b")
+    target = load_target("minicpm-1.2b")
     plan = transfer.plan(transfer.load_winner(str(best)), target, laws)
     N = plan.value("N (parameters)")
     assert N == 73440 * 1536 + 52 * (4 * 1536**2 + 3 * 1536 * 3840 + 2 * 1536) + 1536
@@ -177,13 +178,13 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     assert "#SBATCH --job-name=x_touch_tmp_pwned\n" in sbatch
     # a cpu target asks for its processes' CPUs, not GPUs (test_launch_sbatch.py submits it); a GPU one for GPUs
     assert "#SBATCH --cpus-per-task=2\n" in sbatch and "--gpus" not in sbatch
-    gpu = transfer.plan(transfer.load_winner(str(best)), transfer.load_target("tiny-cpu", ["device=cuda"]),
+    gpu = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu", ["device=cuda"]),
                         transfer.Laws(batch_size=2048, tokens=65536))
     sbatch = export.launch_sbatch(gpu, out)
     assert "#SBATCH --gpus-per-node=2\n" in sbatch and "--cpus-per-task" not in sbatch
 
     # train.yaml is what `windtunnel train` takes; the run name survives intact, paths are slugs
-    from windtunnel.large_run import load_config
+    from windtunnel.config.large_run import load_config
 
     cfg, run = load_config(yaml.safe_load((out / "train.yaml").read_text()))
     assert run.run_name == EVIL and run.run_dir == "runs/x_touch_tmp_pwned"
@@ -201,7 +202,7 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     assert hf["eos_token_id"] == 0  # byte-level data: NUL's id (windtunnel/hf.py)
 
     md = (out / "transfer.md").read_text()
-    target = transfer.load_target("tiny-cpu", [f"run_name={EVIL}"])
+    target = load_target("tiny-cpu", [f"run_name={EVIL}"])
     plan = transfer.plan(transfer.load_winner(str(best)), target, transfer.Laws(batch_size=2048, tokens=65536))
     for row in plan.rows:
         assert transfer.fmt(row.value) in md, row.name
@@ -212,12 +213,12 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
 
 
 def test_minicpm_targets_match_the_released_shapes():
-    t = transfer.load_target("minicpm-1.2b")
+    t = load_target("minicpm-1.2b")
     assert (t.d_model, t.n_layers, t.n_heads, t.d_ff, t.vocab_size, t.tie_embeddings) == (1536, 52, 24, 3840, 73440, True)
-    t = transfer.load_target("minicpm-2.4b")
+    t = load_target("minicpm-2.4b")
     assert (t.d_model, t.n_layers, t.n_heads, t.d_ff, t.vocab_size, t.tie_embeddings) == (2304, 40, 36, 5760, 122753, True)
     with pytest.raises(ConfigError, match="target.d_model: must be divisible"):
-        transfer.load_target("minicpm-1.2b", ["n_heads=7"])
+        load_target("minicpm-1.2b", ["n_heads=7"])
 
 
 def test_a_target_vocabulary_smaller_than_the_data_is_refused(best, tmp_path):
@@ -245,7 +246,7 @@ def test_the_papers_wind_tunnel_optimum_gives_the_released_minicpm_configs(tmp_p
         optim=OptimConfig(lr=0.01), schedule=ScheduleConfig(kind="wsd"), train=TrainConfig(batch_size=16))
     (tmp_path / "best.yaml").write_text(yaml.safe_dump({"sweep": "paper", "number": 0, "value": 3.0,
                                                         "trial": to_dict(wind_tunnel)}))
-    plan = transfer.plan(transfer.load_winner(str(tmp_path / "best.yaml")), transfer.load_target(target),
+    plan = transfer.plan(transfer.load_winner(str(tmp_path / "best.yaml")), load_target(target),
                          transfer.Laws(batch_size=4 * 2**20, tokens=10**12))
     hf = export.hf_config(plan)
     mup = hf["windtunnel"]
@@ -276,7 +277,7 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
     for name, value in (("proxy lr", 0.02), ("lr width factor", 1), ("lr depth factor", 1),
                         ("lr horizon factor", 0.5), ("optim.lr (base)", want)):
         assert f"| {name} | {transfer.fmt(value)} |" in md, name
-    plan = transfer.plan(transfer.load_winner(str(best)), transfer.load_target("tiny-cpu"),
+    plan = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"),
                          transfer.Laws(batch_size=2048, tokens=400_000))
     assert plan.value("lr horizon factor") == 1.0 and plan.trial.optim.lr == 0.02
     law.write_text(json.dumps({"a": 5.0}))

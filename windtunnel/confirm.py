@@ -3,7 +3,7 @@ with n seeds each, so that the winner comes with an interval.
 
 One trial of a search is one draw of its noise (init, data order, float rounding), and the search
 picked the luckiest draws: the top trials' own losses are biased low and cannot be told apart.
-Confirm trains each configuration again with fresh seeds (windtunnel.sweep_config.trial_seeds,
+Confirm trains each configuration again with fresh seeds (windtunnel.config.sweep.trial_seeds,
 stream 1: never a draw the search saw; replicate r of every configuration shares its seeds), as
 the replicates of a sweep of its own, RESULTS/SWEEP-confirm: the sweep driver runs them (bundled
 into populations, on any executor, resumed when re-run, each finished replicate an MLflow child
@@ -28,12 +28,12 @@ import optuna
 import pandas as pd
 import yaml
 
-from windtunnel.config import RUN_ONLY, SECTIONS, field_type, settings, to_dict, trial_from_dict, with_overrides
+from windtunnel.config.trial import RUN_ONLY, SECTIONS, field_type, settings, to_dict, trial_from_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.files import write_atomically
 from windtunnel.results import counts_as_finished
 from windtunnel.sweep import Driver
-from windtunnel.sweep_config import SweepConfig, sweep_from_dict, trial_seeds
+from windtunnel.config.sweep import SweepConfig, sweep_from_dict, trial_seeds
 from windtunnel.symmetry import DEPTH, EMB, MINICPM_RATIO, RATIO
 
 TS = optuna.trial.TrialState
@@ -62,7 +62,7 @@ def config_key(config: dict) -> str:
 # -- choosing what to run ----------------------------------------------------------------------
 def parse_add(text: str) -> dict:
     """'model.scale_emb=12,optim.lr=0.01' -> {key: value}; a key that is no trial field is refused."""
-    from windtunnel.configure import parse_value
+    from windtunnel.config.overrides import parse_value
 
     out = {}
     for item in re.split(r",(?=\s*[A-Za-z_][\w]*\.[\w]+\s*=)", text.strip()):  # a comma inside a value stays
@@ -136,7 +136,7 @@ def confirm_sweep(study: optuna.Study, sweep_dir: Path, overrides: list[str], n_
     """The replicates' sweep: the finished sweep's settings (its executor, population, tracking),
     no search, no pruning (every replicate runs to its end), in SWEEP_DIR-confirm beside it;
     KEY=VALUE overrides any of it (data.source=..., executor.workers=2, name=...)."""
-    from windtunnel.configure import _apply_overrides
+    from windtunnel.config.overrides import apply
 
     stored = json.loads(study.user_attrs.get("sweep", "{}"))
     known = {f.name for f in dataclasses.fields(SweepConfig)}
@@ -152,11 +152,11 @@ def confirm_sweep(study: optuna.Study, sweep_dir: Path, overrides: list[str], n_
     d.update(name=f"{sweep_dir.name}-confirm", results_dir=str(sweep_dir.parent), search={}, n_trials=n_trials,
              storage="", seeds="common", sampler={"type": "random", "seed": 0}, pruner={"type": "none"}, extend={})
     d.pop("description", None)
-    return sweep_from_dict(_apply_overrides(d, overrides))
+    return sweep_from_dict(apply(d, overrides, example="data.source=/path/to/shards"))
 
 
 def _sweep_sections() -> dict:
-    from windtunnel.sweep_config import SWEEP_SECTIONS
+    from windtunnel.config.sweep import SWEEP_SECTIONS
 
     return SWEEP_SECTIONS
 

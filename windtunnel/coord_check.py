@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from windtunnel.config import TrialConfig, with_overrides
+from windtunnel.config.trial import TrialConfig, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.trainer import Population
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from windtunnel import locks
-from windtunnel.config import DataConfig
+from windtunnel.config.trial import DataConfig
 from windtunnel.errors import ConfigError
 from windtunnel.files import make_folder, write_json
 

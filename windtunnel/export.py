@@ -202,7 +202,7 @@ def _check_checkpoints(plan: Plan, out: Path) -> None:
     """The new train.yaml's first launch would resume the checkpoint its run already has in out:
     refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
     (the launch would refuse it too, the same way: config.relaunch_changes)."""
-    from windtunnel.config import relaunch_changes
+    from windtunnel.config.trial import relaunch_changes
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
     ckpt = ckpt if ckpt.is_absolute() else out / ckpt

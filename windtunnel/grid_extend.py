@@ -17,7 +17,8 @@ import math
 
 import optuna
 
-from windtunnel.sweep_config import SweepConfig, grid_space, parse_search
+from windtunnel.config.space import grid_space, parse_search
+from windtunnel.config.sweep import SweepConfig
 
 REPLICATES = ("train.seed", "train.data_seed")
 MARK = "extension"

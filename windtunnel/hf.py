@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from windtunnel import parametrization as mup
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 
 EOS = "<|endoftext|>"
 # Control bytes absent from text, in the order they are tried for EOS (not \t \n \v \f \r)
@@ -201,7 +201,7 @@ def _config_error(msg: str):
 
 def _trial_state(path: Path, step: int | None, trial: int | None):
     """(TrialConfig, weights, description) of one trial in a trainer's saved state (.pt)."""
-    from windtunnel.config import trial_from_dict
+    from windtunnel.config.trial import trial_from_dict
 
     try:
         s = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -230,8 +230,9 @@ def _checkpoints(folder: Path) -> Path | None:
         if (c / "latest").is_file():
             return c
     if (folder / "train.yaml").is_file():  # `windtunnel transfer`'s folder: its run, where train.yaml puts it
-        from windtunnel.configure import load_yaml
-        from windtunnel.large_run import load_config, resolve_paths
+        from windtunnel.config.overrides import load_yaml
+        from windtunnel.config.large_run import load_config
+        from windtunnel.large_run import resolve_paths
 
         ckpt = resolve_paths(*load_config(load_yaml(folder / "train.yaml")), folder)[2]
         return ckpt if (ckpt / "latest").is_file() else None
@@ -286,7 +287,7 @@ def _dcp_state(ckpt: Path):
     """(TrialConfig, weights, description) of a large run's checkpoint (torch.distributed.checkpoint),
     read in this one process (no process group: DCP reads every shard)."""
     from windtunnel import checkpoints
-    from windtunnel.config import trial_from_dict
+    from windtunnel.config.trial import trial_from_dict
     from windtunnel.model import Transformer
 
     meta = json.loads((ckpt / "meta.json").read_text())

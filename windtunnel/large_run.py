@@ -3,8 +3,8 @@
     windtunnel train train.yaml [KEY=VALUE ...]        one process, or under torchrun
 
 train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialConfig (model,
-data, optim, schedule, train) plus a `large_run` section (LargeRunConfig below). Relative paths
-in it are relative to the file's folder.
+data, optim, schedule, train) plus a `large_run` section (windtunnel/config/large_run.py).
+Relative paths in it are relative to the file's folder.
 
 - Process group from torchrun's environment (nccl on GPU, gloo on CPU); without torchrun, a
   one-process group, so the same code path runs everywhere.
@@ -42,7 +42,6 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +52,8 @@ from windtunnel import checkpoints, memory
 from windtunnel import data as data_mod
 from windtunnel import locks
 from windtunnel import parametrization as mup
-from windtunnel.config import (RELAUNCH_FREE, TrialConfig, changed_settings, relaunch_changes, section_from_dict,
-                               settings, to_dict, trial_from_dict)
+from windtunnel.config.large_run import LargeRunConfig, load_config, read
+from windtunnel.config.trial import RELAUNCH_FREE, TrialConfig, changed_settings, relaunch_changes, settings, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.files import append_line, check_folder, slug, write_json, write_text
 from windtunnel.model import Transformer
@@ -112,57 +111,12 @@ def eval_chunks(n: int, rank: int, world: int, micro_batch: int) -> list[tuple[l
             for i in range(steps)]
 
 
-@dataclass(kw_only=True)
-class LargeRunConfig:
-    run_name: str = "run"
-    run_dir: str = ""
-    """Loss log, MLflow run id; '' = runs/<run_name>. Relative to the config file's folder."""
-    micro_batch: int = 1
-    """Sequences per GPU per forward/backward."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
-    tracking_uri: str = ""
-    """MLflow tracking URI; '' = no MLflow."""
-    experiment: str = "windtunnel-large-runs"
-    log_every: int = 1
-    """Steps between MLflow metric points (loss.jsonl gets every step)."""
-    source_sweep: str = ""
-    """The sweep whose winner this run was transferred from (an MLflow tag; `windtunnel transfer` sets it)."""
-    source_trial: int = -1
-    """That winner's trial number (-1: unknown)."""
-    steps: int = 0
-    """Steps this launch trains, counted from where it starts or resumes; then it saves and stops
-    (the next launch resumes there). 0 = to the end."""
-    stop_after_steps: int = 0
-    """Stop (without saving) at this absolute step, as a crash would (for tests); 0 = run to the end.
-    At or below the step a resumed run is at, it is refused: large_run.steps counts from there."""
-    keep_last: int = 2
-    """step-* checkpoints kept (stable saves are always kept)."""
-
-    def __post_init__(self) -> None:
-        for name in ("micro_batch", "grad_accum", "log_every", "keep_last"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"large_run.{name}: must be >= 1 (got {getattr(self, name)!r})")
-        for name in ("steps", "stop_after_steps"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"large_run.{name}: must be >= 0 (got {getattr(self, name)!r})")
-        from windtunnel import credentials
-
-        self.tracking_uri = credentials.take(self.tracking_uri)  # MLflow reads them from its environment
-
-
 def check_stop(run: LargeRunConfig, step: int, run_dir: Path) -> None:
     """large_run.stop_after_steps is an absolute step: one the run has already reached would train
     nothing (it exited 0 having done nothing)."""
     if run.stop_after_steps and run.stop_after_steps <= step:
         raise ConfigError(f"large_run.stop_after_steps: an absolute step, and {run_dir} is already at step {step} "
                           f"(got {run.stop_after_steps}); large_run.steps=N trains N more steps, then saves")
-
-
-def load_config(d: dict) -> tuple[TrialConfig, LargeRunConfig]:
-    d = dict(d)
-    run = section_from_dict("large_run", LargeRunConfig, d.pop("large_run", None))
-    return trial_from_dict(d), run
 
 
 def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
@@ -566,20 +520,7 @@ def _q(path) -> str:
 
 
 def _load(config: str | Path, overrides: list[str] = ()) -> tuple[TrialConfig, LargeRunConfig]:
-    from windtunnel.configure import load_yaml, parse_value
-
-    d = load_yaml(config)
-    if "trial" in d and "large_run" not in d:  # a sweep's best.yaml: one trial's config, no run
-        raise ConfigError(f"{config}: a sweep's winner, not a large run's config: `windtunnel transfer` makes one "
-                          f"(train.yaml); `windtunnel trial --config {_q(config)}` re-runs the trial")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"{item!r}: overrides are SECTION.KEY=VALUE (e.g. large_run.steps=10)")
-        section, _, name = key.partition(".")
-        if not isinstance(d.get(section, {}), dict):
-            raise ConfigError(f"{key}: {section} is not a section")
-        d.setdefault(section, {})[name] = value if name in ("run_name", "run_dir", "tracking_uri") else parse_value(value)
+    d = read(config, overrides)
     try:
         return load_config(d)
     except ConfigError as e:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from windtunnel import parametrization as mup
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 from windtunnel.kernels import Ops, select
 from windtunnel.kernels.attention import rope_cos_sin
 

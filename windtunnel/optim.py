@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from windtunnel import parametrization as mup
-from windtunnel.config import TrialConfig
+from windtunnel.config.trial import TrialConfig
 from windtunnel.kernels import select
 
 

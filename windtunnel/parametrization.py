@@ -75,7 +75,7 @@ def multipliers(parametrization: str, *, d_model: int, dim_model_base: int, n_la
 
 
 def model_rule(role: str, model_cfg) -> Rule:
-    """`rule` for a ModelConfig (windtunnel.config.ModelConfig)."""
+    """`rule` for a ModelConfig (windtunnel.config.trial.ModelConfig)."""
     return rule(role, model_cfg.parametrization, d_model=model_cfg.d_model,
                 dim_model_base=model_cfg.dim_model_base, init_std=model_cfg.init_std)
 

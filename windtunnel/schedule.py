@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from windtunnel.config import ScheduleConfig
+from windtunnel.config.trial import ScheduleConfig
 
 
 def decay_curve(shape: str, progress: float, final: float) -> float:

@@ -11,10 +11,11 @@ from pathlib import Path
 import optuna
 from optuna.storages import JournalStorage
 
-from windtunnel.config import RUN_ONLY, changed_settings, settings
+from windtunnel.config.trial import RUN_ONLY, changed_settings, settings
 from windtunnel.errors import ConfigError
 from windtunnel.journal import JournalFile
-from windtunnel.sweep_config import Param, PrunerConfig, SamplerConfig, SweepConfig, grid_space, parse_search
+from windtunnel.config.space import Param, grid_space, parse_search
+from windtunnel.config.sweep import PrunerConfig, SamplerConfig, SweepConfig
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

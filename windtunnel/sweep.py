@@ -17,7 +17,7 @@ from pathlib import Path
 import optuna
 
 from windtunnel import data, locks, memory
-from windtunnel.config import TrialConfig, to_dict, with_overrides
+from windtunnel.config.trial import TrialConfig, to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.files import DiskFull
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
@@ -25,7 +25,7 @@ from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import distributions, fixed_params, open_study, storage_url
-from windtunnel.sweep_config import SweepConfig, trial_seeds
+from windtunnel.config.sweep import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
 from windtunnel.worker import RESULT
 

@@ -27,7 +27,7 @@ import torch
 
 from windtunnel import checkpoints, memory
 from windtunnel import data as data_mod
-from windtunnel.config import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
+from windtunnel.config.trial import RUN_ONLY, TrialConfig, changed_settings, settings, to_dict
 from windtunnel.errors import ConfigError
 from windtunnel.files import make_folder
 from windtunnel.model import Transformer, count_params
@@ -372,7 +372,7 @@ def train_trial(cfg: TrialConfig, **kwargs) -> TrialResult:
 def branch_configs(cfg: TrialConfig) -> tuple[TrialConfig, dict[int, TrialConfig]]:
     """train.branch_at's runs: the stable phase up to the last branch point, saving its state
     at each, and {branch point: the decay run from its state}."""
-    from windtunnel.config import with_overrides
+    from windtunnel.config.trial import with_overrides
 
     if not cfg.train.checkpoint_dir:
         raise ConfigError("train.checkpoint_dir: must be set to hold the stable states of train.branch_at")

@@ -27,7 +27,7 @@ def _pruning_callback(payload: dict):
     import optuna
 
     from windtunnel.search import make_pruner, open_storage
-    from windtunnel.sweep_config import PrunerConfig
+    from windtunnel.config.sweep import PrunerConfig
 
     study = optuna.load_study(study_name=payload["study"], storage=open_storage(payload["storage"]),
                               pruner=make_pruner(PrunerConfig(**payload["pruner"])))
@@ -44,7 +44,7 @@ def run_bundle(payload: dict) -> list[dict]:
     """Train the payload's trials as one population; one result dict per trial, in order."""
     import torch
 
-    from windtunnel.config import trial_from_dict, with_overrides
+    from windtunnel.config.trial import trial_from_dict, with_overrides
     from windtunnel.provenance import provenance
     from windtunnel.trainer import Population, resolve_device, train_branches
 

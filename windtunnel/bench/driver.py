@@ -23,7 +23,7 @@ import time
 import optuna
 
 from windtunnel.bench import write_results
-from windtunnel.configure import load_sweep
+from windtunnel.config.hydra import load_sweep
 from windtunnel.search import distributions
 from windtunnel.sweep import Driver
 

@@ -20,7 +20,7 @@ import itertools
 import math
 from collections import Counter
 
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.model import flops_per_token
 
 STEP_FLOOR_S = 5.7e-3
@@ -33,7 +33,7 @@ RATE = MUP_HP_FLOPS / (241.5 - 7 * BUNDLE_START_S)
 
 def estimate(cfg, population: int = 64) -> dict:
     """{'trials', 'bundles', 'tokens', 'seconds', 'by_shape': [(shape, trials, seconds)]} of cfg's grid."""
-    from windtunnel.sweep_config import grid_space, parse_search
+    from windtunnel.config.space import grid_space, parse_search
     from windtunnel.trainer import PER_TRIAL
 
     space = parse_search(cfg.search, cfg.trial)
@@ -66,7 +66,7 @@ def estimate(cfg, population: int = 64) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     ap = argparse.ArgumentParser(prog="python -m windtunnel.bench.estimate", description=__doc__.split("\n\n")[0])
     ap.add_argument("sweep")

@@ -29,9 +29,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from windtunnel import data as data_mod
-    from windtunnel.configure import load_yaml
+    from windtunnel.config.overrides import load_yaml
     from windtunnel.hf import import_transformers
-    from windtunnel.large_run import load_config, resolve_paths
+    from windtunnel.config.large_run import load_config
+    from windtunnel.large_run import resolve_paths
 
     run_folder = Path(args.run)
     cfg, run = load_config(load_yaml(run_folder / "train.yaml"))

@@ -26,7 +26,7 @@ from windtunnel.kernels.bench import (HEAD_DIM, LAYERS, ROWS, SEQ_LEN, SEQS, VOC
 
 def bench_train_step(d, K):
     try:
-        from windtunnel.config import ModelConfig
+        from windtunnel.config.trial import ModelConfig
         from windtunnel.model import Transformer
     except ImportError as e:
         print(f"train step skipped: {e}", flush=True)
@@ -63,7 +63,7 @@ def bench_trainer_step(d, steps=30):
     PyTorch: PyTorch's ops, no graph."""
     try:
         from windtunnel.bench.population import reference_trial
-        from windtunnel.config import with_overrides
+        from windtunnel.config.trial import with_overrides
         from windtunnel.trainer import Population
     except ImportError as e:
         print(f"trainer step skipped: {e}", flush=True)

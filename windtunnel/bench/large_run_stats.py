@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from windtunnel.large_run import load_config
+from windtunnel.config.large_run import load_config
 from windtunnel.model import flops_per_token
 
 

@@ -30,8 +30,8 @@ import torch
 
 from windtunnel.bench import write_results
 from windtunnel.bench.peers import MODES, PEERS, measure
-from windtunnel.config import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig,
-                               with_overrides)
+from windtunnel.config.trial import (DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig,
+                                     with_overrides)
 from windtunnel.provenance import device_name
 from windtunnel.trainer import Population
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from windtunnel.bench.population import reference_trial
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.optim import clip_scale_per_trial
 from windtunnel.trainer import Population
 

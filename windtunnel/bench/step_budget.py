@@ -17,7 +17,7 @@ import json
 import re
 from pathlib import Path
 
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 from windtunnel.files import write_atomically, write_text
 from windtunnel.model import count_params, flops_per_token
 

@@ -13,9 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-from windtunnel.config import to_dict, with_overrides
+from windtunnel.config.trial import to_dict, with_overrides
 from windtunnel.files import write_json
-from windtunnel.transfer import Laws, load_target, load_winner, plan
+from windtunnel.config.target import load_target
+from windtunnel.transfer import Laws, load_winner, plan
 from windtunnel.trainer import Population
 
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)

@@ -25,10 +25,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from windtunnel.config import SECTIONS
+    from windtunnel.config.trial import SECTIONS
     from windtunnel.confirm import (ConfirmDriver, candidates, confirm_sweep, parse_add, parse_factors,
                                     summary_frame, table_lines)
-    from windtunnel.configure import parse_value
+    from windtunnel.config.overrides import parse_value, split
     from windtunnel.errors import ConfigError
     from windtunnel.results import open_sweep_study
 
@@ -38,11 +38,8 @@ def run(args) -> int:
         raise ConfigError(f"--seeds: must be >= 2, as a 95% interval needs two replicates at least (got {args.seeds})")
     adds = [parse_add(a) for a in args.add]
     factors = parse_factors(args.scale_pairs) if args.scale_pairs else []
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"overrides: {item}: must be KEY=VALUE (e.g. data.source=/path/to/shards)")
-    trial_overrides = {k: parse_value(v) for k, _, v in (o.partition("=") for o in args.overrides)
-                       if k.partition(".")[0] in SECTIONS}
+    pairs = [split(item, example="data.source=/path/to/shards") for item in args.overrides]
+    trial_overrides = {k: parse_value(v) for k, v in pairs if k.partition(".")[0] in SECTIONS}
     d = Path(args.sweep_dir)
     study = open_sweep_study(d)
     if "request" in study.user_attrs:

@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from windtunnel.configure import trial_config
+    from windtunnel.config.hydra import trial_config
     import sys
 
     from windtunnel.coord_check import coord_check, mup_violations, plot, summary

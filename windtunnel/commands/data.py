@@ -38,7 +38,7 @@ def whole_number(flag: str, text: str) -> int:
 
 
 def run(args) -> int:
-    from windtunnel.config import DataConfig
+    from windtunnel.config.trial import DataConfig
     from windtunnel.data import CORPORA, Shards, corpus, default_cache_dir, prepare
 
     named = args.source in CORPORA

@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from windtunnel import locks
     from windtunnel.results import open_sweep_study, write_report
-    from windtunnel.sweep_config import check_tracking_uri
+    from windtunnel.config.sweep import check_tracking_uri
 
     from windtunnel import credentials
 

@@ -16,10 +16,10 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     cfg = load_sweep(args.sweep, args.overrides)  # every error is raised before anything is written
-    from windtunnel.sweep_config import doubtful
+    from windtunnel.config.sweep import doubtful
     from windtunnel.symmetry import ridge_warning
 
     ridge = ridge_warning(cfg.search, cfg.model.parametrization)

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from windtunnel.errors import ConfigError
-    from windtunnel.sweep_config import check_tracking_uri
+    from windtunnel.config.sweep import check_tracking_uri
     from windtunnel.tracking.outbox import outbox_dirs
     from windtunnel.tracking.sync import drop_pending, sync_dir
 

@@ -9,7 +9,7 @@ loss (--loss L, or L(N, D) from --scaling-law FILE.json). Token budget: --tokens
 lr: the winner's, × (D / proxy tokens)^-b with --horizon-law FILE.json (`windtunnel fit horizon
 --json`); transfer.md gives the proxy lr and its width, depth and horizon factors as rows.
 KEY=VALUE set target fields: nodes=4 gpus_per_node=8 gpu_memory_gb=80 run_name=... (see
-conf/target/*.yaml and windtunnel.transfer.Target).
+conf/target/*.yaml and windtunnel.config.target.Target).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from windtunnel.configure import target_names
+    from windtunnel.config.target import target_names
 
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = __doc__.split("\n\n", 1)[1]
@@ -43,9 +43,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from windtunnel import export, transfer
+    from windtunnel.config.target import load_target
 
     winner = transfer.load_winner(args.source)
-    target = transfer.load_target(args.target, args.overrides)
+    target = load_target(args.target, args.overrides)
     laws = transfer.Laws(
         batch_size=args.batch_size,
         batch_size_law=transfer.load_law(args.batch_size_law, "batch-size") if args.batch_size_law else None,

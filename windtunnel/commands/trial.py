@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from windtunnel.configure import trial_config
+    from windtunnel.config.hydra import trial_config
     from windtunnel.trainer import train_trial
 
     if args.config:
@@ -53,7 +53,7 @@ def _as_trained(config_file: str, cfg) -> None:
     population of several, it comes back within float noise (the stacked sums run in another order)."""
     import torch
 
-    from windtunnel.configure import load_yaml
+    from windtunnel.config.overrides import load_yaml
     from windtunnel.trainer import resolve_device
 
     how = load_yaml(config_file).get("trained_with") or {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.config.sweep import ExecutorConfig
 
 
 class WorkerLost(RuntimeError):

@@ -22,7 +22,7 @@ from pathlib import Path
 from windtunnel.executors import WorkerLost
 from windtunnel.files import disk_full, write_json
 from windtunnel.memory import oom_kills
-from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.config.sweep import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT
 
 

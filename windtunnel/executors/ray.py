@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 
 from windtunnel.executors import ExecutorGone, WorkerLost
-from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.config.sweep import ExecutorConfig
 from windtunnel.files import write_json, write_text
 from windtunnel.worker import PAYLOAD, RESULT
 

@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from windtunnel.executors import WorkerLost
-from windtunnel.sweep_config import ExecutorConfig
+from windtunnel.config.sweep import ExecutorConfig
 from windtunnel.files import append_line, write_json, write_text
 from windtunnel.worker import PAYLOAD, RESULT
 

@@ -7,7 +7,7 @@ import sys
 sys.path.insert(0, "tests")
 import torch
 from helpers import tiny_trial
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.trainer import Population
 
 def run(graph, lr):

@@ -1,15 +1,8 @@
-"""What a sweep is: a trial config (the base), a search space and how to run it.
+"""What a sweep is (sweeps/NAME.yaml): a trial config (the base), a search space (space.py) and
+how to run it: sampler, pruner, executor, tracking, population, grid extension.
 
-A sweep file (sweeps/NAME.yaml) is a Hydra config merged over conf/sweep.yaml; it may pick
-config groups (`defaults: [{override /model: proxy9m}]`) and set any trial field. The search
-space is explicit (Optuna's habit, not the Hydra sweeper's expression strings):
-
-    search:
-      optim.lr:        {type: float, low: 1.0e-3, high: 0.1, log: true}   # high is inclusive
-      model.d_model:   {type: int, low: 64, high: 256, step: 64}
-      model.parametrization: {type: categorical, choices: [sp, mup]}
-      schedule.decay:  {type: fixed, value: 0.1}
-      optim.lr:        {type: float, values: [0.001, 0.002, 0.004]}       # a grid (sampler: grid)
+A sweep file is a Hydra config merged over conf/sweep.yaml (hydra.py composes it); it may pick
+config groups (`defaults: [{override /model: proxy9m}]`) and set any trial field.
 """
 from __future__ import annotations
 
@@ -20,19 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from windtunnel.config import SECTIONS, TrialConfig, check_choice, check_field, field_type, trial_from_dict, with_overrides
 from windtunnel import credentials
+from windtunnel.config.overrides import repo_dir
+from windtunnel.config.space import grid_space, parse_search
+from windtunnel.config.trial import SECTIONS, TrialConfig, check_choice, check_field, trial_from_dict
 from windtunnel.errors import ConfigError
 from windtunnel.files import check_folder
 
 SAMPLERS = ("tpe", "gp", "cmaes", "random", "grid")
 PRUNERS = ("median", "hyperband", "sha", "none")
 EXECUTORS = ("local", "ray", "slurm")
-PARAM_TYPES = ("float", "int", "categorical", "fixed")
 SEED_MODES = ("per_trial", "common")
-PARAM_KEYS = ("type", "low", "high", "step", "log", "choices", "value", "values")
-_RANGE = ("type", "low", "high", "step", "log", "values")  # values: a grid's points
-TYPE_KEYS = {"float": _RANGE, "int": _RANGE, "categorical": ("type", "choices"), "fixed": ("type", "value")}
 
 
 @dataclass(kw_only=True)
@@ -256,6 +247,20 @@ def _check_storage(url: str) -> None:
                     "sqlite:///PATH must name a file in an existing folder", url)
 
 
+def sweep_file(spec: str) -> Path:
+    """SWEEP is a name in sweeps/ or a path to a YAML file."""
+    p = Path(spec)
+    if p.suffix in (".yaml", ".yml") or "/" in spec:
+        if not p.is_file():
+            raise ConfigError(f"{spec}: no such sweep file")
+        return p
+    p = repo_dir("sweeps") / f"{spec}.yaml"
+    if not p.is_file():
+        names = sorted(f.stem for f in repo_dir("sweeps").glob("*.yaml"))
+        raise ConfigError(f"{spec}: no such sweep (allowed: {', '.join(names)}, or a path to a YAML file)")
+    return p
+
+
 SWEEP_SECTIONS = {"sampler": SamplerConfig, "pruner": PrunerConfig, "executor": ExecutorConfig,
                   "tracking": TrackingConfig, "population": PopulationConfig, "extend": ExtendConfig}
 
@@ -287,108 +292,6 @@ def sweep_from_dict(d: dict) -> SweepConfig:
                     "must name float axes given by values > 0 of a grid sweep (sampler.type grid), comma-separated",
                     cfg.extend.param)
     return cfg
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    step: float | None = None
-    log: bool = False
-    choices: tuple = ()
-    value: Any = None
-    values: tuple = ()
-
-
-def parse_search(search: dict, base: TrialConfig) -> dict[str, Param]:
-    """Check every entry of the search space; errors name the entry, the rule and the values."""
-    out = {}
-    for name, spec in search.items():
-        where = f"search.{name}"
-        if not isinstance(spec, dict):
-            raise ConfigError(f"{where}: must be a mapping like {{type: float, low: 0.001, high: 0.1}} (got {spec!r})")
-        bad = set(spec) - set(PARAM_KEYS)
-        if bad:
-            raise ConfigError(f"{where}.{sorted(bad)[0]}: unknown key (allowed: {', '.join(PARAM_KEYS)})")
-        kind = spec.get("type")
-        if kind not in PARAM_TYPES:
-            raise ConfigError(f"{where}.type: must be one of {', '.join(PARAM_TYPES)} (got {kind!r})")
-        stray = set(spec) - set(TYPE_KEYS[kind])  # `{type: fixed, value: 0.01, low: 1}` meant something else
-        if stray:
-            raise ConfigError(f"{where}.{sorted(stray)[0]}: not a key of a {kind} parameter "
-                              f"(allowed: {', '.join(TYPE_KEYS[kind])})")
-        check_field(isinstance(spec.get("log", False), bool), f"{where}.log", "must be true or false", spec.get("log"))
-        if "values" in spec and kind in ("float", "int"):  # a grid's points: min and max below are its bounds
-            vals = spec["values"]
-            check_field(isinstance(vals, (list, tuple)) and len(vals) > 0 and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in vals),
-                f"{where}.values", "must be a non-empty list of finite numbers", vals)
-        p = Param(name=name, type=kind, low=spec.get("low"), high=spec.get("high"), step=spec.get("step"),
-                  log=bool(spec.get("log", False)), choices=tuple(spec.get("choices") or ()),
-                  value=spec.get("value"), values=tuple(spec.get("values") or ()))
-        if kind in ("float", "int"):
-            if p.values:
-                p = dataclasses.replace(p, low=min(p.values), high=max(p.values))
-            for bound in ("low", "high"):
-                v = getattr(p, bound)
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
-                    raise ConfigError(f"{where}.{bound}: must be a finite number (got {v!r})")
-            if p.low > p.high:
-                raise ConfigError(f"{where}: `low <= high` must hold (got low={p.low}, high={p.high})")
-            if p.log and p.low <= 0:
-                raise ConfigError(f"{where}.low: log scale needs low > 0 (got {p.low})")
-            if p.log and p.step is not None:
-                raise ConfigError(f"{where}.step: cannot be combined with log: true (got step={p.step})")
-            if kind == "int" and not all(float(v).is_integer() for v in (p.low, p.high)):
-                raise ConfigError(f"{where}: int bounds must be integers (got low={p.low}, high={p.high})")
-            if p.step is not None:  # Optuna cuts high to low + k·step: a step past high leaves only low
-                ok = (isinstance(p.step, (int, float)) and not isinstance(p.step, bool) and 0 < p.step <= p.high - p.low
-                      and (kind == "float" or float(p.step).is_integer()))
-                check_field(ok, f"{where}.step", f"must be {'a whole number' if kind == 'int' else 'a number'} > 0 "
-                            f"and <= high - low = {p.high - p.low:g}", p.step)
-            if kind == "float" and field_type(name) == "int":  # its probes could all be whole numbers
-                raise ConfigError(f"{where}.type: {name} is an integer field (allowed: int, categorical, fixed)")
-        elif kind == "categorical" and not p.choices:
-            raise ConfigError(f"{where}.choices: must be a non-empty list (got {spec.get('choices')!r})")
-        elif kind == "fixed" and "value" not in spec:
-            raise ConfigError(f"{where}.value: must be set for type fixed")
-        # the name must be a real trial field, and every value it can take must be valid there
-        for v in _probe_values(p):
-            try:
-                with_overrides(base, {name: v})
-            except ConfigError as e:
-                raise ConfigError(f"{where}: {e}") from None
-        out[name] = p
-    return out
-
-
-def _probe_values(p: Param) -> list:
-    if p.type in ("float", "int"):
-        vals = list(p.values) or [p.low, p.high]
-        return [int(v) for v in vals] if p.type == "int" else vals
-    if p.type == "categorical":
-        return list(p.choices)
-    return [p.value]
-
-
-def grid_space(space: dict[str, Param]) -> dict[str, list]:
-    """The grid sampler's points: `values`, categorical choices, or low..high by step."""
-    grid = {}
-    for name, p in space.items():
-        if p.type == "fixed":
-            continue
-        if p.type == "categorical":
-            grid[name] = list(p.choices)
-        elif p.values:
-            grid[name] = list(p.values)
-        elif p.step:
-            n = int(round((p.high - p.low) / p.step)) + 1
-            grid[name] = [p.low + i * p.step for i in range(n)]
-        else:
-            raise ConfigError(f"search.{name}: the grid sampler needs `values` or `step` (got a continuous range)")
-    return grid
 
 
 def doubtful(cfg: SweepConfig) -> list[str]:

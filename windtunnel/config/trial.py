@@ -1,6 +1,6 @@
 """Typed configuration of one trial. Plain dataclasses: the core never imports Hydra.
 
-The CLI composes Hydra/OmegaConf configs and converts them once into these classes; every
+The CLI composes Hydra configs (hydra.py) and converts them once into these classes; every
 check lives in `__post_init__` and raises `ConfigError` with one line naming the field.
 """
 from __future__ import annotations
