@@ -12,7 +12,7 @@ import torch
 from helpers import tiny_trial
 from windtunnel.bench.peers import Trial
 from windtunnel.bench.population import headline, reference_trial, strongest_peer
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 from windtunnel.model import flops_per_token
 from windtunnel.trainer import Population
 

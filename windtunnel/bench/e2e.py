@@ -34,7 +34,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from windtunnel.bench import write_results
-from windtunnel.config import with_overrides
+from windtunnel.config.trial import with_overrides
 
 STUDY = "peer"
 
@@ -46,9 +46,9 @@ def _peer_storage(journal: Path) -> JournalStorage:
 def worker(index: int, journal: Path, n_trials: int, compile: bool, sweep: str, overrides: list[str]) -> int:
     """One process of the Optuna loop: ask, train, tell, until the study holds n_trials."""
     from windtunnel.bench.peers import Trial
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
+    from windtunnel.config.sweep import trial_seeds
     from windtunnel.search import distributions, fixed_params, make_sampler
-    from windtunnel.sweep_config import trial_seeds
 
     cfg = load_sweep(sweep, overrides)
     dists, fixed = distributions(cfg), fixed_params(cfg)
@@ -120,7 +120,7 @@ def summary(side: str, how: str, trials: list, n_trials: int, seconds: float, la
 
 
 def run_peer(args, overrides: list[str], where: Path) -> dict:
-    from windtunnel.configure import load_sweep
+    from windtunnel.config.hydra import load_sweep
 
     shutil.rmtree(where, ignore_errors=True)  # this script's own folder: a fresh study each run
     where.mkdir(parents=True)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from windtunnel import parametrization as mup
-from windtunnel.config import ModelConfig
+from windtunnel.config.trial import ModelConfig
 
 
 def rope(T: int, D: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

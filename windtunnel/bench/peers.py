@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from windtunnel import data as data_mod
 from windtunnel import parametrization as mup
-from windtunnel.config import TrialConfig, to_dict, trial_from_dict
+from windtunnel.config.trial import TrialConfig, to_dict, trial_from_dict
 from windtunnel.model import flops_per_token
 from windtunnel.schedule import lr_factor
 

@@ -62,7 +62,7 @@ class RunTracker:
         """The tracker of a large run (rank 0) from its TrialConfig and LargeRunConfig: both as
         params, with the world and device; provenance, the run's name and its source sweep and
         trial as tags."""
-        from windtunnel.config import to_dict
+        from windtunnel.config.trial import to_dict
         from windtunnel.provenance import tags
 
         params = flat({**to_dict(cfg), "large_run": dataclasses.asdict(run)})
