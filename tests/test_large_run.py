@@ -355,7 +355,7 @@ def test_a_damaged_checkpoint_is_named_and_the_relaunch_resumes_from_the_previou
     shard.write_bytes(bytes(data))
 
     r, result = launch("large_run.steps=2")
-    said = [line for line in r.stderr.splitlines() if "damaged" in line]
+    said = [line for line in r.stderr.splitlines() if " is damaged (" in line]
     assert len(said) == 1 and said[0].startswith(f"windtunnel: train.checkpoint_dir: {ck / 'step-000000008'} is "
                                                  "damaged (__1_0.distcp: its SHA-256 is "), r.stderr[-3000:]
     assert said[0].endswith(f"; moved to damaged-step-000000008, resuming from the previous checkpoint "
