@@ -87,3 +87,25 @@ def test_a_one_node_launch_listens_on_loopback_only(tmp_path):
     # the ranks' store and each rank's gloo listener, at least
     assert len(seen) >= 2, f"too few listening sockets seen ({seen}): the run ended before the check looked"
     assert all(a.startswith("127.0.0.1:") for a in seen), (seen, output[-2000:])
+
+
+def test_a_failed_rank_stops_the_others_and_a_taken_port_is_one_line():
+    """As under torchrun: the first failed rank's status is the launch's and the others are stopped
+    (rank 0 here would sleep a minute); MASTER_PORT in use is one line, exit 2."""
+    import socket
+    import sys
+
+    code = "import os, sys, time; r = int(os.environ['RANK']); time.sleep(60) if r == 0 else sys.exit(3)"
+    t0 = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "windtunnel.local_launch", "2", "0", "t", "--", "-c", code],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 3 and time.monotonic() - t0 < 30, (r.returncode, r.stderr[-2000:])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "windtunnel.local_launch", "1", str(port), "t", "--", "-c", "pass"],
+                           capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"launch.sh: MASTER_PORT: cannot listen on 127.0.0.1:{port} (Address already in use); "
+        "allowed: a free port, or 0 for any"], r.stderr

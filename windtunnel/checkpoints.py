@@ -230,6 +230,7 @@ def dcp_metadata(path: Path, where: str):
 # run never prunes the one before its newest). The ranks share the hashing, a file each in turn.
 
 MANIFEST = "checksums.sha256"
+DAMAGED = "damaged-"  # the prefix of a checkpoint moved aside: no reader takes it for a step
 
 
 def _gather(mine: dict, world: int) -> dict:
@@ -296,11 +297,11 @@ def dcp_verified(path: Path, where: str, rank: int = 0, world: int = 1, fallback
         return path
     step = dcp_step(path)
     older = sorted(((s, p) for p in path.parent.iterdir()
-                    if p.is_dir() and p != path and not p.name.startswith((".", "damaged-"))
+                    if p.is_dir() and p != path and not p.name.startswith((".", DAMAGED))
                     and (s := dcp_step(p)) is not None and (step is None or s <= step)), reverse=True)
     for _, prev in older if fallback else ():
         if dcp_check(prev, rank, world) is None:
-            aside = path.with_name(f"damaged-{path.name}")
+            aside = path.with_name(DAMAGED + path.name)
             if rank == 0:
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(path, aside)

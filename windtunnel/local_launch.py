@@ -30,6 +30,8 @@ def listen(port: int) -> socket.socket:
     """The store's socket, bound to 127.0.0.1 and listening: ranks that connect before the store
     serves it wait in its backlog. port 0: one the OS has free."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # the last launch's connections may linger in TIME_WAIT on a fixed MASTER_PORT (as TCPStore does)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind(("127.0.0.1", port))
     except OSError as e:
