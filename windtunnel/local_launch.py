@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, forward)
     status = 0
-    while any(p.poll() is None for p in procs):
+    while None in [p.poll() for p in procs]:  # every rank polled (any() stopped at the first running one)
         failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
         if failed and not status:
             status = failed[0]
