@@ -308,10 +308,6 @@ def dcp_verified(path: Path, where: str, rank: int = 0, world: int = 1, fallback
                 write_text(path.parent / "latest", prev.name + "\n")
                 _say(f"{where}: {path} is damaged ({bad}); moved to {aside.name}, resuming from the previous "
                      f"checkpoint {prev}")
-            if world > 1:  # no rank reads on before the folder has moved
-                import torch.distributed as dist
-
-                dist.barrier()
-            return prev
+            return prev  # the other ranks need not wait: none of them reads the folder moved aside
     raise ConfigError(f"{where}: {path} is damaged ({bad})" + (
         " and no good previous checkpoint is beside it; move it aside to start again" if fallback else ""))
