@@ -129,3 +129,46 @@ def test_a_damaged_state_without_a_previous_one_is_one_line(tmp_path):
     path.write_bytes(path.read_bytes()[:-3] + b"xyz")
     with pytest.raises(ConfigError, match=r"^train.init_from: .* is damaged \(its SHA-256 is .*no good previous"):
         checkpoints.load_verified(path, "train.init_from")
+
+
+def _dcp_checkpoint(folder: Path, step: int) -> Path:
+    """A one-process DCP save with the large run's meta.json and manifest, as LargeRun.save writes it."""
+    import json
+
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.warns(UserWarning):  # no process group: DCP saves as one process
+        dcp.save({"model": torch.nn.Linear(64, 64).state_dict()}, checkpoint_id=str(folder))
+    sums = checkpoints.dcp_hash(folder)
+    (folder / "meta.json").write_text(json.dumps({"step": step}))
+    checkpoints.dcp_seal(folder, sums)
+    return folder
+
+
+def test_a_damaged_dcp_checkpoint_falls_back_to_the_previous_and_says_so(tmp_path, capsys):
+    """The large run's checkpoints: a byte changed in a shard, a file gone or a manifest cut short
+    is named in one line; the newest is moved aside, `latest` names the previous good one, which
+    is returned. A branch's train.init_from has no fallback: one line."""
+    old, new = _dcp_checkpoint(tmp_path / "step-000000004", 4), _dcp_checkpoint(tmp_path / "step-000000008", 8)
+    assert checkpoints.dcp_check(new) is None and checkpoints.dcp_verified(new, "train.checkpoint_dir") == new
+    shard = next(new.glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit
+    shard.write_bytes(bytes(data))
+    bad = checkpoints.dcp_check(new)
+    assert bad.startswith(f"{shard.name}: its SHA-256 is ") and "checksums.sha256 records" in bad
+    with pytest.raises(ConfigError, match=rf"^train.init_from: {new} is damaged \({shard.name}: .*\)$"):
+        checkpoints.dcp_verified(new, "train.init_from", fallback=False)
+    assert checkpoints.dcp_verified(new, "train.checkpoint_dir") == old
+    assert capsys.readouterr().err.splitlines() == [
+        f"windtunnel: train.checkpoint_dir: {new} is damaged ({bad}); moved to damaged-step-000000008, "
+        f"resuming from the previous checkpoint {old}"]
+    assert not new.exists() and (tmp_path / "damaged-step-000000008").is_dir()
+    assert (tmp_path / "latest").read_text() == "step-000000004\n"
+
+    (old / "meta.json").unlink()  # a file gone
+    assert checkpoints.dcp_check(old) == "meta.json is missing"
+    with pytest.raises(ConfigError, match="is damaged \\(meta.json is missing\\) and no good previous checkpoint"):
+        checkpoints.dcp_verified(old, "train.checkpoint_dir")
+    (old / "checksums.sha256").write_text("")  # a manifest cut short vouches for nothing
+    assert checkpoints.dcp_check(old) == "checksums.sha256 does not list .metadata"

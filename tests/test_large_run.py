@@ -329,3 +329,38 @@ def test_a_second_launch_of_a_running_run_stops_and_touches_nothing(tmp_path):
     assert first.returncode == 143 and "Traceback" not in err and err.count("stopped by SIGTERM at step") == 1, err
     assert sorted(losses) == list(range(1, max(losses) + 1)) and max(losses) >= logged  # no step cut from the log
     assert [e["event"] for e in events] == ["start", "sigterm"]
+
+
+def test_a_damaged_checkpoint_is_named_and_the_relaunch_resumes_from_the_previous(tmp_path):
+    """Eight bytes overwritten in rank 1's shard of the newest DCP checkpoint loaded silently.
+    Now its manifest's SHA-256 catches it: one line, the folder moved aside, and the relaunch
+    resumes from the checkpoint before it, which keep_last=1 kept. Mutants caught: no check on
+    resume (it resumes at step 8), and pruning the previous one (no checkpoint to fall back to)."""
+    out, env = long_export(tmp_path, "dmg", checkpoint_every=1024)  # a checkpoint every 4 steps
+    run, ck = out / "runs" / "dmg", out / "runs" / "dmg" / "checkpoints"
+
+    def launch(*extra):
+        r = subprocess.run(["bash", str(out / "launch.sh"), "large_run.keep_last=1", *extra], capture_output=True,
+                           text=True, env=env, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return r, json.loads(r.stdout.strip().splitlines()[-1])
+
+    launch("large_run.steps=8")
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step-000000004", "step-000000008"]
+    listed = (ck / "step-000000008" / "checksums.sha256").read_text()
+    assert "  .metadata\n" in listed and "  meta.json\n" in listed and "  __1_0.distcp\n" in listed
+    shard = ck / "step-000000008" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 8] = b"\x7f" * 8
+    shard.write_bytes(bytes(data))
+
+    r, result = launch("large_run.steps=2")
+    said = [line for line in r.stderr.splitlines() if " is damaged (" in line]
+    assert len(said) == 1 and said[0].startswith(f"windtunnel: train.checkpoint_dir: {ck / 'step-000000008'} is "
+                                                 "damaged (__1_0.distcp: its SHA-256 is "), r.stderr[-3000:]
+    assert said[0].endswith(f"; moved to damaged-step-000000008, resuming from the previous checkpoint "
+                            f"{ck / 'step-000000004'}"), said
+    assert (result["start_step"], result["resumed_from"], result["step"]) == (4, "step-000000004", 6)
+    assert (ck / "latest").read_text().strip() == "step-000000006" and (ck / "damaged-step-000000008").is_dir()
+    losses, events = curve(run)
+    assert sorted(losses) == list(range(1, 7)) and [e["step"] for e in events if e["event"] == "start"] == [0, 4]

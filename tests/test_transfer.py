@@ -153,7 +153,8 @@ def test_export_scripts_are_safe_and_config_matches(best, tmp_path):
     fake.mkdir()
     (fake / "torchrun").write_text('#!/usr/bin/env python3\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n')
     (fake / "torchrun").chmod(0o755)
-    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}"}
+    # a MASTER_ADDR of another host: torchrun's path (one node on this machine runs windtunnel.local_launch)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "MASTER_ADDR": "node0"}
     r = subprocess.run(["bash", str(out / "launch.sh"), "large_run.stop_after_steps=3"], capture_output=True,
                        text=True, env=env, timeout=30)
     assert r.returncode == 0, r.stderr

@@ -10,23 +10,27 @@ pickled non-tensor entries: both are read with an allow-list (SafeReader, SafePl
 Writing (`save`): the file is renamed into place whole (files.write_atomically), its SHA-256
 goes to `NAME.sha256`, and with keep_previous the file it replaces becomes `NAME.prev` (with its
 checksum). `load_verified` checks the checksum: bytes changed on disk (a bad sector, a copy cut
-short, a stray write) are one line, and the previous good state is loaded instead.
+short, a stray write) are one line, and the previous good state is loaded instead. The large
+run's DCP folders get the same guarantee from a manifest of their files' sums (dcp_seal,
+dcp_verified).
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pathlib
 import pickle
 import re
+import shutil
 import sys
 from pathlib import Path
 
 import torch
 
 from windtunnel.errors import ConfigError
-from windtunnel.files import write_atomically
+from windtunnel.files import write_atomically, write_text
 
 _CHUNK = 1 << 22
 
@@ -216,3 +220,94 @@ def dcp_metadata(path: Path, where: str):
         raise _refused(where, path, str(e).splitlines()[0]) from None
     except (OSError, EOFError, ValueError) as e:
         raise ConfigError(f"{where}: {path} is not a readable DCP checkpoint (.metadata: {e})") from None
+
+
+# -- DCP checksums (the large run) ------------------------------------------------------------------
+# A DCP checkpoint is a folder of shards (one or more per rank), .metadata and meta.json. After a
+# save, its manifest (MANIFEST, sha256sum's format: `sha256sum -c checksums.sha256` checks it by
+# hand) records every file's SHA-256; a resume checks them and, on a mismatch, says so in one line,
+# moves the damaged folder aside and resumes from the newest good checkpoint before it (the large
+# run never prunes the one before its newest). The ranks share the hashing, a file each in turn.
+
+MANIFEST = "checksums.sha256"
+DAMAGED = "damaged-"  # the prefix of a checkpoint moved aside: no reader takes it for a step
+
+
+def _gather(mine: dict, world: int) -> dict:
+    """Every rank's share, merged, on every rank (a collective when world > 1)."""
+    if world == 1:
+        return mine
+    import torch.distributed as dist
+
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {k: v for part in parts for k, v in part.items()}
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def dcp_hash(folder: Path, rank: int = 0, world: int = 1, names: list[str] | None = None) -> dict[str, str]:
+    """{name: SHA-256} of folder's files (or `names`; '' for one that is missing), rank r hashing
+    every world-th: every rank calls it and gets the whole map."""
+    names = _files(folder) if names is None else sorted(names)
+    return _gather({n: sha256(folder / n) if (folder / n).is_file() else "" for n in names[rank::world]}, world)
+
+
+def dcp_seal(folder: Path, sums: dict[str, str]) -> None:
+    """folder's manifest: `sums` (dcp_hash's, taken after the DCP save) and the SHA-256 of every
+    file written since (meta.json). Rank 0 only, before the folder is renamed into place."""
+    lines = [f"{sums.get(n) or sha256(folder / n)}  {n}\n" for n in _files(folder)]
+    write_text(folder / MANIFEST, "".join(lines))
+
+
+def dcp_check(folder: Path, rank: int = 0, world: int = 1) -> str | None:
+    """Why folder's files do not match its manifest; None when they do, or it has none (saved
+    before manifests were written). Every rank calls it and gets the same answer."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return None
+    want = {name: digest for digest, name in (line.split("  ", 1) for line in manifest.read_text().splitlines()
+                                              if "  " in line)}
+    if ".metadata" not in want:  # cut short or garbled: it cannot vouch for the shards
+        return f"{MANIFEST} does not list .metadata"
+    got = dcp_hash(folder, rank, world, list(want))
+    for name in sorted(want):
+        if got[name] != want[name]:
+            return (f"{name} is missing" if not got[name] else
+                    f"{name}: its SHA-256 is {got[name][:12]}..., {MANIFEST} records {want[name][:12]}...")
+    return None
+
+
+def dcp_step(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def dcp_verified(path: Path, where: str, rank: int = 0, world: int = 1, fallback: bool = True) -> Path:
+    """path when its files match its manifest. Else, with fallback (path is the run's newest):
+    one line saying so, path moved aside to damaged-NAME, `latest` beside it pointed at the newest
+    good checkpoint before it, and that one returned; a ConfigError when there is none (or no
+    fallback: a train.init_from). Every rank calls it and gets the same answer."""
+    bad = dcp_check(path, rank, world)
+    if bad is None:
+        return path
+    step = dcp_step(path)
+    older = sorted(((s, p) for p in path.parent.iterdir()
+                    if p.is_dir() and p != path and not p.name.startswith((".", DAMAGED))
+                    and (s := dcp_step(p)) is not None and (step is None or s <= step)), reverse=True)
+    for _, prev in older if fallback else ():
+        if dcp_check(prev, rank, world) is None:
+            aside = path.with_name(DAMAGED + path.name)
+            if rank == 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+                write_text(path.parent / "latest", prev.name + "\n")
+                _say(f"{where}: {path} is damaged ({bad}); moved to {aside.name}, resuming from the previous "
+                     f"checkpoint {prev}")
+            return prev  # the other ranks need not wait: none of them reads the folder moved aside
+    raise ConfigError(f"{where}: {path} is damaged ({bad})" + (
+        " and no good previous checkpoint is beside it; move it aside to start again" if fallback else ""))

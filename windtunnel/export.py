@@ -54,14 +54,21 @@ fi"""
 # does not reach. So torchrun runs in the background, where it ignores SIGINT (and
 # PET_SIGNALS_TO_HANDLE keeps it from taking SIGINT back), and launch.sh hands Ctrl-C or SIGTERM
 # to the ranks: each saves at the end of its step and exits 0, and launch.sh exits 130 (143).
+# One node on this machine runs its ranks under windtunnel.local_launch instead, which listens on
+# 127.0.0.1 only (torchrun's stores listen on every interface, whatever their address says).
 _RUN = """STOPPED=0
 stop() {{ STOPPED=$1; pkill "-$2" -P "${{PID:-0}}" 2>/dev/null || true; }}
 trap 'stop 130 INT' INT
 trap 'stop 143 TERM' TERM
-PET_SIGNALS_TO_HANDLE=SIGTERM,SIGHUP,SIGQUIT \\
-  "$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
-  --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME" \\
-  -m windtunnel.cli train "$HERE/train.yaml" "$@" &
+if [[ "$NNODES" == 1 && ( "$MASTER_ADDR" == localhost || "$MASTER_ADDR" == 127.0.0.1 ) ]]; then
+  PYTHON="$(dirname "$TORCHRUN")/python"
+  [[ -x "$PYTHON" ]] || PYTHON=python3
+  RANKS=("$PYTHON" -m windtunnel.local_launch "$NPROC_PER_NODE" "$MASTER_PORT" "$RUN_NAME" --)
+else
+  RANKS=("$TORCHRUN" --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" \\
+         --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RUN_NAME")
+fi
+PET_SIGNALS_TO_HANDLE=SIGTERM,SIGHUP,SIGQUIT "${{RANKS[@]}}" -m windtunnel.cli train "$HERE/train.yaml" "$@" &
 PID=$!
 RC=""
 while [[ -z "$RC" ]]; do  # wait returns early, > 128, each time a trapped signal arrives
@@ -77,7 +84,7 @@ def launch_sh(plan: Plan) -> str:
     venv_bin = Path(sys.executable).parent
     return f"""#!/usr/bin/env bash
 # {slug(lr['run_name'])}: `windtunnel train` under torchrun, written by `windtunnel transfer`.
-# One node:     ./launch.sh [KEY=VALUE overrides of train.yaml ...]
+# One node:     ./launch.sh [KEY=VALUE overrides of train.yaml ...]  (listens on 127.0.0.1 only)
 # Several:      on every node, MASTER_ADDR=<node 0> NNODES={t.nodes} ./launch.sh
 # Environment:  NNODES, NPROC_PER_NODE, MASTER_ADDR, MASTER_PORT override the defaults below.
 # Stop:         Ctrl-C or SIGTERM: every rank saves at the end of its step; run it again to resume.

@@ -240,9 +240,11 @@ def _checkpoints(folder: Path) -> Path | None:
 
 
 def _steps(ckpt_dir: Path) -> dict[int, Path]:
+    from windtunnel import checkpoints
+
     out = {}
     for d in sorted(ckpt_dir.iterdir()):
-        if not d.name.startswith(".") and (d / "meta.json").is_file():
+        if not d.name.startswith((".", checkpoints.DAMAGED)) and (d / "meta.json").is_file():
             out.setdefault(int(json.loads((d / "meta.json").read_text())["step"]), d)
     return out
 

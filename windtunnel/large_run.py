@@ -329,17 +329,20 @@ class LargeRun:
                 raise KeyboardInterrupt from None
             raise
         dist.barrier()
+        sums = checkpoints.dcp_hash(tmp, self.rank, self.world)  # each rank a share of the files
         if self.rank == 0:
             meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
                     "time": time.time(), "config": to_dict(self.cfg)}
             write_json(tmp / "meta.json", meta)
+            checkpoints.dcp_seal(tmp, sums)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
+            before = self.latest()  # kept whatever keep_last says: the fallback if `name` is damaged
             write_text(self.ckpt_dir / "latest", name + "\n")
             steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
             for old in steps[:-self.run.keep_last]:
-                if old.name != name:
+                if old.name != name and old != before:
                     shutil.rmtree(old, ignore_errors=True)
         dist.barrier()
 
@@ -419,8 +422,10 @@ class LargeRun:
         resumed_from = None
         latest = self.latest()
         if latest is not None:
+            latest = checkpoints.dcp_verified(latest, "train.checkpoint_dir", self.rank, self.world)
             self.step, resumed_from = self.load(latest, resuming=True), latest.name
         elif self.init_from:
+            checkpoints.dcp_verified(Path(self.init_from), "train.init_from", self.rank, self.world, fallback=False)
             self.step, resumed_from = self.load(Path(self.init_from), resuming=False), str(self.init_from)
         start = self.step
         check_stop(self.run, start, self.run_dir)
@@ -575,6 +580,8 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
         raise _taken(run_dir, str(e)) from None
     latest = ckpt_dir / "latest"
     name = latest.read_text().strip() if latest.is_file() else ""
+    if name and (ckpt_dir / name / "meta.json").is_file() and checkpoints.dcp_step(ckpt_dir / name) is None:
+        name = ""  # meta.json damaged: the launch's ranks find it by its checksum and fall back
     if name:
         check_checkpoint(ckpt_dir / name, cfg, run_dir, resuming=True)
         check_stop(run, int(json.loads((ckpt_dir / name / "meta.json").read_text())["step"]), run_dir)
