@@ -191,8 +191,20 @@ def deb_paragraphs(deb: Path, keep: str, kind: str) -> list[tuple[str, list[str]
     return sorted(files)
 
 
-def _deb_paragraphs(job: tuple) -> list[tuple[str, list[str]]]:
-    return deb_paragraphs(*job)
+def package_text(deb: Path, keep: str, kind: str, parts: Path) -> Path:
+    """One package's prose (its files' paragraphs, each file a document ending in a blank line
+    pair), extracted once into parts/: named by the .deb and its rule, so a package added to the
+    list is the only one read again."""
+    rule = hashlib.sha256(f"{keep}|{kind}".encode()).hexdigest()[:12]
+    out = parts / f"{deb.stem}.{rule}.txt"
+    if not out.is_file():
+        docs = [("\n\n".join(paras) + "\n\n\n").encode() for _, paras in deb_paragraphs(deb, keep, kind) if paras]
+        write_atomically(out, lambda tmp: tmp.write_bytes(b"".join(docs)))
+    return out
+
+
+def _package_text(job: tuple) -> Path:
+    return package_text(*job)
 
 
 def fetch_debs(packages: list[str], deb_dir: Path) -> dict[str, Path]:
@@ -228,44 +240,42 @@ def corpus_dir(cache: Path) -> Path:
 
 
 def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]:
-    """(text file, manifest) of the prose corpus under cache/, built once: a later call reads the
-    manifest and returns, touching neither apt nor the packages."""
+    """(text file, manifest) of the prose corpus under cache/, built once: a later call with the
+    same package list reads the manifest and returns, touching neither apt nor the packages."""
     packages = PROSE_PACKAGES if packages is None else packages
     out = corpus_dir(cache)
     text, manifest = out / "prose.txt", out / "corpus.json"
+    rules = hashlib.sha256(json.dumps(packages).encode()).hexdigest()
     if manifest.is_file() and text.is_file():
-        return text, json.loads(manifest.read_text())
+        meta = json.loads(manifest.read_text())
+        if meta.get("rules_sha256") == rules:  # another list: rebuilt from the packages' extracted parts
+            return text, meta
     if any(kind == "pdf" for _, _, kind in packages) and shutil.which("pdftotext") is None:
         raise ConfigError("data prepare prose: needs pdftotext for TeX Live's manuals "
                           "(`apt-get install poppler-utils`)")
     debs = fetch_debs([p for p, _, _ in packages], cache / "debs")
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "packages").mkdir(parents=True, exist_ok=True)
+    jobs = [(debs[pkg], keep, kind, out / "packages") for pkg, keep, kind in packages]
+    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        # the largest first, so that no big package starts last
+        futures = {j[0]: pool.submit(_package_text, j) for j in sorted(jobs, key=lambda j: -j[0].stat().st_size)}
+        files = [futures[j[0]].result() for j in jobs]
     fd, tmp = tempfile.mkstemp(prefix=".prose.", dir=out)
     rows, h = [], hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
-            jobs = [(debs[pkg], keep, kind) for pkg, keep, kind in packages]
-            with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-                # the largest first, so that no big package starts last; written in package order
-                futures = {j[0]: pool.submit(_deb_paragraphs, j) for j in sorted(jobs, key=lambda j: -j[0].stat().st_size)}
-                for (pkg, _, _), job in zip(packages, jobs):
-                    files = futures[job[0]].result()
-                    deb = debs[pkg]
-                    n_files = n_bytes = 0
-                    for _, paras in files:
-                        if paras:
-                            doc = ("\n\n".join(paras) + "\n\n\n").encode()
-                            f.write(doc)
-                            h.update(doc)
-                            n_files, n_bytes = n_files + 1, n_bytes + len(doc)
-                    rows.append({"package": pkg, "deb": deb.name, "deb_sha256": _sha256(deb), "files": n_files,
-                                 "bytes": n_bytes})
-                    print(f"data prepare: {pkg}: {n_bytes / 1e6:.1f} MB of prose from {n_files} files",
-                          file=sys.stderr, flush=True)
+            for (pkg, _, _), part in zip(packages, files):
+                data = part.read_bytes()
+                f.write(data)
+                h.update(data)
+                rows.append({"package": pkg, "deb": debs[pkg].name, "deb_sha256": _sha256(debs[pkg]),
+                             "files": data.count(b"\n\n\n"), "bytes": len(data)})
+                print(f"data prepare: {pkg}: {len(data) / 1e6:.1f} MB of prose from {rows[-1]['files']} files",
+                      file=sys.stderr, flush=True)
         os.replace(tmp, text)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    meta = {"corpus": "prose", "extractor": EXTRACTOR, "text_sha256": h.hexdigest(),
+    meta = {"corpus": "prose", "extractor": EXTRACTOR, "rules_sha256": rules, "text_sha256": h.hexdigest(),
             "bytes": sum(r["bytes"] for r in rows), "packages": rows}
     write_json(manifest, meta)
     return text, meta
