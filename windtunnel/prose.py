@@ -15,11 +15,13 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -194,13 +196,23 @@ def deb_paragraphs(deb: Path, keep: str, kind: str) -> list[tuple[str, list[str]
 def package_text(deb: Path, keep: str, kind: str, parts: Path) -> Path:
     """One package's prose (its files' paragraphs, each file a document ending in a blank line
     pair), extracted once into parts/: named by the .deb and its rule, so a package added to the
-    list is the only one read again."""
+    list is the only one read again. Beside it, PART.json: the CPU seconds the extraction took
+    (pdftotext's included), what `windtunnel.bench.prose_stats` reports."""
     rule = hashlib.sha256(f"{keep}|{kind}".encode()).hexdigest()[:12]
     out = parts / f"{deb.stem}.{rule}.txt"
     if not out.is_file():
+        t0, c0 = time.monotonic(), _cpu_seconds()
         docs = [("\n\n".join(paras) + "\n\n\n").encode() for _, paras in deb_paragraphs(deb, keep, kind) if paras]
+        write_json(out.with_suffix(".json"), {"cpu_seconds": round(_cpu_seconds() - c0, 1),
+                                              "wall_seconds": round(time.monotonic() - t0, 1)})
         write_atomically(out, lambda tmp: tmp.write_bytes(b"".join(docs)))
     return out
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time and its finished children's (pdftotext)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _package_text(job: tuple) -> Path:
@@ -269,7 +281,7 @@ def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]
                 f.write(data)
                 h.update(data)
                 rows.append({"package": pkg, "deb": debs[pkg].name, "deb_sha256": _sha256(debs[pkg]),
-                             "files": data.count(b"\n\n\n"), "bytes": len(data)})
+                             "files": data.count(b"\n\n\n"), "bytes": len(data), "part": part.name})
                 print(f"data prepare: {pkg}: {len(data) / 1e6:.1f} MB of prose from {rows[-1]['files']} files",
                       file=sys.stderr, flush=True)
         os.replace(tmp, text)
