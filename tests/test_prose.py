@@ -182,3 +182,22 @@ def test_a_packed_slice_prepared_elsewhere_gives_the_whole_corpus_first_tokens(t
                  "--max-tokens", str(n), "--max-bytes", "1e12", "--out", str(tmp_path / "gpu")]) == 0
     there = Shards.open(tmp_path / "gpu")
     assert np.array_equal(np.asarray(there.tokens), np.asarray(whole.tokens[:n]))
+
+
+def test_prose_stats_counts_each_package_tokens_and_they_add_up_to_the_shards(tmp_path, monkeypatch):
+    """`python -m windtunnel.bench.prose_stats` on the tiny packages: one row per package in corpus
+    order whose tokens add up to the shards' (it checks) and whose bytes are the manifest's, and a
+    README table with the total. Catches a table of another corpus version or tokenizer."""
+    from windtunnel.bench import prose_stats
+
+    monkeypatch.setenv("WINDTUNNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prose, "PROSE_PACKAGES", _fake_packages(tmp_path / "cache" / "corpora" / "debs"))
+    assert prose_stats.main(["--vocab-size", "300", "--out", str(tmp_path / "r")]) == 0
+    m = json.loads((tmp_path / "r" / "prose.json").read_text())
+    assert [r["package"] for r in m["rows"]] == ["fake-doc", "fake-dict"]
+    assert all(r["tokens"] > 0 and r["cpu_seconds"] is not None for r in m["rows"])
+    shards = Shards.open(m["shards"])
+    assert sum(r["tokens"] for r in m["rows"]) == m["tokens"] == shards.tokens.size
+    assert sum(r["bytes"] for r in m["rows"]) == m["bytes"] == len(prose.corpus_text(tmp_path / "cache" / "corpora")[0].read_bytes())
+    readme = (tmp_path / "r" / "README.md").read_text()
+    assert "| fake-dict |" in readme and "**total (2 packages)**" in readme and "--vocab-size 300" in readme

@@ -251,17 +251,28 @@ def corpus_dir(cache: Path) -> Path:
     return cache / f"prose-x{EXTRACTOR}"
 
 
+def rules_sha256(packages: tuple) -> str:
+    return hashlib.sha256(json.dumps(packages).encode()).hexdigest()
+
+
+def built(cache: Path, packages: tuple | None = None) -> bool:
+    """True when cache/ holds the corpus text of this package list."""
+    out = corpus_dir(cache)
+    if not ((out / "corpus.json").is_file() and (out / "prose.txt").is_file()):
+        return False
+    held = json.loads((out / "corpus.json").read_text()).get("rules_sha256")
+    return held == rules_sha256(PROSE_PACKAGES if packages is None else packages)
+
+
 def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]:
     """(text file, manifest) of the prose corpus under cache/, built once: a later call with the
     same package list reads the manifest and returns, touching neither apt nor the packages."""
     packages = PROSE_PACKAGES if packages is None else packages
     out = corpus_dir(cache)
     text, manifest = out / "prose.txt", out / "corpus.json"
-    rules = hashlib.sha256(json.dumps(packages).encode()).hexdigest()
-    if manifest.is_file() and text.is_file():
-        meta = json.loads(manifest.read_text())
-        if meta.get("rules_sha256") == rules:  # another list: rebuilt from the packages' extracted parts
-            return text, meta
+    rules = rules_sha256(packages)
+    if built(cache, packages):  # another list is rebuilt, from the packages' extracted parts
+        return text, json.loads(manifest.read_text())
     if any(kind == "pdf" for _, _, kind in packages) and shutil.which("pdftotext") is None:
         raise ConfigError("data prepare prose: needs pdftotext for TeX Live's manuals "
                           "(`apt-get install poppler-utils`)")
