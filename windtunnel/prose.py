@@ -17,11 +17,13 @@ import os
 import re
 import resource
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -53,7 +55,7 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("python-pandas-doc", r"/_sources/.*\.(rst\.)?txt$", "text"),
     ("python-scipy-doc", r"/html/" + _EN_HTML, "html"),
     ("nodejs-doc", r"/api/.*\.md(\.gz)?$", "text"),
-    ("apache2-doc", r"/manual/.*\.html\.en$", "html"),
+    ("apache2-doc", r"/manual/en/.*\.html$", "html"),
     ("gimp-help-en", r"/help/en/" + _EN_HTML, "html"),
     ("kicad-doc-en", r"/help/en/" + _EN_HTML, "html"),
     ("lilypond-doc-html", r"/Documentation/[^.]*\.html$", "html"),
@@ -92,6 +94,43 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("texlive-pstricks-doc", r"\.pdf$", "pdf"),
     ("texlive-metapost-doc", r"\.pdf$", "pdf"),
     ("texlive-fonts-extra-doc", r"\.pdf$", "pdf"),
+    # added to reach 100M tokens (docs/data.md): more manuals, the Bible in two English translations
+    # and two commentaries (SWORD modules), TeX Live's collections that carry their manuals inside
+    ("sagemath-doc", r"/sagemath/html/en/" + _EN_HTML, "html"),
+    ("scala-doc", r"/scala-2\.11/api/library/.*\.html$", "html"),
+    ("fp-docs-3.2.2", r"/fp-docs/3\.2\.2/.*\.html$", "html"),
+    ("petsc3.18-doc", r"/docs/_sources/.*\.txt$", "text"),
+    ("llvm-15-doc", r"/html/_sources/.*\.txt$", "text"),
+    ("sqlite3-doc", r"/doc/sqlite3/.*\.html$", "html"),
+    ("swi-prolog-doc", r"/swi-prolog/doc/(Manual|packages)/.*\.html$", "html"),
+    ("ada-reference-manual-2020", r"/aarm2020\.txt/.*\.TXT$", "text"),
+    ("opencv-doc", r"/opencv4/html/.*\.html$", "html"),
+    ("wx3.2-doc", r"/wx3\.2-doc/html/.*\.html$", "html"),
+    ("cmake-doc", r"/cmake-data/html/.*\.html$", "html"),
+    ("grass-doc", r"/grass-doc/html/.*\.html$", "html"),
+    ("imagemagick-6-doc", r"/html/www/.*\.html$", "html"),
+    ("db5.3-doc", r"/db5\.3-doc/(programmer_reference|api_reference/C|installation|gsg[^/]*)/.*\.html$", "html"),
+    ("twisted-doc", r"/html/_sources/.*\.txt$", "text"),
+    ("abs-guide", r"\.html$", "html"),
+    ("bash-doc", r"\.html$", "html"),
+    ("gettext-doc", r"\.html$", "html"),
+    ("guile-3.0-doc", r"\.info(-\d+)?(\.gz)?$", "text"),
+    ("libcommons-math3-java-doc", r"^(?!.*/class-use/).*\.html$", "html"),
+    ("libapache-poi-java-doc", r"^(?!.*/class-use/).*\.html$", "html"),
+    ("crawl-common", r"/crawl/dat/descript/.*\.txt$", "text"),
+    ("python-biopython-doc", r"/Doc/.*\.html$", "html"),
+    ("ghostscript-doc", r"\.html?$", "html"),
+    *((f"{q}-doc-html", r"/qt5/doc/.*\.html$", "html") for q in (
+        "qt3d5", "qtcharts5", "qtconnectivity5", "qtdatavisualization5", "qtdeclarative5", "qtlocation5",
+        "qtmultimedia5", "qtquickcontrols2-5", "qtscript5", "qtsensors5", "qtserialbus5", "qtsvg5", "qttools5",
+        "qtwayland5", "qtwebengine5", "qtwebsockets5", "qtxmlpatterns5")),
+    *((p, r"/modules/.*\.[bc]z[sz]$", "sword") for p in (
+        "sword-text-web", "sword-text-kjv", "sword-comm-mhcc", "sword-comm-tdavid")),
+    ("r-doc-pdf", r"/manual/(?!fullrefman).*\.pdf$", "pdf"),
+    *((p, r"\.pdf$", "pdf") for p in (
+        "texlive-lang-english", "context", "texlive-bibtex-extra", "texlive-extra-utils", "texlive-music",
+        "texlive-games", "texlive-plain-generic", "texlive-luatex", "texlive-lang-other", "texlive-lang-european",
+        "texlive-xetex", "texlive-formats-extra", "texlive-base", "texlive-binaries")),
 )
 
 _TAG = re.compile(r"<[^>]*>")
@@ -132,12 +171,28 @@ def prose_paragraphs(text: str) -> list[str]:
     return out
 
 
-def pdf_text(data: bytes) -> str:
-    """A PDF's text by pdftotext (poppler-utils), words hyphenated at line ends joined again."""
+# A PDF heavier than this per page is pictures or font samples, not a manual: little text, and
+# pdftotext can spend many minutes on one such page (a 3-page, 1.9 MB one took over 10 on this machine).
+PDF_BYTES_PER_PAGE = 300_000
+PDF_SECONDS = 600
+
+
+def pdf_text(data: bytes, name: str = "") -> str:
+    """A PDF's text by pdftotext (poppler-utils), words hyphenated at line ends joined again; ""
+    for a PDF of more than PDF_BYTES_PER_PAGE per page."""
     with tempfile.NamedTemporaryFile(suffix=".pdf") as f:
         f.write(data)
         f.flush()
-        r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", f.name, "-"], capture_output=True)
+        info = subprocess.run(["pdfinfo", f.name], capture_output=True, text=True, errors="replace").stdout
+        pages = re.search(r"^Pages:\s+(\d+)", info, re.M)
+        if not pages or len(data) > PDF_BYTES_PER_PAGE * int(pages.group(1)):
+            return ""
+        try:
+            r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", f.name, "-"], capture_output=True,
+                               timeout=PDF_SECONDS)
+        except subprocess.TimeoutExpired:  # a last resort: this machine's output may then differ from another's
+            print(f"data prepare: pdftotext ran {PDF_SECONDS} s on {name}; skipped", file=sys.stderr, flush=True)
+            return ""
     return re.sub(r"(\w)-\n(\w)", r"\1\2", r.stdout.decode("utf-8", errors="replace"))
 
 
@@ -153,11 +208,30 @@ def _wordnet_text(raw: str) -> str:
     return "\n\n".join(line.split(" | ", 1)[1].strip() for line in raw.splitlines() if " | " in line)
 
 
+_OSIS_BREAK = re.compile(r"<(div|p|title|chapter|lb|lg|l|list|item|milestone[^>]*x-p)\b[^>]*>|</(p|title|l|item)>")
+
+
+def sword_paragraphs(raw: dict[str, bytes]) -> list[tuple[str, list[str]]]:
+    """Prose of a SWORD module (Bible texts and commentaries: CrossWire's format): each
+    `*.?zz` file is zlib blocks that its `*.?zs` index (offset, size, size unpacked: 3 x uint32)
+    finds, holding OSIS markup; notes dropped, paragraph and title tags turned into blank lines."""
+    out = []
+    for name in sorted(n for n in raw if n.endswith("zz") and n[:-1] + "s" in raw):
+        index, data, text = raw[name[:-1] + "s"], raw[name], []
+        for i in range(0, len(index) - 11, 12):
+            offset, size, _ = struct.unpack("<III", index[i:i + 12])
+            if size:
+                text.append(zlib.decompress(data[offset:offset + size]).decode("utf-8", errors="replace"))
+        osis = re.sub(r"<note\b.*?</note>", " ", " ".join(text), flags=re.S)
+        out.append((name, prose_paragraphs(html.unescape(_TAG.sub("", _OSIS_BREAK.sub("\n\n", osis))))))
+    return out
+
+
 def file_paragraphs(name: str, data: bytes, kind: str) -> list[str]:
     """Prose paragraphs of one file of a package, read as `kind`."""
     if name.endswith((".gz", ".dz")):
         data = gzip.decompress(data)
-    text = pdf_text(data) if kind == "pdf" else data.decode("utf-8", errors="replace")
+    text = pdf_text(data, name) if kind == "pdf" else data.decode("utf-8", errors="replace")
     if kind == "html":
         text = html_text(text)
     elif kind == "dict":
@@ -182,15 +256,18 @@ def deb_paragraphs(deb: Path, keep: str, kind: str) -> list[tuple[str, list[str]
         pos += 60 + size + (size & 1)
     if data is None:
         raise ConfigError(f"data prepare: {deb} holds no data.tar member")
-    rule, files = re.compile(keep), []
+    rule, files, raw = re.compile(keep), [], {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:  # a stream: one pass
             for m in tar:
                 if m.isreg() and rule.search(m.name):
-                    files.append((m.name, file_paragraphs(m.name, tar.extractfile(m).read(), kind)))
+                    if kind == "sword":  # an index and its data: read together once both are in
+                        raw[m.name] = tar.extractfile(m).read()
+                    else:
+                        files.append((m.name, file_paragraphs(m.name, tar.extractfile(m).read(), kind)))
     except tarfile.CompressionError as e:  # a zstd data.tar: Python reads it only from 3.14
         raise ConfigError(f"data prepare: cannot read {deb.name}'s {e}") from None
-    return sorted(files)
+    return sorted(files + sword_paragraphs(raw))
 
 
 def package_text(deb: Path, keep: str, kind: str, parts: Path) -> Path:
