@@ -201,3 +201,24 @@ def test_prose_stats_counts_each_package_tokens_and_they_add_up_to_the_shards(tm
     assert sum(r["bytes"] for r in m["rows"]) == m["bytes"] == len(prose.corpus_text(tmp_path / "cache" / "corpora")[0].read_bytes())
     readme = (tmp_path / "r" / "README.md").read_text()
     assert "| fake-dict |" in readme and "**total (2 packages)**" in readme and "--vocab-size 300" in readme
+
+
+def test_a_sword_module_gives_its_paragraphs_without_notes(tmp_path):
+    """A SWORD module (CrossWire's Bible and commentary format) in a .deb: zlib blocks found by the
+    index beside them, OSIS markup. Catches blocks read without the index (the second block's text
+    lost or garbled), footnotes kept, paragraphs run together, and an index without its data read."""
+    import struct
+    import zlib
+
+    note = "<note type=\"x-footnote\">Or, a footnote that would read as prose if it were kept in the text.</note>"
+    blocks = [zlib.compress(f"<div sID=\"g1\" type=\"x-p\"/> {ENGLISH} {note} <div eID=\"g1\" type=\"x-p\"/>".encode()),
+              zlib.compress(f"<title>Psalm 1</title><div sID=\"g2\" type=\"x-p\"/> <w lemma=\"x\">Blessed</w> {ENGLISH[4:]}".encode())]
+    junk = b"\0" * 7  # data before the first block: offsets, not order, find them
+    index = struct.pack("<III", len(junk), len(blocks[0]), 0) + struct.pack("<III", len(junk) + len(blocks[0]), len(blocks[1]), 0)
+    make_deb(tmp_path / "sword-text-x_1_all.deb", {
+        "./usr/share/sword/modules/texts/ztext/x/nt.bzs": index,
+        "./usr/share/sword/modules/texts/ztext/x/nt.bzz": junk + blocks[0] + blocks[1],
+        "./usr/share/sword/modules/texts/ztext/x/ot.bzs": index,  # no ot.bzz: nothing to read
+    })
+    files = prose.deb_paragraphs(tmp_path / "sword-text-x_1_all.deb", r"/modules/.*\.[bc]z[sz]$", "sword")
+    assert files == [("./usr/share/sword/modules/texts/ztext/x/nt.bzz", [ENGLISH, "Blessed " + ENGLISH[4:]])]
