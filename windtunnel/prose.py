@@ -120,6 +120,20 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("crawl-common", r"/crawl/dat/descript/.*\.txt$", "text"),
     ("python-biopython-doc", r"/Doc/.*\.html$", "html"),
     ("ghostscript-doc", r"\.html?$", "html"),
+    ("macaulay2-common", r"/doc/Macaulay2/.*/html/.*\.html$", "html"),
+    ("emacs-common", r"/emacs/28\.2/etc/(NEWS(\.\d+)?|TUTORIAL|DEBUG|PROBLEMS|ETAGS\.README|CENSORSHIP|HISTORY|JOKES|"
+                     r"MACHINES|THE-GNU-PROJECT|LINUX-GNU|MOTIVATION|WHY-FREE|gnu\.txt)(\.gz)?$", "text"),
+    ("singular-doc", r"/info/singular\.info(\.gz)?$", "text"),
+    ("gcl-doc", r"\.info(-\d+)?(\.gz)?$", "text"),
+    *((p, r"\.html$", "html") for p in (
+        "exim4-doc-html", "bind9-doc", "postfix-doc", "mit-scheme-doc", "clisp-doc", "sbcl-doc", "debian-policy",
+        "developers-reference", "debmake-doc", "harden-doc", "debian-history", "libgtk-3-doc", "libgtk-4-doc",
+        "libglib2.0-doc")),
+    ("libstdc++-12-doc", r"/libstdc\+\+/(?!user/|api/).*\.html$", "html"),
+    ("dict-devil", r"\.dict\.dz$", "dict"),
+    *((p, r"^(?!.*/class-use/).*\.html$", "html") for p in (
+        "derby-doc", "libbiojava-java-doc", "libxerces2-java-doc", "libcommons-lang3-java-doc", "libjfreechart-java-doc",
+        "libcommons-collections4-java-doc")),
     *((f"{q}-doc-html", r"/qt5/doc/.*\.html$", "html") for q in (
         "qt3d5", "qtcharts5", "qtconnectivity5", "qtdatavisualization5", "qtdeclarative5", "qtlocation5",
         "qtmultimedia5", "qtquickcontrols2-5", "qtscript5", "qtsensors5", "qtserialbus5", "qtsvg5", "qttools5",
@@ -127,10 +141,11 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     *((p, r"/modules/.*\.[bc]z[sz]$", "sword") for p in (
         "sword-text-web", "sword-text-kjv", "sword-comm-mhcc", "sword-comm-tdavid")),
     ("r-doc-pdf", r"/manual/(?!fullrefman).*\.pdf$", "pdf"),
+    ("pari-doc", r"\.pdf$", "pdf"),
     *((p, r"\.pdf$", "pdf") for p in (
         "texlive-lang-english", "context", "texlive-bibtex-extra", "texlive-extra-utils", "texlive-music",
         "texlive-games", "texlive-plain-generic", "texlive-luatex", "texlive-lang-other", "texlive-lang-european",
-        "texlive-xetex", "texlive-formats-extra", "texlive-base", "texlive-binaries")),
+        "texlive-xetex", "texlive-formats-extra", "texlive-base")),
 )
 
 _TAG = re.compile(r"<[^>]*>")
