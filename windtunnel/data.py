@@ -50,6 +50,14 @@ def corpus(name: str) -> tuple[Path, dict]:
     return prose.corpus_text(cache_root() / "corpora")
 
 
+def corpus_shard_dir(name: str, tokenizer: str = "bpe", vocab_size: int = 16384, max_tokens: int = 0) -> Path:
+    """The cache folder of a named corpus's shards: one per corpus version (its text's hash) and
+    settings, beside the stdlib caches (`windtunnel data prepare prose` fills it)."""
+    digest = corpus(name)[1]["text_sha256"][:12]
+    cut = f"-{max_tokens}t" if max_tokens else ""
+    return default_cache_dir() / f"{name}-{tokenizer}{vocab_size if tokenizer == 'bpe' else 256}-{digest}{cut}"
+
+
 def read_text(source: str, max_bytes: int) -> tuple[bytes, str]:
     """(text bytes, description) from 'stdlib', a named corpus (CORPORA), a text file (.xz and
     .gz read through) or a folder of text files."""

@@ -15,11 +15,15 @@ import io
 import json
 import os
 import re
+import resource
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -51,7 +55,7 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("python-pandas-doc", r"/_sources/.*\.(rst\.)?txt$", "text"),
     ("python-scipy-doc", r"/html/" + _EN_HTML, "html"),
     ("nodejs-doc", r"/api/.*\.md(\.gz)?$", "text"),
-    ("apache2-doc", r"/manual/.*\.html\.en$", "html"),
+    ("apache2-doc", r"/manual/en/.*\.html$", "html"),
     ("gimp-help-en", r"/help/en/" + _EN_HTML, "html"),
     ("kicad-doc-en", r"/help/en/" + _EN_HTML, "html"),
     ("lilypond-doc-html", r"/Documentation/[^.]*\.html$", "html"),
@@ -90,6 +94,58 @@ PROSE_PACKAGES: tuple[tuple[str, str, str], ...] = (
     ("texlive-pstricks-doc", r"\.pdf$", "pdf"),
     ("texlive-metapost-doc", r"\.pdf$", "pdf"),
     ("texlive-fonts-extra-doc", r"\.pdf$", "pdf"),
+    # added to reach 100M tokens (docs/data.md): more manuals, the Bible in two English translations
+    # and two commentaries (SWORD modules), TeX Live's collections that carry their manuals inside
+    ("sagemath-doc", r"/sagemath/html/en/" + _EN_HTML, "html"),
+    ("scala-doc", r"/scala-2\.11/api/library/.*\.html$", "html"),
+    ("fp-docs-3.2.2", r"/fp-docs/3\.2\.2/.*\.html$", "html"),
+    ("petsc3.18-doc", r"/docs/_sources/.*\.txt$", "text"),
+    ("llvm-15-doc", r"/html/_sources/.*\.txt$", "text"),
+    ("sqlite3-doc", r"/doc/sqlite3/.*\.html$", "html"),
+    ("swi-prolog-doc", r"/swi-prolog/doc/(Manual|packages)/.*\.html$", "html"),
+    ("ada-reference-manual-2020", r"/aarm2020\.txt/.*\.TXT$", "text"),
+    ("opencv-doc", r"/opencv4/html/.*\.html$", "html"),
+    ("wx3.2-doc", r"/wx3\.2-doc/html/.*\.html$", "html"),
+    ("cmake-doc", r"/cmake-data/html/.*\.html$", "html"),
+    ("grass-doc", r"/grass-doc/html/.*\.html$", "html"),
+    ("imagemagick-6-doc", r"/html/www/.*\.html$", "html"),
+    ("db5.3-doc", r"/db5\.3-doc/(programmer_reference|api_reference/C|installation|gsg[^/]*)/.*\.html$", "html"),
+    ("twisted-doc", r"/html/_sources/.*\.txt$", "text"),
+    ("abs-guide", r"\.html$", "html"),
+    ("bash-doc", r"\.html$", "html"),
+    ("gettext-doc", r"\.html$", "html"),
+    ("guile-3.0-doc", r"\.info(-\d+)?(\.gz)?$", "text"),
+    ("libcommons-math3-java-doc", r"^(?!.*/class-use/).*\.html$", "html"),
+    ("libapache-poi-java-doc", r"^(?!.*/class-use/).*\.html$", "html"),
+    ("crawl-common", r"/crawl/dat/descript/.*\.txt$", "text"),
+    ("python-biopython-doc", r"/Doc/.*\.html$", "html"),
+    ("ghostscript-doc", r"\.html?$", "html"),
+    ("macaulay2-common", r"/doc/Macaulay2/.*/html/.*\.html$", "html"),
+    ("emacs-common", r"/emacs/28\.2/etc/(NEWS(\.\d+)?|TUTORIAL|DEBUG|PROBLEMS|ETAGS\.README|CENSORSHIP|HISTORY|JOKES|"
+                     r"MACHINES|THE-GNU-PROJECT|LINUX-GNU|MOTIVATION|WHY-FREE|gnu\.txt)(\.gz)?$", "text"),
+    ("singular-doc", r"/info/singular\.info(\.gz)?$", "text"),
+    ("gcl-doc", r"\.info(-\d+)?(\.gz)?$", "text"),
+    *((p, r"\.html$", "html") for p in (
+        "exim4-doc-html", "bind9-doc", "postfix-doc", "mit-scheme-doc", "clisp-doc", "sbcl-doc", "debian-policy",
+        "developers-reference", "debmake-doc", "harden-doc", "debian-history", "libgtk-3-doc", "libgtk-4-doc",
+        "libglib2.0-doc")),
+    ("libstdc++-12-doc", r"/libstdc\+\+/(?!user/|api/).*\.html$", "html"),
+    ("dict-devil", r"\.dict\.dz$", "dict"),
+    *((p, r"^(?!.*/class-use/).*\.html$", "html") for p in (
+        "derby-doc", "libbiojava-java-doc", "libxerces2-java-doc", "libcommons-lang3-java-doc", "libjfreechart-java-doc",
+        "libcommons-collections4-java-doc")),
+    *((f"{q}-doc-html", r"/qt5/doc/.*\.html$", "html") for q in (
+        "qt3d5", "qtcharts5", "qtconnectivity5", "qtdatavisualization5", "qtdeclarative5", "qtlocation5",
+        "qtmultimedia5", "qtquickcontrols2-5", "qtscript5", "qtsensors5", "qtserialbus5", "qtsvg5", "qttools5",
+        "qtwayland5", "qtwebengine5", "qtwebsockets5", "qtxmlpatterns5")),
+    *((p, r"/modules/.*\.[bc]z[sz]$", "sword") for p in (
+        "sword-text-web", "sword-text-kjv", "sword-comm-mhcc", "sword-comm-tdavid")),
+    ("r-doc-pdf", r"/manual/(?!fullrefman).*\.pdf$", "pdf"),
+    ("pari-doc", r"\.pdf$", "pdf"),
+    *((p, r"\.pdf$", "pdf") for p in (
+        "texlive-lang-english", "context", "texlive-bibtex-extra", "texlive-extra-utils", "texlive-music",
+        "texlive-games", "texlive-plain-generic", "texlive-luatex", "texlive-lang-other", "texlive-lang-european",
+        "texlive-xetex", "texlive-formats-extra", "texlive-base")),
 )
 
 _TAG = re.compile(r"<[^>]*>")
@@ -130,12 +186,28 @@ def prose_paragraphs(text: str) -> list[str]:
     return out
 
 
-def pdf_text(data: bytes) -> str:
-    """A PDF's text by pdftotext (poppler-utils), words hyphenated at line ends joined again."""
+# A PDF heavier than this per page is pictures or font samples, not a manual: little text, and
+# pdftotext can spend many minutes on one such page (a 3-page, 1.9 MB one took over 10 on this machine).
+PDF_BYTES_PER_PAGE = 300_000
+PDF_SECONDS = 600
+
+
+def pdf_text(data: bytes, name: str = "") -> str:
+    """A PDF's text by pdftotext (poppler-utils), words hyphenated at line ends joined again; ""
+    for a PDF of more than PDF_BYTES_PER_PAGE per page."""
     with tempfile.NamedTemporaryFile(suffix=".pdf") as f:
         f.write(data)
         f.flush()
-        r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", f.name, "-"], capture_output=True)
+        info = subprocess.run(["pdfinfo", f.name], capture_output=True, text=True, errors="replace").stdout
+        pages = re.search(r"^Pages:\s+(\d+)", info, re.M)
+        if not pages or len(data) > PDF_BYTES_PER_PAGE * int(pages.group(1)):
+            return ""
+        try:
+            r = subprocess.run(["pdftotext", "-q", "-enc", "UTF-8", f.name, "-"], capture_output=True,
+                               timeout=PDF_SECONDS)
+        except subprocess.TimeoutExpired:  # a last resort: this machine's output may then differ from another's
+            print(f"data prepare: pdftotext ran {PDF_SECONDS} s on {name}; skipped", file=sys.stderr, flush=True)
+            return ""
     return re.sub(r"(\w)-\n(\w)", r"\1\2", r.stdout.decode("utf-8", errors="replace"))
 
 
@@ -151,11 +223,30 @@ def _wordnet_text(raw: str) -> str:
     return "\n\n".join(line.split(" | ", 1)[1].strip() for line in raw.splitlines() if " | " in line)
 
 
+_OSIS_BREAK = re.compile(r"<(div|p|title|chapter|lb|lg|l|list|item|milestone[^>]*x-p)\b[^>]*>|</(p|title|l|item)>")
+
+
+def sword_paragraphs(raw: dict[str, bytes]) -> list[tuple[str, list[str]]]:
+    """Prose of a SWORD module (Bible texts and commentaries: CrossWire's format): each
+    `*.?zz` file is zlib blocks that its `*.?zs` index (offset, size, size unpacked: 3 x uint32)
+    finds, holding OSIS markup; notes dropped, paragraph and title tags turned into blank lines."""
+    out = []
+    for name in sorted(n for n in raw if n.endswith("zz") and n[:-1] + "s" in raw):
+        index, data, text = raw[name[:-1] + "s"], raw[name], []
+        for i in range(0, len(index) - 11, 12):
+            offset, size, _ = struct.unpack("<III", index[i:i + 12])
+            if size:
+                text.append(zlib.decompress(data[offset:offset + size]).decode("utf-8", errors="replace"))
+        osis = re.sub(r"<note\b.*?</note>", " ", " ".join(text), flags=re.S)
+        out.append((name, prose_paragraphs(html.unescape(_TAG.sub("", _OSIS_BREAK.sub("\n\n", osis))))))
+    return out
+
+
 def file_paragraphs(name: str, data: bytes, kind: str) -> list[str]:
     """Prose paragraphs of one file of a package, read as `kind`."""
     if name.endswith((".gz", ".dz")):
         data = gzip.decompress(data)
-    text = pdf_text(data) if kind == "pdf" else data.decode("utf-8", errors="replace")
+    text = pdf_text(data, name) if kind == "pdf" else data.decode("utf-8", errors="replace")
     if kind == "html":
         text = html_text(text)
     elif kind == "dict":
@@ -180,19 +271,44 @@ def deb_paragraphs(deb: Path, keep: str, kind: str) -> list[tuple[str, list[str]
         pos += 60 + size + (size & 1)
     if data is None:
         raise ConfigError(f"data prepare: {deb} holds no data.tar member")
-    rule, files = re.compile(keep), []
+    rule, files, raw = re.compile(keep), [], {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r|*") as tar:  # a stream: one pass
             for m in tar:
                 if m.isreg() and rule.search(m.name):
-                    files.append((m.name, file_paragraphs(m.name, tar.extractfile(m).read(), kind)))
+                    if kind == "sword":  # an index and its data: read together once both are in
+                        raw[m.name] = tar.extractfile(m).read()
+                    else:
+                        files.append((m.name, file_paragraphs(m.name, tar.extractfile(m).read(), kind)))
     except tarfile.CompressionError as e:  # a zstd data.tar: Python reads it only from 3.14
         raise ConfigError(f"data prepare: cannot read {deb.name}'s {e}") from None
-    return sorted(files)
+    return sorted(files + sword_paragraphs(raw))
 
 
-def _deb_paragraphs(job: tuple) -> list[tuple[str, list[str]]]:
-    return deb_paragraphs(*job)
+def package_text(deb: Path, keep: str, kind: str, parts: Path) -> Path:
+    """One package's prose (its files' paragraphs, each file a document ending in a blank line
+    pair), extracted once into parts/: named by the .deb and its rule, so a package added to the
+    list is the only one read again. Beside it, PART.json: the CPU seconds the extraction took
+    (pdftotext's included), what `windtunnel.bench.prose_stats` reports."""
+    rule = hashlib.sha256(f"{keep}|{kind}".encode()).hexdigest()[:12]
+    out = parts / f"{deb.stem}.{rule}.txt"
+    if not out.is_file():
+        t0, c0 = time.monotonic(), _cpu_seconds()
+        docs = [("\n\n".join(paras) + "\n\n\n").encode() for _, paras in deb_paragraphs(deb, keep, kind) if paras]
+        write_json(out.with_suffix(".json"), {"cpu_seconds": round(_cpu_seconds() - c0, 1),
+                                              "wall_seconds": round(time.monotonic() - t0, 1)})
+        write_atomically(out, lambda tmp: tmp.write_bytes(b"".join(docs)))
+    return out
+
+
+def _cpu_seconds() -> float:
+    """This process's CPU time and its finished children's (pdftotext)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def _package_text(job: tuple) -> Path:
+    return package_text(*job)
 
 
 def fetch_debs(packages: list[str], deb_dir: Path) -> dict[str, Path]:
@@ -227,45 +343,54 @@ def corpus_dir(cache: Path) -> Path:
     return cache / f"prose-x{EXTRACTOR}"
 
 
+def rules_sha256(packages: tuple) -> str:
+    return hashlib.sha256(json.dumps(packages).encode()).hexdigest()
+
+
+def built(cache: Path, packages: tuple | None = None) -> bool:
+    """True when cache/ holds the corpus text of this package list."""
+    out = corpus_dir(cache)
+    if not ((out / "corpus.json").is_file() and (out / "prose.txt").is_file()):
+        return False
+    held = json.loads((out / "corpus.json").read_text()).get("rules_sha256")
+    return held == rules_sha256(PROSE_PACKAGES if packages is None else packages)
+
+
 def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]:
-    """(text file, manifest) of the prose corpus under cache/, built once: a later call reads the
-    manifest and returns, touching neither apt nor the packages."""
+    """(text file, manifest) of the prose corpus under cache/, built once: a later call with the
+    same package list reads the manifest and returns, touching neither apt nor the packages."""
     packages = PROSE_PACKAGES if packages is None else packages
     out = corpus_dir(cache)
     text, manifest = out / "prose.txt", out / "corpus.json"
-    if manifest.is_file() and text.is_file():
+    rules = rules_sha256(packages)
+    if built(cache, packages):  # another list is rebuilt, from the packages' extracted parts
         return text, json.loads(manifest.read_text())
     if any(kind == "pdf" for _, _, kind in packages) and shutil.which("pdftotext") is None:
         raise ConfigError("data prepare prose: needs pdftotext for TeX Live's manuals "
                           "(`apt-get install poppler-utils`)")
     debs = fetch_debs([p for p, _, _ in packages], cache / "debs")
-    out.mkdir(parents=True, exist_ok=True)
+    (out / "packages").mkdir(parents=True, exist_ok=True)
+    jobs = [(debs[pkg], keep, kind, out / "packages") for pkg, keep, kind in packages]
+    with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        # the largest first, so that no big package starts last
+        futures = {j[0]: pool.submit(_package_text, j) for j in sorted(jobs, key=lambda j: -j[0].stat().st_size)}
+        files = [futures[j[0]].result() for j in jobs]
     fd, tmp = tempfile.mkstemp(prefix=".prose.", dir=out)
     rows, h = [], hashlib.sha256()
     try:
         with os.fdopen(fd, "wb") as f:
-            jobs = [(debs[pkg], keep, kind) for pkg, keep, kind in packages]
-            with ProcessPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
-                # the largest first, so that no big package starts last; written in package order
-                futures = {j[0]: pool.submit(_deb_paragraphs, j) for j in sorted(jobs, key=lambda j: -j[0].stat().st_size)}
-                for (pkg, _, _), job in zip(packages, jobs):
-                    files = futures[job[0]].result()
-                    deb = debs[pkg]
-                    n_files = n_bytes = 0
-                    for _, paras in files:
-                        if paras:
-                            doc = ("\n\n".join(paras) + "\n\n\n").encode()
-                            f.write(doc)
-                            h.update(doc)
-                            n_files, n_bytes = n_files + 1, n_bytes + len(doc)
-                    rows.append({"package": pkg, "deb": deb.name, "deb_sha256": _sha256(deb), "files": n_files,
-                                 "bytes": n_bytes})
-                    print(f"data prepare: {pkg}: {n_bytes / 1e6:.1f} MB of prose from {n_files} files",
-                          file=sys.stderr, flush=True)
+            for (pkg, _, _), part in zip(packages, files):
+                data = part.read_bytes()
+                f.write(data)
+                h.update(data)
+                rows.append({"package": pkg, "deb": debs[pkg].name, "deb_sha256": _sha256(debs[pkg]),
+                             "files": data.count(b"\n\n\n"), "bytes": len(data), "part": part.name})
+                print(f"data prepare: {pkg}: {len(data) / 1e6:.1f} MB of prose from {rows[-1]['files']} files",
+                      file=sys.stderr, flush=True)
         os.replace(tmp, text)
     finally:
         Path(tmp).unlink(missing_ok=True)
-    meta = {"corpus": "prose", "extractor": EXTRACTOR, "text_sha256": h.hexdigest(),
+    meta = {"corpus": "prose", "extractor": EXTRACTOR, "rules_sha256": rules, "text_sha256": h.hexdigest(),
             "bytes": sum(r["bytes"] for r in rows), "packages": rows}
     write_json(manifest, meta)
     return text, meta

@@ -39,7 +39,7 @@ def whole_number(flag: str, text: str) -> int:
 
 def run(args) -> int:
     from windtunnel.config.trial import DataConfig
-    from windtunnel.data import CORPORA, Shards, corpus, default_cache_dir, prepare
+    from windtunnel.data import CORPORA, Shards, corpus_shard_dir, prepare
 
     named = args.source in CORPORA
     args.tokenizer = args.tokenizer or ("bpe" if named or args.tokenizer_file else "byte")
@@ -64,10 +64,8 @@ def run(args) -> int:
     if args.action == "pack":
         return _pack(args, vocab, max_tokens)
     out = args.out
-    if out is None:  # one folder per corpus version and settings, beside the stdlib caches
-        digest = corpus(args.source)[1]["text_sha256"][:12]
-        cut = f"-{max_tokens}t" if max_tokens else ""
-        out = default_cache_dir() / f"{args.source}-{args.tokenizer}{vocab if args.tokenizer == 'bpe' else 256}-{digest}{cut}"
+    if out is None:
+        out = corpus_shard_dir(args.source, args.tokenizer, vocab, max_tokens)
         if max_bytes < 10**15:
             out = out.with_name(out.name + f"-{max_bytes}b")
     out = prepare(args.source, out, tokenizer=args.tokenizer, vocab_size=vocab, max_bytes=max_bytes,
@@ -82,15 +80,15 @@ def _pack(args, vocab: int, max_tokens: int) -> int:
     """`data pack prose --max-tokens N --out DIR`: the whole corpus's shards first (their tokenizer,
     kept if prepared), then the text that holds N of its tokens, in xz parts (windtunnel.prose.pack)."""
     from windtunnel import prose
-    from windtunnel.data import CORPORA, corpus, default_cache_dir, prepare
+    from windtunnel.data import CORPORA, corpus, corpus_shard_dir, prepare
 
     if args.source not in CORPORA or args.tokenizer != "bpe":
         raise ConfigError(f"pack: packs a named corpus ({', '.join(CORPORA)}) with --tokenizer bpe (got {args.source!r})")
     if not max_tokens or args.out is None:
         raise ConfigError("--max-tokens: pack needs --max-tokens N (> 0) and --out DIR")
-    text, meta = corpus(args.source)
-    shards = prepare(args.source, default_cache_dir() / f"{args.source}-bpe{vocab}-{meta['text_sha256'][:12]}",
-                     tokenizer="bpe", vocab_size=vocab, max_bytes=10**15)
+    text, _ = corpus(args.source)
+    shards = prepare(args.source, corpus_shard_dir(args.source, "bpe", vocab), tokenizer="bpe", vocab_size=vocab,
+                     max_bytes=10**15)
     packed = prose.pack(text, shards / "tokenizer.json", max_tokens, Path(args.out))
     print(json.dumps({"out": args.out, **packed}))
     return 0
