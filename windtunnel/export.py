@@ -197,19 +197,18 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
 def _check_checkpoints(plan: Plan, out: Path) -> None:
     """The new train.yaml's first launch would resume the checkpoint its run already has in out:
     refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
-    (the launch would refuse it too, the same way: config.relaunch_changes)."""
-    from windtunnel.config import relaunch_changes
+    (the launch would refuse it too, the same way: run_checkpoints.resume_changes)."""
+    from windtunnel import run_checkpoints
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
-    ckpt = ckpt if ckpt.is_absolute() else out / ckpt
-    name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
-    if not name or not (ckpt / name / "meta.json").is_file():
+    latest = run_checkpoints.latest(ckpt if ckpt.is_absolute() else out / ckpt)
+    if latest is None or not (latest / run_checkpoints.META).is_file():
         return  # no checkpoint there (the launch says so itself)
-    changed = relaunch_changes(json.loads((ckpt / name / "meta.json").read_text())["config"], plan.trial)
+    changed = run_checkpoints.resume_changes(latest, plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
-                          f"({name}) trained with other settings ({'; '.join(changed)}); "
-                          f"export elsewhere, or remove {ckpt} to start that run anew")
+                          f"({latest.name}) trained with other settings ({'; '.join(changed)}); "
+                          f"export elsewhere, or remove {latest.parent} to start that run anew")
 
 
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:
