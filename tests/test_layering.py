@@ -26,10 +26,18 @@ CORE_MODULES = ("windtunnel.model", "windtunnel.parametrization", "windtunnel.sc
                 "windtunnel.checkpoints", "windtunnel.memory",  # saved states; the memory model
                 "windtunnel.prose")  # a data source: the prose corpus's extraction
 LEAVES = ("windtunnel.config", "windtunnel.errors", "windtunnel.files", "windtunnel.locks")
-# Between transfer (the plan), export (its files) and the large run (the trainer a cluster runs),
-# the one arrow: export writes transfer's plan. The large run depends on neither.
-TRIO = ("windtunnel.transfer", "windtunnel.export", "windtunnel.large_run")
-TRIO_ALLOWED = {("windtunnel.export", "windtunnel.transfer")}
+# Transfer (the plan), export (its files), the HF export (a run's weights as a Llama checkpoint)
+# and the large run (the trainer a cluster runs), each with the modules it was split into, and the
+# only arrows between them: the large run knows none of the others; export-hf reads the large
+# run's config and checkpoints; export writes the plan and the HF config and checks the run's
+# checkpoints; transfer and the large run share nothing.
+PARTS = {
+    "large run": ("windtunnel.large_run", "windtunnel.distributed", "windtunnel.run_checkpoints"),
+    "hf export": ("windtunnel.hf",),
+    "transfer": ("windtunnel.transfer", "windtunnel.transfer_steps", "windtunnel.transfer_inputs"),
+    "export": ("windtunnel.export",),
+}
+ARROWS = {("hf export", "large run"), ("export", "transfer"), ("export", "hf export"), ("export", "large run")}
 
 
 def test_the_core_loads_no_orchestration():
@@ -99,10 +107,40 @@ def test_no_static_import_runs_from_the_core_or_kernels_to_orchestration():
     assert bad == [], "the core or the kernels import orchestration:\n" + "\n".join(bad)
 
 
-def test_transfer_export_and_the_large_run_import_one_way():
-    """export may use transfer's plan; transfer and the large run import neither of the others
-    (the large run imported transfer.slug, export large_run.resume_changes: both fail here)."""
+def _arrows() -> dict[tuple[str, str], list[str]]:
+    """(importing part, imported part) -> the imports that make that arrow."""
     modules = _modules()
     known = set(modules)
-    edges = {(a, b) for a in TRIO for b in static_imports(a, modules[a], known) if b in TRIO and b != a}
-    assert edges <= TRIO_ALLOWED, sorted(edges - TRIO_ALLOWED)
+    layer_of = {m: part for part, ms in PARTS.items() for m in ms}
+    arrows: dict[tuple[str, str], list[str]] = {}
+    for name, layer in layer_of.items():
+        for imported, line in static_imports(name, modules[name], known).items():
+            other = layer_of.get(imported)
+            if other is not None and other != layer:
+                arrows.setdefault((layer, other), []).append(f"{modules[name].relative_to(ROOT)}:{line}: {imported}")
+    return arrows
+
+
+def test_transfer_export_hf_and_the_large_run_import_one_way():
+    """No two of transfer, export, the HF export and the large run import each other both ways,
+    and no arrow but ARROWS (which run one way) joins them. Mutants caught: the large run
+    importing transfer.slug, export's large_run.resume_changes turned around (the large run
+    importing export), transfer reading the large run's checkpoint layout."""
+    assert not any(pair[::-1] in ARROWS for pair in ARROWS), "ARROWS itself runs both ways"
+    arrows = _arrows()
+    both = sorted({tuple(sorted(pair)) for pair in arrows if pair[::-1] in arrows})
+    assert both == [], "imports running both ways: " + "; ".join(
+        f"{a} <-> {b}: {arrows[(a, b)] + arrows[(b, a)]}" for a, b in both)
+    other = {pair: where for pair, where in arrows.items() if pair not in ARROWS}
+    assert other == {}, f"imports outside ARROWS {sorted(ARROWS)}: {other}"
+
+
+def test_the_layers_hold_every_split_module():
+    """A module split out of transfer, export or the large run is listed in PARTS (else the test
+    above would not see its imports); every listed module exists."""
+    modules = _modules()
+    listed = {m for ms in PARTS.values() for m in ms}
+    assert listed <= set(modules), sorted(listed - set(modules))
+    family = [m for m in modules if m.split(".")[-1].startswith(("transfer", "large_run", "export", "hf"))
+              and m.count(".") == 1]
+    assert set(family) <= listed, sorted(set(family) - listed)
