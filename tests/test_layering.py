@@ -144,3 +144,23 @@ def test_the_layers_hold_every_split_module():
     family = [m for m in modules if m.split(".")[-1].startswith(("transfer", "large_run", "export", "hf"))
               and m.count(".") == 1]
     assert set(family) <= listed, sorted(set(family) - listed)
+
+
+def test_the_fits_read_a_sweeps_folder_through_results_only():
+    """A sweep folder's layout has one home, windtunnel/results.py: the fits and transfer's inputs
+    name none of its files themselves (a string that is exactly such a name, as frames.py's
+    SWEEP_SOURCES held), and reading the layout loads no optuna (the fits run without it)."""
+    from windtunnel import results
+
+    names = {results.STUDY, results.TRIALS, results.TRIALS_PARQUET, results.CURVES, results.BRANCHES,
+             results.BEST, results.REPORT}
+    modules = _modules()
+    readers = [m for m in modules if _under(m, ("windtunnel.fits", "windtunnel.transfer_inputs"))]
+    bad = [f"{modules[m].relative_to(ROOT)}:{node.lineno}: {node.value!r}" for m in readers
+           for node in ast.walk(ast.parse(modules[m].read_text()))
+           if isinstance(node, ast.Constant) and node.value in names]
+    assert bad == [], "a sweep folder's file named outside results.py:\n" + "\n".join(bad)
+    code = "import sys, windtunnel.fits, windtunnel.results; print(sorted(m for m in sys.modules if m.startswith('optuna')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout

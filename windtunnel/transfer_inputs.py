@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from windtunnel import results
 from windtunnel.config import TrialConfig, trial_from_dict
 from windtunnel.errors import ConfigError
 
@@ -32,9 +33,9 @@ def load_winner(path: str) -> Winner:
 
     p = Path(path)
     if p.is_dir():
-        if not (p / "best.yaml").is_file():
+        if not (p / results.BEST).is_file():
             raise ConfigError(_no_winner(p, path))
-        p = p / "best.yaml"
+        p = p / results.BEST
     elif not p.exists():
         raise ConfigError(f"{path}: no such file or folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)")
     d = load_yaml(p)
@@ -54,13 +55,13 @@ def load_winner(path: str) -> Winner:
 def _no_winner(p: Path, path: str) -> str:
     """Why a folder has no best.yaml: a sweep none of whose trials completed (it said 'not a sweep
     folder'), or no sweep at all."""
-    if not (p / "study.journal").exists() and not (p / "trials.csv").is_file():
+    if not (p / results.STUDY).exists() and not (p / results.TRIALS).is_file():
         return f"{path}: no best.yaml in this folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)"
     states = {}
-    if (p / "trials.csv").is_file():
+    if (p / results.TRIALS).is_file():
         import csv
 
-        with open(p / "trials.csv", newline="") as f:
+        with open(p / results.TRIALS, newline="") as f:
             for row in csv.DictReader(f):
                 states[row.get("state", "?")] = states.get(row.get("state", "?"), 0) + 1
     counts = ", ".join(f"{n} {'failed' if s == 'FAIL' else s.lower()}" for s, n in sorted(states.items()))
