@@ -18,9 +18,9 @@ in it are relative to the file's folder.
 - Checkpoints (windtunnel/run_checkpoints.py: the folder's layout, save, load, what may be
   resumed) every train.checkpoint_every tokens, at the stable saves (train.save_at: the last
   stable state, to branch decays from) and at the end. A launch finding `latest` resumes from
-  it. SIGTERM (Slurm's time limit,
-  preemption) or SIGINT (Ctrl-C) on any rank saves at the end of the current step on every rank
-  and stops with one line; so does large_run.steps, a number of steps for this launch.
+  it. SIGTERM (Slurm's time limit, preemption) or SIGINT (Ctrl-C) on any rank saves at the end
+  of the current step on every rank and stops with one line; so does large_run.steps, a number
+  of steps for this launch.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
   large_run.tracking_uri is set, tracks the run in MLflow without ever waiting for it
   (windtunnel/run_tracking.py: one run per run_dir, FINISHED only when training completed); it

@@ -194,6 +194,7 @@ class Plan:
 
 
 def _hms(hours: float) -> str:
+    """Slurm's --time, H:MM:00, rounded up to the minute."""
     s = int(math.ceil(hours * 3600 / 60) * 60)
     return f"{s // 3600}:{s % 3600 // 60:02d}:00"
 
@@ -214,9 +215,5 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     trial = steps.trainer_config(d, laws, trial0, lr, schedule, total_steps, batch)
     groups = steps.mup_groups(d, model, trial)
     hours = steps.wall_time(d, model, trial)
-    large_run = {"run_name": steps.run_name(d), "run_dir": steps.run_dir(d), "micro_batch": batch.micro,
-                 "grad_accum": batch.accum, "tracking_uri": target.tracking_uri, "log_every": 1, "steps": 0,
-                 "stop_after_steps": 0, "keep_last": 2, "source_sweep": winner.sweep,
-                 "source_trial": -1 if winner.number is None else int(winner.number)}
-    return Plan(trial=trial, large_run=large_run, target=target, winner=winner, rows=d.rows, groups=groups,
+    return Plan(trial=trial, large_run=steps.large_run_section(d, batch), target=target, winner=winner, rows=d.rows, groups=groups,
                 memory=batch.memory, warnings=d.warnings, slurm_time=_hms(hours))

@@ -12,6 +12,7 @@ number with its formula and source: transfer.md's table) and returns what the ne
     lr_for_batch     the lr kept, or scaled with the batch (PanGu-π Pro)
     wsd_schedule     total steps, warmup and decay fractions
     trainer_config   the target's TrialConfig: steps, checkpoints, the stable save, the data
+    large_run_section  train.yaml's large_run section: run name and folder, micro-batch, accumulation
     mup_groups       the per-group init std, lr and weight decay, from parametrization.py
     wall_time        hours at the target's FLOP rate, and the Slurm time limit
 """
@@ -341,6 +342,15 @@ def trainer_config(d: Derivation, laws: Laws, trial0: TrialConfig, lr: float, sc
     d.row("stable save (tokens)", int(stable_save), "decay start step × batch tokens: the last stable state",
           "windtunnel.schedule.phase_steps")
     return trial
+
+
+def large_run_section(d: Derivation, batch: Batch) -> dict:
+    """train.yaml's large_run section: the run's name and folder, how a step is made of
+    micro-batches, the MLflow server, and the sweep and trial it was transferred from."""
+    w = d.winner
+    return {"run_name": run_name(d), "run_dir": run_dir(d), "micro_batch": batch.micro, "grad_accum": batch.accum,
+            "tracking_uri": d.target.tracking_uri, "log_every": 1, "steps": 0, "stop_after_steps": 0, "keep_last": 2,
+            "source_sweep": w.sweep, "source_trial": -1 if w.number is None else int(w.number)}
 
 
 def mup_groups(d: Derivation, model, trial: TrialConfig) -> list[dict]:
