@@ -4,7 +4,9 @@ CLI is installed (a GPU host without optuna or mlflow), and none of them can rea
 
 Checked twice: what loads when the core is imported, and every module's static imports (the
 source's `import` statements, those inside functions too), so an import that would run only on
-some path fails here as well."""
+some path fails here as well. The same static imports show that transfer, export, the HF export
+and the large run depend on each other one way only, and that the fits read a sweep's folder
+through results.py's layout."""
 import ast
 import subprocess
 import sys
