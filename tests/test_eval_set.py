@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_trial
 from windtunnel.config.trial import trial_from_dict, to_dict, with_overrides
 from windtunnel.errors import ConfigError
-from windtunnel.large_run import eval_chunks
+from windtunnel.distributed import eval_chunks
 from windtunnel.trainer import Population
 
 SEQ = 32  # tiny_trial's model.seq_len

@@ -133,7 +133,7 @@ def test_population_state_and_sharding(tmp_path):
 
 
 def large_run_folder(tmp_path: Path, model: Transformer, cfg: TrialConfig, steps=(4, 8)) -> Path:
-    """A large run's checkpoints laid out as windtunnel/large_run.py saves them (DCP, meta.json, latest)."""
+    """A large run's checkpoints laid out as windtunnel/run_checkpoints.py saves them (DCP, meta.json, latest)."""
     import torch.distributed.checkpoint as dcp
 
     run = tmp_path / "runs" / "r"

@@ -4,7 +4,9 @@ CLI is installed (a GPU host without optuna or mlflow), and none of them can rea
 
 Checked twice: what loads when the core is imported, and every module's static imports (the
 source's `import` statements, those inside functions too), so an import that would run only on
-some path fails here as well."""
+some path fails here as well. The same static imports show that transfer, export, the HF export
+and the large run depend on each other one way only, and that the fits read a sweep's folder
+through results.py's layout."""
 import ast
 import subprocess
 import sys
@@ -26,10 +28,18 @@ CORE_MODULES = ("windtunnel.model", "windtunnel.parametrization", "windtunnel.sc
                 "windtunnel.checkpoints", "windtunnel.memory",  # saved states; the memory model
                 "windtunnel.prose")  # a data source: the prose corpus's extraction
 LEAVES = ("windtunnel.config.trial", "windtunnel.errors", "windtunnel.files", "windtunnel.locks")
-# Between transfer (the plan), export (its files) and the large run (the trainer a cluster runs),
-# the one arrow: export writes transfer's plan. The large run depends on neither.
-TRIO = ("windtunnel.transfer", "windtunnel.export", "windtunnel.large_run")
-TRIO_ALLOWED = {("windtunnel.export", "windtunnel.transfer")}
+# Transfer (the plan), export (its files), the HF export (a run's weights as a Llama checkpoint)
+# and the large run (the trainer a cluster runs), each with the modules it was split into, and the
+# only arrows between them: the large run knows none of the others; export-hf reads the large
+# run's config and checkpoints; export writes the plan and the HF config and checks the run's
+# checkpoints; transfer and the large run share nothing.
+PARTS = {
+    "large run": ("windtunnel.large_run", "windtunnel.distributed", "windtunnel.run_checkpoints"),
+    "hf export": ("windtunnel.hf",),
+    "transfer": ("windtunnel.transfer", "windtunnel.transfer_steps", "windtunnel.transfer_inputs"),
+    "export": ("windtunnel.export",),
+}
+ARROWS = {("hf export", "large run"), ("export", "transfer"), ("export", "hf export"), ("export", "large run")}
 # Hydra and OmegaConf stay behind one adapter: every other module reads plain dicts and dataclasses.
 HYDRA_PACKAGES = ("hydra", "omegaconf")
 HYDRA_ADAPTER = "windtunnel.config.hydra"
@@ -102,13 +112,63 @@ def test_no_static_import_runs_from_the_core_or_kernels_to_orchestration():
     assert bad == [], "the core or the kernels import orchestration:\n" + "\n".join(bad)
 
 
-def test_transfer_export_and_the_large_run_import_one_way():
-    """export may use transfer's plan; transfer and the large run import neither of the others
-    (the large run imported transfer.slug, export large_run.resume_changes: both fail here)."""
+def _arrows() -> dict[tuple[str, str], list[str]]:
+    """(importing part, imported part) -> the imports that make that arrow."""
     modules = _modules()
     known = set(modules)
-    edges = {(a, b) for a in TRIO for b in static_imports(a, modules[a], known) if b in TRIO and b != a}
-    assert edges <= TRIO_ALLOWED, sorted(edges - TRIO_ALLOWED)
+    layer_of = {m: part for part, ms in PARTS.items() for m in ms}
+    arrows: dict[tuple[str, str], list[str]] = {}
+    for name, layer in layer_of.items():
+        for imported, line in static_imports(name, modules[name], known).items():
+            other = layer_of.get(imported)
+            if other is not None and other != layer:
+                arrows.setdefault((layer, other), []).append(f"{modules[name].relative_to(ROOT)}:{line}: {imported}")
+    return arrows
+
+
+def test_transfer_export_hf_and_the_large_run_import_one_way():
+    """No two of transfer, export, the HF export and the large run import each other both ways,
+    and no arrow but ARROWS (which run one way) joins them. Mutants caught: the large run
+    importing transfer.slug, export's large_run.resume_changes turned around (the large run
+    importing export), transfer reading the large run's checkpoint layout."""
+    assert not any(pair[::-1] in ARROWS for pair in ARROWS), "ARROWS itself runs both ways"
+    arrows = _arrows()
+    both = sorted({tuple(sorted(pair)) for pair in arrows if pair[::-1] in arrows})
+    assert both == [], "imports running both ways: " + "; ".join(
+        f"{a} <-> {b}: {arrows[(a, b)] + arrows[(b, a)]}" for a, b in both)
+    other = {pair: where for pair, where in arrows.items() if pair not in ARROWS}
+    assert other == {}, f"imports outside ARROWS {sorted(ARROWS)}: {other}"
+
+
+def test_the_layers_hold_every_split_module():
+    """A module split out of transfer, export or the large run is listed in PARTS (else the test
+    above would not see its imports); every listed module exists."""
+    modules = _modules()
+    listed = {m for ms in PARTS.values() for m in ms}
+    assert listed <= set(modules), sorted(listed - set(modules))
+    family = [m for m in modules if m.split(".")[-1].startswith(("transfer", "large_run", "export", "hf"))
+              and m.count(".") == 1]
+    assert set(family) <= listed, sorted(set(family) - listed)
+
+
+def test_the_fits_read_a_sweeps_folder_through_results_only():
+    """A sweep folder's layout has one home, windtunnel/results.py: the fits and transfer's inputs
+    name none of its files themselves (a string that is exactly such a name, as frames.py's
+    SWEEP_SOURCES held), and reading the layout loads no optuna (the fits run without it)."""
+    from windtunnel import results
+
+    names = {results.STUDY, results.TRIALS, results.TRIALS_PARQUET, results.CURVES, results.BRANCHES,
+             results.BEST, results.REPORT}
+    modules = _modules()
+    readers = [m for m in modules if _under(m, ("windtunnel.fits", "windtunnel.transfer_inputs"))]
+    bad = [f"{modules[m].relative_to(ROOT)}:{node.lineno}: {node.value!r}" for m in readers
+           for node in ast.walk(ast.parse(modules[m].read_text()))
+           if isinstance(node, ast.Constant) and node.value in names]
+    assert bad == [], "a sweep folder's file named outside results.py:\n" + "\n".join(bad)
+    code = "import sys, windtunnel.fits, windtunnel.results; print(sorted(m for m in sys.modules if m.startswith('optuna')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", out.stdout
 
 
 def test_only_the_hydra_adapter_imports_hydra():
@@ -121,7 +181,7 @@ def test_only_the_hydra_adapter_imports_hydra():
         for imported, line in static_imports(name, path, known).items():
             if name != HYDRA_ADAPTER and imported.split(".")[0] in HYDRA_PACKAGES:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {imported}")
-            if imported == HYDRA_ADAPTER and _under(name, ("windtunnel.transfer", "windtunnel.large_run")):
+            if imported == HYDRA_ADAPTER and name in PARTS["transfer"] + PARTS["large run"]:
                 bad.append(f"{path.relative_to(ROOT)}:{line}: {imported}")
     assert bad == [], "only windtunnel/config/hydra.py may import hydra or omegaconf:\n" + "\n".join(bad)
     assert any(i.split(".")[0] in HYDRA_PACKAGES for i in static_imports(HYDRA_ADAPTER, modules[HYDRA_ADAPTER], known))

@@ -21,7 +21,8 @@ import yaml
 
 from windtunnel.errors import ConfigError
 from windtunnel.files import check_folder, make_folder, slug, write_text
-from windtunnel.transfer import GIB, Plan, fmt
+from windtunnel import memory
+from windtunnel.transfer import Plan, fmt
 
 FILES = ("train.yaml", "launch.sh", "launch.sbatch", "config.json", "transfer.md")
 
@@ -175,7 +176,7 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
         parts += ["## Warnings", ""] + [f"- {x}" for x in plan.warnings] + [""]
     parts += ["## Derivation", "",
               "μP rules: windtunnel/parametrization.py (MiniCPM, arXiv 2404.06395); batch-size law: "
-              "MiniCPM; scaling law: Chinchilla approach 3; memory model: windtunnel/transfer.py.", "",
+              "MiniCPM; scaling law: Chinchilla approach 3; memory model: windtunnel/memory.py.", "",
               _table(["quantity", "value", "formula", "source"],
                      [[r.name, fmt(r.value), r.formula, r.source] for r in plan.rows]), ""]
     parts += ["## Per-group values the target trains with", "",
@@ -184,14 +185,9 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
     mem = plan.memory
     parts += ["## Memory per GPU (GiB)", "",
               _table(["part", "GiB", "formula"], [
-                  ["states", fmt(mem["states"] / GIB), "16 bytes × N / GPUs (fp32 weights, grads, Adam m, v; FSDP)"],
-                  ["gathered", fmt(mem["gathered"] / GIB), "2 bytes × (2 blocks + root params), bf16 all-gathered"],
-                  ["activations", fmt(mem["activations"] / GIB),
-                   "micro × seq_len × L · 2·(9·C + 4·F) + 8·V · min(micro × seq_len, 8192) bytes "
-                   "(windtunnel/memory.py)"],
-                  ["overhead", fmt(mem["overhead"] / GIB), "CUDA context, NCCL, allocator"],
-                  ["total", fmt(mem["total"] / GIB), "sum"],
-                  ["budget", fmt(mem["budget"] / GIB), f"memory_fraction {fmt(t.memory_fraction)} × "
+                  *([part, fmt(mem[part] / memory.GIB), formula] for part, formula in memory.PARTS.items()),
+                  ["total", fmt(mem["total"] / memory.GIB), "sum"],
+                  ["budget", fmt(mem["budget"] / memory.GIB), f"memory_fraction {fmt(t.memory_fraction)} × "
                                                       f"gpu_memory_gb {fmt(t.gpu_memory_gb)}"],
               ]), ""]
     parts += ["## Launch", "",
@@ -208,19 +204,18 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
 def _check_checkpoints(plan: Plan, out: Path) -> None:
     """The new train.yaml's first launch would resume the checkpoint its run already has in out:
     refuse now, while the old train.yaml is still there, if that checkpoint was trained otherwise
-    (the launch would refuse it too, the same way: config.relaunch_changes)."""
-    from windtunnel.config.trial import relaunch_changes
+    (the launch would refuse it too, the same way: run_checkpoints.resume_changes)."""
+    from windtunnel import run_checkpoints
 
     ckpt = Path(plan.trial.train.checkpoint_dir)
-    ckpt = ckpt if ckpt.is_absolute() else out / ckpt
-    name = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else ""
-    if not name or not (ckpt / name / "meta.json").is_file():
+    latest = run_checkpoints.latest(ckpt if ckpt.is_absolute() else out / ckpt)
+    if latest is None or not (latest / run_checkpoints.META).is_file():
         return  # no checkpoint there (the launch says so itself)
-    changed = relaunch_changes(json.loads((ckpt / name / "meta.json").read_text())["config"], plan.trial)
+    changed = run_checkpoints.resume_changes(latest, plan.trial)
     if changed:
         raise ConfigError(f"--out: {out} holds run {plan.large_run['run_name']!r} with a checkpoint "
-                          f"({name}) trained with other settings ({'; '.join(changed)}); "
-                          f"export elsewhere, or remove {ckpt} to start that run anew")
+                          f"({latest.name}) trained with other settings ({'; '.join(changed)}); "
+                          f"export elsewhere, or remove {latest.parent} to start that run anew")
 
 
 def export(plan: Plan, out_dir: str | Path, inputs: dict | None = None) -> list[Path]:

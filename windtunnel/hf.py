@@ -226,8 +226,10 @@ def _trial_state(path: Path, step: int | None, trial: int | None):
 
 def _checkpoints(folder: Path) -> Path | None:
     """The large run's checkpoint folder that `folder` is or holds (run_dir, export folder)."""
+    from windtunnel import run_checkpoints
+
     for c in (folder, folder / "checkpoints"):
-        if (c / "latest").is_file():
+        if (c / run_checkpoints.LATEST).is_file():
             return c
     if (folder / "train.yaml").is_file():  # `windtunnel transfer`'s folder: its run, where train.yaml puts it
         from windtunnel.config.overrides import load_yaml
@@ -235,18 +237,8 @@ def _checkpoints(folder: Path) -> Path | None:
         from windtunnel.large_run import resolve_paths
 
         ckpt = resolve_paths(*load_config(load_yaml(folder / "train.yaml")), folder)[2]
-        return ckpt if (ckpt / "latest").is_file() else None
+        return ckpt if (ckpt / run_checkpoints.LATEST).is_file() else None
     return None
-
-
-def _steps(ckpt_dir: Path) -> dict[int, Path]:
-    from windtunnel import checkpoints
-
-    out = {}
-    for d in sorted(ckpt_dir.iterdir()):
-        if not d.name.startswith((".", checkpoints.DAMAGED)) and (d / "meta.json").is_file():
-            out.setdefault(int(json.loads((d / "meta.json").read_text())["step"]), d)
-    return out
 
 
 def _saved_step(path: Path) -> int:
@@ -276,9 +268,11 @@ def _large_run_checkpoint(folder: Path, step: int | None) -> Path:
     if ckpt_dir is None:
         raise _config_error(f"SOURCE: {folder} holds no checkpoint (allowed: a trial's .pt, a large run's folder "
                             "or its checkpoints folder, one checkpoint folder holding meta.json)")
+    from windtunnel import run_checkpoints
+
     if step is None:
-        return ckpt_dir / (ckpt_dir / "latest").read_text().strip()
-    steps = _steps(ckpt_dir)
+        return run_checkpoints.latest(ckpt_dir) or ckpt_dir
+    steps = run_checkpoints.by_step(ckpt_dir)
     if step not in steps:
         raise _config_error(f"--step: {ckpt_dir} holds no checkpoint of step {step} "
                             f"(it holds: {', '.join(map(str, steps)) or 'none'})")

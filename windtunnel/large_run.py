@@ -2,25 +2,22 @@
 
     windtunnel train train.yaml [KEY=VALUE ...]        one process, or under torchrun
 
-train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialConfig (model,
-data, optim, schedule, train) plus a `large_run` section (windtunnel/config/large_run.py).
-Relative paths in it are relative to the file's folder.
+train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialConfig plus a
+`large_run` section (windtunnel/config/large_run.py); relative paths in it are the file's folder's.
 
-- Process group from torchrun's environment (nccl on GPU, gloo on CPU); without torchrun, a
-  one-process group, so the same code path runs everywhere.
+- Process group, FSDP2 sharding and the evaluation every rank joins: windtunnel/distributed.py.
 - The model is windtunnel.model.Transformer with K = 1; its init, μP multipliers and the
-  AdamW parameter groups come from windtunnel/parametrization.py (the rules the wind tunnel
-  trained under). FSDP2 (`fully_shard`) per block, then the root.
+  AdamW parameter groups (windtunnel/optim.py) come from windtunnel/parametrization.py (the
+  rules the wind tunnel trained under).
 - Batch: train.batch_size sequences per step = world × large_run.micro_batch ×
   large_run.grad_accum. Rank r's windows at step s come from the generator seeded with
   (data_seed, s, r): the data order is a pure function of the step, so a resumed run sees the
   batches the uninterrupted run would have seen (for the same world size), with no data state
   to save.
-- Checkpoints (torch.distributed.checkpoint: each rank writes its shards; resharding on load,
-  so a resume may change the world size) every train.checkpoint_every tokens, at the stable
-  saves (train.save_at: the last stable state, to branch decays from) and at the end. Each is
-  written to a temp folder and renamed; `latest` (a file naming the newest) is replaced
-  atomically after it. A launch finding `latest` resumes from it. SIGTERM (Slurm's time limit,
+- Checkpoints (windtunnel/run_checkpoints.py: the folder's layout, save, load, what may be resumed)
+  every train.checkpoint_every tokens, at the stable saves (train.save_at: the last stable state,
+  to branch decays from) and at the end. A launch resumes from `latest`, or where its checksums
+  fail from the newest intact one (checkpoints.dcp_verified). SIGTERM (Slurm's time limit,
   preemption) or SIGINT (Ctrl-C) on any rank saves at the end of the current step on every rank
   and stops with one line; so does large_run.steps, a number of steps for this launch.
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
@@ -38,7 +35,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -48,67 +44,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from windtunnel import checkpoints, memory
+from windtunnel import checkpoints, locks, memory, run_checkpoints
 from windtunnel import data as data_mod
-from windtunnel import locks
-from windtunnel import parametrization as mup
 from windtunnel.config.large_run import LargeRunConfig, load_config, read
-from windtunnel.config.trial import RELAUNCH_FREE, TrialConfig, changed_settings, relaunch_changes, settings, to_dict
+from windtunnel.config.trial import RELAUNCH_FREE, TrialConfig, settings
+from windtunnel.distributed import evaluate, full_tensor, init_distributed, shard_model, wants_cuda
 from windtunnel.errors import ConfigError
-from windtunnel.files import append_line, check_folder, slug, write_json, write_text
+from windtunnel.files import append_line, check_folder, slug, write_text
 from windtunnel.model import Transformer
+from windtunnel.optim import param_groups
 from windtunnel.schedule import lr_factor
-from windtunnel.trainer import resolve_device
-
-
-def _branch_fixed(key: str) -> bool:
-    """What a branch (train.init_from) keeps of its checkpoint's settings: the model, and what a step is."""
-    return (key.startswith("model.") and key != "model.kernels") or key == "train.batch_size"
-
-
-def _changes(checkpoint: Path, cfg: TrialConfig, checked) -> list[str]:
-    """'key old -> new' for each setting that `checked` selects and cfg changes of the checkpoint's."""
-    before, now = settings(json.loads((checkpoint / "meta.json").read_text())["config"]), settings(cfg)
-    return changed_settings(before, now, [k for k in now if checked(k)])
-
-
-def resume_changes(checkpoint: Path, cfg: TrialConfig) -> list[str]:
-    """What cfg changes of the settings a run's checkpoint was trained with (config.relaunch_changes)."""
-    return relaunch_changes(json.loads((checkpoint / "meta.json").read_text())["config"], cfg)
 
 
 def _taken(run_dir: Path, holder: str) -> ConfigError:
     return ConfigError(f"{run_dir}: another launch is training this run ({holder}); wait for it or stop it "
                        "(SIGTERM saves a checkpoint; the next launch resumes there)")
-
-
-def check_checkpoint(path: Path, cfg: TrialConfig, run_dir: Path, resuming: bool) -> None:
-    """ConfigError when cfg may not load the checkpoint at path: the run's own `latest` (resuming)
-    or train.init_from's (a branch)."""
-    if not (path / "meta.json").is_file():
-        raise ConfigError(f"train.init_from: {path} is not a checkpoint of `windtunnel train` (no meta.json)")
-    if resuming:  # the same run goes on: it must be trained as it was
-        changed = resume_changes(path, cfg)
-        if changed:
-            branch = (f"or branch on purpose: a new run_dir with {_q(f'train.init_from={path}')}"
-                      if not any(_branch_fixed(c.split()[0]) for c in changed) else "or export a new run")
-            raise ConfigError(f"{changed[0].split()[0]}: {run_dir} was trained with other settings "
-                              f"({'; '.join(changed)}); set them back to resume it, {branch}")
-    else:  # a branch may change the schedule or the budget, not the model or what a step is
-        changed = _changes(path, cfg, _branch_fixed)
-        if changed:
-            raise ConfigError(f"train.init_from: {path} holds another model or batch ({'; '.join(changed)})")
-
-
-def eval_chunks(n: int, rank: int, world: int, micro_batch: int) -> list[tuple[list[int], bool]]:
-    """Rank `rank`'s share of n validation windows: (window indices, counted) per micro-batch.
-    Rank r takes windows r, r + world, ...; every rank gets the same number of micro-batches
-    (a sharded forward is a collective that all ranks must join), a rank with none left runs
-    window 0 uncounted."""
-    mine = list(range(rank, n, world))
-    steps = math.ceil(math.ceil(n / world) / micro_batch)
-    return [(mine[i * micro_batch:(i + 1) * micro_batch], True) if i * micro_batch < len(mine) else ([0], False)
-            for i in range(steps)]
 
 
 def check_stop(run: LargeRunConfig, step: int, run_dir: Path) -> None:
@@ -132,11 +82,7 @@ def resolve_paths(cfg: TrialConfig, run: LargeRunConfig, base_dir: str | Path):
     return cfg, run_dir, ckpt_dir, resolve(cfg.train.init_from) if cfg.train.init_from else ""
 
 
-# --------------------------------------------------------------------------- distributed
-
-
-def _wants_cuda(device_name: str) -> bool:
-    return resolve_device(device_name).type == "cuda"  # refuses cuda where none is visible
+# --------------------------------------------------------------------------- world size
 
 
 def check_world(cfg: TrialConfig, run: LargeRunConfig, world: int, launched: bool) -> None:
@@ -156,63 +102,7 @@ def check_world(cfg: TrialConfig, run: LargeRunConfig, world: int, launched: boo
         f"× large_run.grad_accum {run.grad_accum} = {world * per_rank} (got {cfg.train.batch_size}; {fix})")
 
 
-def init_distributed(device_name: str) -> tuple[int, int, torch.device]:
-    """(rank, world, device); torchrun's env if present, else a one-process group."""
-    want_cuda = _wants_cuda(device_name)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if want_cuda else torch.device("cpu")
-    if want_cuda:
-        torch.cuda.set_device(device)
-    backend = "nccl" if want_cuda else "gloo"
-    if not dist.is_initialized():
-        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-            dist.init_process_group(backend, device_id=device if want_cuda else None)
-        else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=device if want_cuda else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _shard_dim1(param: torch.nn.Parameter):
-    """FSDP2 shards dim 0 by default, but every parameter here has a leading population axis
-    of size 1 (windtunnel/model.py), so dim 0 cannot be split. Dim 1 is the output/vocabulary/
-    width dimension of every matrix and the width of every norm vector: shard that."""
-    from torch.distributed.tensor import Shard
-
-    return Shard(1)
-
-
-def shard_model(model: Transformer, world: int, device: torch.device) -> None:
-    """fully_shard each block, then the root (torchtitan's order). On GPU, FSDP all-gathers in
-    bf16 and reduce-scatters in fp32; the master weights and Adam states stay fp32."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mesh = init_device_mesh(device.type, (world,))
-    kw = {"mesh": mesh, "shard_placement_fn": _shard_dim1}
-    if device.type == "cuda":
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    for block in model.layers:
-        fully_shard(block, **kw)
-    fully_shard(model, **kw)
-
-
-def _local(x) -> torch.Tensor:
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
 # --------------------------------------------------------------------------- the run
-
-
-def param_groups(model: torch.nn.Module, roles: dict[str, str], cfg: TrialConfig) -> list[dict]:
-    """AdamW's parameter groups: one per (lr multiplier, weight-decay multiplier) that
-    parametrization.py's rule gives a parameter's role (roles: model.param_roles())."""
-    groups: dict[tuple[float, float], list] = {}
-    for name, p in model.named_parameters():
-        r = mup.model_rule(roles[name], cfg.model)
-        groups.setdefault((r.lr_mult, r.wd_mult), []).append(p)
-    o = cfg.optim
-    return [{"params": ps, "lr": o.lr * lm, "weight_decay": o.weight_decay * wm} for (lm, wm), ps in groups.items()]
 
 
 class LargeRun:
@@ -290,76 +180,26 @@ class LargeRun:
         w = self.shards.train_windows(rng, r.micro_batch * r.grad_accum, self.cfg.model.seq_len)
         return torch.from_numpy(w).view(r.grad_accum, r.micro_batch, -1)
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over train.eval_tokens' windows, the same windows at every world size
-        (eval_chunks says which rank takes which)."""
+        """Mean loss over train.eval_tokens' windows, the same windows at every world size."""
         val = torch.from_numpy(self.shards.eval_windows(self.cfg.train.eval_tokens, self.cfg.model.seq_len))
-        total = torch.zeros(2, device=self.device, dtype=torch.float64)
-        for idx, counted in eval_chunks(len(val), self.rank, self.world, self.run.micro_batch):
-            w = val[idx].to(self.device)[None]
-            with self.autocast:
-                loss = self.model(w[..., :-1], w[..., 1:])[0].double()
-            n = len(idx) if counted else 0
-            total[0] += loss * n
-            total[1] += n
-        dist.all_reduce(total)
-        return (total[0] / total[1]).item()
+        return evaluate(self.model, val, self.run.micro_batch, self.device, self.autocast)
 
-    # -- checkpoints ----------------------------------------------------------------------------
-    def _state(self):
-        from torch.distributed.checkpoint.state_dict import get_state_dict
-
-        msd, osd = get_state_dict(self.model, self.opt)
-        return {"model": msd, "optim": osd}
-
+    # -- checkpoints (windtunnel/run_checkpoints.py) ---------------------------------------------
     def save(self, name: str) -> None:
-        import torch.distributed.checkpoint as dcp
-
-        final, tmp = self.ckpt_dir / name, self.ckpt_dir / f".{name}.tmp"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
-        try:
-            dcp.save(self._state(), checkpoint_id=str(tmp))
-            self._saved_step = self.step
-        except dcp.api.CheckpointException as e:  # Ctrl-C mid-save arrives wrapped: let it read as one
-            if any(isinstance(exc, KeyboardInterrupt) for exc, _ in e.failures.values()):
-                raise KeyboardInterrupt from None
-            raise
-        dist.barrier()
-        sums = checkpoints.dcp_hash(tmp, self.rank, self.world)  # each rank a share of the files
-        if self.rank == 0:
-            meta = {"step": self.step, "tokens": self.step * self.tokens_per_step, "world": self.world,
-                    "time": time.time(), "config": to_dict(self.cfg)}
-            write_json(tmp / "meta.json", meta)
-            checkpoints.dcp_seal(tmp, sums)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            before = self.latest()  # kept whatever keep_last says: the fallback if `name` is damaged
-            write_text(self.ckpt_dir / "latest", name + "\n")
-            steps = sorted(p for p in self.ckpt_dir.glob("step-*") if p.is_dir())
-            for old in steps[:-self.run.keep_last]:
-                if old.name != name and old != before:
-                    shutil.rmtree(old, ignore_errors=True)
-        dist.barrier()
+        run_checkpoints.save(self.model, self.opt, self.ckpt_dir, name, step=self.step,
+                             tokens=self.step * self.tokens_per_step, cfg=self.cfg, keep_last=self.run.keep_last)
+        self._saved_step = self.step
 
     def load(self, path: Path, resuming: bool) -> int:
         """Load a checkpoint: the run's own `latest` (resuming) or train.init_from's; its step."""
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-
-        check_checkpoint(path, self.cfg, self.run_dir, resuming)
-        state = self._state()
-        checkpoints.dcp_load(state, path, "train.checkpoint_dir" if resuming else "train.init_from")
-        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        self._saved_step = int(json.loads((path / "meta.json").read_text())["step"])
+        run_checkpoints.check_checkpoint(path, self.cfg, self.run_dir, resuming)
+        where = "train.checkpoint_dir" if resuming else "train.init_from"
+        self._saved_step = run_checkpoints.load(self.model, self.opt, path, where)
         return self._saved_step
 
     def latest(self) -> Path | None:
-        f = self.ckpt_dir / "latest"
-        return self.ckpt_dir / f.read_text().strip() if f.is_file() else None
+        return run_checkpoints.latest(self.ckpt_dir)
 
     # -- logging (rank 0) -------------------------------------------------------------------------
     def _log(self, record: dict) -> None:
@@ -399,7 +239,7 @@ class LargeRun:
             (loss / self.run.grad_accum).backward()
             loss_sum += loss.detach().float()
         clip = self.cfg.optim.grad_clip or float("inf")
-        norm = _local(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        norm = full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         dist.all_reduce(loss_sum)
@@ -416,9 +256,8 @@ class LargeRun:
         return _STOPS[int(flag.item()) - 1] if flag.item() else 0
 
     def train(self) -> dict:
-        if self.rank == 0:  # saves a killed launch left half-written (`latest` never named them)
-            for tmp in self.ckpt_dir.glob(".*.tmp"):
-                shutil.rmtree(tmp, ignore_errors=True)
+        if self.rank == 0:
+            run_checkpoints.clear_partial(self.ckpt_dir)
         resumed_from = None
         latest = self.latest()
         if latest is not None:
@@ -562,7 +401,7 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
     count (None: not checked)."""
     cfg, run = _load(config, overrides)
     cfg, run_dir, ckpt_dir, init_from = resolve_paths(cfg, run, Path(config).resolve().parent)
-    _wants_cuda(cfg.train.device)
+    wants_cuda(cfg.train.device)
     if world is not None:
         check_world(cfg, run, world, launched=True)
     src = cfg.data.source
@@ -578,15 +417,12 @@ def check(config: str | Path, overrides: list[str] = (), world: int | None = Non
         locks.probe(run_dir / "train.lock")
     except locks.Held as e:
         raise _taken(run_dir, str(e)) from None
-    latest = ckpt_dir / "latest"
-    name = latest.read_text().strip() if latest.is_file() else ""
-    if name and (ckpt_dir / name / "meta.json").is_file() and checkpoints.dcp_step(ckpt_dir / name) is None:
-        name = ""  # meta.json damaged: the launch's ranks find it by its checksum and fall back
-    if name:
-        check_checkpoint(ckpt_dir / name, cfg, run_dir, resuming=True)
-        check_stop(run, int(json.loads((ckpt_dir / name / "meta.json").read_text())["step"]), run_dir)
+    latest = run_checkpoints.resumable(ckpt_dir)
+    if latest is not None:
+        run_checkpoints.check_checkpoint(latest, cfg, run_dir, resuming=True)
+        check_stop(run, int(run_checkpoints.meta(latest)["step"]), run_dir)
     elif init_from:
-        check_checkpoint(Path(init_from), cfg, run_dir, resuming=False)
+        run_checkpoints.check_checkpoint(Path(init_from), cfg, run_dir, resuming=False)
 
 
 def main(config: str | Path, overrides: list[str] = ()) -> dict:

@@ -37,6 +37,16 @@ class Estimate:
         return self.states + self.gathered + self.activations + self.overhead
 
 
+# Each part of an Estimate as transfer.md's memory table states it (the large run's case: FSDP, bf16).
+PARTS = {
+    "states": "16 bytes × N / GPUs (fp32 weights, grads, Adam m, v; FSDP)",
+    "gathered": "2 bytes × (2 blocks + root params), bf16 all-gathered",
+    "activations": f"micro × seq_len × L · 2·(9·C + 4·F) + 8·V · min(micro × seq_len, {LOSS_ROWS}) bytes "
+                   "(windtunnel/memory.py)",
+    "overhead": "CUDA context, NCCL, allocator",
+}
+
+
 def block_params(C: int, F: int) -> int:
     """One transformer block: attention (4·C²), SwiGLU (3·C·F), two norms."""
     return 4 * C * C + 3 * C * F + 2 * C

@@ -84,3 +84,15 @@ def clip_scale_per_trial(params: list[torch.Tensor], max_norm: float) -> torch.T
     acc = torch.promote_types(params[0].grad.dtype, torch.float32)
     norm = sum(torch.linalg.vector_norm(p.grad.flatten(1), dim=1, dtype=acc).square() for p in params).sqrt()
     return (max_norm / (norm + 1e-6)).clamp(max=1.0)
+
+
+def param_groups(model: torch.nn.Module, roles: dict[str, str], cfg: TrialConfig) -> list[dict]:
+    """torch.optim.AdamW's parameter groups for one model (the large run's): one per (lr multiplier,
+    weight-decay multiplier) that parametrization.py's rule gives a parameter's role (roles:
+    model.param_roles())."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        r = mup.model_rule(roles[name], cfg.model)
+        groups.setdefault((r.lr_mult, r.wd_mult), []).append(p)
+    o = cfg.optim
+    return [{"params": ps, "lr": o.lr * lm, "weight_decay": o.weight_decay * wm} for (lm, wm), ps in groups.items()]

@@ -1,24 +1,50 @@
 """A sweep's results, regenerated from its study alone: trials.csv/.parquet, curves.csv (every
 evaluation), branches.csv (every WSD decay branch), best.yaml, plots, report.md. Every file is
-written to a temp name and renamed, so none is ever half-written."""
+written to a temp name and renamed, so none is ever half-written.
+
+The folder's layout (the names below, best.yaml's keys) lives here only: the fits and transfer
+read a sweep's folder through them. Reading the layout loads no optuna (the fits run without it).
+"""
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
+from typing import Any
 
-import optuna
 import pandas as pd
 import yaml
 
 from windtunnel import symmetry
 from windtunnel.files import write_atomically, write_text
 
-FINAL = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+STUDY = "study.journal"  # the Optuna study: the source everything else here is regenerated from
+TRIALS = "trials.csv"  # one row per trial: number, state, value, parameters by dotted key, ...
+TRIALS_PARQUET = "trials.parquet"
+CURVES = "curves.csv"  # one row per evaluation of every trial: ..., tokens, val_loss
+BRANCHES = "branches.csv"  # one row per WSD decay branch: ..., n_params, tokens, final_val_loss
+BEST = "best.yaml"  # the best completed trial: sweep, number, value, params, trained_with, trial (its config)
+REPORT = "report.md"
+COMPLETE = "COMPLETE"  # the `state` of a trial that counts (not FAIL, PRUNED, RUNNING, STOPPED)
+FINAL = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def best_setting(sweep_dir: Path, key: str) -> Any:
+    """A setting (dotted key, e.g. model.seq_len) of the best trial's config in sweep_dir's best.yaml;
+    None if there is no best.yaml or no such setting."""
+    best = Path(sweep_dir) / BEST
+    if not best.is_file():
+        return None
+    v: Any = (yaml.safe_load(best.read_text()) or {}).get("trial", {})
+    for k in key.split("."):
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
 
 
 def open_sweep_study(d: Path) -> optuna.Study:
     """The study of a folder `windtunnel sweep` (or `confirm`) wrote; ConfigError naming it if none."""
+    import optuna
+
     from windtunnel.errors import ConfigError
     from windtunnel.search import open_storage
 
@@ -27,9 +53,9 @@ def open_sweep_study(d: Path) -> optuna.Study:
         raise ConfigError(f"{d} is a file; a sweep's results folder is needed (RESULTS_DIR/SWEEP, e.g. results/quickstart)")
     if not d.is_dir():
         raise ConfigError(f"{d}: no such folder (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)")
-    if not (d / "study.journal").exists():
+    if not (d / STUDY).exists():
         raise ConfigError(_not_a_sweep(d))
-    storage = open_storage(str(d / "study.journal"))
+    storage = open_storage(str(d / STUDY))
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not names:
         raise ConfigError(f"{d}: its study.journal holds no study yet (allowed: a folder `windtunnel sweep` wrote)")
@@ -42,11 +68,11 @@ def _not_a_sweep(d: Path) -> str:
     (storage=URL); or no sweep's."""
     import shlex
 
-    sweeps = sorted(p.parent.name for p in d.glob("*/study.journal"))
+    sweeps = sorted(p.parent.name for p in d.glob(f"*/{STUDY}"))
     if sweeps:
         return (f"{d}: a results dir holding the sweeps {', '.join(sweeps)}: report one of them, e.g. "
                 f"windtunnel report {shlex.quote(str(d / sweeps[0]))}")
-    if (d / "trials.csv").is_file() or (d / "bundles").is_dir():
+    if (d / TRIALS).is_file() or (d / "bundles").is_dir():
         return (f"{d}: this sweep's study is not in a journal here (a sweep run with storage=URL keeps it in that "
                 "database); report reads a sweep's study.journal")
     return f"{d}: holds no study.journal (allowed: a folder `windtunnel sweep` wrote, RESULTS_DIR/SWEEP)"
@@ -54,7 +80,7 @@ def _not_a_sweep(d: Path) -> str:
 
 def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
     """COMPLETE, PRUNED, or FAIL that was not replaced by a retry."""
-    return t.state in FINAL and not t.user_attrs.get("retried", False)
+    return t.state.name in FINAL and not t.user_attrs.get("retried", False)
 
 
 def trials_frame(study: optuna.Study, driver_running: bool = False) -> pd.DataFrame:
@@ -111,6 +137,8 @@ def branches_frame(study: optuna.Study) -> pd.DataFrame:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    import optuna
+
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             if t.value is not None and math.isfinite(t.value)]
     return min(done, key=lambda t: t.value) if done else None
@@ -118,9 +146,9 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
 
 def write_tables(study: optuna.Study, sweep_dir: Path, driver_running: bool = False) -> pd.DataFrame:
     df = trials_frame(study, driver_running)
-    write_atomically(sweep_dir / "trials.csv", lambda p: df.to_csv(p, index=False))
-    write_atomically(sweep_dir / "trials.parquet", lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
-    for name, frame in (("curves.csv", curves_frame(study)), ("branches.csv", branches_frame(study))):
+    write_atomically(sweep_dir / TRIALS, lambda p: df.to_csv(p, index=False))
+    write_atomically(sweep_dir / TRIALS_PARQUET, lambda p: df.astype({"reason": str}).to_parquet(p, index=False))
+    for name, frame in ((CURVES, curves_frame(study)), (BRANCHES, branches_frame(study))):
         if not frame.empty:
             write_atomically(sweep_dir / name, lambda p, f=frame: f.to_csv(p, index=False))
     best = best_trial(study)
@@ -129,7 +157,7 @@ def write_tables(study: optuna.Study, sweep_dir: Path, driver_running: bool = Fa
         doc = {"sweep": study.study_name, "number": best.number, "value": best.value, "params": best.params,
                "trained_with": {k: prov[k] for k in ("device", "threads", "population") if k in prov},
                "trial": best.user_attrs["config"]}
-        write_text(sweep_dir / "best.yaml", yaml.safe_dump(doc, sort_keys=False))
+        write_text(sweep_dir / BEST, yaml.safe_dump(doc, sort_keys=False))
     return df
 
 
@@ -215,6 +243,8 @@ def ratio_analysis(study: optuna.Study, df: pd.DataFrame) -> dict | None:
 
 
 def importances(study: optuna.Study) -> dict[str, float]:
+    import optuna
+
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     varying = {n for t in done for n in t.params if len({tt.params.get(n) for tt in done}) > 1}
     if len(done) < 3 or not varying:
@@ -274,7 +304,7 @@ def write_report(study: optuna.Study, sweep_dir: Path, driver_running: bool = Fa
     failed = df[df.state == "FAIL"]
     if not failed.empty:
         lines += ["", "## Failed trials", ""] + [f"- trial {r.number}: {r.reason}" for r in failed.itertuples()]
-    report = sweep_dir / "report.md"
+    report = sweep_dir / REPORT
     write_text(report, "\n".join(lines) + "\n")
     # best.yaml only where a trial completed: a sweep whose every trial failed has none
-    return [sweep_dir / "trials.csv", *([sweep_dir / "best.yaml"] if best is not None else []), report, *plots]
+    return [sweep_dir / TRIALS, *([sweep_dir / BEST] if best is not None else []), report, *plots]

@@ -13,7 +13,8 @@ interval comes from one helper, `bootstrap.bootstrap` (runs resampled within the
 every grid optimum from `optimum.parabola_min`. Input frames are checked in `frames`, so
 `windtunnel report` and the transfer module get the same one-line `ConfigError`s as the CLI;
 `load_csv(path, kind)` names the file in them and also reads a sweep's results (`sweep_frame`).
-Only numpy, pandas and scipy (yaml for a sweep's best.yaml): no torch, no tracking. docs/laws.md
+Only numpy, pandas and scipy (a sweep's folder is read through windtunnel/results.py's layout,
+which loads no optuna): no torch, no tracking. docs/laws.md
 says how each law is measured and what its intervals mean.
 """
 from windtunnel.fits.batch_size import BatchSizeFit, BatchSizePoint, LrTuning, fit_batch_size

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from windtunnel import results
 from windtunnel.errors import ConfigError
 
 # Columns each fit needs; extra columns are ignored, but for those in OPTIONAL.
@@ -69,23 +70,23 @@ def load_csv(path: str | Path, kind: str) -> pd.DataFrame:
     return check_frame(df, kind)
 
 
-# What a sweep writes (windtunnel.results) -> the frame a fit takes: the table read, each fit
-# column's source column in it (parameters under their dotted config keys, searched or fixed),
+# What a sweep writes (windtunnel.results, the layout's home) -> the frame a fit takes: the table
+# read, each fit column's source column in it (parameters under their dotted config keys, searched or fixed),
 # and the optional columns' sources (taken where the table has them).
 SWEEP_SOURCES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
     # final validation loss of each trial; depth when n_layers was searched
-    "lr-transfer": ("trials.csv", {"parametrization": "model.parametrization", "width": "model.d_model",
+    "lr-transfer": (results.TRIALS, {"parametrization": "model.parametrization", "width": "model.d_model",
                                    "lr": "optim.lr", "loss": "value"},
                     {"depth": "model.n_layers", "run": "number", "depth_scaling": "model.depth_scaling"}),
     # the loss at every evaluation: one batch-size optimum per (model, token count)
-    "batch-size": ("curves.csv", {"model": "model.d_model", "batch_size": "train.batch_size",
+    "batch-size": (results.CURVES, {"model": "model.d_model", "batch_size": "train.batch_size",
                                   "tokens": "tokens", "loss": "val_loss"},
                    {"lr": "optim.lr", "run": "number"}),
     # the loss at the end of every decay branch (train.branch_at)
-    "wsd": ("branches.csv", {"model": "model.d_model", "N": "n_params", "tokens": "tokens",
+    "wsd": (results.BRANCHES, {"model": "model.d_model", "N": "n_params", "tokens": "tokens",
                              "loss": "final_val_loss"}, {}),
     # final validation loss of each trial at its token budget
-    "horizon": ("trials.csv", {"tokens": "train.tokens", "lr": "optim.lr", "loss": "value"},
+    "horizon": (results.TRIALS, {"tokens": "train.tokens", "lr": "optim.lr", "loss": "value"},
                 {"init_std": "model.init_std", "run": "number"}),
 }
 
@@ -120,11 +121,11 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     where_ = str(table)
     if "state" not in df.columns:
         raise ConfigError(f"{where_}: missing column 'state' (a sweep's {name} has it)")
-    df = df[df["state"] == "COMPLETE"]
+    df = df[df["state"] == results.COMPLETE]
 
     def col(c: str) -> pd.Series:
         s = src[c]
-        if s not in df.columns and "." in s and (v := _best_value(table, s)) is not None:
+        if s not in df.columns and "." in s and (v := results.best_setting(table.parent, s)) is not None:
             return pd.Series(v, index=df.index)  # not searched: the same for every trial
         if s not in df.columns:
             hint = (f"the sweep parameter that gives {kind}'s {c!r}: search it, type fixed for one value"
@@ -152,26 +153,13 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     return out
 
 
-def _best_value(table: Path, key: str) -> Any:
-    """A setting's value in the best trial's config beside `table` (None if absent)."""
-    best = table.parent / "best.yaml"
-    if not best.is_file():
-        return None
-    import yaml
-
-    v: Any = (yaml.safe_load(best.read_text()) or {}).get("trial", {})
-    for k in key.split("."):
-        v = v.get(k) if isinstance(v, dict) else None
-    return v
-
-
 def _sweep_setting(df: pd.DataFrame, table: Path, key: str, kind: str, why: str):
     """A config value: the table's column if the sweep searched it, else the (same for all trials)
     value in the best trial's config."""
     if key in df.columns:
         return df[key]
-    best = table.parent / "best.yaml"
-    v = _best_value(table, key)
+    best = table.parent / results.BEST
+    v = results.best_setting(table.parent, key)
     if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
         raise ConfigError(f"{table}: missing column {key!r} and no {key} in {best} ({kind} needs it for {why})")
     return v

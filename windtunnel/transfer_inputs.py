@@ -1,0 +1,125 @@
+"""The inputs of a transfer plan besides the target: the sweep's winner and the fitted laws.
+
+    load_winner(path)        a sweep's best.yaml (or RESULTS_DIR/SWEEP holding one)
+    load_law(path, kind)     a `windtunnel fit KIND --json` file
+    Laws                     the batch size, token budget and lr inputs; a given value beats a fit
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from windtunnel import results
+from windtunnel.config.trial import TrialConfig, trial_from_dict
+from windtunnel.errors import ConfigError
+
+LR_BATCH_SCALINGS = ("none", "sqrt")
+
+
+@dataclass
+class Winner:
+    trial: TrialConfig
+    sweep: str
+    number: int | None
+    value: float | None
+    path: str
+
+
+def load_winner(path: str) -> Winner:
+    """A sweep's best.yaml ({"sweep", "number", "value", "trial"}) or a folder holding one."""
+    from windtunnel.config.overrides import load_yaml
+
+    p = Path(path)
+    if p.is_dir():
+        if not (p / results.BEST).is_file():
+            raise ConfigError(_no_winner(p, path))
+        p = p / results.BEST
+    elif not p.exists():
+        raise ConfigError(f"{path}: no such file or folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)")
+    d = load_yaml(p)
+    trial = d.get("trial", d)
+    if not isinstance(trial, dict):
+        raise ConfigError(f"{p}: 'trial' must be a mapping (a TrialConfig as nested dicts)")
+    try:
+        cfg = trial_from_dict(trial)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+    number = d.get("number")
+    value = d.get("value")
+    return Winner(cfg, str(d.get("sweep") or p.parent.name), None if number is None else int(number),
+                  None if value is None else float(value), str(p))
+
+
+def _no_winner(p: Path, path: str) -> str:
+    """Why a folder has no best.yaml: a sweep none of whose trials completed (it said 'not a sweep
+    folder'), or no sweep at all."""
+    if not (p / results.STUDY).exists() and not (p / results.TRIALS).is_file():
+        return f"{path}: no best.yaml in this folder (expected RESULTS_DIR/SWEEP after a sweep, or a best.yaml path)"
+    states = {}
+    if (p / results.TRIALS).is_file():
+        import csv
+
+        with open(p / results.TRIALS, newline="") as f:
+            for row in csv.DictReader(f):
+                states[row.get("state", "?")] = states.get(row.get("state", "?"), 0) + 1
+    counts = ", ".join(f"{n} {'failed' if s == 'FAIL' else s.lower()}" for s, n in sorted(states.items()))
+    return (f"{path}: no trial of this sweep has completed{f' ({counts})' if counts else ''}, so it has no winner "
+            f"(best.yaml) to transfer; trials.csv says why they failed, or let the sweep run on")
+
+
+def load_law(path: str, kind: str) -> dict:
+    """A fit's --json output: kind 'batch-size' and 'horizon' need a, b; 'scaling-law' needs E, A, B,
+    alpha, beta (a `fit wsd --json` file is read through its 'scaling_law')."""
+    need = {"batch-size": ("a", "b"), "horizon": ("a", "b"), "scaling-law": ("E", "A", "B", "alpha", "beta")}[kind]
+    opt = f"--{kind}-law" if kind != "scaling-law" else "--scaling-law"
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{opt}: {path}: no such file (the output of `windtunnel fit {kind} --json`)")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{opt}: {path}: not JSON ({e})") from None
+    if kind == "scaling-law" and isinstance(d, dict) and isinstance(d.get("scaling_law"), dict):
+        d = d["scaling_law"]
+    if not isinstance(d, dict):
+        raise ConfigError(f"{opt}: {path}: must hold a JSON object with keys {', '.join(need)}")
+    for k in need:
+        v = d.get(k)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise ConfigError(f"{opt}: {path}: key {k!r} must be a finite number (got {v!r})")
+    return {**d, "source": str(p)}
+
+
+
+
+@dataclass
+class Laws:
+    """Inputs of the batch size and the token budget; a given value always beats a fit."""
+
+    batch_size: int | None = None
+    """Tokens per step, given."""
+    batch_size_law: dict | None = None
+    loss: float | None = None
+    """The target's loss, given (for the batch-size law)."""
+    scaling_law: dict | None = None
+    tokens: int | None = None
+    tokens_per_param: float | None = None
+    lr_batch_scaling: str = "none"
+    """none (MiniCPM: μP's lr is kept) or sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch))."""
+    horizon_law: dict | None = None
+    """lr*(T) = a · T^-b (`windtunnel fit horizon --json`): the lr × (D / proxy tokens)^-b; None: off."""
+
+    def __post_init__(self) -> None:
+        for name, opt in (("batch_size", "--batch-size"), ("tokens", "--tokens")):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ConfigError(f"{opt}: must be > 0 (got {v})")
+        for name, opt in (("loss", "--loss"), ("tokens_per_param", "--tokens-per-param")):
+            v = getattr(self, name)
+            if v is not None and not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{opt}: must be a finite number > 0 (got {v})")
+        if self.lr_batch_scaling not in LR_BATCH_SCALINGS:
+            raise ConfigError(f"--lr-batch-scaling: must be one of {', '.join(LR_BATCH_SCALINGS)} "
+                              f"(got {self.lr_batch_scaling!r})")
