@@ -129,3 +129,16 @@ def test_a_damaged_state_without_a_previous_one_is_one_line(tmp_path):
     path.write_bytes(path.read_bytes()[:-3] + b"xyz")
     with pytest.raises(ConfigError, match=r"^train.init_from: .* is damaged \(its SHA-256 is .*no good previous"):
         checkpoints.load_verified(path, "train.init_from")
+
+
+def test_the_save_after_a_fallback_keeps_the_good_previous_not_the_damaged_file(tmp_path, capsys):
+    path = tmp_path / "latest.pt"
+    for step in (1, 2):
+        checkpoints.save({"step": step}, path, keep_previous=True)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + bytes(8))  # step 2's file damaged
+    assert checkpoints.load_verified(path, "test")["step"] == 1
+    checkpoints.save({"step": 3}, path, keep_previous=True)  # the resumed run's next save
+    prev = checkpoints.previous(path)
+    assert checkpoints.check(prev) is None and checkpoints.load(prev, "test")["step"] == 1
+    assert checkpoints.load_verified(path, "test")["step"] == 3
