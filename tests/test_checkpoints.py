@@ -172,3 +172,16 @@ def test_a_damaged_dcp_checkpoint_falls_back_to_the_previous_and_says_so(tmp_pat
         checkpoints.dcp_verified(old, "train.checkpoint_dir")
     (old / "checksums.sha256").write_text("")  # a manifest cut short vouches for nothing
     assert checkpoints.dcp_check(old) == "checksums.sha256 does not list .metadata"
+
+
+def test_the_save_after_a_fallback_keeps_the_good_previous_not_the_damaged_file(tmp_path, capsys):
+    path = tmp_path / "latest.pt"
+    for step in (1, 2):
+        checkpoints.save({"step": step}, path, keep_previous=True)
+    data = path.read_bytes()
+    path.write_bytes(data[:-8] + bytes(8))  # step 2's file damaged
+    assert checkpoints.load_verified(path, "test")["step"] == 1
+    checkpoints.save({"step": 3}, path, keep_previous=True)  # the resumed run's next save
+    prev = checkpoints.previous(path)
+    assert checkpoints.check(prev) is None and checkpoints.load(prev, "test")["step"] == 1
+    assert checkpoints.load_verified(path, "test")["step"] == 3

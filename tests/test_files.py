@@ -18,6 +18,7 @@ ALLOWED = {
     ("windtunnel/data.py", "tofile"),  # into a temp folder renamed whole onto the shard folder
     ("windtunnel/data.py", "save"),  # tokenizer.json, likewise into that temp folder
     ("windtunnel/executors/local.py", "open"),  # a standby worker's output, streamed as it runs
+    ("windtunnel/bench/validate_target.py", "open"),  # a launch's output, streamed as it trains
     ("windtunnel/checkpoints.py", "open"),  # the temp, in the callback handed to write_atomically
     ("windtunnel/checkpoints.py", "save"),  # torch.save into that temp, through the checksum
 }

@@ -77,7 +77,8 @@ def save(obj, path: Path, keep_previous: bool = False) -> None:
             hashing = _Hashing(f)
             torch.save(obj, hashing)
             digest["sum"] = hashing.h.hexdigest()
-        if keep_previous and path.exists():
+        # a damaged file (one a resume just fell back from) never becomes the previous good one
+        if keep_previous and path.exists() and check(path) is None:
             if _sums(path).exists():
                 os.replace(_sums(path), _sums(previous(path)))
             os.replace(path, previous(path))

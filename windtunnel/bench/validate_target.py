@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from windtunnel.confirm import t_interval
-from windtunnel.files import write_json, write_text
+from windtunnel.files import write_atomically, write_json, write_text
 
 R2 = math.sqrt(2)
 MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 0.1, "optim.lr": 0.01}
@@ -149,7 +149,7 @@ def summarize(out: Path) -> dict:
             f"Goal ({summary['goal']}): **{verdict}**.\n\n")
     write_text(out / "report.md", head + "\n".join(lines) + "\n")
     import pandas as pd
-    pd.DataFrame(rows).to_csv(out / "validate.csv", index=False)
+    write_atomically(out / "validate.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     return summary
 
 
