@@ -91,10 +91,12 @@ def table(t: dict) -> str:
     if v:
         done = [r for r in v["table"] if r["n"]]
         losses = "; ".join(f"{r['config']} {r['mean']:.3f}" + (f" ±{r['sd']:.3f}" if r["n"] > 1 else "") for r in done)
+        gap = v["transferred_minus_best"]
+        gap = f"transferred − best {gap:+.3f}" if gap is not None else "transferred not run yet"
+        one_seed = "one seed each, so no interval yet; " if all(r["n"] == 1 for r in done) else ""
         rows.append(f"| transferred config at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
-                    f"({v['runs_done']} of {v['runs_planned']} runs) | {losses}; transferred − best "
-                    f"{v['transferred_minus_best']:+.3f}: {v['verdict']} (goal: within one seed-sd of the best) | "
-                    "the configurations and seeds not yet run; longer horizons |")
+                    f"({v['runs_done']} of {v['runs_planned']} runs) | {losses}; {gap}: {one_seed}{v['verdict']} "
+                    "(goal: within one seed-sd of the best) | the configurations and seeds not yet run; longer horizons |")
     hf = t.get("export_hf")
     if hf:
         rows.append(f"| export-hf of a 200-step 0.5B run, loaded by transformers | loss gap {hf['relative_gap']:.1e} "

@@ -137,7 +137,7 @@ def summarize(out: Path) -> dict:
     summary = {"runs_done": len(rows), "runs_planned": n_planned, "seed_sd": seed_sd, "best": best and best["config"],
                "transferred_minus_best": gap, "goal": "transferred mean within one seed-sd of the best mean",
                "verdict": verdict, "table": table, "runs": rows}
-    write_json(out / "validate.json", summary)
+    write_json(out / "validate.json", _json_safe(summary))
     lines = ["| config | seeds | mean val loss | sd | 95% interval |", "|---|---|---|---|---|"]
     for t in table:
         if t["n"]:
@@ -151,6 +151,17 @@ def summarize(out: Path) -> dict:
     import pandas as pd
     write_atomically(out / "validate.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     return summary
+
+
+def _json_safe(x):
+    """NaN (no seed-sd, no run yet) as null: JSON has no NaN."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_json_safe(v) for v in x]
+    return x
 
 
 def main(argv=None) -> int:
