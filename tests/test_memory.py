@@ -1,6 +1,7 @@
 """Memory checked before a model is built (windtunnel/memory.py): one model for the sweep, the
 transfer plan and the check; a trial that cannot fit is one line naming the sizes; a worker the
 kernel's OOM killer ended is reported as out of memory."""
+import itertools
 import signal
 import subprocess
 
@@ -32,6 +33,51 @@ def test_a_population_is_checked_as_a_whole(monkeypatch):
     Population([cfg] * 3)
     with pytest.raises(ConfigError, match=r"^model: this population needs .* × 4 trials"):
         Population([with_overrides(cfg, {"train.seed": s}) for s in range(4)])
+
+
+def test_a_sweep_worker_waits_for_the_memory_its_gpu_is_handing_back(monkeypatch, tmp_path):
+    """On an H100 a sweep lost its second bundle of 30 trials to the check: the first bundle's process
+    still held ~31 GiB while it exited. A local executor's GPU workers get WINDTUNNEL_MEMORY_WAIT_S, and
+    the check then waits for the memory to come free; without it (a user's own trial) it fails at once.
+    (Free memory is faked below: a CPU cannot hold memory back as an exiting CUDA process does.)"""
+    from windtunnel.config.sweep import ExecutorConfig
+    from windtunnel.executors import local
+
+    monkeypatch.setattr(local, "_visible_gpus", lambda: ["0"])
+    ex = local.LocalExecutor(ExecutorConfig(type="local"))
+    proc = ex._spawn(0, ["--standby", str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    try:
+        env = dict(kv.split("=", 1) for kv in open(f"/proc/{proc.pid}/environ").read().split("\0") if "=" in kv)
+    finally:
+        proc.stdin.close()  # EOF: the standby worker exits
+        proc.wait(timeout=60)
+    assert float(env["WINDTUNNEL_MEMORY_WAIT_S"]) >= 30 and env["CUDA_VISIBLE_DEVICES"] == "0"
+
+    cfg = tiny_trial()
+    need = memory.estimate(cfg.model, 256, 8 * 32, device="cpu").total
+    monkeypatch.setattr(memory, "WAIT_POLL_S", 0.01)
+
+    def exiting(polls_until_free):
+        frees = itertools.chain(itertools.repeat(0.5 * need, polls_until_free), itertools.repeat(2 * need))
+        return lambda device: (next(frees), "test")
+
+    monkeypatch.setattr(memory, "free_bytes", exiting(5))
+    monkeypatch.delenv("WINDTUNNEL_MEMORY_WAIT_S", raising=False)
+    with pytest.raises(ConfigError, match=r"^model: this trial needs"):
+        memory.check(cfg.model, 256, 8 * 32, cpu())
+    monkeypatch.setenv("WINDTUNNEL_MEMORY_WAIT_S", env["WINDTUNNEL_MEMORY_WAIT_S"])
+    monkeypatch.setattr(memory, "free_bytes", exiting(5))
+    assert memory.check(cfg.model, 256, 8 * 32, cpu()).total == need
+    monkeypatch.setenv("WINDTUNNEL_MEMORY_WAIT_S", "0.1")  # memory that never comes: the same one line, later
+    monkeypatch.setattr(memory, "free_bytes", exiting(10**9))
+    with pytest.raises(ConfigError, match=r"^model: this trial needs"):
+        memory.check(cfg.model, 256, 8 * 32, cpu())
+
+
+def cpu():
+    import torch
+
+    return torch.device("cpu")
 
 
 def test_the_transfer_plan_and_the_sweep_use_the_one_memory_model(tmp_path):

@@ -15,6 +15,8 @@ micro-batch per GPU) and `check` (trainer, large run, sweep preflight). Per proc
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
 
 from windtunnel.errors import ConfigError
@@ -22,6 +24,7 @@ from windtunnel.errors import ConfigError
 GIB = 1024**3
 OVERHEAD_BYTES = 2 * GIB
 LOSS_ROWS = 8192
+WAIT_POLL_S = 0.5
 
 
 @dataclass
@@ -130,11 +133,19 @@ def check(model, vocab: int, tokens: int, device, *, world: int = 1, population:
           fsdp: bool = False, what: str = "this trial") -> Estimate:
     """A ConfigError naming the sizes when the estimate exceeds what `device` has free (a
     model that would grow until the kernel's OOM killer ends it, with no word from windtunnel).
-    WINDTUNNEL_SKIP_MEMORY_CHECK=1 skips it (an estimate can be wrong)."""
+    WINDTUNNEL_SKIP_MEMORY_CHECK=1 skips it (an estimate can be wrong). WINDTUNNEL_MEMORY_WAIT_S=N
+    first waits up to N s for the memory to come free: a sweep's worker may start on a GPU whose
+    previous bundle's process is still exiting with its memory (the local executor sets it)."""
     est = estimate(model, vocab, tokens, world=world, population=population, device=device.type, fsdp=fsdp)
     if os.environ.get("WINDTUNNEL_SKIP_MEMORY_CHECK"):
         return est
     free, where = free_bytes(device)
+    deadline = time.monotonic() + float(os.environ.get("WINDTUNNEL_MEMORY_WAIT_S") or 0)
+    if est.total > free and time.monotonic() < deadline:
+        print(f"windtunnel: waiting for {_gib(est.total)} GiB ({where}: {_gib(free)} GiB)", file=sys.stderr, flush=True)
+        while est.total > free and time.monotonic() < deadline:
+            time.sleep(WAIT_POLL_S)
+            free, where = free_bytes(device)
     if est.total > free:
         trials = f" × {population} trials" if population > 1 else ""
         raise ConfigError(

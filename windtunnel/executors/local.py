@@ -8,7 +8,8 @@ and then waits on its stdin for the folder of the bundle it is to run.
 
 A bundle ends when its result.json appears, not when its process exits: the worker frees its
 GPU memory before writing it, and its exit (interpreter and CUDA teardown) overlaps the next
-bundle."""
+bundle. Should the exiting process still hold memory, the next one's memory check waits for it
+(WINDTUNNEL_MEMORY_WAIT_S)."""
 from __future__ import annotations
 
 import functools
@@ -26,6 +27,7 @@ from windtunnel.config.sweep import ExecutorConfig
 from windtunnel.worker import PAYLOAD, RESULT
 
 
+MEMORY_WAIT_S = 60  # how long a worker's memory check waits for its GPU's previous bundle to exit
 EXIT_GRACE_S = 10.0  # at close, how long a waiting or finished worker may take to exit before a SIGKILL
 
 
@@ -105,6 +107,9 @@ class LocalExecutor:
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, self.cfg.threads_per_worker)), "PYTHONUNBUFFERED": "1"}
         if self.gpus:
             env["CUDA_VISIBLE_DEVICES"] = self.gpus[slot % len(self.gpus)]
+            # the previous bundle on this GPU may still hold its memory while it exits (an H100 sweep lost
+            # every second bundle to the memory check): wait for it rather than fail
+            env.setdefault("WINDTUNNEL_MEMORY_WAIT_S", str(MEMORY_WAIT_S))
         return subprocess.Popen([sys.executable, "-m", "windtunnel.worker", *args], env=env,
                                 preexec_fn=functools.partial(_die_with_parent, os.getpid()), **io)
 
