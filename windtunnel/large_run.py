@@ -6,20 +6,15 @@ train.yaml (written by `windtunnel transfer`, windtunnel/export.py) is a TrialCo
 `large_run` section (windtunnel/config/large_run.py); relative paths in it are the file's folder's.
 
 - Process group, FSDP2 sharding and the evaluation every rank joins: windtunnel/distributed.py.
-- The model is windtunnel.model.Transformer with K = 1; its init, μP multipliers and the
-  AdamW parameter groups (windtunnel/optim.py) come from windtunnel/parametrization.py (the
-  rules the wind tunnel trained under).
-- Batch: train.batch_size sequences per step = world × large_run.micro_batch ×
-  large_run.grad_accum. Rank r's windows at step s come from the generator seeded with
-  (data_seed, s, r): the data order is a pure function of the step, so a resumed run sees the
-  batches the uninterrupted run would have seen (for the same world size), with no data state
-  to save.
-- Checkpoints (windtunnel/run_checkpoints.py: the folder's layout, save, load, what may be resumed)
-  every train.checkpoint_every tokens, at the stable saves (train.save_at: the last stable state,
-  to branch decays from) and at the end. A launch resumes from `latest`, or where its checksums
-  fail from the newest intact one (checkpoints.dcp_verified). SIGTERM (Slurm's time limit,
-  preemption) or SIGINT (Ctrl-C) on any rank saves at the end of the current step on every rank
-  and stops with one line; so does large_run.steps, a number of steps for this launch.
+- The model is windtunnel.model.Transformer with K = 1; init, μP multipliers and AdamW groups
+  (windtunnel/optim.py) follow windtunnel/parametrization.py, the rules the wind tunnel trained under.
+- Batch: world × large_run.micro_batch × large_run.grad_accum sequences a step. Rank r's windows
+  at step s come from a generator seeded with (data_seed, s, r), so a resumed run sees the batches
+  the uninterrupted run would have (same world size), with no data state to save.
+- Checkpoints (windtunnel/run_checkpoints.py) every train.checkpoint_every tokens, at the stable
+  saves (train.save_at) and at the end; a launch resumes from `latest`, or from the newest intact
+  one where checksums fail. SIGTERM or SIGINT on any rank saves at the end of the step on every
+  rank and stops with one line; so does large_run.steps (a number of steps for this launch).
 - Rank 0 appends one JSON line per step to <run_dir>/loss.jsonl and, when
   large_run.tracking_uri is set, tracks the run in MLflow without ever waiting for it
   (windtunnel/tracking/large_run.py: one run per run_dir, FINISHED only when training completed); it
