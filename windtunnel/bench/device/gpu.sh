@@ -21,15 +21,20 @@
 #   bash windtunnel/bench/device/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
 #   bash windtunnel/bench/device/gpu.sh validate [ARGS]    # results/windtunnel/validate_0.5b/ (issue 24.6; resumes)
 #   bash windtunnel/bench/device/gpu.sh hf                  # the ~0.5B export: short run, export-hf, transformers' loss
+#   bash windtunnel/bench/device/gpu.sh bg STAGE [ARGS]     # STAGE in the background, past one call's 10 minutes
+#   bash windtunnel/bench/device/gpu.sh join [S] [PATHS]    # wait up to S s for it; $OUT/bg.tgz (its $OUT, log, PATHS under /tmp)
 #   bash windtunnel/bench/device/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash windtunnel/bench/device/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
 set -euo pipefail
-# the wheels the device lacks, made here (.whl/ is ignored by git); elsewhere install the project instead
-if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+# the wheels the device lacks, made here (.whl/ is ignored by git); elsewhere install the project instead.
+# Not for bg/join: a background stage's processes still import from /tmp/p.
+if [ "${1:-}" != join ] && [ "${1:-}" != bg ]; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
+  fi
+  rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
 fi
-rm -rf /tmp/p && mkdir -p /tmp/p && cp -r windtunnel /tmp/p/ && cp -r kernels /tmp/p/windtunnel/kernels
 export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WINDTUNNEL_SWEEPS=$PWD/sweeps PYTHONUNBUFFERED=1
 export WINDTUNNEL_CACHE=/tmp/wt-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -142,7 +147,9 @@ case $stage in
   validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b (horizon law on) for 30M
     # tokens of prose, beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target).
     # The prose slice travels packed (docs/data.md, "Carrying prose to the GPU machine") in .carry/prose.
-    D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V"
+    D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
+    # the committed finished runs are kept, not re-run, when the output is elsewhere
+    [ "$V" = results/windtunnel/validate_0.5b ] || cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null || true
     if [ ! -f "$D/manifest.json" ]; then
       cat .carry/prose/prose.txt.xz.* > /tmp/prose.txt.xz
       python3 -m windtunnel.cli data prepare /tmp/prose.txt.xz --tokenizer-file .carry/prose/tokenizer.json \
@@ -154,6 +161,15 @@ case $stage in
     cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"; cp "$D/manifest.json" "$V/data_manifest.json"
     python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
     tar czf "$OUT/validate.tgz" "$V" ;;
+  bg)  # STAGE ARGS in its own session: it outlives this call while the machine stays warm (30 s between
+    # calls), so a stage longer than one call's 10 minutes runs on; `join` collects it. Its $OUT is /tmp/bg.
+    rm -rf /tmp/bg && mkdir -p /tmp/bg
+    OUT=/tmp/bg setsid nohup bash "$0" "$@" > /tmp/bg/bg.log 2>&1 < /dev/null & echo $! > /tmp/bg.pid
+    echo "started in the background: $* (pid $(cat /tmp/bg.pid))" ;;
+  join)  # wait up to N s (default 540) for the `bg` stage, then bring back its $OUT and log as one tarball
+    pid=$(cat /tmp/bg.pid); timeout "${1:-540}" tail --pid="$pid" -f /dev/null || true  # no pgrep: it matches itself
+    if kill -0 "$pid" 2>/dev/null; then echo "still running: join again"; else echo "finished"; fi
+    tail -5 /tmp/bg/bg.log; tar czf "$OUT/bg.tgz" -C /tmp bg "${@:2}" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides
