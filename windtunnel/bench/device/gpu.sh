@@ -14,7 +14,7 @@
 #   bash windtunnel/bench/device/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash windtunnel/bench/device/gpu.sh profile [ARGS]      # where a population step's time goes
 #   bash windtunnel/bench/device/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention | cross_entropy (kernels.tune)
-#   bash windtunnel/bench/device/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/
+#   bash windtunnel/bench/device/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/ (WT_DATA=prose, WT_RESULTS=/tmp/r)
 #   bash windtunnel/bench/device/gpu.sh confirm NAME [ARGS] # results/windtunnel/NAME-confirm/ (windtunnel confirm; resumes)
 #   bash windtunnel/bench/device/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash windtunnel/bench/device/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
@@ -39,6 +39,17 @@ export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WI
 export WINDTUNNEL_CACHE=/tmp/wt-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=$1; shift
+# WT_DATA=prose: the prose slice that travels packed in .carry/prose (docs/data.md), tokenized once per machine
+prose_data() {
+  if [ ! -f /tmp/prose/manifest.json ]; then
+    cat .carry/prose/prose.txt.xz.* > /tmp/prose.txt.xz
+    python3 -m windtunnel.cli data prepare /tmp/prose.txt.xz --tokenizer-file .carry/prose/tokenizer.json \
+      --max-tokens 32e6 --max-bytes 1e12 --out /tmp/prose 2>&1 | tail -2
+  fi
+}
+DATA=$PWD/.cache/stdlib-bpe16k
+if [ "${WT_DATA:-}" = prose ] && [ "$stage" != bg ] && [ "$stage" != join ]; then prose_data; DATA=/tmp/prose; fi
+R=${WT_RESULTS:-results/windtunnel}  # a sweep's folder; /tmp/... keeps it apart from the tree each call re-sends
 case $stage in
   bench)
     python3 -m windtunnel.bench.population --out "$OUT" "$@" 2>&1 | tee "$OUT/population.log" ;;
@@ -73,10 +84,11 @@ case $stage in
   sweep)
     name=$1; shift
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study
-    timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli sweep "$name" -q data.source="$PWD/.cache/stdlib-bpe16k" \
-      results_dir=results/windtunnel tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
+    mkdir -p "$R"; [ "$R" = results/windtunnel ] || [ ! -d "results/windtunnel/$name" ] || cp -rn "results/windtunnel/$name" "$R/"
+    timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli sweep "$name" -q data.source="$DATA" \
+      results_dir="$R" tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
     # bring back the studies and tables (a name=... override renames the sweep), not checkpoints
-    tar czf "$OUT/$name.tgz" --exclude='*.pt' results/windtunnel ;;
+    tar czf "$OUT/$name.tgz" --exclude='*.pt' -C "$(dirname "$R")" "$(basename "$R")" ;;
   confirm)  # the top configurations of a committed search (and --add ones) with n seeds each
     name=$1; shift
     timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli confirm "results/windtunnel/$name" -q \
@@ -147,14 +159,9 @@ case $stage in
   validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b (horizon law on) for 30M
     # tokens of prose, beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target).
     # The prose slice travels packed (docs/data.md, "Carrying prose to the GPU machine") in .carry/prose.
-    D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
+    prose_data; D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
     # the committed finished runs are kept, not re-run, when the output is elsewhere
     [ "$V" = results/windtunnel/validate_0.5b ] || cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null || true
-    if [ ! -f "$D/manifest.json" ]; then
-      cat .carry/prose/prose.txt.xz.* > /tmp/prose.txt.xz
-      python3 -m windtunnel.cli data prepare /tmp/prose.txt.xz --tokenizer-file .carry/prose/tokenizer.json \
-        --max-tokens 32e6 --max-bytes 1e12 --out "$D" 2>&1 | tail -2
-    fi
     [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
       --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v \
       run_name=v data_source="$D" > "$V/transfer.log"
