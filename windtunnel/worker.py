@@ -139,6 +139,9 @@ def _free_device_memory() -> None:
 
         gc.collect()  # the population's tensors and CUDA graphs, should a cycle hold them
         torch.cuda.empty_cache()
+        held = torch.cuda.memory_reserved()
+        if held > 2**30:  # the next bundle's memory check waits for it (executors/local.py); say so in the log
+            print(f"windtunnel.worker: {held / 2**30:.1f} GiB still reserved after the bundle", flush=True)
 
 
 if __name__ == "__main__":
