@@ -84,7 +84,8 @@ case $stage in
   sweep)
     name=$1; shift
     # a stage stops itself before the device's 10-minute limit; the next call resumes the study
-    mkdir -p "$R"; [ "$R" = results/windtunnel ] || [ ! -d "results/windtunnel/$name" ] || cp -rn "results/windtunnel/$name" "$R/"
+    out=$name; for a in "$@"; do case $a in name=*) out=${a#name=} ;; esac; done  # the folder a name= override gives
+    mkdir -p "$R"; [ "$R" = results/windtunnel ] || [ ! -d "results/windtunnel/$out" ] || cp -rn "results/windtunnel/$out" "$R/"
     timeout "${WT_SECONDS:-540}" python3 -m windtunnel.cli sweep "$name" -q data.source="$DATA" \
       results_dir="$R" tracking.enabled=false "$@" 2>&1 | tee "$OUT/$name.log" || true
     # bring back the studies and tables (a name=... override renames the sweep), not checkpoints
