@@ -52,6 +52,8 @@ def test_the_goal_is_judged_only_when_every_planned_run_is_done(tmp_path):
     s = vt.summarize(tmp_path)
     assert s["verdict"].startswith(f"not judged: 1 of {2 * len(vt.CONFIGS)}") and "no seed-sd" in s["verdict"]
     assert (tmp_path / "report.md").exists() and (tmp_path / "validate.csv").exists()
+    assert (tmp_path / "validate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((tmp_path / "validate.json").read_text())["seed_sd"] is None  # JSON has no NaN
 
 
 @pytest.mark.parametrize("offset, verdict", [(0.005, "MET"), (0.05, "MISSED")])

@@ -152,7 +152,33 @@ def summarize(out: Path) -> dict:
     write_text(out / "report.md", head + "\n".join(lines) + "\n")
     import pandas as pd
     write_atomically(out / "validate.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
+    if rows:
+        plot(out, rows, cfg["transfer"]["optim"]["lr"])
     return summary
+
+
+def plot(out: Path, rows: list[dict], lr0: float) -> Path:
+    """validate.png: each run's validation curve (left); final loss against the lr, the transferred
+    lr marked (right): where the curve's bottom sits against the transferred lr is the finding."""
+    from windtunnel.plots_fits import pyplot, save_figure
+
+    plt = pyplot()
+    fig, (ax_c, ax_l) = plt.subplots(1, 2, figsize=(11, 4))
+    names = [name for name, *_ in CONFIGS]
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    for r in rows:
+        recs = [json.loads(x) for x in (out / "runs" / f"{r['run']}.jsonl").read_text().splitlines() if '"val_loss"' in x]
+        ax_c.plot([x["tokens"] / 1e6 for x in recs], [x["val_loss"] for x in recs], color=colors[r["config"]],
+                  ls="-" if r["seed"] == 0 else "--", label=r["config"] if r["seed"] == 0 else None)
+        if not r["diverged"]:
+            ax_l.scatter(r["lr"], r["val_loss"], color=colors[r["config"]], marker="o" if r["seed"] == 0 else "x")
+            ax_l.annotate(r["config"], (r["lr"], r["val_loss"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax_c.set(xlabel="tokens (M)", ylabel="validation loss", title="runs (seed 0 solid, seed 1 dashed)")
+    ax_c.legend(fontsize=7)
+    ax_l.axvline(lr0, color="gray", ls=":", label="transferred lr")
+    ax_l.set(xscale="log", xlabel="lr (base)", ylabel="final validation loss", title="final loss against the lr")
+    ax_l.legend(fontsize=7)
+    return save_figure(fig, out / "validate.png")
 
 
 def _json_safe(x):
