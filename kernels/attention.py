@@ -15,6 +15,7 @@ the kernels that produce them, on tiles already in registers: no extra pass, no 
 Roping inside the flash kernels' inner loops instead re-ropes every K (and, backward, Q) tile
 for every block that visits it; measured on an H100 it took fwd+bwd from 0.77 to 1.83 ms
 (256 x 4 heads x 512 x 64, bf16), slower than this pre-pass (bench.py rows "rope fused").
+The backward's kernels are in attention_bwd.py; this file launches them.
 Saved for backward: q', k' (which replace q, k: same memory), v, o and the row log-sum-exp
 (fp32, B*H*T floats). P is not saved: the backward recomputes it tile by tile, which costs
 FLOPs but no (B, H, T, T) buffer.
@@ -22,13 +23,20 @@ FLOPs but no (B, H, T, T) buffer.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_dq_finish_kernel
+
 HEAD_DIMS = (32, 64, 128)
+# dq from the dk/dv kernel by fp32 atomics (FlashAttention-2's backward) instead of a second kernel
+# that recomputes P and dP (two of the backward's seven matmuls). Off until measured against it on a
+# GPU: `gpu.sh abenv WINDTUNNEL_ATTN_FUSED_DQ=0,1 256:32` (windtunnel/bench/device/gpu.sh).
+FUSE_DQ = os.environ.get("WINDTUNNEL_ATTN_FUSED_DQ", "0") == "1"
 
 
 def rope_cos_sin(T, D, theta=10000.0, device=None, dtype=torch.float32):
@@ -59,14 +67,6 @@ def attention_reference(q, k, v, cos=None, sin=None):
 
 
 @triton.jit
-def _rotate_half(x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    # cat(-x2, x1) on a register tile: view (BLOCK, 2, D/2), split the halves, swap, rejoin.
-    # No second load of the tile from memory.
-    x1, x2 = tl.split(tl.permute(tl.reshape(x, (BLOCK, 2, HEAD_DIM // 2)), (0, 2, 1)))
-    return tl.reshape(tl.permute(tl.join(-x2, x1), (0, 2, 1)), (BLOCK, HEAD_DIM))
-
-
-@triton.jit
 def _rope_kernel(Q_ptr, K_ptr, QO_ptr, KO_ptr, C_ptr, S_ptr, stride_qb, stride_qh, stride_qt,
                  stride_kb, stride_kh, stride_kt, n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
     # Grid (T blocks, B*H, 2): axis 2 picks q or k, so one launch ropes both.
@@ -93,16 +93,6 @@ def _rope_kernel(Q_ptr, K_ptr, QO_ptr, KO_ptr, C_ptr, S_ptr, stride_qb, stride_q
     s = tl.load(S_ptr + cs, mask=mask, other=0.0)
     y = x.to(tl.float32) * c + x_rot * s
     tl.store(dst + bh.to(tl.int64) * seq_len * HEAD_DIM + cs, y.to(x.dtype), mask=mask)
-
-
-@triton.jit
-def _unrope(dx, rows, cols, seq_len, C_ptr, S_ptr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
-    """Gradient through RoPE: dx * cos - rotate_half(dx * sin)."""
-    mask = (rows < seq_len)[:, None]
-    cs = rows[:, None] * HEAD_DIM + cols[None, :]
-    c = tl.load(C_ptr + cs, mask=mask, other=0.0)
-    s = tl.load(S_ptr + cs, mask=mask, other=0.0)
-    return dx * c - _rotate_half(dx * s, BLOCK, HEAD_DIM)
 
 
 @triton.jit
@@ -156,134 +146,6 @@ def _attn_fwd_kernel(
     tl.store(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, m_i + tl.math.log2(l_i), mask=rmask)
     tl.store(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + cols[None, :],
              o.to(O_ptr.dtype.element_ty), mask=rmask[:, None])
-
-
-@triton.jit
-def _attn_bwd_delta_kernel(O_ptr, DO_ptr, DELTA_ptr, stride_ob, stride_oh, stride_ot, stride_db, stride_dh, stride_dt,
-                           n_heads, seq_len, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    cols = tl.arange(0, HEAD_DIM)
-    mask = (offs_m < seq_len)[:, None]
-    o = tl.load(O_ptr + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + cols[None, :], mask=mask, other=0.0)
-    do = tl.load(DO_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + cols[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA_ptr + bh.to(tl.int64) * seq_len + offs_m, delta, mask=offs_m < seq_len)
-
-
-@triton.jit
-def _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m, offs_n, cols,
-                        seq_len, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    rmask = offs_m < seq_len
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + cols[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(do_base + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
-    lse = tl.load(lse_base + offs_m, mask=rmask, other=0.0)
-    delta = tl.load(delta_base + offs_m, mask=rmask, other=0.0)
-    p_t = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse[None, :])  # (BLOCK_N, BLOCK_M)
-    if MASK:  # diagonal blocks, and query rows past the end
-        p_t = tl.where((offs_m[None, :] >= offs_n[:, None]) & rmask[None, :], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do)
-    ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
-    return dk, dv
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_db, stride_dh, stride_dt, stride_gb, stride_gh, stride_gt,
-    n_heads, seq_len, qk_scale, sm_scale,
-    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # One program per key block: dk, dv accumulate over the query blocks that see it (i >= j).
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM)
-    nmask = (offs_n < seq_len)[:, None]
-    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kt + cols[None, :], mask=nmask, other=0.0)
-    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    do_base = DO_ptr + b * stride_db + h * stride_dh
-    lse_base = LSE_ptr + bh.to(tl.int64) * seq_len
-    delta_base = DELTA_ptr + bh.to(tl.int64) * seq_len
-    dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
-    diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
-    full_end = diag_end + ((seq_len - diag_end) // BLOCK_M) * BLOCK_M
-    for start_m in range(start_n, diag_end, BLOCK_M):  # diagonal: causal mask
-        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
-    for start_m in range(diag_end, full_end, BLOCK_M):  # below it, all rows valid: no mask
-        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, False, BLOCK_M)
-    for start_m in range(full_end, seq_len, BLOCK_M):  # ragged tail
-        dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
-    dk *= sm_scale
-    if ROPE:  # dk' -> dk, on the tile in registers
-        dk = _unrope(dk, offs_n, cols, seq_len, C_ptr, S_ptr, BLOCK_N, HEAD_DIM)
-    out = b * stride_gb + h * stride_gh + offs_n[:, None] * stride_gt + cols[None, :]
-    tl.store(DK_ptr + out, dk.to(DK_ptr.dtype.element_ty), mask=nmask)
-    tl.store(DV_ptr + out, dv.to(DV_ptr.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                      seq_len, qk_scale, MASK: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    nmask = (offs_n < seq_len)[:, None]
-    k = tl.load(k_base + offs_n[:, None] * stride_kt + cols[None, :], mask=nmask, other=0.0)
-    v = tl.load(v_base + offs_n[:, None] * stride_vt + cols[None, :], mask=nmask, other=0.0)
-    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
-    if MASK:
-        p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
-    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k)
-    return dq
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, DO_ptr, DQ_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr,
-    stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-    stride_db, stride_dh, stride_dt, stride_gb, stride_gh, stride_gt,
-    n_heads, seq_len, qk_scale, sm_scale,
-    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    # One program per query block: dq accumulates over the key blocks it sees (j <= i).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
-    rmask = offs_m < seq_len
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + cols[None, :], mask=rmask[:, None], other=0.0)
-    do = tl.load(DO_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dt + cols[None, :], mask=rmask[:, None], other=0.0)
-    # Rows past the end get lse = +inf, so their p is 0 and nothing there can overflow.
-    lse = tl.load(LSE_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=rmask, other=float("inf"))
-    delta = tl.load(DELTA_ptr + bh.to(tl.int64) * seq_len + offs_m, mask=rmask, other=0.0)
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
-    dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
-    for start_n in range(0, start_m, BLOCK_N):
-        dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                               seq_len, qk_scale, False, BLOCK_N)
-    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-        dq = _attn_bwd_dq_step(dq, q, do, lse, delta, k_base, v_base, stride_kt, stride_vt, start_n, offs_m, cols,
-                               seq_len, qk_scale, True, BLOCK_N)
-    dq *= sm_scale
-    if ROPE:  # dq' -> dq, on the tile in registers
-        dq = _unrope(dq, offs_m, cols, seq_len, C_ptr, S_ptr, BLOCK_M, HEAD_DIM)
-    tl.store(DQ_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + cols[None, :],
-             dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
 _LOG2E = 1.4426950408889634
@@ -354,10 +216,16 @@ def attention_backward(do, q, k, v, o, lse, cos, sin, grads=None):
     c, s = (cos, sin) if rope else (q, q)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               H, T, _LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
+    fuse = FUSE_DQ
+    dq_acc = torch.zeros((B * H, T, D), dtype=torch.float32, device=q.device) if fuse else lse
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        q, k, v, do, dk, dv, lse, delta, c, s, *common,
-        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        q, k, v, do, dk, dv, lse, delta, c, s, dq_acc, *common,
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FUSE_DQ=fuse, num_warps=warps, num_stages=stages)
+    if fuse:
+        _attn_dq_finish_kernel[(triton.cdiv(T, 64), B * H)](
+            dq_acc, dq, c, s, *_strides(dq), H, T, 1.0 / math.sqrt(D), ROPE=rope, HEAD_DIM=D, BLOCK_M=64)
+        return dq, dk, dv
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, dq, lse, delta, c, s, *common,

@@ -26,6 +26,7 @@
 #   bash windtunnel/bench/device/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
 #   bash windtunnel/bench/device/gpu.sh ab OLD D:K [D:K ..] # population TFLOP/s, an older tree (OLD holds its
 #                                                      # windtunnel/ and kernels/) vs this one, alternating
+#   bash windtunnel/bench/device/gpu.sh abenv VAR=A,B D:K ..# the same, this tree with VAR=A against VAR=B
 set -euo pipefail
 # the wheels the device lacks, made here (.whl/ is ignored by git); elsewhere install the project instead.
 # Not for bg/join: a background stage's processes still import from /tmp/p.
@@ -180,14 +181,21 @@ case $stage in
     tail -5 /tmp/bg/bg.log; tar czf "$OUT/bg.tgz" -C /tmp bg "${@:2}" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
-  ab)  # one process per measurement, old and new in turn, twice: the GPU's drift hits both sides
-    old=$1; shift
-    rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && cp -r "$old/windtunnel" /tmp/ab-old/ && cp -r "$old/kernels" /tmp/ab-old/windtunnel/kernels
-    for round in 1 2; do for side in old new; do for dk in "$@"; do
-      tree=/tmp/p; [ "$side" = old ] && tree=/tmp/ab-old
-      PYTHONPATH=$tree:/tmp/site python3 -c "import sys, torch; from windtunnel.bench.population import reference_trial, throughput
+  ab|abenv)  # one process per measurement, the two sides in turn, twice: the GPU's drift hits both.
+    # ab OLD D:K..: an older tree (OLD holds its windtunnel/ and kernels/) against this one;
+    # abenv VAR=A,B D:K..: this tree with VAR=A, then VAR=B (e.g. WINDTUNNEL_ATTN_FUSED_DQ=0,1)
+    spec=$1; shift
+    if [ "$stage" = ab ]; then
+      rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && cp -r "$spec/windtunnel" /tmp/ab-old/ && cp -r "$spec/kernels" /tmp/ab-old/windtunnel/kernels
+      sides="old new"
+    else
+      var=${spec%%=*}; vals=${spec#*=}; sides=${vals//,/ }
+    fi
+    for round in 1 2; do for side in $sides; do for dk in "$@"; do
+      tree=/tmp/p; [ "$stage" = ab ] && [ "$side" = old ] && tree=/tmp/ab-old
+      env ${var:+$var=$side} PYTHONPATH=$tree:/tmp/site python3 -c "import sys, torch; from windtunnel.bench.population import reference_trial, throughput
 d, k = map(int, sys.argv[1].split(':')); r = throughput(reference_trial(d), k, steps=10)
-print(d, k, sys.argv[2], round(r['tflops'], 1), round(r['peak_gb'], 1), flush=True)" "$dk" "$side"
+print(d, k, sys.argv[2], round(r['tflops'], 1), round(r['peak_gb'], 1), flush=True)" "$dk" "${var:+$var=}$side"
     done; done; done 2>&1 | tee "$OUT/ab.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
