@@ -23,20 +23,15 @@ FLOPs but no (B, H, T, T) buffer.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_dq_finish_kernel
+from .attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 
 HEAD_DIMS = (32, 64, 128)
-# dq from the dk/dv kernel by fp32 atomics (FlashAttention-2's backward) instead of a second kernel
-# that recomputes P and dP (two of the backward's seven matmuls). Off until measured against it on a
-# GPU: `gpu.sh abenv WINDTUNNEL_ATTN_FUSED_DQ=0,1 256:32` (windtunnel/bench/device/gpu.sh).
-FUSE_DQ = os.environ.get("WINDTUNNEL_ATTN_FUSED_DQ", "0") == "1"
 
 
 def rope_cos_sin(T, D, theta=10000.0, device=None, dtype=torch.float32):
@@ -216,16 +211,10 @@ def attention_backward(do, q, k, v, o, lse, cos, sin, grads=None):
     c, s = (cos, sin) if rope else (q, q)
     common = (*_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
               H, T, _LOG2E / math.sqrt(D), 1.0 / math.sqrt(D))
-    fuse = FUSE_DQ
-    dq_acc = torch.zeros((B * H, T, D), dtype=torch.float32, device=q.device) if fuse else lse
     bm, bn, warps, stages = cfg["dkdv"]
     _attn_bwd_dkdv_kernel[(triton.cdiv(T, bn), B * H)](
-        q, k, v, do, dk, dv, lse, delta, c, s, dq_acc, *common,
-        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, FUSE_DQ=fuse, num_warps=warps, num_stages=stages)
-    if fuse:
-        _attn_dq_finish_kernel[(triton.cdiv(T, 64), B * H)](
-            dq_acc, dq, c, s, *_strides(dq), H, T, 1.0 / math.sqrt(D), ROPE=rope, HEAD_DIM=D, BLOCK_M=64)
-        return dq, dk, dv
+        q, k, v, do, dk, dv, lse, delta, c, s, *common,
+        ROPE=rope, HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
     bm, bn, warps, stages = cfg["dq"]
     _attn_bwd_dq_kernel[(triton.cdiv(T, bm), B * H)](
         q, k, v, do, dq, lse, delta, c, s, *common,

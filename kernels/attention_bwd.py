@@ -1,8 +1,8 @@
 """Causal flash attention's backward kernels (the launcher, attention_backward, is in attention.py).
 
-dk, dv: one program per key block, over the query blocks that see it. dq: either by fp32 atomics
-from those same programs into a buffer a finish pass scales, un-ropes and casts (FUSE_DQ, as
-FlashAttention-2's backward), or by a second kernel per query block that recomputes P and dP.
+dk, dv: one program per key block, over the query blocks that see it; dq: one program per query
+block, recomputing P and dP. dq by fp32 atomics from the dk/dv programs (FlashAttention-2's way)
+was 3% slower on an H100 (results/bench/README.md#fused-dq).
 RoPE's transpose is applied to dq', dk' on tiles in registers (`_unrope`): no extra pass.
 """
 from __future__ import annotations
@@ -46,8 +46,7 @@ def _attn_bwd_delta_kernel(O_ptr, DO_ptr, DELTA_ptr, stride_ob, stride_oh, strid
 
 @triton.jit
 def _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m, offs_n, cols,
-                        seq_len, qk_scale, dq_base, MASK: tl.constexpr, BLOCK_M: tl.constexpr, FUSE_DQ: tl.constexpr,
-                        HEAD_DIM: tl.constexpr):
+                        seq_len, qk_scale, MASK: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rmask = offs_m < seq_len
     q = tl.load(q_base + offs_m[:, None] * stride_qt + cols[None, :], mask=rmask[:, None], other=0.0)
@@ -60,23 +59,18 @@ def _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse
     dv += tl.dot(p_t.to(do.dtype), do)
     ds_t = p_t * (tl.dot(v, tl.trans(do)) - delta[None, :])
     dk += tl.dot(ds_t.to(q.dtype), q)
-    if FUSE_DQ:  # this key block's share of dq' (unscaled), added into the fp32 buffer the finish pass reads
-        dq = tl.dot(tl.trans(ds_t).to(k.dtype), k)
-        tl.atomic_add(dq_base + offs_m[:, None] * HEAD_DIM + cols[None, :], dq, mask=rmask[:, None], sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr, DQACC_ptr,
+    Q_ptr, K_ptr, V_ptr, DO_ptr, DK_ptr, DV_ptr, LSE_ptr, DELTA_ptr, C_ptr, S_ptr,
     stride_qb, stride_qh, stride_qt, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
     stride_db, stride_dh, stride_dt, stride_gb, stride_gh, stride_gt,
     n_heads, seq_len, qk_scale, sm_scale,
-    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSE_DQ: tl.constexpr,
+    ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per key block: dk, dv accumulate over the query blocks that see it (i >= j); with
-    # FUSE_DQ it also adds its dq' share into DQACC (contiguous fp32 (B*H, T, D)), so no dq kernel
-    # recomputes P and dP.
+    # One program per key block: dk, dv accumulate over the query blocks that see it (i >= j).
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     b = (bh // n_heads).to(tl.int64)
@@ -90,20 +84,19 @@ def _attn_bwd_dkdv_kernel(
     do_base = DO_ptr + b * stride_db + h * stride_dh
     lse_base = LSE_ptr + bh.to(tl.int64) * seq_len
     delta_base = DELTA_ptr + bh.to(tl.int64) * seq_len
-    dq_base = DQACC_ptr + bh.to(tl.int64) * seq_len * HEAD_DIM
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     diag_end = tl.minimum(start_n + BLOCK_N, seq_len)
     full_end = diag_end + ((seq_len - diag_end) // BLOCK_M) * BLOCK_M
     for start_m in range(start_n, diag_end, BLOCK_M):  # diagonal: causal mask
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, dq_base, True, BLOCK_M, FUSE_DQ, HEAD_DIM)
+                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
     for start_m in range(diag_end, full_end, BLOCK_M):  # below it, all rows valid: no mask
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, dq_base, False, BLOCK_M, FUSE_DQ, HEAD_DIM)
+                                     offs_n, cols, seq_len, qk_scale, False, BLOCK_M)
     for start_m in range(full_end, seq_len, BLOCK_M):  # ragged tail
         dk, dv = _attn_bwd_dkdv_step(dk, dv, k, v, q_base, do_base, stride_qt, stride_dt, lse_base, delta_base, start_m,
-                                     offs_n, cols, seq_len, qk_scale, dq_base, True, BLOCK_M, FUSE_DQ, HEAD_DIM)
+                                     offs_n, cols, seq_len, qk_scale, True, BLOCK_M)
     dk *= sm_scale
     if ROPE:  # dk' -> dk, on the tile in registers
         dk = _unrope(dk, offs_n, cols, seq_len, C_ptr, S_ptr, BLOCK_N, HEAD_DIM)
@@ -163,20 +156,3 @@ def _attn_bwd_dq_kernel(
     tl.store(DQ_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + cols[None, :],
              dq.to(DQ_ptr.dtype.element_ty), mask=rmask[:, None])
 
-
-@triton.jit
-def _attn_dq_finish_kernel(DQACC_ptr, DQ_ptr, C_ptr, S_ptr, stride_gb, stride_gh, stride_gt, n_heads, seq_len, sm_scale,
-                           ROPE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-    # dq = RoPE's transpose of the summed dq' times the softmax scale, cast: one pass over the fp32 buffer.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
-    b = (bh // n_heads).to(tl.int64)
-    h = (bh % n_heads).to(tl.int64)
-    cols = tl.arange(0, HEAD_DIM)
-    rmask = (offs_m < seq_len)[:, None]
-    dq = tl.load(DQACC_ptr + bh.to(tl.int64) * seq_len * HEAD_DIM + offs_m[:, None] * HEAD_DIM + cols[None, :],
-                 mask=rmask, other=0.0) * sm_scale
-    if ROPE:
-        dq = _unrope(dq, offs_m, cols, seq_len, C_ptr, S_ptr, BLOCK_M, HEAD_DIM)
-    tl.store(DQ_ptr + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gt + cols[None, :],
-             dq.to(DQ_ptr.dtype.element_ty), mask=rmask)

@@ -231,6 +231,17 @@ def test_scaling_law_bootstrap_is_seeded_and_covers_the_truth():
         assert lo < hi and lo <= LAW[k] * 1.01 and hi >= LAW[k] * 0.99, (k, a.ci[k])
 
 
+def test_scaling_law_flags_an_exponent_its_data_do_not_fix():
+    """results/windtunnel/wsd_prose: at lr 0.01 the largest size stalled (worse than the middle one at
+    30M tokens), and alpha went to its bound 5 with N_opt's interval below zero."""
+    N = np.repeat([2950272, 7407872, 21238272], 4)
+    D = np.tile([4169728, 8339456, 16678912, 29999104], 3)
+    loss = [4.491, 4.214, 4.018, 3.821, 4.353, 4.140, 3.915, 3.770, 4.322, 4.080, 3.933, 3.953]
+    bad = fits.fit_scaling_law(pd.DataFrame({"N": N, "D": D, "loss": loss}))
+    assert "alpha" in bad.at_bound and json.loads(json.dumps(bad.to_dict()))["at_bound"] == list(bad.at_bound)
+    assert fits.fit_scaling_law(nd_grid()).at_bound == ()
+
+
 # ----------------------------------------------------------------------------- wsd
 
 

@@ -18,7 +18,6 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import windtunnel.kernels as K  # noqa: E402  (after TRITON_INTERPRET)
 from windtunnel.kernels import linear_cross_entropy as lce_mod
-from windtunnel.kernels import attention as attention_mod
 from windtunnel.kernels.attention import apply_rope, rope_cos_sin
 
 INTERPRETED = K.interpret_requested() and K.triton_interpreted()
@@ -143,9 +142,7 @@ def test_embedding_ids_outside_the_table_touch_nothing(ops, impl):
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("seq_len", [1, 17, 100])
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("fused_dq", [False, True])
-def test_attention(ops, head_dim, seq_len, rope, fused_dq, monkeypatch):
-    monkeypatch.setattr(attention_mod, "FUSE_DQ", fused_dq)  # dq by atomics from the dk/dv kernel, or its own kernel
+def test_attention(ops, head_dim, seq_len, rope):
     torch.manual_seed(head_dim * 1000 + seq_len * 2 + rope)
     B, H = (2, 1) if head_dim == 128 else (1, 2)
     q, k, v = (_leaf(B, H, seq_len, head_dim) for _ in range(3))
@@ -164,9 +161,7 @@ def test_attention_strided_inputs(ops):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("fused_dq", [False, True])
-def test_attention_qkv(ops, rope, fused_dq, monkeypatch):
-    monkeypatch.setattr(attention_mod, "FUSE_DQ", fused_dq)
+def test_attention_qkv(ops, rope):
     """The model's layout: one (B, T, 3, H, D) projection in, (B, T, H, D) out, ragged T."""
     torch.manual_seed(5 + rope)
     qkv = _leaf(2, 37, 3, 2, 32)

@@ -11,7 +11,6 @@ import torch
 
 import windtunnel.kernels as K
 from windtunnel.kernels import linear_cross_entropy as lce_mod
-from windtunnel.kernels import attention as attention_mod
 from windtunnel.kernels.attention import rope_cos_sin
 
 pytestmark = [pytest.mark.gpu, pytest.mark.kernels,
@@ -107,9 +106,7 @@ def test_swiglu(ops, dtype):
 @pytest.mark.parametrize("head_dim", [32, 64, 128])
 @pytest.mark.parametrize("seq_len", [1, 100, 512, 1000])
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("fused_dq", [False, True])
-def test_attention(ops, head_dim, seq_len, rope, fused_dq, monkeypatch):
-    monkeypatch.setattr(attention_mod, "FUSE_DQ", fused_dq)  # dq by atomics from the dk/dv kernel, or its own kernel
+def test_attention(ops, head_dim, seq_len, rope):
     q, k, v = (_leaf((2, 3, seq_len, head_dim), torch.bfloat16) for _ in range(3))
     cs = rope_cos_sin(seq_len, head_dim, device="cuda") if rope else (None, None)
     _compare(f"attention D={head_dim} T={seq_len} rope={rope}", ops.attention, K.TORCH_OPS.attention,
@@ -123,9 +120,7 @@ def test_attention_fp16(ops):
 
 
 @pytest.mark.parametrize("rope", [False, True])
-@pytest.mark.parametrize("fused_dq", [False, True])
-def test_attention_qkv(ops, rope, fused_dq, monkeypatch):
-    monkeypatch.setattr(attention_mod, "FUSE_DQ", fused_dq)
+def test_attention_qkv(ops, rope):
     """The model's layout (B, T, 3, H, D) -> (B, T, H, D), ragged T; NaN-poisoned outputs."""
     qkv = _leaf((4, 300, 3, 2, 64), torch.bfloat16)
     cs = rope_cos_sin(300, 64, device="cuda") if rope else (None, None)

@@ -285,6 +285,25 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
     r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
             "--horizon-law", law, "--out", tmp_path / "o2")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--horizon-law" in r.stderr and "'b'" in r.stderr
+    law.write_text(json.dumps({"scaling_law": {"E": 1.5, "A": 1e31, "B": 16.5, "alpha": 5.0, "beta": 0.12,
+                                               "at_bound": ["alpha"]}}))  # what `fit wsd --json` wrote for wsd_prose
+    with pytest.raises(ConfigError, match="alpha on its bound"):
+        transfer.load_law(str(law), "scaling-law")
+
+
+def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
+    """--lr-batch-scaling: none keeps the lr, sqrt is exponent 1/2, a number is a measured exponent
+    (lr_validate_check: lr* rose ×1.39 for 4× the batch); anything else is a one-line error."""
+    winner, target = transfer.load_winner(str(best)), load_target("tiny-cpu")
+    w = winner.trial
+    proxy_tokens = w.train.batch_size * w.model.seq_len
+    lr = {s: transfer.plan(winner, target, transfer.Laws(batch_size=4 * proxy_tokens, tokens=400_000,
+                                                         lr_batch_scaling=s)).trial.optim.lr
+          for s in ("none", "sqrt", "0.25")}
+    assert lr["sqrt"] == pytest.approx(2 * lr["none"]) and lr["0.25"] == pytest.approx(math.sqrt(2) * lr["none"])
+    for bad in ("1.5", "fast"):
+        with pytest.raises(ConfigError, match="--lr-batch-scaling: must be none, sqrt or an exponent"):
+            transfer.Laws(batch_size=2048, lr_batch_scaling=bad)
 
 
 def test_times_read_in_units_a_person_reads():

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from windtunnel import results
 from windtunnel.config.trial import TrialConfig, trial_from_dict
 from windtunnel.errors import ConfigError
 
-LR_BATCH_SCALINGS = ("none", "sqrt")
+LR_BATCH_SCALINGS = {"none": 0.0, "sqrt": 0.5}  # names for the exponent of lr ∝ batch^beta
 
 
 @dataclass
@@ -89,6 +89,9 @@ def load_law(path: str, kind: str) -> dict:
         v = d.get(k)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ConfigError(f"{opt}: {path}: key {k!r} must be a finite number (got {v!r})")
+    if d.get("at_bound"):  # an exponent on its box's edge: the budget it would set is not measured
+        raise ConfigError(f"{opt}: {path}: {', '.join(d['at_bound'])} on its bound, so the fit does not determine the "
+                          "token budget; fix the runs it came from or give --tokens")
     return {**d, "source": str(p)}
 
 
@@ -107,7 +110,10 @@ class Laws:
     tokens: int | None = None
     tokens_per_param: float | None = None
     lr_batch_scaling: str = "none"
-    """none (MiniCPM: μP's lr is kept) or sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch))."""
+    """none (MiniCPM: μP's lr is kept), sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch)) or a measured
+    exponent beta in [0, 1]: lr × (batch / proxy batch)^beta (docs/laws.md: lr_validate_check)."""
+    lr_batch_exponent: float = field(init=False, default=0.0)
+    """beta of lr_batch_scaling as a number."""
     horizon_law: dict | None = None
     """lr*(T) = a · T^-b (`windtunnel fit horizon --json`): the lr × (D / proxy tokens)^-b; None: off."""
 
@@ -120,6 +126,13 @@ class Laws:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{opt}: must be a finite number > 0 (got {v})")
-        if self.lr_batch_scaling not in LR_BATCH_SCALINGS:
-            raise ConfigError(f"--lr-batch-scaling: must be one of {', '.join(LR_BATCH_SCALINGS)} "
+        beta = LR_BATCH_SCALINGS.get(str(self.lr_batch_scaling))
+        if beta is None:
+            try:
+                beta = float(self.lr_batch_scaling)
+            except ValueError:
+                beta = math.nan
+        if not 0.0 <= beta <= 1.0:
+            raise ConfigError(f"--lr-batch-scaling: must be {', '.join(LR_BATCH_SCALINGS)} or an exponent from 0 to 1 "
                               f"(got {self.lr_batch_scaling!r})")
+        self.lr_batch_exponent = beta

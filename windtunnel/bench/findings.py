@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import yaml
 
 SEARCHES = ("mup_hp", "mup_hp_tpe400", "mup_hp_gp400")
 
@@ -51,6 +52,22 @@ def collect(results: Path) -> dict:
         trust["horizon"] = {"lr_exponent_b": h["b"], "b_ci": h["ci"]["b"], "r2": h["r2"],
                             "init_std_exponent_d": h.get("d"), "d_ci": h["ci"].get("d"),
                             "tokens": [p["tokens"] for p in h["points"]]}
+    checks = {b: results / f"lr_validate_check{suffix}" / "lr_fit.json" for b, suffix in ((16, ""), (64, "_b64"))}
+    if all(f.is_file() for f in checks.values()):
+        opt = {b: json.loads(f.read_text())["optima"][0] for b, f in checks.items()}
+        trust["lr_check"] = {"lr_opt": {b: o["lr_opt"] for b, o in opt.items()},
+                             "ci": {b: o["lr_opt_ci"] for b, o in opt.items()},
+                             "transferred_lr": yaml.safe_load((results / "validate_0.5b" / "train.yaml").read_text())["optim"]["lr"]}
+    wsd = results / "wsd_prose" / "wsd_fit.json"
+    if wsd.is_file():
+        fit = json.loads(wsd.read_text())
+        pts = pd.DataFrame(fit["points"]).sort_values(["D", "N"])
+        # token counts where a larger model is not better: the sizes were not trained alike
+        worse = sorted(float(D) for D, g in pts.groupby("D") if (g["loss"].diff().dropna() > 0).any())
+        trust["wsd_prose"] = {**{k: fit["scaling_law"].get(k) for k in ("alpha", "beta", "tokens_per_param", "at_bound",
+                                                                          "ci", "n_points")},
+                              "lr": yaml.safe_load((wsd.parent / "best.yaml").read_text())["trial"]["optim"]["lr"],
+                              "larger_not_better_at": worse}
     v = results / "validate_0.5b" / "validate.json"
     if v.is_file():
         trust["validate"] = {k: val for k, val in json.loads(v.read_text()).items() if k != "runs"}
@@ -87,6 +104,24 @@ def table(t: dict) -> str:
         rows.append(f"| optimal lr vs training tokens, lr* ∝ T^-b ({h['tokens'][0]:.0e}–{h['tokens'][-1]:.0e} tokens) | "
                     f"b = {h['lr_exponent_b']:.3f} {ci(h['b_ci'])}, r² {h['r2']:.2f}; init_std* ∝ T^-{h['init_std_exponent_d']:.2f} | "
                     "whether the power law holds to 10^11 tokens (16× span, python-stdlib corpus repeated past 7M tokens) |")
+    c = t.get("lr_check")
+    if c:
+        lo, hi = (c["lr_opt"][k] for k in sorted(c["lr_opt"], key=int))
+        (b_lo, ci_lo), (b_hi, ci_hi) = sorted(((int(k), v) for k, v in c["ci"].items()))
+        rows.append(f"| the proxy's optimal lr at the validation's data (prose), horizon (30M tokens) and batch | "
+                    f"batch {b_lo}: {lo:.2e} [{ci_lo[0]:.2e}, {ci_lo[1]:.2e}]; batch {b_hi}: {hi:.2e} [{ci_hi[0]:.2e}, "
+                    f"{ci_hi[1]:.2e}], ×{hi / lo:.2f} for {b_hi // b_lo}× the batch; the lr transferred to the validation: "
+                    f"{c['transferred_lr']:.2e} | whether data or horizon undoes the horizon law here (no prose run at 2M); "
+                    "the batch factor at other sizes and horizons; 2 seeds an lr |")
+    w = t.get("wsd_prose")
+    if w:
+        est = (f"NOT DETERMINED: {', '.join(w['at_bound'])} on its bound" if w["at_bound"] else
+               f"alpha {w['alpha']:.2f} {ci(w['ci']['alpha'])}, beta {w['beta']:.2f} {ci(w['ci']['beta'])}, "
+               f"{w['tokens_per_param']:.0f} tokens per parameter")
+        worse = ", ".join(f"{D:.2g}" for D in w["larger_not_better_at"])
+        note = f"; at {worse} tokens a larger model is not better" if worse else ""
+        rows.append(f"| data-model scaling law from WSD branches on prose ({w['n_points']} branches, lr {w['lr']:.2g}) | "
+                    f"{est}{note} | sizes beyond the largest branch's; an untuned lr per size |")
     v = t.get("validate")
     if v:
         done = [r for r in v["table"] if r["n"]]

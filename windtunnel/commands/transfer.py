@@ -37,8 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens-per-param", type=float, metavar="R", help="token budget = R × parameters")
     p.add_argument("--horizon-law", metavar="FILE.json",
                    help="`windtunnel fit horizon --json` output: lr × (D / proxy tokens)^-b (default: off)")
-    p.add_argument("--lr-batch-scaling", default="none", choices=("none", "sqrt"),
-                   help="none: keep μP's lr (MiniCPM, default); sqrt: × sqrt(batch / proxy batch) (PanGu-π Pro)")
+    p.add_argument("--lr-batch-scaling", default="none", metavar="none|sqrt|BETA",
+                   help="none: keep μP's lr (MiniCPM, default); sqrt: × sqrt(batch / proxy batch) (PanGu-π Pro); "
+                        "BETA in [0, 1]: × (batch / proxy batch)^BETA (a measured exponent: docs/laws.md)")
 
 
 def run(args) -> int:

@@ -145,6 +145,8 @@ class ScalingLawFit:
     """Final Huber objective (sum over points, divided by delta^2)."""
     ci: dict[str, tuple[float, float]] | None = None
     """95% percentile bootstrap intervals (resampling rows), when asked for."""
+    at_bound: tuple[str, ...] = ()
+    """Exponents the fit left on their box's edge: the data do not determine them, nor N_opt, D_opt."""
 
     def predict(self, N, D):
         return predict_loss(self, N, D)
@@ -155,7 +157,7 @@ class ScalingLawFit:
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("E", "A", "B", "alpha", "beta", "N_opt", "D_opt", "tokens_per_param",
-                                           "compute", "n_points")}
+                                           "compute", "n_points", "at_bound")}
         if self.ci is not None:
             d["ci"] = {k: list(v) for k, v in self.ci.items()}
         return jsonable(d)
@@ -221,7 +223,8 @@ def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int
         # each row is a unit, one stratum: the rows' (N, D) design is resampled with the noise
         boot = resample([[np.array([i]) for i in range(len(logL))]], refit, n=bootstrap, seed=seed, level=LEVEL)
         ci = {k: v if v is not None else (float("nan"),) * 2 for k, v in boot.intervals.items()}
-    return ScalingLawFit(**law, compute=float(compute), n_points=len(logL), objective=fval, ci=ci)
+    edges = [name for name, v, (lo, hi) in zip(_PARAMS[3:], theta[3:], _BOUNDS[3:]) if min(v - lo, hi - v) < 1e-6]
+    return ScalingLawFit(**law, compute=float(compute), n_points=len(logL), objective=fval, ci=ci, at_bound=tuple(edges))
 
 
 # --------------------------------------------------------------------------- WSD branches

@@ -183,7 +183,7 @@ case $stage in
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab|abenv)  # one process per measurement, the two sides in turn, twice: the GPU's drift hits both.
     # ab OLD D:K..: an older tree (OLD holds its windtunnel/ and kernels/) against this one;
-    # abenv VAR=A,B D:K..: this tree with VAR=A, then VAR=B (e.g. WINDTUNNEL_ATTN_FUSED_DQ=0,1)
+    # abenv VAR=A,B D:K..: this tree with VAR=A, then VAR=B (an env switch read at import)
     spec=$1; shift
     if [ "$stage" = ab ]; then
       rm -rf /tmp/ab-old && mkdir -p /tmp/ab-old && cp -r "$spec/windtunnel" /tmp/ab-old/ && cp -r "$spec/kernels" /tmp/ab-old/windtunnel/kernels
