@@ -216,6 +216,15 @@ class Population:
         self.live = [self.live[i] for i in keep]
         self.graph, self.eager_steps = None, 0
 
+    def release(self) -> None:
+        """Free the CUDA graph's private pool and the gradients now, not when this process exits:
+        the next bundle's worker may already wait for this GPU's memory (worker._free_device_memory)."""
+        if self.graph is not None:
+            self.graph[0].reset()
+        self.graph = None
+        for p in self.model.parameters():
+            p.grad = None
+
     def _remove(self, trials: dict[int, tuple[str, str]]) -> None:
         """Trials that diverged or were pruned leave the stack: {trial: (status, reason)}."""
         for k, (status, reason) in trials.items():

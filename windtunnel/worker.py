@@ -66,6 +66,7 @@ def run_bundle(payload: dict) -> list[dict]:
     else:
         pop = Population(cfgs)
         results, device = pop.run(on_eval=on_eval), pop.device
+        pop.release()
     # what the loss depends on beyond the config: a CPU's thread count and the stack's size set
     # the order of float sums (`windtunnel trial --config best.yaml` reads them back)
     prov = {**provenance(device), "threads": torch.get_num_threads(), "population": stacked}

@@ -178,7 +178,8 @@ case $stage in
   join)  # wait up to N s (default 540) for the `bg` stage, then bring back its $OUT and log as one tarball
     pid=$(cat /tmp/bg.pid); timeout "${1:-540}" tail --pid="$pid" -f /dev/null || true  # no pgrep: it matches itself
     if kill -0 "$pid" 2>/dev/null; then echo "still running: join again"; else echo "finished"; fi
-    tail -5 /tmp/bg/bg.log; tar czf "$OUT/bg.tgz" -C /tmp bg "${@:2}" ;;
+    # not checkpoints: a sweep's bundles keep theirs, and one tarball over the size limit brings back nothing
+    tail -5 /tmp/bg/bg.log; tar czf "$OUT/bg.tgz" --exclude='*.pt' --exclude='*.safetensors' -C /tmp bg "${@:2}" ;;
   py)
     python3 "$@" 2>&1 | tee "$OUT/py.log" ;;
   ab|abenv)  # one process per measurement, the two sides in turn, twice: the GPU's drift hits both.
