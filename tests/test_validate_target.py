@@ -64,3 +64,22 @@ def test_met_within_one_pooled_seed_sd_of_the_best_missed_beyond(tmp_path, offse
     assert s["seed_sd"] == pytest.approx(0.01 / math.sqrt(2))
     assert s["best"] == "lr x1/sqrt2" and s["transferred_minus_best"] == pytest.approx(offset)
     assert s["verdict"] == verdict
+
+
+def test_the_targets_optimal_lr_is_read_from_the_lr_runs_as_a_factor_of_the_transferred(tmp_path):
+    """A loss parabolic in log2(lr) with its bottom at ×2 the transferred lr; the init_std and MiniCPM
+    runs are not lr runs and sit far off the parabola (they would pull the optimum if counted)."""
+    factors = {name: f for name, f, g, absolute in vt.CONFIGS if g == 1 and not absolute}
+
+    def loss(name, seed):
+        if name not in factors:
+            return 2.0
+        return 3.0 + 0.1 * (math.log2(factors[name]) - 1.0) ** 2 + 0.002 * seed
+
+    _all_runs(tmp_path, loss)
+    s = vt.summarize(tmp_path)
+    o = s["lr_optimum"]
+    assert o["factor"] == pytest.approx(2.0, rel=0.02) and o["lr_opt"] == pytest.approx(0.004, rel=0.02)
+    assert o["runs"] == 2 * len(factors) and not o["at_edge"]
+    assert o["factor_ci"][0] <= 2.0 <= o["factor_ci"][1]
+    assert "×2.00" in (tmp_path / "report.md").read_text()

@@ -129,6 +129,10 @@ def table(t: dict) -> str:
         gap = v["transferred_minus_best"]
         gap = f"transferred − best {gap:+.3f}" if gap is not None else "transferred not run yet"
         one_seed = "one seed each, so no interval yet; " if all(r["n"] == 1 for r in done) else ""
+        o = v.get("lr_optimum")
+        if o:
+            iv = f" {ci(o['factor_ci'])}" if o["factor_ci"] else ""
+            gap += f"; the target's optimal lr ×{o['factor']:.2f}{iv} the transferred"
         rows.append(f"| transferred config at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
                     f"({v['runs_done']} of {v['runs_planned']} runs) | {losses}; {gap}: {one_seed}{v['verdict']} "
                     "(goal: within one seed-sd of the best) | the configurations and seeds not yet run; longer horizons |")

@@ -136,9 +136,10 @@ def summarize(out: Path) -> dict:
                    + ("" if pooled else ", no configuration has 2 seeds yet (no seed-sd)"))
     else:
         verdict = "MET" if gap <= seed_sd else "MISSED"
+    lr_opt = lr_optimum(rows, base["optim"]["lr"]) if base else None
     summary = {"runs_done": len(rows), "runs_planned": n_planned, "seed_sd": seed_sd, "best": best and best["config"],
                "transferred_minus_best": gap, "goal": "transferred mean within one seed-sd of the best mean",
-               "verdict": verdict, "table": table, "runs": rows}
+               "verdict": verdict, "lr_optimum": lr_opt, "table": table, "runs": rows}
     write_json(out / "validate.json", _json_safe(summary))
     lines = ["| config | seeds | mean val loss | sd | 95% interval |", "|---|---|---|---|---|"]
     for t in table:
@@ -149,12 +150,36 @@ def summarize(out: Path) -> dict:
     head = (f"# Validation at the target's scale\n\n{len(rows)} of {n_planned} runs done. Best so far: "
             f"{best and best['config']}; transferred − best = {gap:.4f} nats; pooled seed-sd {seed_sd:.4f}. "
             f"Goal ({summary['goal']}): **{verdict}**.\n\n")
+    if lr_opt:
+        iv = (f" [{lr_opt['factor_ci'][0]:.2f}, {lr_opt['factor_ci'][1]:.2f}]" if lr_opt["factor_ci"]
+              else " (one seed an lr: no interval)")
+        head += (f"The target's optimal lr, a parabola over the lr runs' mean losses (as `fit lr-transfer`): "
+                 f"{lr_opt['lr_opt']:.3g}, **×{lr_opt['factor']:.2f}**{iv} the transferred"
+                 f"{' (on the grid’s edge: a bound)' if lr_opt['at_edge'] else ''}.\n\n")
     write_text(out / "report.md", head + "\n".join(lines) + "\n")
     import pandas as pd
     write_atomically(out / "validate.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
     if rows:
         plot(out, rows, cfg["transfer"]["optim"]["lr"])
     return summary
+
+
+def lr_optimum(rows: list[dict], lr0: float) -> dict | None:
+    """The target's optimal lr from the runs that change only the lr (the transferred and lr ×f ones):
+    the parabola and the bootstrap over seeds of `fit lr-transfer`, as a factor of the transferred lr.
+    A diverged run is left out (a loss of +inf has no parabola)."""
+    import pandas as pd
+
+    from windtunnel import fits
+
+    runs = [r for r in rows if (r["config"] == "transferred" or r["config"].startswith("lr ")) and not r["diverged"]]
+    if len({r["lr"] for r in runs}) < 3:
+        return None
+    df = pd.DataFrame({"parametrization": "mup", "width": 1.0, "lr": [r["lr"] for r in runs],
+                       "loss": [r["val_loss"] for r in runs], "seed": [r["seed"] for r in runs]})
+    o = fits.fit_lr_transfer(df).optima[0]
+    ci = [v / lr0 for v in o.lr_opt_ci] if o.lr_opt_ci else None
+    return {"lr_opt": o.lr_opt, "factor": o.lr_opt / lr0, "factor_ci": ci, "at_edge": o.at_edge, "runs": len(runs)}
 
 
 def plot(out: Path, rows: list[dict], lr0: float) -> Path:
