@@ -93,6 +93,27 @@ def test_e2e_on_cpu(tmp_path):
     assert "| optuna-tpe | 2 processes" in (out / "e2e.md").read_text()
 
 
+def test_e2e_gives_windtunnel_the_optuna_loops_time(tmp_path):
+    """windtunnel-time: the sweep asked for far more trials than the loop ran, stopped at the loop's
+    wall time (plus the stop's grace), what finished by then counted; out of order it is refused."""
+    out = tmp_path / "out"
+    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.vocab_size=0",
+            "data.tokenizer=byte", "data.max_bytes=300000", "train.tokens=4096", "train.eval_every=2048",
+            "train.batch_size=4", "train.eval_tokens=256", "train.device=cpu", "population.size=3",
+            "sampler.n_startup_trials=2"]
+    cmd = [sys.executable, "-m", "windtunnel.bench.e2e", "--trials", "3", "--procs", "2", "--no-compile", "--out", str(out)]
+    r = subprocess.run([*cmd, "--sides", "windtunnel-time,optuna-tpe", *tiny], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "optuna-tpe must come before it" in r.stderr
+    r = subprocess.run([*cmd, "--sides", "optuna-tpe,windtunnel-time", *tiny], capture_output=True, text=True,
+                       timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    peer, mine = json.loads((out / "e2e.json").read_text())
+    assert mine["side"] == "windtunnel-time" and mine["asked"] is None and "given the Optuna loop's" in mine["note"]
+    assert mine["gpu_minutes"] * 60 <= peer["gpu_minutes"] * 60 + 35  # stopped at the loop's time (+ 30 s grace)
+    assert mine["complete"] + mine["pruned"] < 3 * 8  # stopped, not run to its trial count
+    assert "| windtunnel-time |" in (out / "e2e.md").read_text() and "| — |" in (out / "e2e.md").read_text()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_peer_rows_on_a_gpu():

@@ -12,6 +12,8 @@ what a user would run without it, each for the same number of trials on one GPU.
   asking and telling through one Optuna journal file: the Ray Tune pattern (fractional GPUs, an
   actor reused trial after trial) without Ray. Like Tune's OptunaSearch it prunes nothing, and
   it evaluates once, at the end of each trial, on the same validation windows.
+- `windtunnel-time` (after optuna-tpe in --sides): `windtunnel sweep` given the Optuna loop's wall
+  time instead of a trial count, then stopped: which side finds the better loss at equal cost.
 
 KEY=VALUE overrides go to both sides (for instance train.tokens=2000000). A side's GPU-minutes is
 its wall time from launch to its last process's exit, start-up and compilation included.
@@ -37,6 +39,9 @@ from windtunnel.bench import write_results
 from windtunnel.config.trial import with_overrides
 
 STUDY = "peer"
+SIDES = ("windtunnel", "optuna-tpe", "windtunnel-time")
+# windtunnel-time asks this many times --trials and stops at the Optuna loop's wall time
+TIME_SIDE_TRIALS = 8
 
 
 def _peer_storage(journal: Path) -> JournalStorage:
@@ -139,16 +144,19 @@ def run_peer(args, overrides: list[str], where: Path) -> dict:
     return summary("optuna-tpe", how, trials, args.trials, seconds, launched, whole)
 
 
-def run_windtunnel(args, overrides: list[str], where: Path) -> dict:
+def run_windtunnel(args, overrides: list[str], where: Path, budget_s: float | None = None) -> dict:
+    """`windtunnel sweep` for args.trials trials; with budget_s (windtunnel-time), as many as finish
+    in that many seconds, stopped then: a bundle still training counts for nothing."""
     from windtunnel.search import open_storage
 
     shutil.rmtree(where, ignore_errors=True)
     name = "e2e"
+    n_trials = args.trials if budget_s is None else TIME_SIDE_TRIALS * args.trials
     launched = time.time()
     proc = subprocess.Popen([sys.executable, "-P", "-m", "windtunnel.cli", "sweep", args.sweep, "-q",
-                             f"n_trials={args.trials}", f"results_dir={where}", f"name={name}",
+                             f"n_trials={n_trials}", f"results_dir={where}", f"name={name}",
                              "tracking.enabled=false", *overrides])
-    whole = _run([proc], args.timeout) and proc.returncode == 0
+    whole = _run([proc], args.timeout if budget_s is None else budget_s) and proc.returncode == 0
     seconds = time.time() - launched
     journal = where / name / "study.journal"
     trials = optuna.load_study(study_name=name, storage=open_storage(str(journal))).get_trials(deepcopy=False) \
@@ -158,8 +166,10 @@ def run_windtunnel(args, overrides: list[str], where: Path) -> dict:
         if "bundle" in t.user_attrs:
             bundles[t.user_attrs["bundle"]] = bundles.get(t.user_attrs["bundle"], 0) + 1
     how = f"`windtunnel sweep {args.sweep}`, local executor, population trainer (K ≤ {max(bundles.values(), default=0)})"
-    row = summary("windtunnel", how, trials, args.trials, seconds, launched, whole)
-    if not whole and proc.returncode not in (0, None, -signal.SIGTERM):
+    row = summary("windtunnel" if budget_s is None else "windtunnel-time", how, trials, n_trials, seconds, launched, whole)
+    if budget_s is not None:
+        row["note"], row["asked"] = f"given the Optuna loop's {budget_s:.0f} s, then stopped", None
+    elif not whole and proc.returncode not in (0, None, -signal.SIGTERM):
         row["note"] = f"the sweep exited {proc.returncode}"
     return row
 
@@ -170,7 +180,7 @@ def table(rows: list[dict]) -> str:
              "| first result after (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         how = r["how"] + (f" ({r['note']})" if r["note"] else "")
-        lines.append(f"| {r['side']} | {how} | {r['asked']} | {r['complete']} | {r['pruned']} | {r['failed']} | "
+        lines.append(f"| {r['side']} | {how} | {fmt(r['asked'], 'd')} | {r['complete']} | {r['pruned']} | {r['failed']} | "
                      f"{fmt(r['best_loss'], '.4f')} | {fmt(r['gpu_minutes'], '.2f')} | "
                      f"{fmt(r['trials_per_gpu_hour'], ',.0f')} | {fmt(r['first_result_s'], '.0f')} |")
     return "\n".join(lines)
@@ -183,7 +193,9 @@ def main(argv=None) -> int:
     p.add_argument("--procs", type=int, default=4, help="the Optuna loop's processes sharing the GPU")
     p.add_argument("--sweep", default="mup_hp", help="the sweep file whose space both sides search")
     p.add_argument("--data", help="data.source for both sides (prepared shards)")
-    p.add_argument("--sides", default="windtunnel,optuna-tpe", help="comma list of windtunnel, optuna-tpe")
+    p.add_argument("--sides", default="windtunnel,optuna-tpe",
+                   help="comma list of windtunnel, optuna-tpe, windtunnel-time (the sweep given the Optuna loop's "
+                        "wall time: which finds the better loss at equal cost; after optuna-tpe)")
     p.add_argument("--timeout", type=float, default=600, help="seconds each side may run; what finished is reported")
     p.add_argument("--no-compile", action="store_true", help="the Optuna loop's trials eager (a CPU check)")
     p.add_argument("--out", help="folder for e2e.json, e2e.md and each side's study")
@@ -196,16 +208,22 @@ def main(argv=None) -> int:
     if args.trials < 1 or args.procs < 1:
         p.error("--trials and --procs: must be >= 1")
     sides = [s for s in args.sides.split(",") if s]
-    if not sides or set(sides) - {"windtunnel", "optuna-tpe"}:
-        p.error(f"--sides: {args.sides!r}; allowed: a comma list of windtunnel, optuna-tpe")
+    if not sides or set(sides) - set(SIDES):
+        p.error(f"--sides: {args.sides!r}; allowed: a comma list of {', '.join(SIDES)}")
+    if "windtunnel-time" in sides and "optuna-tpe" not in sides[:sides.index("windtunnel-time")]:
+        p.error("--sides: windtunnel-time takes the Optuna loop's wall time, so optuna-tpe must come before it")
     overrides = [*([f"data.source={args.data}"] if args.data else []), *args.overrides]
     if args.worker is not None:
         return worker(args.worker, Path(args.journal), args.trials, not args.no_compile, args.sweep, overrides)
     out = Path(args.out or "e2e-out")
     rows = []
     for side in sides:
-        run = run_windtunnel if side == "windtunnel" else run_peer
-        rows.append(run(args, overrides, out / "e2e-runs" / side))
+        where = out / "e2e-runs" / side
+        if side == "optuna-tpe":
+            rows.append(run_peer(args, overrides, where))
+        else:  # windtunnel-time: the Optuna loop's GPU time, the same search at equal cost
+            peer = next((r for r in rows if r["side"] == "optuna-tpe"), None)
+            rows.append(run_windtunnel(args, overrides, where, peer["gpu_minutes"] * 60 if side != "windtunnel" else None))
         print(json.dumps(rows[-1]), flush=True)
         write_results(out, "e2e", rows, "# One search end to end: windtunnel against an Optuna loop (one GPU)\n\n"
                       f"Command: `python -m windtunnel.bench.e2e {' '.join(argv if argv is not None else sys.argv[1:])}`"

@@ -65,11 +65,13 @@ case $stage in
     python3 -m windtunnel.bench.step_budget "$OUT/profile_k32.log" --k 32 --goal 300 --population "$OUT/population.json" \
       --device "$gpu" --md "$OUT/step_budget.md" --out "$OUT/step_budget.png" 2>&1 | tee -a "$OUT/population.log" || true ;;
   e2e)  # N (default 64) trials of mup_hp's space, 2M tokens each: `windtunnel sweep`, then an Optuna TPE loop of
-    # WT_PROCS (4) processes, one compiled nanoGPT-style trial each at a time; each side stops itself after
+    # WT_PROCS (4) processes, one compiled nanoGPT-style trial each at a time (WT_E2E_SIDES=optuna-tpe,windtunnel-time:
+    # the sweep given the loop's wall time instead of N trials); each side stops itself after
     # WT_SIDE_SECONDS (150; then up to 30 s to stop) and reports what finished. ~3-4 min on an H100 at N = 64.
     n=${1:-64}; [ $# -gt 0 ] && shift
     rm -rf /tmp/e2e && mkdir -p /tmp/e2e  # the sides' studies and bundles stay here; $OUT gets the table and a tarball
     python3 -m windtunnel.bench.e2e --trials "$n" --procs "${WT_PROCS:-4}" --data "$PWD/.cache/stdlib-bpe16k" \
+      --sides "${WT_E2E_SIDES:-windtunnel,optuna-tpe}" \
       --timeout "${WT_SIDE_SECONDS:-150}" --out /tmp/e2e train.tokens=2000000 train.eval_every=500000 "$@" 2>&1 \
       | tee "$OUT/e2e.log" || true
     cp /tmp/e2e/e2e.md /tmp/e2e/e2e.json "$OUT/" || true
