@@ -301,6 +301,8 @@ def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
                                                          lr_batch_scaling=s)).trial.optim.lr
           for s in ("none", "sqrt", "0.25")}
     assert lr["sqrt"] == pytest.approx(2 * lr["none"]) and lr["0.25"] == pytest.approx(math.sqrt(2) * lr["none"])
+    plan = transfer.plan(winner, target, transfer.Laws(batch_size=4 * proxy_tokens, tokens=400_000, lr_batch_scaling="0.25"))
+    assert plan.value("lr batch factor") == pytest.approx(math.sqrt(2))
     for bad in ("1.5", "fast"):
         with pytest.raises(ConfigError, match="--lr-batch-scaling: must be none, sqrt or an exponent"):
             transfer.Laws(batch_size=2048, lr_batch_scaling=bad)

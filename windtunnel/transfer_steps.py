@@ -266,9 +266,12 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
                      d.from_winner)
     beta, opt = laws.lr_batch_exponent, f"--lr-batch-scaling {laws.lr_batch_scaling}"
     if beta == 0:
-        return d.row("optim.lr", lr, "base lr, kept (MiniCPM: μP's lr does not follow the batch)", opt)
-    how = "sqrt(batch tokens / proxy batch tokens) (PanGu-π Pro)" if beta == 0.5 else f"(batch tokens / proxy batch tokens)^{beta:g}"
-    return d.row("optim.lr", lr * (batch_tokens / proxy_bs) ** beta, f"base lr × {how}", opt)
+        f = d.row("lr batch factor", 1.0, "1: kept (MiniCPM: μP's lr does not follow the batch)", opt)
+    else:
+        how = "sqrt(batch tokens / proxy batch tokens) (PanGu-π Pro)" if beta == 0.5 else \
+            f"(batch tokens / proxy batch tokens)^{beta:g}"
+        f = d.row("lr batch factor", (batch_tokens / proxy_bs) ** beta, how, opt)
+    return d.row("optim.lr", lr * f, "base lr × lr batch factor", "above")
 
 
 def wsd_schedule(d: Derivation, laws: Laws, D: int, batch_tokens: int) -> tuple[int, dict]:
