@@ -69,16 +69,19 @@ def test_peers_flags_are_one_line(tmp_path):
     assert r.returncode == 2 and "--peers: ray unknown; allowed: hf_llama, nanogpt" in r.stderr
 
 
+# three-trial searches of mup_hp's space on the CPU, for both sides of windtunnel.bench.e2e
+E2E_TINY = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.vocab_size=0",
+            "data.tokenizer=byte", "data.max_bytes=300000", "train.tokens=4096", "train.eval_every=2048",
+            "train.batch_size=4", "train.eval_tokens=256", "train.device=cpu", "population.size=3",
+            "sampler.n_startup_trials=2"]
+
+
 def test_e2e_on_cpu(tmp_path):
     """Three tiny trials of mup_hp's space on each side: every one finished, a best loss each, and
     the Optuna loop's two processes asked exactly three trials between them."""
     out = tmp_path / "out"
-    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.vocab_size=0",
-            "data.tokenizer=byte", "data.max_bytes=300000", "train.tokens=4096", "train.eval_every=2048",
-            "train.batch_size=4", "train.eval_tokens=256", "train.device=cpu", "population.size=3",
-            "sampler.n_startup_trials=2"]
     r = subprocess.run([sys.executable, "-m", "windtunnel.bench.e2e", "--trials", "3", "--procs", "2", "--no-compile",
-                        "--out", str(out), *tiny], capture_output=True, text=True, timeout=900, cwd=tmp_path)
+                        "--out", str(out), *E2E_TINY], capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     rows = {x["side"]: x for x in json.loads((out / "e2e.json").read_text())}
     assert set(rows) == {"windtunnel", "optuna-tpe"}
@@ -97,14 +100,10 @@ def test_e2e_gives_windtunnel_the_optuna_loops_time(tmp_path):
     """windtunnel-time: the sweep asked for far more trials than the loop ran, stopped at the loop's
     wall time (plus the stop's grace), what finished by then counted; out of order it is refused."""
     out = tmp_path / "out"
-    tiny = ["model.d_model=32", "model.n_layers=2", "model.n_heads=2", "model.seq_len=32", "model.vocab_size=0",
-            "data.tokenizer=byte", "data.max_bytes=300000", "train.tokens=4096", "train.eval_every=2048",
-            "train.batch_size=4", "train.eval_tokens=256", "train.device=cpu", "population.size=3",
-            "sampler.n_startup_trials=2"]
     cmd = [sys.executable, "-m", "windtunnel.bench.e2e", "--trials", "3", "--procs", "2", "--no-compile", "--out", str(out)]
-    r = subprocess.run([*cmd, "--sides", "windtunnel-time,optuna-tpe", *tiny], capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*cmd, "--sides", "windtunnel-time,optuna-tpe", *E2E_TINY], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "optuna-tpe must come before it" in r.stderr
-    r = subprocess.run([*cmd, "--sides", "optuna-tpe,windtunnel-time", *tiny], capture_output=True, text=True,
+    r = subprocess.run([*cmd, "--sides", "optuna-tpe,windtunnel-time", *E2E_TINY], capture_output=True, text=True,
                        timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     peer, mine = json.loads((out / "e2e.json").read_text())
