@@ -260,7 +260,7 @@ def fit_batch(d: Derivation, model_cfg, wanted_tokens: float) -> Batch:
 
 def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> float:
     """MiniCPM keeps μP's lr whatever the batch; PanGu-π Pro scales it with sqrt(batch ratio); a
-    measured exponent (lr_validate_check: 0.24 at 30M tokens) scales it with (batch ratio)^beta."""
+    measured exponent (docs/laws.md, "The lr and the batch") scales it with (batch ratio)^beta."""
     w = d.winner.trial
     proxy_bs = d.row("proxy batch size (tokens)", w.train.batch_size * w.model.seq_len, "proxy batch_size × seq_len",
                      d.from_winner)
