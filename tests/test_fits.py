@@ -139,6 +139,17 @@ def test_lr_transfer_flags_an_optimum_at_the_grid_edge():
     assert sum(o.at_edge for o in fit.optima) == 1
 
 
+def test_the_lr_optimum_of_a_curve_with_a_cliff_is_not_pulled_low():
+    """lr_validate_check's curve: 2 seeds' mean loss on a ×2 grid, lowest at 4.56e-3, 1.1 nats higher
+    one step up. Five points put the optimum at 2.36e-3, below the grid point the runs beat it at;
+    the lr axis takes three (fits.optimum.LR_HALF_WINDOW)."""
+    lr = 0.00227921 * 2.0 ** np.arange(-2, 5)
+    loss = [3.387, 3.013, 2.805, 2.743, 3.870, 4.721, 5.428]
+    five = 2 ** fits.parabola_min(np.log2(lr), np.array(loss), half_window=2)[0]
+    three = 2 ** fits.curve_optimum(np.log2(lr), np.array(loss))[0]
+    assert five < 0.0025 and 0.003 < three < 0.00456
+
+
 def test_parabola_min_is_exact_on_a_parabola_and_keeps_to_the_bracket():
     x = np.arange(10.0)
     assert fits.parabola_min(x, (x - 4.3) ** 2 + 1)[:2] == pytest.approx((4.3, 1.0))

@@ -293,7 +293,7 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
 
 def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
     """--lr-batch-scaling: none keeps the lr, sqrt is exponent 1/2, a number is a measured exponent
-    (lr_validate_check: lr* rose ×1.39 for 4× the batch); anything else is a one-line error."""
+    (docs/laws.md, "The lr and the batch"); anything else is a one-line error."""
     winner, target = transfer.load_winner(str(best)), load_target("tiny-cpu")
     w = winner.trial
     proxy_tokens = w.train.batch_size * w.model.seq_len

@@ -111,7 +111,7 @@ def table(t: dict) -> str:
         rows.append(f"| the proxy's optimal lr at the validation's data (prose), horizon (30M tokens) and batch | "
                     f"batch {b_lo}: {lo:.2e} [{ci_lo[0]:.2e}, {ci_lo[1]:.2e}]; batch {b_hi}: {hi:.2e} [{ci_hi[0]:.2e}, "
                     f"{ci_hi[1]:.2e}], ×{hi / lo:.2f} for {b_hi // b_lo}× the batch; the lr transferred to the validation: "
-                    f"{c['transferred_lr']:.2e} | whether data or horizon undoes the horizon law here (no prose run at 2M); "
+                    f"{c['transferred_lr']:.2e} | whether the data or the horizon raises the lr here (no prose run at 2M); "
                     "the batch factor at other sizes and horizons; 2 seeds an lr |")
     w = t.get("wsd_prose")
     if w:

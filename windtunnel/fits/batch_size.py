@@ -18,7 +18,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
 from windtunnel.fits.frames import check_frame, jsonable, where
-from windtunnel.fits.optimum import parabola_min
+from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
 
 
 @dataclass
@@ -96,7 +96,7 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
         tuned = []
         for xs, ids in zip(lr_cells, cell_ids):
             ok = cnt[ids] > 0
-            tuned.append(parabola_min(xs[ok], mean[ids][ok]) if ok.any() else (np.nan, np.nan, True))
+            tuned.append(parabola_min(xs[ok], mean[ids][ok], LR_HALF_WINDOW) if ok.any() else (np.nan, np.nan, True))
         pts = []
         for bs, ks in bs_of:
             ys = np.array([tuned[k][1] for k in ks])

@@ -20,7 +20,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
 from windtunnel.fits.frames import check_frame, jsonable, where
-from windtunnel.fits.optimum import parabola_min
+from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
 
 MIN_BUDGETS = 3
 
@@ -105,7 +105,7 @@ def fit_horizon(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -
         for lrs, stds, li, si, ids in per_t:
             grid = np.full((len(lrs), len(stds)), np.inf)
             grid[li, si] = np.where(np.isfinite(mean[ids]), mean[ids], np.inf)
-            xl, fl, el = parabola_min(np.log2(lrs), grid.min(axis=1))
+            xl, fl, el = parabola_min(np.log2(lrs), grid.min(axis=1), LR_HALF_WINDOW)
             xs, _, es = parabola_min(np.log2(stds), grid.min(axis=0)) if len(stds) >= 3 else (np.nan, 0, True)
             out.append((2.0**xl, fl, el, 2.0**xs, es))
         inner = [(t, o) for t, o in zip(budgets, out) if not o[2]]

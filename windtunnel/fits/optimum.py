@@ -5,6 +5,12 @@ from __future__ import annotations
 import numpy as np
 
 
+# An lr axis takes one neighbour a side: lr curves rise far more steeply past their optimum than
+# before it, and a parabola through five points of a ×2 grid then lands ~0.3 octaves low, three
+# points ~0.05 (results/windtunnel/optimum_bias.md). Other axes (batch size, init_std) keep two.
+LR_HALF_WINDOW = 1
+
+
 def parabola_min(x: np.ndarray, y: np.ndarray, half_window: int = 2) -> tuple[float, float, bool]:
     """Minimum of y(x) on a sorted grid: a parabola through the argmin and its neighbours.
 
@@ -45,7 +51,8 @@ def grid_step(log_values: np.ndarray) -> float:
 
 
 def curve_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
-    """parabola_min over the distinct x of (x, y) pairs, y averaged per x (duplicate runs, seeds)."""
+    """The lr optimum: parabola_min over the distinct x (log2 lr) of (x, y) pairs, y averaged per x
+    (duplicate runs, seeds)."""
     ux, inv = np.unique(x, return_inverse=True)
     my = np.bincount(inv, weights=y) / np.bincount(inv)
-    return parabola_min(ux, my)
+    return parabola_min(ux, my, LR_HALF_WINDOW)
