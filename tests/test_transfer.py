@@ -308,6 +308,33 @@ def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
             transfer.Laws(batch_size=2048, lr_batch_scaling=bad)
 
 
+def test_depth_law_scales_the_lr_by_the_measured_drift_per_doubling(best, tmp_path):
+    """--depth-law (`fit lr-transfer --json` on a depth sweep): the winner's parametrization's drift,
+    per doubling of depth, times log2(target layers / proxy layers), as the lr depth factor row; the
+    control's drift is not used for a sqrt-scaled winner; a law without the winner's is refused."""
+    winner = transfer.load_winner(str(best))
+    L = winner.trial.model.n_layers
+    law = tmp_path / "depth.json"
+    law.write_text(json.dumps({"drifts": [
+        {"parametrization": "mup", "axis": "depth", "low": 4, "high": 32, "octaves": -0.6, "ci": [-0.9, -0.3], "edge": False},
+        {"parametrization": "mup/depth:none", "axis": "depth", "low": 4, "high": 32, "octaves": -0.3, "ci": None,
+         "edge": False}]}))
+    target = load_target("tiny-cpu", [f"n_layers={4 * L}"])
+    on = transfer.plan(winner, target, transfer.Laws(batch_size=2048, tokens=400_000,
+                                                     depth_law=transfer.load_depth_law(str(law))))
+    off = transfer.plan(winner, target, transfer.Laws(batch_size=2048, tokens=400_000))
+    assert on.value("lr depth factor") == pytest.approx(2 ** (-0.2 * 2)) and off.value("lr depth factor") == 1.0
+    assert on.trial.optim.lr == pytest.approx(off.trial.optim.lr * 2 ** -0.4)
+    law.write_text(json.dumps({"drifts": [{"parametrization": "sp", "axis": "depth", "low": 4, "high": 32,
+                                           "octaves": -0.6, "ci": None, "edge": False}]}))
+    with pytest.raises(ConfigError, match="--depth-law: .* no drift for the winner's 'mup'"):
+        transfer.plan(winner, target, transfer.Laws(batch_size=2048, tokens=400_000,
+                                                    depth_law=transfer.load_depth_law(str(law))))
+    law.write_text(json.dumps({"drifts": []}))
+    with pytest.raises(ConfigError, match="--depth-law: .*no measured drift across depth"):
+        transfer.load_depth_law(str(law))
+
+
 def test_times_read_in_units_a_person_reads():
     """The transfer summary printed `time≈0.00846886 h`."""
     from windtunnel.transfer import duration

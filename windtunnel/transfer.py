@@ -40,7 +40,7 @@ from typing import Any
 from windtunnel import transfer_steps as steps
 from windtunnel.config.target import Target
 from windtunnel.config.trial import TrialConfig, to_dict
-from windtunnel.transfer_inputs import Laws, Winner, load_law, load_winner  # noqa: F401  (the command's inputs)
+from windtunnel.transfer_inputs import Laws, Winner, load_depth_law, load_law, load_winner  # noqa: F401  (the command's inputs)
 from windtunnel.transfer_steps import Row, duration, fmt  # noqa: F401  (export and the command write with them)
 
 

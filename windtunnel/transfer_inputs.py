@@ -97,6 +97,29 @@ def load_law(path: str, kind: str) -> dict:
 
 
 
+def load_depth_law(path: str) -> dict:
+    """`windtunnel fit lr-transfer --json` on a depth sweep: per parametrization label (e.g. 'mup',
+    'mup/depth:none'), the optimum's drift per doubling of depth, its interval and the depths measured."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--depth-law: {path}: no such file (the output of `windtunnel fit lr-transfer --json` "
+                          "on a depth sweep, e.g. sweeps/lr_depth.yaml)")
+    try:
+        d = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--depth-law: {path}: not JSON ({e})") from None
+    drifts = [x for x in (d.get("drifts") or []) if isinstance(x, dict) and x.get("axis") == "depth" and not x.get("edge")]
+    if not drifts:
+        raise ConfigError(f"--depth-law: {path}: no measured drift across depth (its 'drifts' hold none with axis "
+                          "'depth' whose optima are inside the grid)")
+    rates = {}
+    for x in drifts:
+        doublings = math.log2(x["high"] / x["low"])
+        rates[x["parametrization"]] = {"per_doubling": x["octaves"] / doublings, "low": x["low"], "high": x["high"],
+                                       "ci": [c / doublings for c in x["ci"]] if x.get("ci") else None}
+    return {"rates": rates, "source": str(p)}
+
+
 @dataclass
 class Laws:
     """Inputs of the batch size and the token budget; a given value always beats a fit."""
@@ -114,6 +137,8 @@ class Laws:
     exponent beta in [0, 1]: lr × (batch / proxy batch)^beta (docs/laws.md: lr_validate_check)."""
     lr_batch_exponent: float = field(init=False, default=0.0)
     """beta of lr_batch_scaling as a number."""
+    depth_law: dict | None = None
+    """load_depth_law's: the lr × 2^(drift per doubling × log2(target layers / proxy layers)); None: off."""
     horizon_law: dict | None = None
     """lr*(T) = a · T^-b (`windtunnel fit horizon --json`): the lr × (D / proxy tokens)^-b; None: off."""
 

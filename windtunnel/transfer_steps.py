@@ -202,8 +202,7 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
     proxy = d.row("proxy lr", w.optim.lr, "the winner's μP base lr", d.from_winner)
     d.row("lr width factor", 1.0, "1: μP's base lr is width-independent (hidden matrices get lr / m, below)",
           "windtunnel.parametrization.rule")
-    d.row("lr depth factor", 1.0, "1: scale_depth / sqrt(n_layers) is meant to keep it; how far it drifts is "
-          "measured by `windtunnel fit lr-transfer` on sweeps/lr_depth.yaml (no correction applied)", "docs/laws.md")
+    fd = depth_factor(d, laws)
     if laws.horizon_law is not None:
         from windtunnel.fits import horizon_factor
 
@@ -220,7 +219,31 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
     else:
         f = d.row("lr horizon factor", 1.0, "1: off (give --horizon-law FILE.json from `windtunnel fit horizon --json`)",
                   "command line")
-    return d.row("optim.lr (base)", proxy * f, "proxy lr × width × depth × horizon factors", "above")
+    return d.row("optim.lr (base)", proxy * fd * f, "proxy lr × width × depth × horizon factors", "above")
+
+
+def depth_factor(d: Derivation, laws: Laws) -> float:
+    """2^(drift per doubling × log2(target layers / proxy layers)) from a depth sweep's fit, for the
+    winner's parametrization and depth scaling; 1 without --depth-law."""
+    w, target = d.winner.trial, d.target
+    if laws.depth_law is None:
+        return d.row("lr depth factor", 1.0, "1: off; scale_depth / sqrt(n_layers) is meant to keep the lr, and how far "
+                     "it drifts is measured by `windtunnel fit lr-transfer` on sweeps/lr_depth.yaml (--depth-law)",
+                     "command line")
+    m = w.model
+    label = m.parametrization if m.depth_scaling == "sqrt" else f"{m.parametrization}/depth:{m.depth_scaling}"
+    rates = laws.depth_law["rates"]
+    if label not in rates:
+        raise ConfigError(f"--depth-law: {laws.depth_law['source']} has no drift for the winner's {label!r} "
+                          f"(it has {', '.join(sorted(rates))})")
+    r, doublings = rates[label], math.log2(target.n_layers / m.n_layers)
+    why = f"2^({fmt(r['per_doubling'])} octaves per doubling × log2({target.n_layers} / {m.n_layers} layers))"
+    if r["ci"]:
+        lo, hi = sorted(2.0 ** (c * doublings) for c in r["ci"])
+        why += f"; the drift's 95% interval gives {fmt(lo)}–{fmt(hi)}"
+    if not r["low"] <= target.n_layers <= r["high"]:
+        why += f"; extrapolated past the measured {fmt(r['low'])}–{fmt(r['high'])} layers"
+    return d.row("lr depth factor", 2.0 ** (r["per_doubling"] * doublings), why, laws.depth_law["source"])
 
 
 def fit_batch(d: Derivation, model_cfg, wanted_tokens: float) -> Batch:

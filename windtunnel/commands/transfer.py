@@ -7,7 +7,8 @@ Batch size (tokens per step): --batch-size N, or --batch-size-law FILE.json at t
 loss (--loss L, or L(N, D) from --scaling-law FILE.json). Token budget: --tokens N, or
 --tokens-per-param R × N, or the scaling law's tokens per parameter. A given value always wins.
 lr: the winner's, × (D / proxy tokens)^-b with --horizon-law FILE.json (`windtunnel fit horizon
---json`); transfer.md gives the proxy lr and its width, depth and horizon factors as rows.
+--json`), × the depth sweep's drift with --depth-law FILE.json (`windtunnel fit lr-transfer --json`
+on sweeps/lr_depth.yaml); transfer.md gives the proxy lr and its width, depth and horizon factors as rows.
 KEY=VALUE set target fields: nodes=4 gpus_per_node=8 gpu_memory_gb=80 run_name=... (see
 conf/target/*.yaml and windtunnel.config.target.Target).
 """
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling-law", metavar="FILE.json", help="`windtunnel fit scaling-law|wsd --json` output")
     p.add_argument("--tokens", type=int, metavar="N", help="token budget (beats tokens per parameter)")
     p.add_argument("--tokens-per-param", type=float, metavar="R", help="token budget = R × parameters")
+    p.add_argument("--depth-law", metavar="FILE.json",
+                   help="`windtunnel fit lr-transfer --json` on a depth sweep: lr × 2^(drift per doubling × "
+                        "log2(target layers / proxy layers)) (default: off)")
     p.add_argument("--horizon-law", metavar="FILE.json",
                    help="`windtunnel fit horizon --json` output: lr × (D / proxy tokens)^-b (default: off)")
     p.add_argument("--lr-batch-scaling", default="none", metavar="none|sqrt|BETA",
@@ -54,7 +58,8 @@ def run(args) -> int:
         loss=args.loss,
         scaling_law=transfer.load_law(args.scaling_law, "scaling-law") if args.scaling_law else None,
         tokens=args.tokens, tokens_per_param=args.tokens_per_param, lr_batch_scaling=args.lr_batch_scaling,
-        horizon_law=transfer.load_law(args.horizon_law, "horizon") if args.horizon_law else None)
+        horizon_law=transfer.load_law(args.horizon_law, "horizon") if args.horizon_law else None,
+        depth_law=transfer.load_depth_law(args.depth_law) if args.depth_law else None)
     plan = transfer.plan(winner, target, laws)
     src = plan.trial.data.source
     # best.yaml names the data its sweep read, e.g. a shard folder on its authors' machine; a relative
@@ -67,7 +72,7 @@ def run(args) -> int:
               "--batch-size": args.batch_size, "--batch-size-law": args.batch_size_law, "--loss": args.loss,
               "--scaling-law": args.scaling_law, "--tokens": args.tokens,
               "--tokens-per-param": args.tokens_per_param, "--lr-batch-scaling": args.lr_batch_scaling,
-              "--horizon-law": args.horizon_law}
+              "--horizon-law": args.horizon_law, "--depth-law": args.depth_law}
     paths = export.export(plan, args.out, inputs)
     lr = plan.large_run
     print(f"{lr['run_name']}: N={plan.value('N (parameters)'):,} tokens={plan.trial.train.tokens:,} "
