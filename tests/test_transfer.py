@@ -281,6 +281,11 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
     plan = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"),
                          transfer.Laws(batch_size=2048, tokens=400_000))
     assert plan.value("lr horizon factor") == 1.0 and plan.trial.optim.lr == 0.02
+    assert not any("--horizon-law" in w for w in plan.warnings)
+    weak = {"a": 5.0, "b": -0.033, "r2": 0.38, "points": [], "source": "h.json"}  # the committed code sweep's fit
+    plan = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"),
+                         transfer.Laws(batch_size=2048, tokens=400_000, horizon_law=weak))
+    assert any(w.startswith("--horizon-law: its r² is 0.38") for w in plan.warnings), plan.warnings
     law.write_text(json.dumps({"a": 5.0}))
     r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
             "--horizon-law", law, "--out", tmp_path / "o2")

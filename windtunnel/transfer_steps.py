@@ -204,7 +204,7 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
           "windtunnel.parametrization.rule")
     fd = depth_factor(d, laws)
     if laws.horizon_law is not None:
-        from windtunnel.fits import horizon_factor
+        from windtunnel.fits import WEAK_R2, horizon_factor
 
         hl, T0 = laws.horizon_law, w.train.tokens
         why = f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)"
@@ -216,6 +216,9 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
         if measured and D > max(measured):
             why += f"; extrapolated {fmt(D / max(measured))}× past the longest measured run ({fmt(max(measured))} tokens)"
         f = d.row("lr horizon factor", horizon_factor(hl, T0, D), why, hl["source"])
+        if hl.get("r2") is not None and hl["r2"] < WEAK_R2:
+            d.warnings.append(f"--horizon-law: its r² is {fmt(hl['r2'])}: the power law explains little of how the "
+                              f"proxy's optimum moved, and the lr horizon factor {fmt(f)} extrapolates it")
     else:
         f = d.row("lr horizon factor", 1.0, "1: off (give --horizon-law FILE.json from `windtunnel fit horizon --json`)",
                   "command line")

@@ -200,6 +200,9 @@ def _print_horizon(d: dict) -> None:
     ci = d["ci"] or {}
     print(f"lr*(T) = {_fmt(d['a'])} · T^{_fmt(-d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b'))}; "
           "edge optima not fitted)")
+    if d["r2"] is not None and d["r2"] < fits.WEAK_R2:
+        print(f"WEAK: r2 {_fmt(d['r2'])} < {fits.WEAK_R2}: the power law explains little of how the optimum moves; "
+              "`transfer --horizon-law` would extrapolate it (and says so)")
     if d["c"] is not None:
         print(f"init_std*(T) = {_fmt(d['c'])} · T^{_fmt(-d['d'])}   (d{_ci(ci.get('d'))})")
     _edges("lr", [f"tokens {_fmt(p['tokens'])}" for p in d["points"] if p["at_edge"]])

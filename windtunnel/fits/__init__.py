@@ -20,7 +20,7 @@ says how each law is measured and what its intervals mean.
 from windtunnel.fits.batch_size import BatchSizeFit, BatchSizePoint, LrTuning, fit_batch_size
 from windtunnel.fits.bootstrap import LEVEL, RESAMPLES, Bootstrap, bootstrap, units
 from windtunnel.fits.frames import COLUMNS, OPTIONAL, SWEEP_SOURCES, check_frame, load_csv, sweep_frame
-from windtunnel.fits.horizon import HorizonFit, HorizonPoint, fit_horizon, horizon_factor
+from windtunnel.fits.horizon import WEAK_R2, HorizonFit, HorizonPoint, fit_horizon, horizon_factor
 from windtunnel.fits.lr_transfer import GOAL_DEPTH_RATIO, GOAL_OCTAVES, Drift, LrOptimum, LrTransferFit, fit_lr_transfer
 from windtunnel.fits.optimum import curve_optimum, grid_step, parabola_min
 from windtunnel.fits.scaling_law import (
@@ -32,7 +32,7 @@ __all__ = [
     "BatchSizeFit", "BatchSizePoint", "Bootstrap", "COLUMNS", "Drift", "GOAL_DEPTH_RATIO", "GOAL_OCTAVES",
     "HUBER_DELTA", "HorizonFit", "HorizonPoint", "INIT_GRID", "LEVEL", "LrOptimum", "LrTransferFit", "LrTuning",
     "MIN_LEVELS", "N_STARTS", "N_STARTS_BOOTSTRAP", "OPTIONAL", "RESAMPLES", "SWEEP_SOURCES", "ScalingLawFit",
-    "WsdFit", "bootstrap", "check_frame", "compute_optimal", "curve_optimum", "fit_batch_size", "fit_horizon",
+    "WEAK_R2", "WsdFit", "bootstrap", "check_frame", "compute_optimal", "curve_optimum", "fit_batch_size", "fit_horizon",
     "fit_lr_transfer", "fit_scaling_law", "fit_wsd", "grid_step", "horizon_factor", "load_csv", "optimal_tokens",
     "parabola_min", "predict_loss", "sweep_frame", "units",
 ]

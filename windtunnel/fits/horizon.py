@@ -23,6 +23,9 @@ from windtunnel.fits.frames import check_frame, jsonable, where
 from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
 
 MIN_BUDGETS = 3
+# Below this r² the power law explains too little of how the optimum moved to extrapolate it over
+# orders of magnitude of tokens (the committed code-corpus sweep: 0.38).
+WEAK_R2 = 0.8
 
 
 @dataclass
