@@ -83,3 +83,18 @@ def test_the_targets_optimal_lr_is_read_from_the_lr_runs_as_a_factor_of_the_tran
     assert o["runs"] == 2 * len(factors) and not o["at_edge"]
     assert o["factor_ci"][0] <= 2.0 <= o["factor_ci"][1]
     assert "×2.00" in (tmp_path / "report.md").read_text()
+
+
+def test_a_resume_with_another_transfer_is_refused(tmp_path):
+    """The runs already in OUT were planned from one transfer; a resume whose train.yaml has another
+    lr (the horizon law refitted in between) would mix two plans in one table."""
+    out, v = tmp_path / "out", tmp_path / "v"
+    v.mkdir()
+    base = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04, "d_model": 64, "n_layers": 2}}
+    out.mkdir()
+    (out / "plan.json").write_text(json.dumps({"transfer": base, "seeds": 2}))
+    (v / "train.yaml").write_text(json.dumps({**base, "optim": {"lr": 0.0025}}))  # JSON is YAML
+    with pytest.raises(SystemExit, match="optim.lr 0.0025, but the runs in .* were planned with 0.002"):
+        vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+    (v / "train.yaml").write_text(json.dumps(base))
+    vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)  # the same plan: nothing to run before the deadline

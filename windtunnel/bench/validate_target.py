@@ -76,6 +76,13 @@ def final(jsonl: Path) -> dict | None:
 
 def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_s: float, est_s: float) -> None:
     base = yaml.safe_load((transfer_dir / "train.yaml").read_text())
+    planned = json.loads((out / "plan.json").read_text()).get("transfer") if (out / "plan.json").exists() else None
+    if planned is not None:  # a resume trains the rest of the same plan, or its runs would not compare
+        for section, key in (("optim", "lr"), ("model", "init_std"), ("model", "d_model"), ("model", "n_layers")):
+            was, now = planned[section][key], base[section][key]
+            if was != now:
+                raise SystemExit(f"validate: {transfer_dir}/train.yaml has {section}.{key} {now}, but the runs in {out} "
+                                 f"were planned with {was}: transfer as they were (their transfer.md), or give a new --out")
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

@@ -160,14 +160,17 @@ case $stage in
     cp /tmp/run-hf/runs/hf/loss.jsonl /tmp/hf-model/config.json "$W/"
     set +e; python3 -m windtunnel.bench.hf_check /tmp/hf-model --run /tmp/run-hf 2>"$W/hf_check.err" | tee "$W/hf_check.json"
     rc=${PIPESTATUS[0]}; set -e; tar czf "$OUT/hf.tgz" -C "$W" .; exit "$rc" ;;
-  validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b (horizon law on) for 30M
-    # tokens of prose, beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target).
+  validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b for 30M tokens of prose,
+    # beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target), with the horizon
+    # law its first runs were planned with (validate_0.5b/horizon_law.json, the five-point fit since refitted:
+    # validate_target refuses a transfer whose lr differs from the committed plan's).
     # The prose slice travels packed (docs/data.md, "Carrying prose to the GPU machine") in .carry/prose.
     prose_data; D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
     # the committed finished runs are kept, not re-run, when the output is elsewhere
-    [ "$V" = results/windtunnel/validate_0.5b ] || cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null || true
+    [ "$V" = results/windtunnel/validate_0.5b ] || { cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null
+      cp -n results/windtunnel/validate_0.5b/plan.json "$V/"; } || true
     [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
-      --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/lr_horizon/horizon_law.json --out /tmp/v \
+      --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/validate_0.5b/horizon_law.json --out /tmp/v \
       run_name=v data_source="$D" > "$V/transfer.log"
     cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"; cp "$D/manifest.json" "$V/data_manifest.json"
     python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
