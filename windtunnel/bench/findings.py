@@ -101,9 +101,13 @@ def table(t: dict) -> str:
                     f"{ci(d['ci'])} ({verdict}; goal < 0.5) | depths beyond 32; horizons beyond 2M tokens |")
     h = t.get("horizon")
     if h:
+        from windtunnel.fits import WEAK_R2
+
+        weak = f" (WEAK: r² < {WEAK_R2}, no law to extrapolate)" if h["r2"] < WEAK_R2 else ""
         rows.append(f"| optimal lr vs training tokens, lr* ∝ T^-b ({h['tokens'][0]:.0e}–{h['tokens'][-1]:.0e} tokens) | "
-                    f"b = {h['lr_exponent_b']:.3f} {ci(h['b_ci'])}, r² {h['r2']:.2f}; init_std* ∝ T^-{h['init_std_exponent_d']:.2f} | "
-                    "whether the power law holds to 10^11 tokens (16× span, python-stdlib corpus repeated past 7M tokens) |")
+                    f"b = {h['lr_exponent_b']:.3f} {ci(h['b_ci'])}, r² {h['r2']:.2f}{weak}; init_std* ∝ "
+                    f"T^-{h['init_std_exponent_d']:.2f} | a trend past 16× of tokens (python-stdlib corpus repeated past "
+                    "7M tokens); prose |")
     c = t.get("lr_check")
     if c:
         lo, hi = (c["lr_opt"][k] for k in sorted(c["lr_opt"], key=int))
