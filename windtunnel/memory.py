@@ -8,9 +8,11 @@ micro-batch per GPU) and `check` (trainer, large run, sweep preflight). Per proc
                  ÷ world under FSDP, × the trials a population stacks
     gathered     FSDP (the large run) only: bf16 copies of two blocks in flight and of the root (embeddings, head)
     activations  per token: L · b · (9C + 4F) saved for the backward (b = 2 bytes under bf16
-                 autocast, 4 in fp32 on CPU), plus 8·V a token for the logits and their gradient,
-                 for at most LOSS_ROWS tokens (the fused cross-entropy's chunk)
-    overhead     CUDA context, allocator slack, NCCL buffers (2 GiB; none on CPU)
+                 autocast, 4 in fp32 on CPU), plus the loss: with the fused LM-head cross-entropy
+                 (Triton, on a GPU) one chunk of bf16 logits and an fp32 head gradient a trial;
+                 unfused, 8·V a token for the fp32 logits and their gradient
+    overhead     CUDA context, NCCL buffers (2 GiB) and the caching allocator's reserve above what is
+                 allocated (5% of the rest); none on CPU
 """
 from __future__ import annotations
 
@@ -23,7 +25,11 @@ from windtunnel.errors import ConfigError
 
 GIB = 1024**3
 OVERHEAD_BYTES = 2 * GIB
-LOSS_ROWS = 8192
+ALLOCATOR_SLACK = 0.05
+# auto population size: throughput is flat past 32 stacked trials (results/bench/population_h200.md:
+# d 256 286 vs 282 model TFLOP/s at 32 and 64, d 512 377 both), and a smaller bundle gives the
+# sampler more rounds of results to learn from (results/bench/e2e.md)
+POPULATION_CAP = 32
 WAIT_POLL_S = 0.5
 
 
@@ -44,9 +50,9 @@ class Estimate:
 PARTS = {
     "states": "16 bytes × N / GPUs (fp32 weights, grads, Adam m, v; FSDP)",
     "gathered": "2 bytes × (2 blocks + root params), bf16 all-gathered",
-    "activations": f"micro × seq_len × L · 2·(9·C + 4·F) + 8·V · min(micro × seq_len, {LOSS_ROWS}) bytes "
-                   "(windtunnel/memory.py)",
-    "overhead": "CUDA context, NCCL, allocator",
+    "activations": "micro × seq_len × L · 2·(9·C + 4·F) + the fused loss's bf16 logits chunk (rows × V × 2) and "
+                   "fp32 head gradient (V × C × 4) bytes (windtunnel/memory.py)",
+    "overhead": "CUDA context, NCCL (2 GiB), allocator reserve (5% of the rest)",
 }
 
 
@@ -65,16 +71,29 @@ def estimate(model, vocab: int, tokens: int, *, world: int = 1, population: int 
     N = count_params(model, vocab)
     block = block_params(C, F)
     act_bytes = 2 if device == "cuda" else 4
-    logits = 8 * vocab * min(tokens, LOSS_ROWS)  # fp32 logits and their gradient, one chunk of the fused loss
-    return Estimate(params=N, states=16 * N * population / world,
-                    gathered=2 * (2 * block + N - L * block) if fsdp else 0.0,
-                    activations=population * (tokens * L * act_bytes * (9 * C + 4 * F) + logits),
-                    overhead=OVERHEAD_BYTES if device == "cuda" else 0.0)
+    states = 16 * N * population / world
+    gathered = 2 * (2 * block + N - L * block) if fsdp else 0.0
+    activations = population * (tokens * L * act_bytes * (9 * C + 4 * F) + loss_bytes(model, vocab, tokens, population, device))
+    overhead = OVERHEAD_BYTES + ALLOCATOR_SLACK * (states + gathered + activations) if device == "cuda" else 0.0
+    return Estimate(params=N, states=states, gathered=gathered, activations=activations, overhead=overhead)
+
+
+def loss_bytes(model, vocab: int, tokens: int, population: int, device: str) -> float:
+    """One trial's share of the LM head's loss. The fused kernel (model.kernels auto or triton on a
+    GPU) keeps one chunk of bf16 logits alive and accumulates the head's gradient in fp32; the
+    reference materialises all the fp32 logits and their gradient. Against the peaks measured at
+    d 256 and 512, K 16-64 (results/bench/population_h200.json), the whole estimate is 7-14% above."""
+    if device == "cuda" and model.kernels != "torch":
+        from windtunnel.kernels.linear_cross_entropy import CHUNK_LOGITS, MIN_CHUNK_ROWS
+
+        rows = min(tokens, max(CHUNK_LOGITS // max(1, population * vocab), MIN_CHUNK_ROWS))
+        return rows * vocab * 2 + vocab * model.d_model * 4
+    return 8 * vocab * tokens
 
 
 def population_size(cfg) -> int:
     """A sweep's population.size, or for auto: as many trials as fit in the GPU's free memory
-    (capped at 64)."""
+    (at most POPULATION_CAP)."""
     if cfg.population.size != "auto":
         return int(cfg.population.size)
     import torch
@@ -82,10 +101,10 @@ def population_size(cfg) -> int:
     if not torch.cuda.is_available():
         return 4  # on CPU a few stacked trials amortise the Python overhead; more buys nothing
     m, t = cfg.model, cfg.train
-    # the context and allocator slack are the process's, paid once
+    # the context is the process's, paid once
     per_trial = estimate(m, m.vocab_size or 65536, t.batch_size * m.seq_len).total - OVERHEAD_BYTES
     free, _ = torch.cuda.mem_get_info()
-    return max(1, min(64, int((0.8 * free - OVERHEAD_BYTES) / per_trial)))
+    return max(1, min(POPULATION_CAP, int((0.8 * free - OVERHEAD_BYTES) / per_trial)))
 
 
 def free_bytes(device) -> tuple[float, str]:
