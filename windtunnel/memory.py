@@ -73,7 +73,8 @@ def estimate(model, vocab: int, tokens: int, *, world: int = 1, population: int 
     act_bytes = 2 if device == "cuda" else 4
     states = 16 * N * population / world
     gathered = 2 * (2 * block + N - L * block) if fsdp else 0.0
-    activations = population * (tokens * L * act_bytes * (9 * C + 4 * F) + loss_bytes(model, vocab, tokens, population, device))
+    per_trial = tokens * L * act_bytes * (9 * C + 4 * F) + loss_bytes(model, vocab, tokens, population, device)
+    activations = population * per_trial
     overhead = OVERHEAD_BYTES + ALLOCATOR_SLACK * (states + gathered + activations) if device == "cuda" else 0.0
     return Estimate(params=N, states=states, gathered=gathered, activations=activations, overhead=overhead)
 
