@@ -253,6 +253,17 @@ def test_scaling_law_flags_an_exponent_its_data_do_not_fix():
     assert fits.fit_scaling_law(nd_grid()).at_bound == ()
 
 
+
+def test_scaling_law_flags_a_missing_loss_floor_and_an_exponent_its_interval_does_not_fix():
+    """results/windtunnel/wsd_prose_tuned: at the winner's lr every larger size is better, but E went to its
+    floor and alpha's bootstrap interval reaches its bound 5 (the three sizes lie within 7x)."""
+    N = np.repeat([21238272, 7407872, 2950272], 4)
+    D = np.tile([4169728, 8339456, 16678912, 29999104], 3)
+    loss = [4.155, 3.692, 3.363, 2.849, 4.178, 3.865, 3.497, 2.881, 4.362, 4.027, 3.732, 3.210]
+    df = pd.DataFrame({"N": N, "D": D, "loss": loss})
+    assert fits.fit_scaling_law(df).at_bound == ("E",)
+    assert fits.fit_scaling_law(df, bootstrap=60).at_bound == ("E", "alpha")
+
 # ----------------------------------------------------------------------------- wsd
 
 

@@ -66,6 +66,22 @@ def test_met_within_one_pooled_seed_sd_of_the_best_missed_beyond(tmp_path, offse
     assert s["verdict"] == verdict
 
 
+def test_a_gap_that_only_unfinished_configurations_could_close_says_how_noisy_they_would_have_to_be(tmp_path):
+    """The transferred and the best have both seeds and lie 0.05 apart; seeds of finished configurations
+    differ by 0.01 (sd 0.00707). Pooled over all 9, the verdict turns at sd 0.05: the 7 short ones would
+    need rms sd sqrt((9 * 0.05^2 - 2 * 0.00707^2) / 7)."""
+    _all_runs(tmp_path, lambda name, seed: 3.5 + 0.01 * seed - (0.05 if name == "lr x2" else 0.0))
+    for rid, name, seed, _ in vt.plan(BASE, 2):
+        if seed == 1 and name not in ("transferred", "lr x2"):
+            (tmp_path / "runs" / f"{rid}.jsonl").unlink()
+    s = vt.summarize(tmp_path)
+    need = math.sqrt((9 * 0.05 ** 2 - 2 * 0.01 ** 2 / 2) / 7)
+    assert s["verdict"].startswith("not judged: 11 of 18 runs done; MISSED unless the 7 configurations")
+    assert f"seed-sd of {need:.3f} nats" in s["verdict"] and "largest so far is 0.007" in s["verdict"]
+    (tmp_path / "runs" / f"{vt.run_id('lr x2', 1)}.jsonl").unlink()  # the best short of a seed: no such claim
+    assert "MISSED unless" not in vt.summarize(tmp_path)["verdict"]
+
+
 def test_the_targets_optimal_lr_is_read_from_the_lr_runs_as_a_factor_of_the_transferred(tmp_path):
     """A loss parabolic in log2(lr) with its bottom at ×2 the transferred lr; the init_std and MiniCPM
     runs are not lr runs and sit far off the parabola (they would pull the optimum if counted)."""

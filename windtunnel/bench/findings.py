@@ -58,8 +58,9 @@ def collect(results: Path) -> dict:
         trust["lr_check"] = {"lr_opt": {b: o["lr_opt"] for b, o in opt.items()},
                              "ci": {b: o["lr_opt_ci"] for b, o in opt.items()},
                              "transferred_lr": yaml.safe_load((results / "validate_0.5b" / "train.yaml").read_text())["optim"]["lr"]}
-    wsd = results / "wsd_prose" / "wsd_fit.json"
-    if wsd.is_file():
+    # the tuned sweep (the winner's knobs) where it ran; wsd_prose trained at conf's lr 0.01
+    wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_tuned", "wsd_prose")) if f.is_file()), None)
+    if wsd:
         fit = json.loads(wsd.read_text())
         pts = pd.DataFrame(fit["points"]).sort_values(["D", "N"])
         # token counts where a larger model is not better: the sizes were not trained alike
@@ -67,7 +68,7 @@ def collect(results: Path) -> dict:
         trust["wsd_prose"] = {**{k: fit["scaling_law"].get(k) for k in ("alpha", "beta", "tokens_per_param", "at_bound",
                                                                           "ci", "n_points")},
                               "lr": yaml.safe_load((wsd.parent / "best.yaml").read_text())["trial"]["optim"]["lr"],
-                              "larger_not_better_at": worse}
+                              "larger_not_better_at": worse, "n_max": float(pts["N"].max()), "sweep": wsd.parent.name}
     v = results / "validate_0.5b" / "validate.json"
     if v.is_file():
         trust["validate"] = {k: val for k, val in json.loads(v.read_text()).items() if k != "runs"}
@@ -119,13 +120,18 @@ def table(t: dict) -> str:
                     "the batch factor at other sizes and horizons; 2 seeds an lr |")
     w = t.get("wsd_prose")
     if w:
-        est = (f"NOT DETERMINED: {', '.join(w['at_bound'])} on its bound" if w["at_bound"] else
-               f"alpha {w['alpha']:.2f} {ci(w['ci']['alpha'])}, beta {w['beta']:.2f} {ci(w['ci']['beta'])}, "
-               f"{w['tokens_per_param']:.0f} tokens per parameter")
+        fixed = [k for k in ("alpha", "beta") if k not in w["at_bound"]]
+        est = ", ".join(f"{k} {w[k]:.2f} {ci(w['ci'][k])}" for k in fixed if w.get("ci"))
+        est = (f"NOT DETERMINED: {' and '.join(w['at_bound'])} on {'its bound' if len(w['at_bound']) == 1 else 'their bounds'} (fit or 95% interval); tokens per parameter "
+               f"{w['tokens_per_param']:.0f}{' [%.0f, %.0f]' % tuple(w['ci']['tokens_per_param']) if w.get('ci') else ''}, not a budget "
+               "to launch"
+               f"{'; ' + est if est else ''}") if w["at_bound"] else f"{est}, {w['tokens_per_param']:.0f} tokens per parameter"
         worse = ", ".join(f"{D:.2g}" for D in w["larger_not_better_at"])
         note = f"; at {worse} tokens a larger model is not better" if worse else ""
-        rows.append(f"| data-model scaling law from WSD branches on prose ({w['n_points']} branches, lr {w['lr']:.2g}) | "
-                    f"{est}{note} | sizes beyond the largest branch's; an untuned lr per size |")
+        rows.append(f"| data-model scaling law from WSD branches on prose (`{w.get('sweep', 'wsd_prose')}`: {w['n_points']} "
+                    f"branches, lr {w['lr']:.2g}) | "
+                    f"{est}{note} | sizes beyond the largest branch's ({w['n_max'] / 1e6:.0f}M parameters); a loss floor; an lr tuned "
+                    "per size (one lr, carried by μP) |")
     v = t.get("validate")
     if v:
         done = [r for r in v["table"] if r["n"]]

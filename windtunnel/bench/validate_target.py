@@ -141,6 +141,7 @@ def summarize(out: Path) -> dict:
     if not (best and mine) or math.isnan(seed_sd) or len(rows) < n_planned:
         verdict = (f"not judged: {len(rows)} of {n_planned} runs done"
                    + ("" if pooled else ", no configuration has 2 seeds yet (no seed-sd)"))
+        verdict += _what_would_turn_it(table, mine, best, gap, seed_sd, cfg.get("seeds", 2))
     else:
         verdict = "MET" if gap <= seed_sd else "MISSED"
     lr_opt = lr_optimum(rows, base["optim"]["lr"]) if base else None
@@ -169,6 +170,19 @@ def summarize(out: Path) -> dict:
     if rows:
         plot(out, rows, cfg["transfer"]["optim"]["lr"])
     return summary
+
+
+def _what_would_turn_it(table: list[dict], mine: dict, best: dict, gap: float, seed_sd: float, seeds: int) -> str:
+    """While runs are missing but the transferred and the best configuration have all their seeds, a gap
+    wider than the seed-sd can only widen (a new best is lower still); the verdict then turns only if the
+    configurations still short of seeds bring the pooled sd up to the gap. Say how large their sd would be."""
+    if math.isnan(seed_sd) or gap <= seed_sd or mine["n"] < seeds or best["n"] < seeds:
+        return ""
+    full = [t["sd"] ** 2 for t in table if t["n"] >= seeds]
+    short = len(table) - len(full)
+    need = math.sqrt(max(gap ** 2 * len(table) - sum(full), 0) / short) if short else math.inf
+    return (f"; MISSED unless the {short} configurations still short of seeds have a seed-sd of {need:.3f} nats "
+            f"(rms) or more, where the largest so far is {math.sqrt(max(full)):.3f}")
 
 
 def lr_optimum(rows: list[dict], lr0: float) -> dict | None:

@@ -74,8 +74,10 @@ def _law_text(d: dict) -> str:
         f"tokens/param = {_fmt(d['tokens_per_param'])}",
     ]
     for k in d.get("at_bound", ()):
-        out.append(f"NOT DETERMINED: {k} = {_fmt(d[k])} is on its bound: the data do not fix it, nor N_opt and D_opt "
-                   "(does the loss fall with N and with D at every point? `transfer --scaling-law` refuses this fit)")
+        why = ("the data show no loss floor" if k == "E" else
+               "does the loss fall with N and with D at every point, over sizes far enough apart?")
+        out.append(f"NOT DETERMINED: {k} = {_fmt(d[k])}, or its 95% interval, is on its bound ({why}): the data do "
+                   "not fix it, nor N_opt and D_opt; `transfer --scaling-law` refuses this fit")
     if "ci" in d:
         out.append("95% bootstrap intervals: " + ", ".join(f"{k} [{_fmt(lo)}, {_fmt(hi)}]" for k, (lo, hi) in d["ci"].items()))
     return "\n".join(out)
