@@ -20,11 +20,46 @@ def test_byte_shards_round_trip(tmp_path):
     assert s.manifest["tokenizer"] == "byte" and s.manifest["vocab_size"] == 256
     assert s.manifest["tokens"] == len(text.encode())
     assert bytes(np.asarray(s.tokens, dtype=np.uint8)).decode() == text
-    assert s.val_start == int(len(text) * 0.9)
+    assert s.strata.tolist() == [[0, int(len(text) * 0.9), len(text)]]  # tail: one stratum
     w = s.train_windows(np.random.default_rng(0), 4, 16)
     assert w.shape == (4, 17) and w.dtype == np.int64
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
 
+
+
+def _positions(tmp_path, n: int):
+    """Shards whose token ids are their positions: windows show where they were cut."""
+    d = tmp_path / "pos"
+    d.mkdir()
+    np.arange(n, dtype=np.uint32).tofile(d / "tokens.bin")
+    (d / "manifest.json").write_text(json.dumps({"tokens": n, "dtype": "uint32", "vocab_size": n}))
+    return d
+
+
+def test_tail_split_draws_the_windows_it_always_drew(tmp_path):
+    """The committed results were measured with the tail split: its windows are unchanged."""
+    s = Shards.open(_positions(tmp_path, 100_000))
+    val_start = int(100_000 * (1 - 0.02))
+    starts = np.random.default_rng(7).integers(0, val_start - 64 - 1, size=32)
+    assert (s.train_windows(np.random.default_rng(7), 32, 64)[:, 0] == starts).all()
+    assert s.val_windows(5, 64)[:, 0].tolist() == [val_start + 64 * i for i in range(5)]
+
+
+def test_spread_split_samples_every_stratum_and_trains_on_none_of_it(tmp_path):
+    n, f = 1_000_000, 0.02
+    s = Shards.open(_positions(tmp_path, n), val_fraction=f, val_split="spread")
+    assert len(s.strata) == 9  # 20,000 validation tokens hold 9 strata of >= 2,048
+    val = s.eval_windows(18 * 128, 128)
+    held_out = np.zeros(n, bool)
+    for a, v, b in s.strata:
+        held_out[v:b] = True
+    assert held_out[val].all() and abs(held_out.mean() - f) < 1e-4
+    assert len({np.searchsorted(s.strata[:, 2], w[0], side="right") for w in val}) == 9  # 2 windows from each
+    train = s.train_windows(np.random.default_rng(0), 4096, 128)
+    assert not held_out[train].any()  # no training window reaches into a validation part
+    assert len({np.searchsorted(s.strata[:, 2], w[0], side="right") for w in train}) == 9
+    with pytest.raises(ConfigError, match="data.val_split"):
+        DataConfig(val_split="random")
 
 def test_bpe_shards_round_trip(tmp_path):
     from tokenizers import Tokenizer

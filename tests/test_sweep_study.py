@@ -83,3 +83,15 @@ def _raises(fn):
     except BaseException as e:  # noqa: BLE001 (KeyboardInterrupt is what is expected)
         return type(e)
     return None
+
+
+def test_a_study_stored_before_data_val_split_existed_ran_with_the_tail(tmp_path):
+    """Its stored settings lack the field: resumed with the spread split it would rank losses on other text as one."""
+    base = [f"results_dir={tmp_path}", "tracking.enabled=false"]
+    study = open_study(load_sweep("quickstart", base), tmp_path)
+    stored = dict(study.user_attrs["trial_settings"])
+    del stored["data.val_split"]
+    study.set_user_attr("trial_settings", stored)
+    open_study(load_sweep("quickstart", base), tmp_path)  # the default is the tail
+    with pytest.raises(ConfigError, match="data.val_split 'tail' -> 'spread'"):
+        open_study(load_sweep("quickstart", base + ["data.val_split=spread"]), tmp_path)

@@ -114,3 +114,7 @@ def test_a_resume_with_another_transfer_is_refused(tmp_path):
         vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
     (v / "train.yaml").write_text(json.dumps(base))
     vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)  # the same plan: nothing to run before the deadline
+    # a plan stored before data.val_split existed ran on the corpus's tail: not resumed on the spread split
+    (v / "train.yaml").write_text(json.dumps({**base, "data": {"val_split": "spread"}}))
+    with pytest.raises(SystemExit, match="data.val_split 'spread', but the runs in .* were planned with 'tail'"):
+        vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)

@@ -6,8 +6,10 @@ Layout of a shard folder:
                   (BPE may stop short of vocab_asked: vocab_size is what the tokenizer holds)
   tokenizer.json  (bpe only) the trained HF `tokenizers` model
 
-The last `val_fraction` of the tokens is the fixed validation split; training windows are
-drawn at random from the rest, each trial from its own seeded generator.
+The fixed validation split is the last `val_fraction` of the tokens (`data.val_split=tail`), or the
+last `val_fraction` of each of up to 64 equal strata (`spread`: a corpus laid out one source after
+another is measured on all of them); training windows are drawn at random from the rest, each trial
+from its own seeded generator.
 
 The default corpus is this Python's own standard library source: real text that every
 machine with Python has, so the demo needs no download.
@@ -245,20 +247,25 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
     return out_dir
 
 
+# data.val_split=spread: at most this many strata, each holding at least this many validation tokens
+SPREAD_STRATA, SPREAD_MIN_VAL_TOKENS = 64, 2048
+
+
 @dataclass
 class Shards:
     path: Path
     manifest: dict
     tokens: np.ndarray
     """Memory-mapped token ids."""
-    val_start: int
+    strata: np.ndarray
+    """(n, 3): start, validation start and end of each stratum; `tail` is one stratum, the whole corpus."""
 
     @property
     def vocab_size(self) -> int:
         return int(self.manifest["vocab_size"])
 
     @classmethod
-    def open(cls, path: str | Path, val_fraction: float = 0.02) -> "Shards":
+    def open(cls, path: str | Path, val_fraction: float = 0.02, val_split: str = "tail") -> "Shards":
         path = Path(path)
         manifest_file = path / "manifest.json"
         if not manifest_file.exists():
@@ -270,14 +277,22 @@ class Shards:
         if tokens.size != manifest["tokens"]:
             raise ConfigError(f"data.source: {path}/tokens.bin holds {tokens.size} tokens, manifest says "
                               f"{manifest['tokens']}")
-        return cls(path, manifest, tokens, val_start=int(tokens.size * (1 - val_fraction)))
+        n = tokens.size
+        k = 1 if val_split == "tail" else int(min(max(n * val_fraction // SPREAD_MIN_VAL_TOKENS, 1), SPREAD_STRATA))
+        edges = [n * i // k for i in range(k + 1)]
+        strata = np.array([(a, a + int((b - a) * (1 - val_fraction)), b) for a, b in zip(edges, edges[1:])])
+        return cls(path, manifest, tokens, strata)
 
     def train_windows(self, rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:
-        """(batch, seq_len + 1) random windows of the training split."""
-        high = self.val_start - seq_len - 1
-        if high <= 0:
-            raise ConfigError(f"model.seq_len: {seq_len} is longer than the training split ({self.val_start} tokens)")
-        starts = rng.integers(0, high, size=batch)
+        """(batch, seq_len + 1) random windows of the training split, none across a stratum's edge."""
+        starts_held = np.maximum(self.strata[:, 1] - self.strata[:, 0] - seq_len - 1, 0)  # window starts per stratum
+        if not starts_held.sum():
+            raise ConfigError(f"model.seq_len: {seq_len} is longer than the training split's parts "
+                              f"({int((self.strata[:, 1] - self.strata[:, 0]).max())} tokens)")
+        u = rng.integers(0, starts_held.sum(), size=batch)
+        ends = np.cumsum(starts_held)
+        k = np.searchsorted(ends, u, side="right")
+        starts = self.strata[k, 0] + u - (ends[k] - starts_held[k])
         return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
 
     def eval_windows(self, eval_tokens: int, seq_len: int) -> np.ndarray:
@@ -287,11 +302,13 @@ class Shards:
         return self.val_windows(-(-eval_tokens // seq_len), seq_len)
 
     def val_windows(self, n: int, seq_len: int) -> np.ndarray:
-        """(n, seq_len + 1) fixed, non-overlapping windows of the validation split."""
-        n_avail = (self.tokens.size - self.val_start - 1) // seq_len
-        if n_avail < 1:
+        """(n, seq_len + 1) fixed, non-overlapping windows of the validation split, taken from the strata
+        in turn: a small set samples every part of the corpus."""
+        held = (self.strata[:, 2] - self.strata[:, 1] - 1) // seq_len
+        if held.sum() < 1:
             raise ConfigError(f"model.seq_len: {seq_len} is longer than the validation split")
-        starts = self.val_start + seq_len * np.arange(min(n, n_avail))
+        order = [(r, i) for r in range(int(held.max())) for i in range(len(held)) if r < held[i]][:n]
+        starts = np.array([self.strata[i, 1] + seq_len * r for r, i in order])
         return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
 
 
@@ -351,4 +368,4 @@ def load(cfg: DataConfig) -> Shards:
     if not (out / "manifest.json").exists():
         prepare(cfg.source, out, tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, max_bytes=cfg.max_bytes,
                 out_field="data.cache_dir")
-    return Shards.open(out, cfg.val_fraction)
+    return Shards.open(out, cfg.val_fraction, cfg.val_split)

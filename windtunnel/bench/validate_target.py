@@ -32,6 +32,7 @@ from pathlib import Path
 
 import yaml
 
+from windtunnel.config.trial import changed_settings, settings
 from windtunnel.confirm import t_interval
 from windtunnel.files import write_atomically, write_json, write_text
 
@@ -78,11 +79,12 @@ def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_
     base = yaml.safe_load((transfer_dir / "train.yaml").read_text())
     planned = json.loads((out / "plan.json").read_text()).get("transfer") if (out / "plan.json").exists() else None
     if planned is not None:  # a resume trains the rest of the same plan, or its runs would not compare
-        for section, key in (("optim", "lr"), ("model", "init_std"), ("model", "d_model"), ("model", "n_layers")):
-            was, now = planned[section][key], base[section][key]
-            if was != now:
-                raise SystemExit(f"validate: {transfer_dir}/train.yaml has {section}.{key} {now}, but the runs in {out} "
-                                 f"were planned with {was}: transfer as they were (their transfer.md), or give a new --out")
+        keys = ("optim.lr", "model.init_std", "model.d_model", "model.n_layers", "data.val_split", "data.val_fraction")
+        changed = changed_settings(settings(planned), settings(base), [k for k in keys if k in settings(base)])
+        if changed:
+            key, was, _, now = changed[0].split(" ", 3)
+            raise SystemExit(f"validate: {transfer_dir}/train.yaml has {key} {now}, but the runs in {out} "
+                             f"were planned with {was}: transfer as they were (their transfer.md), or give a new --out")
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

@@ -20,6 +20,7 @@ KERNELS = ("auto", "torch", "triton")
 SCHEDULES = ("wsd", "cosine", "constant")
 DECAY_SHAPES = ("exp", "linear", "cosine", "1-sqrt")
 TOKENIZERS = ("byte", "bpe")
+VAL_SPLITS = ("tail", "spread")
 
 
 def check_field(ok: bool, path: str, rule: str, value: Any) -> None:
@@ -131,7 +132,10 @@ class DataConfig:
     max_bytes: int = 8_000_000
     """Cap on the text read from source (stdlib holds ~30 MB)."""
     val_fraction: float = 0.02
-    """The last fraction of the tokens is the fixed validation split."""
+    """The fraction of the tokens held out as the fixed validation split."""
+    val_split: str = "tail"
+    """Where it lies: 'tail' (the corpus's last tokens) or 'spread' (the last tokens of each of up to
+    64 equal strata: for a corpus laid out one source after another, where the tail is one source)."""
     cache_dir: str = ""
     """Where prepared shards are kept; '' = ~/.cache/windtunnel/data."""
 
@@ -140,6 +144,7 @@ class DataConfig:
         check_field(257 <= self.vocab_size <= 2**32 - 1, "data.vocab_size", "must be in [257, 2^32-1]", self.vocab_size)
         check_field(self.max_bytes > 0, "data.max_bytes", "must be > 0", self.max_bytes)
         check_field(0 < self.val_fraction < 0.5, "data.val_fraction", "must be in (0, 0.5)", self.val_fraction)
+        check_choice("data.val_split", self.val_split, VAL_SPLITS)
 
 
 @dataclass(kw_only=True)
@@ -279,9 +284,16 @@ def settings(cfg: TrialConfig | dict) -> dict:
     return {f"{sec}.{k}": v for sec, fields in d.items() for k, v in fields.items()}
 
 
+# Fields added since studies, checkpoints and plans were first stored, and how those ran before
+# the field existed: a stored config without one is compared as this value.
+ADDED_SINCE = {"data.val_split": "tail"}
+
+
 def changed_settings(before: dict, now: dict, keys=None) -> list[str]:
     """'key old -> new' for each setting (of keys, default all) that differs between the two. A
-    key only one side has is no change: a field added (or removed) since `before` was stored."""
+    key only one side has is no change (a field added or removed since `before` was stored),
+    unless ADDED_SINCE says how `before` ran without it."""
+    before = {**{k: v for k, v in ADDED_SINCE.items() if k in now}, **before}
     keys = sorted(now) if keys is None else sorted(keys)
     return [f"{k} {before[k]!r} -> {now[k]!r}" for k in keys if k in before and k in now and before[k] != now[k]]
 
