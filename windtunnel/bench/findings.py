@@ -59,15 +59,17 @@ def collect(results: Path) -> dict:
                              "ci": {b: o["lr_opt_ci"] for b, o in opt.items()},
                              "transferred_lr": yaml.safe_load((results / "validate_0.5b" / "train.yaml").read_text())["optim"]["lr"]}
     # the tuned sweep (the winner's knobs) where it ran; wsd_prose trained at conf's lr 0.01
-    wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_tuned", "wsd_prose")) if f.is_file()), None)
+    wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_wide", "wsd_prose_tuned", "wsd_prose"))
+                if f.is_file()), None)
     if wsd:
         fit = json.loads(wsd.read_text())
+        best = yaml.safe_load((wsd.parent / "best.yaml").read_text())["trial"]
         pts = pd.DataFrame(fit["points"]).sort_values(["D", "N"])
         # token counts where a larger model is not better: the sizes were not trained alike
         worse = sorted(float(D) for D, g in pts.groupby("D") if (g["loss"].diff().dropna() > 0).any())
         trust["wsd_prose"] = {**{k: fit["scaling_law"].get(k) for k in ("alpha", "beta", "tokens_per_param", "at_bound",
                                                                           "ci", "n_points")},
-                              "lr": yaml.safe_load((wsd.parent / "best.yaml").read_text())["trial"]["optim"]["lr"],
+                              "lr": best["optim"]["lr"], "val_split": best["data"].get("val_split", "tail"),
                               "larger_not_better_at": worse, "n_max": float(pts["N"].max()), "sweep": wsd.parent.name}
     v = results / "validate_0.5b" / "validate.json"
     if v.is_file():
@@ -76,6 +78,10 @@ def collect(results: Path) -> dict:
     if hf.is_file():
         trust["export_hf"] = json.loads(hf.read_text())
     return trust
+
+
+# the validation text of every prose result so far (docs/data.md, "Where it lies matters")
+PROSE_TAIL = "a loss on other text than the prose slice's tail (Java API pages: data.val_split=tail)"
 
 
 def table(t: dict) -> str:
@@ -117,7 +123,7 @@ def table(t: dict) -> str:
                     f"batch {b_lo}: {lo:.2e} [{ci_lo[0]:.2e}, {ci_lo[1]:.2e}]; batch {b_hi}: {hi:.2e} [{ci_hi[0]:.2e}, "
                     f"{ci_hi[1]:.2e}], ×{hi / lo:.2f} for {b_hi // b_lo}× the batch; the lr transferred to the validation: "
                     f"{c['transferred_lr']:.2e} | whether the data or the horizon raises the lr here (no prose run at 2M); "
-                    "the batch factor at other sizes and horizons; 2 seeds an lr |")
+                    f"the batch factor at other sizes and horizons; 2 seeds an lr; {PROSE_TAIL} |")
     w = t.get("wsd_prose")
     if w:
         fixed = [k for k in ("alpha", "beta") if k not in w["at_bound"]]
@@ -131,7 +137,7 @@ def table(t: dict) -> str:
         rows.append(f"| data-model scaling law from WSD branches on prose (`{w.get('sweep', 'wsd_prose')}`: {w['n_points']} "
                     f"branches, lr {w['lr']:.2g}) | "
                     f"{est}{note} | sizes beyond the largest branch's ({w['n_max'] / 1e6:.0f}M parameters); a loss floor; an lr tuned "
-                    "per size (one lr, carried by μP) |")
+                    f"per size (one lr, carried by μP){'; ' + PROSE_TAIL if w.get('val_split', 'tail') == 'tail' else ''} |")
     v = t.get("validate")
     if v:
         done = [r for r in v["table"] if r["n"]]
@@ -145,7 +151,7 @@ def table(t: dict) -> str:
             gap += f"; the target's optimal lr ×{o['factor']:.2f}{iv} the transferred"
         rows.append(f"| transferred config at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
                     f"({v['runs_done']} of {v['runs_planned']} runs) | {losses}; {gap}: {one_seed}{v['verdict']} "
-                    "(goal: within one seed-sd of the best) | the configurations and seeds not yet run; longer horizons |")
+                    f"(goal: within one seed-sd of the best) | the configurations and seeds not yet run; longer horizons; {PROSE_TAIL} |")
     hf = t.get("export_hf")
     if hf:
         rows.append(f"| export-hf of a 200-step 0.5B run, loaded by transformers | loss gap {hf['relative_gap']:.1e} "
