@@ -241,7 +241,6 @@ def _undetermined(theta: np.ndarray, ci: dict | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-
 # --------------------------------------------------------------------------- WSD branches
 
 
