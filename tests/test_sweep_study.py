@@ -92,6 +92,6 @@ def test_a_study_stored_before_data_val_split_existed_ran_with_the_tail(tmp_path
     stored = dict(study.user_attrs["trial_settings"])
     del stored["data.val_split"]
     study.set_user_attr("trial_settings", stored)
-    open_study(load_sweep("quickstart", base), tmp_path)  # the default is the tail
-    with pytest.raises(ConfigError, match="data.val_split 'tail' -> 'spread'"):
-        open_study(load_sweep("quickstart", base + ["data.val_split=spread"]), tmp_path)
+    with pytest.raises(ConfigError, match="data.val_split 'tail' -> 'spread'"):  # today's default
+        open_study(load_sweep("quickstart", base), tmp_path)
+    open_study(load_sweep("quickstart", base + ["data.val_split=tail"]), tmp_path)

@@ -133,9 +133,10 @@ class DataConfig:
     """Cap on the text read from source (stdlib holds ~30 MB)."""
     val_fraction: float = 0.02
     """The fraction of the tokens held out as the fixed validation split."""
-    val_split: str = "tail"
-    """Where it lies: 'tail' (the corpus's last tokens) or 'spread' (the last tokens of each of up to
-    64 equal strata: for a corpus laid out one source after another, where the tail is one source)."""
+    val_split: str = "spread"
+    """Where it lies: 'spread' (the last tokens of each of up to 64 equal strata: a corpus laid out one
+    source after another is measured on all of them) or 'tail' (the corpus's last tokens: one source).
+    A stored config without the field ran on the tail, and reads back so (ADDED_SINCE)."""
     cache_dir: str = ""
     """Where prepared shards are kept; '' = ~/.cache/windtunnel/data."""
 
@@ -332,8 +333,17 @@ def trial_from_dict(d: dict) -> TrialConfig:
     unknown = set(d) - set(SECTIONS)
     if unknown:
         raise ConfigError(f"{sorted(unknown)[0]}: unknown section (allowed: {', '.join(SECTIONS)})")
-    d = _legacy_eval(d)
+    d = _legacy_eval(_added_since(d))
     return TrialConfig(**{name: section_from_dict(name, cls, d.get(name)) for name, cls in SECTIONS.items()})
+
+
+def _added_since(d: dict) -> dict:
+    """A config stored before a field of ADDED_SINCE existed ran as that field's value there."""
+    for key, was in ADDED_SINCE.items():
+        section, _, name = key.partition(".")
+        if isinstance(d.get(section), dict) and name not in d[section]:
+            d = {**d, section: {**d[section], name: was}}
+    return d
 
 
 def _legacy_eval(d: dict) -> dict:
