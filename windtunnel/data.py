@@ -26,7 +26,7 @@ import shutil
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +259,9 @@ class Shards:
     """Memory-mapped token ids."""
     strata: np.ndarray
     """(n, 3): start, validation start and end of each stratum; `tail` is one stratum, the whole corpus."""
+    _starts: dict = field(default_factory=dict, repr=False)
+    """seq_len -> (window starts each stratum's training part holds, their running total): train_windows
+    runs for every trial at every step."""
 
     @property
     def vocab_size(self) -> int:
@@ -285,14 +288,17 @@ class Shards:
 
     def train_windows(self, rng: np.random.Generator, batch: int, seq_len: int) -> np.ndarray:
         """(batch, seq_len + 1) random windows of the training split, none across a stratum's edge."""
-        starts_held = np.maximum(self.strata[:, 1] - self.strata[:, 0] - seq_len - 1, 0)  # window starts per stratum
-        if not starts_held.sum():
-            raise ConfigError(f"model.seq_len: {seq_len} is longer than the training split's parts "
-                              f"({int((self.strata[:, 1] - self.strata[:, 0]).max())} tokens)")
-        u = rng.integers(0, starts_held.sum(), size=batch)
-        ends = np.cumsum(starts_held)
-        k = np.searchsorted(ends, u, side="right")
-        starts = self.strata[k, 0] + u - (ends[k] - starts_held[k])
+        if seq_len not in self._starts:
+            held = np.maximum(self.strata[:, 1] - self.strata[:, 0] - seq_len - 1, 0)
+            if not held.sum():
+                raise ConfigError(f"model.seq_len: {seq_len} is longer than the training split's parts "
+                                  f"({int((self.strata[:, 1] - self.strata[:, 0]).max())} tokens)")
+            self._starts[seq_len] = held, np.cumsum(held)
+        held, ends = self._starts[seq_len]
+        starts = rng.integers(0, ends[-1], size=batch)
+        if len(held) > 1:  # the stratum each draw falls in, and its place there
+            k = np.searchsorted(ends, starts, side="right")
+            starts = self.strata[k, 0] + starts - (ends[k] - held[k])
         return self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64)
 
     def eval_windows(self, eval_tokens: int, seq_len: int) -> np.ndarray:
