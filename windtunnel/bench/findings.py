@@ -126,12 +126,15 @@ def table(t: dict) -> str:
                     f"the batch factor at other sizes and horizons; 2 seeds an lr; {PROSE_TAIL} |")
     w = t.get("wsd_prose")
     if w:
-        fixed = [k for k in ("alpha", "beta") if k not in w["at_bound"]]
-        est = ", ".join(f"{k} {w[k]:.2f} {ci(w['ci'][k])}" for k in fixed if w.get("ci"))
-        est = (f"NOT DETERMINED: {' and '.join(w['at_bound'])} on {'its bound' if len(w['at_bound']) == 1 else 'their bounds'} (fit or 95% interval); tokens per parameter "
-               f"{w['tokens_per_param']:.0f}{' [%.0f, %.0f]' % tuple(w['ci']['tokens_per_param']) if w.get('ci') else ''}, not a budget "
-               "to launch"
-               f"{'; ' + est if est else ''}") if w["at_bound"] else f"{est}, {w['tokens_per_param']:.0f} tokens per parameter"
+        fixed = ", ".join(f"{k} {w[k]:.2f} {ci(w['ci'][k])}" for k in ("alpha", "beta")
+                          if k not in w["at_bound"] and w.get("ci"))
+        tpp = f"{w['tokens_per_param']:.0f}" + (" [%.0f, %.0f]" % tuple(w["ci"]["tokens_per_param"]) if w.get("ci") else "")
+        if w["at_bound"]:
+            where = "its bound" if len(w["at_bound"]) == 1 else "their bounds"
+            est = (f"NOT DETERMINED: {' and '.join(w['at_bound'])} on {where} (fit or 95% interval); tokens per "
+                   f"parameter {tpp}, not a budget to launch" + (f"; {fixed}" if fixed else ""))
+        else:
+            est = f"{fixed}, {tpp} tokens per parameter"
         worse = ", ".join(f"{D:.2g}" for D in w["larger_not_better_at"])
         note = f"; at {worse} tokens a larger model is not better" if worse else ""
         rows.append(f"| data-model scaling law from WSD branches on prose (`{w.get('sweep', 'wsd_prose')}`: {w['n_points']} "
