@@ -38,7 +38,7 @@ def _positions(tmp_path, n: int):
 
 def test_tail_split_draws_the_windows_it_always_drew(tmp_path):
     """The committed results were measured with the tail split: its windows are unchanged."""
-    s = Shards.open(_positions(tmp_path, 100_000))
+    s = Shards.open(_positions(tmp_path, 100_000), val_split="tail")
     val_start = int(100_000 * (1 - 0.02))
     starts = np.random.default_rng(7).integers(0, val_start - 64 - 1, size=32)
     assert (s.train_windows(np.random.default_rng(7), 32, 64)[:, 0] == starts).all()

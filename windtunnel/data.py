@@ -268,7 +268,8 @@ class Shards:
         return int(self.manifest["vocab_size"])
 
     @classmethod
-    def open(cls, path: str | Path, val_fraction: float = 0.02, val_split: str = "tail") -> "Shards":
+    def open(cls, path: str | Path, val_fraction: float = DataConfig.val_fraction,
+             val_split: str = DataConfig.val_split) -> "Shards":
         path = Path(path)
         manifest_file = path / "manifest.json"
         if not manifest_file.exists():

@@ -89,12 +89,10 @@ def load_law(path: str, kind: str) -> dict:
         v = d.get(k)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
             raise ConfigError(f"{opt}: {path}: key {k!r} must be a finite number (got {v!r})")
-    if d.get("at_bound"):  # an exponent on its box's edge: the budget it would set is not measured
+    if d.get("at_bound"):  # E, alpha or beta on its box's edge (fit or interval): the budget it would set is not measured
         raise ConfigError(f"{opt}: {path}: {', '.join(d['at_bound'])} on its bound, so the fit does not determine the "
                           "token budget; fix the runs it came from or give --tokens")
     return {**d, "source": str(p)}
-
-
 
 
 def load_depth_law(path: str) -> dict:
