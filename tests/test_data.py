@@ -7,7 +7,7 @@ import pytest
 
 from windtunnel.cli import main
 from windtunnel.config.trial import DataConfig
-from windtunnel.data import Shards, load, prepare
+from windtunnel.data import Shards, identity, identity_changes, load, prepare
 from windtunnel.errors import ConfigError
 
 
@@ -25,6 +25,25 @@ def test_byte_shards_round_trip(tmp_path):
     assert w.shape == (4, 17) and w.dtype == np.int64
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
 
+
+
+def test_the_identity_of_shards_is_their_tokens_not_their_path(tmp_path):
+    """What a resumed study or validation compares: the same text prepared anywhere is the same data;
+    other text at the same path is not (a fresh machine prepares data.source again)."""
+    import hashlib
+
+    (tmp_path / "a.txt").write_text("the same text\n" * 300)
+    (tmp_path / "b.txt").write_text("other text, one word moved\n" * 300)
+    a = Shards.open(prepare(str(tmp_path / "a.txt"), tmp_path / "a")).manifest
+    again = Shards.open(prepare(str(tmp_path / "a.txt"), tmp_path / "elsewhere")).manifest
+    b = Shards.open(prepare(str(tmp_path / "b.txt"), tmp_path / "b")).manifest
+    assert a["tokens_sha256"] == hashlib.sha256((tmp_path / "a" / "tokens.bin").read_bytes()).hexdigest()
+    assert identity(a) == identity(again) and identity_changes(identity(a), identity(again)) == []
+    changed = identity_changes(identity(a), identity(b))
+    assert [c.split()[0] for c in changed] == ["source_hash", "tokens", "tokens_sha256"]
+    assert f"source_hash {a['source_hash'][:12]!r} -> {b['source_hash'][:12]!r}" in changed
+    older = {k: v for k, v in identity(a).items() if k != "tokens_sha256"}  # a manifest from before the hash
+    assert identity_changes(older, identity(a)) == [] and identity_changes(older, identity(b))
 
 
 def _positions(tmp_path, n: int):

@@ -14,6 +14,7 @@ import yaml
 from conftest import unavailable
 from helpers import wait_for
 from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
+from windtunnel.data import identity, load
 
 pytestmark = pytest.mark.distributed
 
@@ -168,6 +169,8 @@ def test_torchrun_two_processes_resume_matches_uninterrupted(tmp_path):
     b, _ = curve(run_b)
     assert [e["step"] for e in events if e["event"] == "start"] == [0, 8]
     assert events[1]["resumed_from"] == "step-000000008" and events[1]["world"] == 2
+    # each launch logs which tokens it trains on (windtunnel.bench.validate_target compares them)
+    assert events[0]["data"] == events[1]["data"] == identity(load(proxy.data).manifest)
     assert sorted(a) == sorted(b) == list(range(1, 25))
     for step in b:  # float32 on CPU, same reduction order: equal to rounding
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), step

@@ -61,7 +61,7 @@ def test_shipped_sweep_files_ask_valid_trials(tmp_path, name):
         driver._lock.close()
 
 
-def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path):
+def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path, capsys):
     """lr down to 1e-6 gives the median pruner bad trials to stop. A trial that reached its budget
     was pruned at its last evaluation (and lost its loss). best.yaml records how its trial was
     trained (a CPU's threads set the order of float sums); re-run, it gives the same loss."""
@@ -88,7 +88,14 @@ def test_pruning_stops_bad_trials_early_and_the_best_config_reproduces(tmp_path)
                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert json.loads(rerun.stdout)["final_val_loss"] == study.best_value
-    assert "1 CPU thread(s), as the sweep trained it" in rerun.stderr
+    assert "1 CPU thread(s), as the sweep trained it" in rerun.stderr and "other tokens" not in rerun.stderr
+    # re-run on other tokens, it says its loss will not come back
+    from windtunnel.commands.trial import _as_trained
+    from windtunnel.config.trial import trial_from_dict, with_overrides
+
+    _as_trained(str(results / "quickstart" / "best.yaml"),
+                with_overrides(trial_from_dict(best["trial"]), {"data.max_bytes": 20000}))
+    assert "holds other tokens than the sweep trained this trial on (source_hash" in capsys.readouterr().err
 
 
 def test_a_trial_past_its_time_limit_is_retried_then_failed_with_its_reason(tmp_path):

@@ -95,3 +95,39 @@ def test_a_study_stored_before_data_val_split_existed_ran_with_the_tail(tmp_path
     with pytest.raises(ConfigError, match="data.val_split 'tail' -> 'spread'"):  # today's default
         open_study(load_sweep("quickstart", base), tmp_path)
     open_study(load_sweep("quickstart", base + ["data.val_split=tail"]), tmp_path)
+
+
+def test_a_study_resumed_over_other_tokens_at_the_same_path_is_refused(tmp_path):
+    """A fresh machine prepares data.source again (the GPU's prose slice is re-packed each session):
+    other text there would be ranked with the first trials as if one data set."""
+    import shutil
+
+    from windtunnel.data import prepare
+    from windtunnel.sweep import Driver
+
+    shards, text = tmp_path / "shards", tmp_path / "a.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 400)
+    prepare(str(text), shards)
+    base = [f"results_dir={tmp_path}", "tracking.enabled=false", f"data.source={shards}", "n_trials=1",
+            "population.size=1", "train.tokens=4096", "train.eval_every=2048", "train.eval_tokens=1024"]
+    first = Driver(load_sweep("quickstart", base), progress=False)
+    first.run()
+    tokens = first.study.user_attrs["data"]
+    assert first.study.trials[0].user_attrs["result"]["provenance"]["data"] == tokens
+    Driver(load_sweep("quickstart", base + ["n_trials=2"]), progress=False).run()  # the same tokens: resumed
+    shutil.rmtree(shards)
+    text.write_text("def g(y):\n    return y * 2\n" * 400)
+    prepare(str(text), shards)
+    with pytest.raises(ConfigError) as e:
+        Driver(load_sweep("quickstart", base + ["n_trials=3"]), progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data.source: study 'quickstart' trained its trials on other "
+                                              f"tokens (source_hash {tokens['source_hash'][:12]!r} -> ")
+    # a worker that reads other tokens than the study's (a cluster node's copy: the driver reads none
+    # there) fails its trials with the reason and stops the sweep
+    other = Driver(load_sweep("quickstart", base + ["name=other"]), progress=False)
+    other.study.set_user_attr("data", tokens)
+    with pytest.raises(ConfigError, match="^data.source: study 'other' trained its trials on other tokens"):
+        other.run()
+    [t] = other.study.trials
+    assert t.state.name == "FAIL" and t.user_attrs["result"]["reason"].startswith("data.source: study 'other'")

@@ -118,3 +118,33 @@ def test_a_resume_with_another_transfer_is_refused(tmp_path):
     (v / "train.yaml").write_text(json.dumps({**base, "data": {"val_split": "spread"}}))
     with pytest.raises(SystemExit, match="data.val_split 'spread', but the runs in .* were planned with 'tail'"):
         vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+
+
+def test_a_resume_over_other_tokens_is_refused_and_a_run_on_them_is_not_summarized(tmp_path):
+    """Each device call prepares the prose slice again from what it carries: re-packed from a rebuilt
+    corpus, it may hold other text, and runs on it would be compared with the first ones as if on the same."""
+    from windtunnel.data import Shards, identity, prepare
+
+    (tmp_path / "a.txt").write_text("one text\n" * 500)
+    (tmp_path / "b.txt").write_text("another text\n" * 500)
+    a, b = prepare(str(tmp_path / "a.txt"), tmp_path / "a"), prepare(str(tmp_path / "b.txt"), tmp_path / "b")
+    out, v = tmp_path / "out", tmp_path / "v"
+    out.mkdir(), v.mkdir()
+    base = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04, "d_model": 64, "n_layers": 2}}
+    (out / "plan.json").write_text(json.dumps({"transfer": base, "seeds": 2}))  # a plan from before it held "data"
+    (out / "data_manifest.json").write_text(json.dumps(Shards.open(a).manifest))  # the first runs' data
+    (v / "train.yaml").write_text(json.dumps({**base, "data": {"source": str(b)}}))
+    with pytest.raises(SystemExit, match=r"validate: .*/b holds other tokens than the runs in .* trained on "
+                                         r"\(source_hash '[0-9a-f]{12}' -> '[0-9a-f]{12}'; tokens"):
+        vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+    vt.train(v, out, 2, [f"data.source={a}"], deadline_s=0.0, est_s=1.0)  # their data: resumed
+    assert json.loads((out / "plan.json").read_text())["data"] == identity(Shards.open(a).manifest)
+    with pytest.raises(SystemExit, match="holds other tokens"):  # now from plan.json
+        vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+    write_run(out, "transferred_s0", 3.0)
+    assert vt.summarize(out)["runs_done"] == 1  # a run from before runs logged their data counts
+    recs = [{"event": "start", "step": 0, "data": identity(Shards.open(b).manifest)},
+            {"step": 2, "tokens": 20, "val_loss": 3.1}, {"event": "done", "step": 2}]
+    (out / "runs" / "lr_x2_s0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    with pytest.raises(SystemExit, match="validate: lr_x2_s0 trained on other tokens than .*'s plan"):
+        vt.summarize(out)

@@ -2,8 +2,9 @@
 
 Layout of a shard folder:
   tokens.bin      the whole corpus, one token id after another
-  manifest.json   {"tokenizer", "vocab_asked", "source_hash", "vocab_size", "tokens", "dtype", "source"}
-                  (BPE may stop short of vocab_asked: vocab_size is what the tokenizer holds)
+  manifest.json   {"tokenizer", "vocab_asked", "source_hash", "vocab_size", "tokens", "tokens_sha256",
+                  "dtype", "source"} (BPE may stop short of vocab_asked: vocab_size is what the
+                  tokenizer holds)
   tokenizer.json  (bpe only) the trained HF `tokenizers` model
 
 The fixed validation split is the last `val_fraction` of the tokens (`data.val_split=tail`), or the
@@ -233,6 +234,7 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
         dtype = np.uint16 if vocab <= 2**16 else np.uint32
         ids.astype(dtype).tofile(tmp / "tokens.bin")
         manifest = {**settings, "vocab_size": int(vocab), "tokens": int(ids.size),
+                    "tokens_sha256": hashlib.sha256((tmp / "tokens.bin").read_bytes()).hexdigest(),
                     "dtype": np.dtype(dtype).name, "source": name, **about}
         write_json(tmp / "manifest.json", manifest)
         try:
@@ -245,6 +247,23 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
         Path(lock.name).unlink(missing_ok=True)
         lock.close()
     return out_dir
+
+
+# What says which token stream a folder holds, wherever it lies: a study's trials, or a validation's
+# runs, resumed on a fresh machine over data prepared again must be measured on the same tokens.
+IDENTITY = ("source_hash", "tokenizer", "vocab_size", "tokenizer_sha256", "tokens", "tokens_sha256")
+
+
+def identity(manifest: dict) -> dict:
+    """The manifest's IDENTITY fields (older manifests lack the hashes of tokens and tokenizer)."""
+    return {k: manifest[k] for k in IDENTITY if k in manifest}
+
+
+def identity_changes(before: dict, now: dict) -> list[str]:
+    """'field old -> new' for each IDENTITY field both hold and that differs (hashes shortened)."""
+    short = lambda v: v[:12] if isinstance(v, str) and len(v) == 64 else v  # noqa: E731
+    return [f"{k} {short(before[k])!r} -> {short(now[k])!r}" for k in IDENTITY
+            if k in before and k in now and before[k] != now[k]]
 
 
 # data.val_split=spread: at most this many strata, each holding at least this many validation tokens

@@ -218,7 +218,8 @@ class LargeRun:
 
             self._tracker = RunTracker.for_run(self.cfg, self.run, self.run_dir, self.world, self.device)
         self._log({"event": "start", "step": start, "resumed_from": resumed_from, "world": self.world,
-                   "device": self.device.type, "total_steps": self.total_steps})
+                   "device": self.device.type, "total_steps": self.total_steps,
+                   "data": data_mod.identity(self.shards.manifest)})
 
     # -- the loop -------------------------------------------------------------------------------
     def train_step(self) -> dict:

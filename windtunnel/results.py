@@ -155,7 +155,7 @@ def write_tables(study: optuna.Study, sweep_dir: Path, driver_running: bool = Fa
     if best is not None:
         prov = best.user_attrs.get("result", {}).get("provenance", {})
         doc = {"sweep": study.study_name, "number": best.number, "value": best.value, "params": best.params,
-               "trained_with": {k: prov[k] for k in ("device", "threads", "population") if k in prov},
+               "trained_with": {k: prov[k] for k in ("device", "threads", "population", "data") if k in prov},
                "trial": best.user_attrs["config"]}
         write_text(sweep_dir / BEST, yaml.safe_dump(doc, sort_keys=False))
     return df

@@ -12,6 +12,7 @@ import optuna
 from optuna.storages import JournalStorage
 
 from windtunnel.config.trial import RUN_ONLY, changed_settings, settings
+from windtunnel.data import identity_changes
 from windtunnel.errors import ConfigError
 from windtunnel.journal import JournalFile
 from windtunnel.config.space import Param, grid_space, parse_search
@@ -150,6 +151,22 @@ def _check_resumed(study: optuna.Study, cfg: SweepConfig) -> None:
     if changed:
         raise ConfigError(f"{changed[0].split()[0]}: study {cfg.name!r} ran its trials with other settings "
                           f"({'; '.join(changed)}); set them back, or use a new name= or results_dir=")
+
+
+def check_data(study: optuna.Study, name: str, data: dict | None) -> None:
+    """The study's first data identity (windtunnel.data.identity) is kept; data that differs is
+    refused: the same data.source path on a fresh machine may hold tokens prepared from other text.
+    Asked by the driver where it can read the data, and of every result a worker returns."""
+    if not data:
+        return
+    before = study.user_attrs.get("data")
+    if before is None:
+        study.set_user_attr("data", data)
+        return
+    changed = identity_changes(before, data)
+    if changed:
+        raise ConfigError(f"data.source: study {name!r} trained its trials on other tokens "
+                          f"({'; '.join(changed)}); point it at that data, or use a new name= or results_dir=")
 
 
 def open_study(cfg: SweepConfig, sweep_dir: Path) -> optuna.Study:

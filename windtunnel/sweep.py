@@ -24,7 +24,7 @@ from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
 from windtunnel.grid_extend import MARK, edge_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
-from windtunnel.search import distributions, fixed_params, open_study, storage_url
+from windtunnel.search import check_data, distributions, fixed_params, open_study, storage_url
 from windtunnel.config.sweep import SweepConfig, trial_seeds
 from windtunnel.trainer import bundle_key, resolve_device
 from windtunnel.worker import RESULT
@@ -81,12 +81,16 @@ class Driver:
         self.cfg = cfg
         self.stop = stop or StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.dir = Path(cfg.results_dir) / cfg.name
-        if cfg.executor.type == "local":
-            preflight(cfg)
+        shards = preflight(cfg) if cfg.executor.type == "local" else None
         self.executor = make_executor(cfg.executor, self.dir)  # before any write: an absent cluster is an error
         self.dir.mkdir(parents=True, exist_ok=True)
         self._lock = hold_driver_lock(self.dir)  # before the study: recover() would take a live driver's trials
-        self.study = open_study(cfg, self.dir)
+        try:  # a refused resume frees the sweep for the next driver in this process too
+            self.study = open_study(cfg, self.dir)
+            check_data(self.study, cfg.name, data.identity(shards.manifest) if shards else None)
+        except ConfigError:
+            self._lock.close()
+            raise
         self.study.set_user_attr("fixed", json.dumps(fixed_params(cfg)))
         self.study.set_user_attr("sweep", json.dumps(to_dict(cfg), default=str))
         self.dists = distributions(cfg)
@@ -261,6 +265,12 @@ class Driver:
                     self._tell(t, "failed", None, {"reason": f"{type(outcome).__name__}: {outcome}"})
             else:
                 by_number = {r["number"]: r for r in outcome}
+                try:  # a worker that read other data than the study's (a Ray or Slurm node's copy)
+                    check_data(self.study, self.cfg.name, outcome[0].get("provenance", {}).get("data") if outcome else None)
+                except ConfigError as e:
+                    for t in b.trials:
+                        self._tell(t, "failed", None, {"reason": str(e)})
+                    raise
                 self.trained += max((r.get("seconds") or 0.0 for r in outcome), default=0.0)
                 for t in b.trials:  # by number: a re-attached bundle may hold a subset of its trials
                     r = by_number[t.number]
@@ -325,7 +335,7 @@ class Driver:
                 if not self.running and not self.ready and self.remaining() <= 0 and not self.extend():
                     break
                 time.sleep(0.05)
-        except (KeyboardInterrupt, ExecutorGone, DiskFull) as e:  # trials left running: the next run re-runs them
+        except (KeyboardInterrupt, ExecutorGone, DiskFull, ConfigError) as e:  # trials left running: the next run re-runs them
             for b in self.running:
                 b.handle.cancel()
             self.executor.close()
@@ -361,13 +371,14 @@ class Driver:
                 "pruned": self.tally.pruned, "failed": self.tally.failed, "files": [str(f) for f in files], **stats}
 
 
-def preflight(cfg: SweepConfig) -> None:
+def preflight(cfg: SweepConfig) -> data.Shards:
     """What `windtunnel trial` refuses (no CUDA for train.device=cuda or model.kernels=triton, a
     missing data.source), refused before anything is written, by the same functions, rather than
-    failing every trial. Local executor only: Ray's and Slurm's workers run on other machines."""
+    failing every trial. Local executor only: Ray's and Slurm's workers run on other machines.
+    Returns the data, prepared (and cached) once here instead of by the first workers."""
     trial = cfg.trial
     select_kernels(trial.model.kernels, resolve_device(trial.train.device))
-    data.load(trial.data)  # prepared (and cached) once here instead of by the first workers
+    return data.load(trial.data)
 
 
 def hold_driver_lock(sweep_dir: Path):

@@ -44,6 +44,7 @@ def run_bundle(payload: dict) -> list[dict]:
     """Train the payload's trials as one population; one result dict per trial, in order."""
     import torch
 
+    from windtunnel import data
     from windtunnel.config.trial import trial_from_dict, with_overrides
     from windtunnel.provenance import provenance
     from windtunnel.trainer import Population, resolve_device, train_branches
@@ -69,7 +70,9 @@ def run_bundle(payload: dict) -> list[dict]:
         pop.release()
     # what the loss depends on beyond the config: a CPU's thread count and the stack's size set
     # the order of float sums (`windtunnel trial --config best.yaml` reads them back)
-    prov = {**provenance(device), "threads": torch.get_num_threads(), "population": stacked}
+    # and which tokens it trained on: the driver refuses a study resumed over other data (check_data)
+    prov = {**provenance(device), "threads": torch.get_num_threads(), "population": stacked,
+            "data": data.identity(data.load(cfgs[0].data).manifest)}
     extra = {"resumed_from_step": resumed} if resumed is not None else {}
     return [{"number": t["number"], **r.to_dict(), "provenance": prov, **extra}
             for t, r in zip(payload["trials"], results)]

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import yaml
 
+from windtunnel import data
+from windtunnel.config.large_run import load_config, read
 from windtunnel.config.trial import changed_settings, settings
 from windtunnel.confirm import t_interval
 from windtunnel.files import write_atomically, write_json, write_text
@@ -63,7 +65,7 @@ def plan(base: dict, seeds: int) -> list[tuple[str, str, int, dict]]:
 
 
 def final(jsonl: Path) -> dict | None:
-    """The run's last val_loss and its wall time, once its `done` event is in; None before."""
+    """The run's last val_loss, its wall time and data identity, once its `done` event is in; None before."""
     if not jsonl.exists():
         return None
     recs = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
@@ -71,8 +73,10 @@ def final(jsonl: Path) -> dict | None:
         return None
     vals = [r for r in recs if "val_loss" in r]
     steps = [r for r in recs if "loss" in r and "step" in r]
+    tokens = next((r["data"] for r in recs if r.get("event") == "start" and "data" in r), None)  # logged since session 20
     return {"val_loss": vals[-1]["val_loss"] if vals else None, "tokens": vals[-1]["tokens"] if vals else None,
-            "seconds": steps[-1].get("seconds") if steps else None, "diverged": not vals or not math.isfinite(vals[-1]["val_loss"])}
+            "seconds": steps[-1].get("seconds") if steps else None, "data": tokens,
+            "diverged": not vals or not math.isfinite(vals[-1]["val_loss"])}
 
 
 def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_s: float, est_s: float) -> None:
@@ -85,6 +89,7 @@ def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_
             key, was, _, now = changed[0].split(" ", 3)
             raise SystemExit(f"validate: {transfer_dir}/train.yaml has {key} {now}, but the runs in {out} "
                              f"were planned with {was}: transfer as they were (their transfer.md), or give a new --out")
+    tokens = data_identity(transfer_dir, out, extra)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
@@ -110,10 +115,33 @@ def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_
             shutil.copyfile(jsonl, runs_dir / f"{rid}.jsonl.tmp")
             os.replace(runs_dir / f"{rid}.jsonl.tmp", runs_dir / f"{rid}.jsonl")
         est_s = max(est_s, time.monotonic() - started)
-        print(f"validate: {rid} exit {rc} in {time.monotonic() - started:.0f} s: {final(runs_dir / f'{rid}.jsonl')}",
+        done = {k: v for k, v in (final(runs_dir / f"{rid}.jsonl") or {}).items() if k != "data"}
+        print(f"validate: {rid} exit {rc} in {time.monotonic() - started:.0f} s: {done or None}",
               flush=True)
     write_json(out / "plan.json", {"transfer": yaml.safe_load((transfer_dir / "train.yaml").read_text()),
-                                   "extra": extra, "seeds": seeds})
+                                   "extra": extra, "seeds": seeds, "data": tokens})
+
+
+def data_identity(transfer_dir: Path, out: Path, extra: list[str]) -> dict:
+    """The identity of the tokens the runs will train on (windtunnel.data.identity), refused when the
+    runs already in OUT trained on others: a fresh machine prepares its data.source again, maybe
+    from other text. OUT/data_manifest.json keeps the first runs' manifest (plans before it was
+    recorded in plan.json hold none)."""
+    cfg, _ = load_config(read(transfer_dir / "train.yaml", extra))
+    manifest = {k: v for k, v in data.load(cfg.data).manifest.items() if k != "corpus"}
+    now = data.identity(manifest)
+    kept = out / "data_manifest.json"
+    plan_file = out / "plan.json"
+    before = json.loads(plan_file.read_text()).get("data") if plan_file.exists() else None
+    if before is None and kept.exists():
+        before = data.identity(json.loads(kept.read_text()))
+    changed = data.identity_changes(before, now) if before else []
+    if changed:
+        raise SystemExit(f"validate: {cfg.data.source} holds other tokens than the runs in {out} trained on "
+                         f"({'; '.join(changed)}): prepare theirs again ({kept}), or give a new --out")
+    if not kept.exists():
+        write_json(kept, manifest)
+    return now
 
 
 def summarize(out: Path) -> dict:
@@ -123,6 +151,9 @@ def summarize(out: Path) -> dict:
     base = cfg.get("transfer")
     for rid, name, seed, over in plan(base, cfg.get("seeds", 2)) if base else []:
         f = final(out / "runs" / f"{rid}.jsonl")
+        changed = data.identity_changes(cfg.get("data") or {}, f.pop("data", None) or {}) if f else []
+        if changed:  # a run copied in from another plan's data would be compared as if on the same
+            raise SystemExit(f"validate: {rid} trained on other tokens than {out}'s plan ({'; '.join(changed)})")
         if f:
             rows.append({"run": rid, "config": name, "seed": seed, "lr": over["optim.lr"],
                          "init_std": over["model.init_std"], **f})

@@ -54,6 +54,7 @@ def _as_trained(config_file: str, cfg) -> None:
     import torch
 
     from windtunnel.config.overrides import load_yaml
+    from windtunnel.data import identity, identity_changes, load
     from windtunnel.trainer import resolve_device
 
     how = load_yaml(config_file).get("trained_with") or {}
@@ -65,3 +66,7 @@ def _as_trained(config_file: str, cfg) -> None:
     if int(how.get("population") or 1) > 1:
         print(f"windtunnel trial: the sweep trained this trial in a population of {how['population']}: "
               "its loss comes back within float noise, not bit for bit", file=sys.stderr)
+    changed = identity_changes(how.get("data") or {}, identity(load(cfg.data).manifest))
+    if changed:
+        print(f"windtunnel trial: data.source {cfg.data.source} holds other tokens than the sweep trained this "
+              f"trial on ({'; '.join(changed)}): its loss will not come back", file=sys.stderr)

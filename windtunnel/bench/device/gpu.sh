@@ -168,11 +168,11 @@ case $stage in
     prose_data; D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
     # the committed finished runs are kept, not re-run, when the output is elsewhere
     [ "$V" = results/windtunnel/validate_0.5b ] || { cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null
-      cp -n results/windtunnel/validate_0.5b/plan.json "$V/"; } || true
+      cp -n results/windtunnel/validate_0.5b/plan.json results/windtunnel/validate_0.5b/data_manifest.json "$V/"; } || true
     [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
       --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/validate_0.5b/horizon_law.json --out /tmp/v \
       run_name=v data_source="$D" > "$V/transfer.log"
-    cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"; cp "$D/manifest.json" "$V/data_manifest.json"
+    cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"  # validate_target keeps the first runs' data_manifest.json
     python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
     tar czf "$OUT/validate.tgz" "$V" ;;
   bg)  # STAGE ARGS in its own session: it outlives this call while the machine stays warm (30 s between
