@@ -106,6 +106,9 @@ def test_confirm_runs_replicates_as_populations_resumes_and_logs_each_to_mlflow(
     add = "model.scale_emb=12,model.scale_depth=1.4,model.init_std=0.1,optim.lr=0.01"
     args = ["confirm", str(sweep), "--top", "2", "--add", add, "--scale-pairs", "0.25,4", "-q",
             "population.size=8", "data.max_bytes=300000"]
+    run = _cli(*args[:-1], "data.max_bytes=200000", "--seeds", "2", cwd=tmp_path)  # other tokens: not this search's
+    assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr[-2000:]
+    assert run.stderr.startswith("windtunnel confirm: error: data.source: stdlib holds other tokens than the search")
     run = _cli(*args, "--seeds", "2", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert "| configuration | n ok | mean |" in run.stdout and "**winner**" in run.stdout

@@ -47,6 +47,14 @@ def run(args) -> int:
                           f"(e.g. {d.parent / study.study_name.removesuffix('-confirm')})")
     cands = candidates(study, args.top, adds, factors, trial_overrides)
     cfg = confirm_sweep(study, d.resolve(), args.overrides, len(cands) * args.seeds)
+    searched = study.user_attrs.get("data")  # replicates on other tokens would not confirm this search
+    if searched and cfg.executor.type == "local":  # elsewhere the workers' results are checked (check_data)
+        from windtunnel import data
+
+        changed = data.identity_changes(searched, data.identity(data.load(cfg.trial.data).manifest))
+        if changed:
+            raise ConfigError(f"data.source: {cfg.trial.data.source} holds other tokens than the search {d} trained on "
+                              f"({'; '.join(changed)}); confirm it on its own data, or search these")
     from windtunnel.sweep import run_sweep
 
     out = run_sweep(cfg, progress=not args.quiet,

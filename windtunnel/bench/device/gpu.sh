@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # How the committed GPU results were made: run from the repository root on a lent H100 or H200 (the
 # `device` tool; its python3 has torch 2.11 and triton 3.6). Packages it lacks travel as wheels
-# in .whl/ (optuna, hydra-core, omegaconf, ...); the BPE shards in .cache/stdlib-bpe16k were made
-# here with `windtunnel data prepare stdlib --out .cache/stdlib-bpe16k --tokenizer bpe
-# --vocab-size 16384 --max-bytes 24000000`, the wheels with `pip download --no-deps --only-binary=:all:
-# --python-version 3.12 --platform manylinux2014_x86_64 -d .whl NAME==VERSION` (both are ignored by git:
-# make them first; the device's call carries them). Each stage resumes from the study it finds.
+# in .whl/ (optuna, hydra-core, omegaconf, ...: `bash windtunnel/bench/device/wheels.sh` makes them);
+# the BPE shards in .cache/stdlib-bpe16k were made here with `windtunnel data prepare stdlib --out
+# .cache/stdlib-bpe16k --tokenizer bpe --vocab-size 16384 --max-bytes 24000000`, the prose slice in
+# .carry/prose with `windtunnel data pack prose --max-tokens 32e6 --out .carry/prose` (all ignored by
+# git: make them first; the device's call carries them). Each stage resumes from the study it finds.
 #   bash windtunnel/bench/device/gpu.sh bench               # results/bench/population.*
 #   bash windtunnel/bench/device/gpu.sh peers [ARGS]        # issue 27: population vs the peers a user would pick,
 #                                                      # a K=32 profile, the step's bound (population.*, step_budget.*)
