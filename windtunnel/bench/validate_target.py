@@ -73,7 +73,7 @@ def final(jsonl: Path) -> dict | None:
         return None
     vals = [r for r in recs if "val_loss" in r]
     steps = [r for r in recs if "loss" in r and "step" in r]
-    tokens = next((r["data"] for r in recs if r.get("event") == "start" and "data" in r), None)  # logged since session 20
+    tokens = next((r["data"] for r in recs if r.get("event") == "start" and "data" in r), None)  # older runs logged none
     return {"val_loss": vals[-1]["val_loss"] if vals else None, "tokens": vals[-1]["tokens"] if vals else None,
             "seconds": steps[-1].get("seconds") if steps else None, "data": tokens,
             "diverged": not vals or not math.isfinite(vals[-1]["val_loss"])}
@@ -131,11 +131,7 @@ def data_identity(transfer_dir: Path, out: Path, extra: list[str]) -> dict:
     manifest = {k: v for k, v in data.load(cfg.data).manifest.items() if k != "corpus"}
     now = data.identity(manifest)
     kept = out / "data_manifest.json"
-    plan_file = out / "plan.json"
-    before = json.loads(plan_file.read_text()).get("data") if plan_file.exists() else None
-    if before is None and kept.exists():
-        before = data.identity(json.loads(kept.read_text()))
-    changed = data.identity_changes(before, now) if before else []
+    changed = data.identity_changes(planned_data(out), now)
     if changed:
         raise SystemExit(f"validate: {cfg.data.source} holds other tokens than the runs in {out} trained on "
                          f"({'; '.join(changed)}): prepare theirs again ({kept}), or give a new --out")
@@ -144,14 +140,24 @@ def data_identity(transfer_dir: Path, out: Path, extra: list[str]) -> dict:
     return now
 
 
+def planned_data(out: Path) -> dict:
+    """The data identity OUT's runs trained on: plan.json's, else (plans from before it held one)
+    that of the first runs' data_manifest.json; {} for a new OUT."""
+    plan_file, kept = out / "plan.json", out / "data_manifest.json"
+    planned = json.loads(plan_file.read_text()).get("data") if plan_file.exists() else None
+    if planned is None and kept.exists():
+        planned = data.identity(json.loads(kept.read_text()))
+    return planned or {}
+
+
 def summarize(out: Path) -> dict:
     """validate.json, validate.csv and report.md from OUT/runs/; the goal judged only where seeds allow."""
     cfg = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else {}
     rows, by = [], {}
-    base = cfg.get("transfer")
+    base, planned = cfg.get("transfer"), planned_data(out)
     for rid, name, seed, over in plan(base, cfg.get("seeds", 2)) if base else []:
         f = final(out / "runs" / f"{rid}.jsonl")
-        changed = data.identity_changes(cfg.get("data") or {}, f.pop("data", None) or {}) if f else []
+        changed = data.identity_changes(planned, f.pop("data", None) or {}) if f else []
         if changed:  # a run copied in from another plan's data would be compared as if on the same
             raise SystemExit(f"validate: {rid} trained on other tokens than {out}'s plan ({'; '.join(changed)})")
         if f:
