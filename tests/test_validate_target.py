@@ -106,7 +106,9 @@ def test_a_resume_with_another_transfer_is_refused(tmp_path):
     lr (the horizon law refitted in between) would mix two plans in one table."""
     out, v = tmp_path / "out", tmp_path / "v"
     v.mkdir()
-    base = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04, "d_model": 64, "n_layers": 2}}
+    # as stored before data.val_split existed (a section without the field)
+    base = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04, "d_model": 64, "n_layers": 2},
+            "data": {"val_fraction": 0.02}}
     out.mkdir()
     (out / "plan.json").write_text(json.dumps({"transfer": base, "seeds": 2}))
     (v / "train.yaml").write_text(json.dumps({**base, "optim": {"lr": 0.0025}}))  # JSON is YAML
@@ -118,6 +120,14 @@ def test_a_resume_with_another_transfer_is_refused(tmp_path):
     (v / "train.yaml").write_text(json.dumps({**base, "data": {"val_split": "spread"}}))
     with pytest.raises(SystemExit, match="data.val_split 'spread', but the runs in .* were planned with 'tail'"):
         vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+    # nor with another split given as an override to every run, either way round
+    (v / "train.yaml").write_text(json.dumps(base))
+    with pytest.raises(SystemExit, match="data.val_split 'spread', but the runs in .* were planned with 'tail'"):
+        vt.train(v, out, 2, ["data.val_split=spread"], deadline_s=0.0, est_s=1.0)
+    (out / "plan.json").write_text(json.dumps({"transfer": base, "seeds": 2, "extra": ["data.val_split=spread"]}))
+    with pytest.raises(SystemExit, match="data.val_split 'tail', but the runs in .* were planned with 'spread'"):
+        vt.train(v, out, 2, [], deadline_s=0.0, est_s=1.0)
+    vt.train(v, out, 2, ["data.val_split=spread"], deadline_s=0.0, est_s=1.0)
 
 
 def test_a_resume_over_other_tokens_is_refused_and_a_run_on_them_is_not_summarized(tmp_path):
@@ -131,7 +141,7 @@ def test_a_resume_over_other_tokens_is_refused_and_a_run_on_them_is_not_summariz
     out, v = tmp_path / "out", tmp_path / "v"
     out.mkdir(), v.mkdir()
     base = {"optim": {"lr": 0.002}, "model": {"init_std": 0.04, "d_model": 64, "n_layers": 2}}
-    (out / "plan.json").write_text(json.dumps({"transfer": base, "seeds": 2}))  # a plan from before it held "data"
+    (out / "plan.json").write_text(json.dumps({"transfer": {**base, "data": {"source": str(a)}}, "seeds": 2}))  # before "data"
     (out / "data_manifest.json").write_text(json.dumps(Shards.open(a).manifest))  # the first runs' data
     (v / "train.yaml").write_text(json.dumps({**base, "data": {"source": str(b)}}))
     with pytest.raises(SystemExit, match=r"validate: .*/b holds other tokens than the runs in .* trained on "

@@ -21,6 +21,7 @@ over the configurations with 2+ seeds) of the best configuration's mean.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import yaml
 
 from windtunnel import data
 from windtunnel.config.large_run import load_config, read
+from windtunnel.config.overrides import apply
 from windtunnel.config.trial import changed_settings, settings
 from windtunnel.confirm import t_interval
 from windtunnel.files import write_atomically, write_json, write_text
@@ -81,14 +83,17 @@ def final(jsonl: Path) -> dict | None:
 
 def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_s: float, est_s: float) -> None:
     base = yaml.safe_load((transfer_dir / "train.yaml").read_text())
-    planned = json.loads((out / "plan.json").read_text()).get("transfer") if (out / "plan.json").exists() else None
+    planned = json.loads((out / "plan.json").read_text()) if (out / "plan.json").exists() else None
     if planned is not None:  # a resume trains the rest of the same plan, or its runs would not compare
         keys = ("optim.lr", "model.init_std", "model.d_model", "model.n_layers", "data.val_split", "data.val_fraction")
-        changed = changed_settings(settings(planned), settings(base), [k for k in keys if k in settings(base)])
+        # each side as its runs train it: the transfer with the overrides given to every run
+        was = settings(load_config(apply(copy.deepcopy(planned["transfer"]), planned.get("extra", [])))[0])
+        changed = changed_settings(was, settings(load_config(read(transfer_dir / "train.yaml", extra))[0]), keys)
         if changed:
             key, was, _, now = changed[0].split(" ", 3)
-            raise SystemExit(f"validate: {transfer_dir}/train.yaml has {key} {now}, but the runs in {out} "
-                             f"were planned with {was}: transfer as they were (their transfer.md), or give a new --out")
+            raise SystemExit(f"validate: {transfer_dir}/train.yaml and the overrides give {key} {now}, but the runs in "
+                             f"{out} were planned with {was}: transfer and override as they were (plan.json), "
+                             "or give a new --out")
     tokens = data_identity(transfer_dir, out, extra)
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
