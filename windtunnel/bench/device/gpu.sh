@@ -19,7 +19,7 @@
 #   bash windtunnel/bench/device/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash windtunnel/bench/device/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
 #   bash windtunnel/bench/device/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
-#   bash windtunnel/bench/device/gpu.sh validate [ARGS]    # results/windtunnel/validate_0.5b/ (issue 24.6; resumes)
+#   bash windtunnel/bench/device/gpu.sh validate [ARGS]    # results/windtunnel/validate_0.5b*/ (WT_VALIDATE; 24.6; resumes)
 #   bash windtunnel/bench/device/gpu.sh hf                  # the ~0.5B export: short run, export-hf, transformers' loss
 #   bash windtunnel/bench/device/gpu.sh bg STAGE [ARGS]     # STAGE in the background, past one call's 10 minutes
 #   bash windtunnel/bench/device/gpu.sh join [S] [PATHS]    # wait up to S s for it; $OUT/bg.tgz (its $OUT, log, PATHS under /tmp)
@@ -160,20 +160,20 @@ case $stage in
     cp /tmp/run-hf/runs/hf/loss.jsonl /tmp/hf-model/config.json "$W/"
     set +e; python3 -m windtunnel.bench.hf_check /tmp/hf-model --run /tmp/run-hf 2>"$W/hf_check.err" | tee "$W/hf_check.json"
     rc=${PIPESTATUS[0]}; set -e; tar czf "$OUT/hf.tgz" -C "$W" .; exit "$rc" ;;
-  validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b for 30M tokens of prose,
-    # beside lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target), with the horizon
-    # law its first runs were planned with (validate_0.5b/horizon_law.json, the five-point fit since refitted:
-    # validate_target refuses a transfer whose lr differs from the committed plan's).
-    # The prose slice travels packed (docs/data.md, "Carrying prose to the GPU machine") in .carry/prose.
-    prose_data; D=/tmp/prose V=${WT_VALIDATE_OUT:-results/windtunnel/validate_0.5b}; mkdir -p "$V/runs"
+  validate)  # issue 24 item 6: the confirmed mup_hp winner transferred to h100-0.5b for 30M tokens of prose, beside
+    # lr/init_std factors and MiniCPM's values, 2 seeds (windtunnel.bench.validate_target). WT_VALIDATE names the
+    # committed folder (default validate_0.5b): its transfer.args hold the transfer's flags its runs were planned with,
+    # its validate.args the overrides of every run; validate_target refuses a resume whose transfer, overrides or
+    # tokens differ from the plan's. The prose slice travels packed (docs/data.md) in .carry/prose.
+    prose_data; D=/tmp/prose VC=${WT_VALIDATE:-results/windtunnel/validate_0.5b}; V=${WT_VALIDATE_OUT:-$VC}; T=/tmp/v-$(basename "$VC")
+    mkdir -p "$V/runs"
     # the committed finished runs are kept, not re-run, when the output is elsewhere
-    [ "$V" = results/windtunnel/validate_0.5b ] || { cp -n results/windtunnel/validate_0.5b/runs/*.jsonl "$V/runs/" 2>/dev/null
-      cp -n results/windtunnel/validate_0.5b/plan.json results/windtunnel/validate_0.5b/data_manifest.json "$V/"; } || true
-    [ -f /tmp/v/train.yaml ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
-      --tokens 30000000 --batch-size 32768 --horizon-law results/windtunnel/validate_0.5b/horizon_law.json --out /tmp/v \
-      run_name=v data_source="$D" > "$V/transfer.log"
-    cp /tmp/v/transfer.md /tmp/v/train.yaml "$V/"  # validate_target keeps the first runs' data_manifest.json
-    python3 -m windtunnel.bench.validate_target /tmp/v --out "$V" --seeds 2 "$@" 2>&1 | tee "$OUT/validate.log"
+    [ "$V" = "$VC" ] || { cp -n "$VC"/runs/*.jsonl "$V/runs/" 2>/dev/null; cp -n "$VC/plan.json" "$VC/data_manifest.json" "$V/" 2>/dev/null; } || true
+    [ -f "$T/train.yaml" ] || python3 -m windtunnel.cli transfer results/windtunnel/mup_hp-confirm --target h100-0.5b \
+      --tokens 30000000 --batch-size 32768 $(cat "$VC/transfer.args") --out "$T" run_name=v data_source="$D" > "$V/transfer.log"
+    cp "$T/transfer.md" "$T/train.yaml" "$V/"  # validate_target keeps the first runs' data_manifest.json
+    python3 -m windtunnel.bench.validate_target "$T" --out "$V" --seeds 2 $(cat "$VC/validate.args" 2>/dev/null) "$@" 2>&1 \
+      | tee "$OUT/validate.log"
     tar czf "$OUT/validate.tgz" "$V" ;;
   bg)  # STAGE ARGS in its own session: it outlives this call while the machine stays warm (30 s between
     # calls), so a stage longer than one call's 10 minutes runs on; `join` collects it. Its $OUT is /tmp/bg.
