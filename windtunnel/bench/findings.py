@@ -73,8 +73,9 @@ def collect(results: Path) -> dict:
                               "larger_not_better_at": worse, "n_max": float(pts["N"].max()), "sweep": wsd.parent.name}
     for name, key in VALIDATIONS:
         v = results / name / "validate.json"
-        if v.is_file() and json.loads(v.read_text())["runs_done"]:
-            trust[key] = {k: val for k, val in json.loads(v.read_text()).items() if k != "runs"}
+        summary = json.loads(v.read_text()) if v.is_file() else {}
+        if summary.get("runs_done"):  # a planned validation with no run yet has no row
+            trust[key] = {k: val for k, val in summary.items() if k != "runs"}
     hf = results / "export_hf" / "hf_check.json"
     if hf.is_file():
         trust["export_hf"] = json.loads(hf.read_text())
