@@ -131,3 +131,9 @@ def test_a_study_resumed_over_other_tokens_at_the_same_path_is_refused(tmp_path)
         other.run()
     [t] = other.study.trials
     assert t.state.name == "FAIL" and t.user_attrs["result"]["reason"].startswith("data.source: study 'other'")
+    # a confirmation's driver is given its search's tokens: its new study takes them, so every worker's
+    # result is held to the search's data on any executor; here the driver's own read refuses first
+    with pytest.raises(ConfigError, match="^data.source: study 'third' trained its trials on other tokens"):
+        Driver(load_sweep("quickstart", base + ["name=third"]), progress=False, tokens=tokens)
+    from windtunnel.results import open_sweep_study
+    assert open_sweep_study(tmp_path / "third").user_attrs["data"] == tokens

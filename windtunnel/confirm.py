@@ -166,10 +166,11 @@ class ConfirmDriver(Driver):
     """The sweep driver over a fixed list of replicates instead of a sampler's asks: each trial it
     asks takes the next replicate not yet finished or running (a retry keeps its own)."""
 
-    def __init__(self, cfg: SweepConfig, cands: list[Candidate], seeds: int, progress: bool = True, stop=None):
+    def __init__(self, cfg: SweepConfig, cands: list[Candidate], seeds: int, progress: bool = True, stop=None,
+                 tokens: dict | None = None):
         self.cands = {c.key: c for c in cands}
         self.request = [(c.key, r) for c in cands for r in range(seeds)]
-        super().__init__(dataclasses.replace(cfg, n_trials=len(self.request)), progress, stop)
+        super().__init__(dataclasses.replace(cfg, n_trials=len(self.request)), progress, stop, tokens)
         held = json.loads(self.study.user_attrs.get("candidates", "{}"))
         held.update({c.key: {"label": c.label, "config": c.config} for c in cands})
         self.study.set_user_attr("candidates", json.dumps(held, default=str))

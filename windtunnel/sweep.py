@@ -77,7 +77,10 @@ class StopRequest:
 
 
 class Driver:
-    def __init__(self, cfg: SweepConfig, progress: bool = True, stop: StopRequest | None = None):
+    def __init__(self, cfg: SweepConfig, progress: bool = True, stop: StopRequest | None = None,
+                 tokens: dict | None = None):
+        """tokens: the data identity every trial must train on where the study has none yet (a
+        confirmation's is its search's); each worker's result is checked against it on every executor."""
         self.cfg = cfg
         self.stop = stop or StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.dir = Path(cfg.results_dir) / cfg.name
@@ -87,6 +90,7 @@ class Driver:
         self._lock = hold_driver_lock(self.dir)  # before the study: recover() would take a live driver's trials
         try:  # a refused resume frees the sweep for the next driver in this process too
             self.study = open_study(cfg, self.dir)
+            check_data(self.study, cfg.name, tokens)
             check_data(self.study, cfg.name, data.identity(shards.manifest) if shards else None)
         except ConfigError:
             self._lock.close()

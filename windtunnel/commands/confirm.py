@@ -48,7 +48,7 @@ def run(args) -> int:
     cands = candidates(study, args.top, adds, factors, trial_overrides)
     cfg = confirm_sweep(study, d.resolve(), args.overrides, len(cands) * args.seeds)
     searched = study.user_attrs.get("data")  # replicates on other tokens would not confirm this search
-    if searched and cfg.executor.type == "local":  # elsewhere the workers' results are checked (check_data)
+    if searched and cfg.executor.type == "local":  # elsewhere the driver checks each worker's result against it
         from windtunnel import data
 
         changed = data.identity_changes(searched, data.identity(data.load(cfg.trial.data).manifest))
@@ -58,7 +58,7 @@ def run(args) -> int:
     from windtunnel.sweep import run_sweep
 
     out = run_sweep(cfg, progress=not args.quiet,
-                    driver=lambda c, progress, stop: ConfirmDriver(c, cands, args.seeds, progress, stop))
+                    driver=lambda c, progress, stop: ConfirmDriver(c, cands, args.seeds, progress, stop, searched))
     folder = Path(out["dir"])
     print("\n".join(table_lines(summary_frame(open_sweep_study(folder)))))
     print(f"\n{len(cands)} configurations × {args.seeds} seeds: {out['finished']} replicates finished "
