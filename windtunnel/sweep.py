@@ -79,8 +79,8 @@ class StopRequest:
 class Driver:
     def __init__(self, cfg: SweepConfig, progress: bool = True, stop: StopRequest | None = None,
                  tokens: dict | None = None):
-        """tokens: the data identity every trial must train on where the study has none yet (a
-        confirmation's is its search's); each worker's result is checked against it on every executor."""
+        """tokens: the data identity every trial must train on (a confirmation's: its search's); a new
+        study takes it, so each worker's result is held to it on every executor (check_data)."""
         self.cfg = cfg
         self.stop = stop or StopRequest()  # run_sweep points SIGINT and SIGTERM at it
         self.dir = Path(cfg.results_dir) / cfg.name
