@@ -3,6 +3,7 @@ import pytest
 
 from windtunnel.config.hydra import load_sweep
 from windtunnel.errors import ConfigError
+from windtunnel.results import open_sweep_study
 from windtunnel.search import distributions, open_study
 
 
@@ -135,5 +136,4 @@ def test_a_study_resumed_over_other_tokens_at_the_same_path_is_refused(tmp_path)
     # result is held to the search's data on any executor; here the driver's own read refuses first
     with pytest.raises(ConfigError, match="^data.source: study 'third' trained its trials on other tokens"):
         Driver(load_sweep("quickstart", base + ["name=third"]), progress=False, tokens=tokens)
-    from windtunnel.results import open_sweep_study
     assert open_sweep_study(tmp_path / "third").user_attrs["data"] == tokens
