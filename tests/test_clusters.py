@@ -17,6 +17,7 @@ import submitit
 
 from conftest import free_port
 import clusters  # tests/clusters.py
+from windtunnel.executors.slurm import await_requeue_kill
 
 CLUSTERS = [sys.executable, str(Path(__file__).with_name("clusters.py"))]  # the tests' bring-up, by hand
 
@@ -69,7 +70,11 @@ class _SleepsPastItsLimit(submitit.helpers.Checkpointable):
         runs.append({"restart_count": os.environ.get("SLURM_RESTART_COUNT", "0"), "seen_before": len(runs)})
         p.write_text(json.dumps(runs))
         if len(runs) == 1:
-            time.sleep(600)
+            try:
+                time.sleep(600)
+            except Exception as e:  # as windtunnel's BundleJob: a requeue's scontrol killed by the requeue
+                await_requeue_kill(e)
+                raise
         return runs
 
 

@@ -6,6 +6,7 @@ only what was lost: no duplicates, nothing lost; a stopped driver's re-run leave
 jobs alone while the cluster's Epilog holds them COMPLETING."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,14 +216,23 @@ def test_slurm_time_limit_requeues_and_resumes(tmp_path, slurm_cluster, _cleanup
     minutes and a trial length measured on the machine; here the same USR2 goes to the job as
     soon as its first checkpoint is there. Under a 10-minute limit submitit takes any USR2 for a
     time-out, as at a real limit (it compares the job's time with min(0.8 × limit, limit - 10 min)),
-    and Slurm's own signal is minutes away. Mutants caught: BundleJob not a Checkpointable (no
-    requeue: the job ends without a result), and the worker not resuming from ckpt/latest.pt."""
+    and Slurm's own signal is minutes away. The job's `scontrol` lingers after the requeue, so the
+    requeue's own SIGTERM kills it, as happens on a slow node: submitit's handler then
+    raises CalledProcessError in the middle of training, which must not become the trial's result.
+    Mutants caught: BundleJob not a Checkpointable (no requeue: the job ends without a result), the
+    worker not resuming from ckpt/latest.pt, and the killed scontrol written as a failed trial."""
     results = tmp_path / "results"
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    real = shutil.which("scontrol")
+    (shim / "scontrol").write_text(f'#!/bin/sh\n{real} "$@"; rc=$?\n[ "$1" = requeue ] && sleep 30\nexit $rc\n')
+    (shim / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim}:{os.environ['PATH']}"}  # sbatch exports it to the job
     tokens, every = 400 * 1024, 40 * 1024  # ~10 s on one core; a checkpoint and an evaluation every 40 steps
     driver = subprocess.Popen(_sweep_cmd(results, slurm_cluster.partition, 1, tokens, "pruner.type=none",
                                          f"train.eval_every={every}", f"executor.checkpoint_every={every}",
                                          "executor.time_min=10", "executor.max_requeues=2"),
-                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     _cleanup.append(driver)
     bundle = results / "quickstart" / "bundles" / "trial-00000"
     wait_for(lambda: (bundle / "ckpt" / "latest.pt").exists(), 180, "a checkpoint", driver)

@@ -73,6 +73,7 @@ class BundleJob(_Checkpointable):
         except UncompletedJobError:  # submitit: timed out too many times; no result, the driver decides
             raise
         except Exception as e:  # deterministic: the driver fails the trials, no retry
+            await_requeue_kill(e)
             traceback.print_exc()
             out = {"ok": False, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
         write_json(d / RESULT, out, indent=None)
@@ -80,6 +81,20 @@ class BundleJob(_Checkpointable):
         if resumed and resumed[0] is not None:
             _append(d / "worker.log", f"finished; resumed from step {resumed[0]}")
         return str(d / RESULT)
+
+
+def await_requeue_kill(e: BaseException, limit_s: float = 600) -> None:
+    """Return unless e is `scontrol requeue` killed by a signal; then write nothing and wait.
+
+    submitit's USR2 handler runs `scontrol requeue` inside the job, and the requeue (or the time
+    limit) signals every process of the job, scontrol too, which on a slow node has not exited yet.
+    That error means the job is going away, not that the trial failed: a result written now would
+    fail a trial that its requeued job is about to resume. Slurm's SIGKILL follows within KillWait;
+    should it not, e is raised, and the driver sees a job that ended without a result."""
+    if (isinstance(e, subprocess.CalledProcessError) and e.returncode < 0
+            and [str(c) for c in e.cmd[:2]] == ["scontrol", "requeue"]):
+        time.sleep(limit_s)
+        raise e
 
 
 class Squeue:
