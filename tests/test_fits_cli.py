@@ -211,3 +211,35 @@ def test_cli_fits_the_committed_lr_width_sweep(tmp_path):
     # the committed sweep's finding (mup 0.14, sp 2.2 lr-grid steps): μP's optimum stays put, SP's moves
     mup, sp = map(float, drift.groups())
     assert 0 <= mup < 0.5 and sp > 1.5, r.stdout
+
+
+def test_lr_sweeps_at_two_batch_sizes_give_the_lr_batch_exponent(tmp_path, capsys):
+    """Two sweeps' folders, stacked by repeated --input, each's batch (train.batch_size x
+    model.seq_len) read from its best.yaml: the optimum's drift across the batch, as beta of
+    lr ∝ batch^beta with an interval over seeds, which `transfer --lr-batch-scaling FILE.json` reads.
+    Trial numbers repeat across the two sweeps; each sweep's runs stay its own."""
+    beta, rng = 0.25, np.random.default_rng(0)
+    for seqs in (16, 64):
+        x0 = -8.3 + beta * np.log2(seqs / 16)
+        rows = []
+        for seed in (0, 1):
+            for x in np.arange(-12.0, -4.0):
+                rows.append({"number": len(rows), "state": "COMPLETE", "optim.lr": 2.0 ** x, "model.d_model": 256,
+                             "model.parametrization": "mup", "train.seed": seed,
+                             "value": 3.0 + 0.05 * (x - x0) ** 2 + 0.002 * rng.standard_normal()})
+        d = tmp_path / f"b{seqs}"
+        d.mkdir()
+        pd.DataFrame(rows).to_csv(d / "trials.csv", index=False)
+        (d / "best.yaml").write_text(f"trial:\n  model: {{seq_len: 512}}\n  train: {{batch_size: {seqs}}}\n")
+    assert main(["fit", "lr-transfer", "-i", str(tmp_path / "b16"), "-i", str(tmp_path / "b64"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert sorted(o["batch"] for o in out["optima"]) == [8192, 32768]
+    (drift,) = [r for r in out["drifts"] if r["axis"] == "batch"]
+    assert (drift["low"], drift["high"], drift["edge"]) == (8192, 32768, False)
+    assert drift["per_doubling"] == pytest.approx(beta, abs=0.03)
+    lo, hi = drift["per_doubling_ci"]
+    assert lo < drift["per_doubling"] < hi and hi - lo < 0.2
+    assert main(["fit", "lr-transfer", "-i", str(tmp_path / "b16"), "-i", str(tmp_path / "b64")]) == 0
+    assert re.search(r"lr ∝ batch\^0\.2\d\d \[0\.\d+, 0\.\d+\]", capsys.readouterr().out)
+    assert main(["fit", "lr-transfer", "-i", str(tmp_path / "b16"), "--json"]) == 0  # one batch: no drift across it
+    assert not [r for r in json.loads(capsys.readouterr().out)["drifts"] if r["axis"] == "batch"]

@@ -136,7 +136,7 @@ def test_batch_size_reports_lr_optima_on_the_edge(tmp_path, capsys):
     df.to_csv(tmp_path / "bs.csv", index=False)
     assert main(["fit", "batch-size", "-i", str(tmp_path / "bs.csv"), "--bootstrap", "0"]) == 0
     out = capsys.readouterr().out
-    assert "optimum on the lr grid's edge" in out and "d512 batch 6.554e+04" in out and "no intervals" in out
+    assert "optimum on the lr grid's edge" in out and "d512 batch 65536" in out and "no intervals" in out
 
 
 # ----------------------------------------------------------------------------- horizon

@@ -296,9 +296,10 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
         transfer.load_law(str(law), "scaling-law")
 
 
-def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
+def test_lr_follows_the_batch_by_the_exponent_asked_for(best, tmp_path):
     """--lr-batch-scaling: none keeps the lr, sqrt is exponent 1/2, a number is a measured exponent
-    (docs/laws.md, "The lr and the batch"); anything else is a one-line error."""
+    (docs/laws.md, "The lr and the batch"), FILE.json the exponent `fit lr-transfer --json` measured
+    across batch sizes, whose interval the row shows; anything else is a one-line error."""
     winner, target = transfer.load_winner(str(best)), load_target("tiny-cpu")
     w = winner.trial
     proxy_tokens = w.train.batch_size * w.model.seq_len
@@ -309,8 +310,31 @@ def test_lr_follows_the_batch_by_the_exponent_asked_for(best):
     plan = transfer.plan(winner, target, transfer.Laws(batch_size=4 * proxy_tokens, tokens=400_000, lr_batch_scaling="0.25"))
     assert plan.value("lr batch factor") == pytest.approx(math.sqrt(2))
     for bad in ("1.5", "fast"):
-        with pytest.raises(ConfigError, match="--lr-batch-scaling: must be none, sqrt or an exponent"):
+        with pytest.raises(ConfigError, match="--lr-batch-scaling: must be none, sqrt, an exponent from 0 to 1 or a FILE"):
             transfer.Laws(batch_size=2048, lr_batch_scaling=bad)
+
+    law = tmp_path / "lr_batch.json"  # 0.5 octaves over 4x the batch: beta 0.25 [0.15, 0.35]
+    law.write_text(json.dumps({"drifts": [{"parametrization": "mup", "axis": "batch", "low": 8192, "high": 32768,
+                                           "octaves": 0.5, "ci": [0.3, 0.7], "edge": False}]}))
+    plan = transfer.plan(winner, target, transfer.Laws(batch_size=4 * proxy_tokens, tokens=400_000,
+                                                       lr_batch_scaling=str(law)))
+    assert plan.value("lr batch factor") == pytest.approx(math.sqrt(2))
+    assert plan.trial.optim.lr == pytest.approx(math.sqrt(2) * lr["none"])
+    (row,) = [r for r in plan.rows if r.name == "lr batch factor"]
+    assert "interval 0.15–0.35 gives 1.23114–1.6245" in row.formula and row.source == str(law), row
+    far = transfer.plan(winner, target, transfer.Laws(batch_size=64 * proxy_tokens, tokens=4_000_000,
+                                                      lr_batch_scaling=str(law)))
+    assert "extrapolated" in next(r.formula for r in far.rows if r.name == "lr batch factor")
+    law.write_text(json.dumps({"drifts": [{"parametrization": "sp", "axis": "batch", "low": 8192, "high": 32768,
+                                           "octaves": 0.5, "ci": None, "edge": False}]}))
+    with pytest.raises(ConfigError, match="--lr-batch-scaling: .* no drift for the winner's 'mup'"):
+        transfer.plan(winner, target, transfer.Laws(batch_size=2048, tokens=400_000, lr_batch_scaling=str(law)))
+    law.write_text(json.dumps({"drifts": [{"parametrization": "mup", "axis": "depth", "low": 4, "high": 32,
+                                           "octaves": -0.6, "ci": None, "edge": False}]}))  # a depth law
+    with pytest.raises(ConfigError, match="--lr-batch-scaling: .*no measured drift across batch"):
+        transfer.Laws(batch_size=2048, lr_batch_scaling=str(law))
+    with pytest.raises(ConfigError, match="--lr-batch-scaling: .*nope.json: no such file .*two batch sizes"):
+        transfer.Laws(batch_size=2048, lr_batch_scaling=str(tmp_path / "nope.json"))
 
 
 def test_depth_law_scales_the_lr_by_the_measured_drift_per_doubling(best, tmp_path):

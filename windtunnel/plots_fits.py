@@ -54,26 +54,34 @@ def save_figure(fig, path: str | Path, flag: str = "--plot") -> Path:
 
 
 def plot_lr_transfer(fit: LrTransferFit, df: pd.DataFrame, path: str | Path) -> Path:
-    """Loss vs lr (log x) per width and depth, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
+    """Loss vs lr (log x) per width, depth and batch, one panel per parametrization, optimum marked (TP5 Fig. 1)."""
     plt = pyplot()
-    d = df.assign(depth=df["depth"] if "depth" in df.columns else np.nan)
-    d = d.groupby(["parametrization", "width", "depth", "lr"], as_index=False, dropna=False)["loss"].mean()
+    axes_ = ["width", "depth", "batch"]
+    d = df.assign(**{c: df[c] if c in df.columns else np.nan for c in axes_[1:]})
+    d = d.groupby(["parametrization", *axes_, "lr"], as_index=False, dropna=False)["loss"].mean()
     ps = sorted(d["parametrization"].unique())
+    several_batches = d["batch"].nunique() > 1  # one batch is a setting, not worth a label
     fig, axes = plt.subplots(1, len(ps), figsize=(5 * len(ps), 4), sharey=True, squeeze=False)
     for ax, p in zip(axes[0], ps):
         dp = d[d["parametrization"] == p]
-        lines = dp[["width", "depth"]].drop_duplicates().sort_values(["width", "depth"]).to_numpy()
-        colors = plt.cm.viridis(np.linspace(0, 0.9, len(lines)))
-        for (w, dep), c in zip(lines, colors):
-            dw = dp[(dp["width"] == w) & ((dp["depth"] == dep) | (np.isnan(dep) & dp["depth"].isna()))].sort_values("lr")
-            ax.plot(dw["lr"], dw["loss"], "o-", color=c, ms=3, label=f"width {w:g}" + ("" if np.isnan(dep) else f", depth {dep:g}"))
-            o = next(o for o in fit.optima if o.parametrization == p and o.width == w
-                     and (o.depth == dep or (o.depth is None and np.isnan(dep))))
+        optima = sorted((o for o in fit.optima if o.parametrization == p),
+                        key=lambda o: (o.width, o.depth or 0, o.batch or 0))
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(optima)))
+        for o, c in zip(optima, colors):
+            same = np.ones(len(dp), bool)
+            for col, v in (("width", o.width), ("depth", o.depth), ("batch", o.batch)):
+                same &= dp[col].isna().to_numpy() if v is None else (dp[col] == v).to_numpy()
+            dw = dp[same].sort_values("lr")
+            label = f"width {o.width:g}" + ("" if o.depth is None else f", depth {o.depth:g}") \
+                + (f", batch {o.batch:g}" if several_batches and o.batch is not None else "")
+            ax.plot(dw["lr"], dw["loss"], "o-", color=c, ms=3, label=label)
             ax.plot([o.lr_opt], [o.loss_opt], "*" if not o.at_edge else "x", color=c, ms=12, mec="k")
         drift = fit.drift_steps.get(p)
-        depth = fit.drift(p, "depth")
+        depth, batch = fit.drift(p, "depth"), fit.drift(p, "batch")
         ax.set_title(f"{p}" + (f" (width drift {drift:.1f} grid steps)" if drift is not None else "")
-                     + (f"\n(depth drift {depth.octaves:+.2f} octaves)" if depth is not None else ""), fontsize=9)
+                     + (f"\n(depth drift {depth.octaves:+.2f} octaves)" if depth is not None else "")
+                     + (f"\n(lr ∝ batch^{batch.per_doubling:.3f})" if batch is not None and not batch.edge else ""),
+                     fontsize=9)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("learning rate")
         ax.legend(fontsize=7)

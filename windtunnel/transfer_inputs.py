@@ -2,6 +2,7 @@
 
     load_winner(path)        a sweep's best.yaml (or RESULTS_DIR/SWEEP holding one)
     load_law(path, kind)     a `windtunnel fit KIND --json` file
+    load_drift_law(path, ..) a `windtunnel fit lr-transfer --json` file: the lr's drift across depth or batch
     Laws                     the batch size, token budget and lr inputs; a given value beats a fit
 """
 from __future__ import annotations
@@ -95,27 +96,37 @@ def load_law(path: str, kind: str) -> dict:
     return {**d, "source": str(p)}
 
 
-def load_depth_law(path: str) -> dict:
-    """`windtunnel fit lr-transfer --json` on a depth sweep: per parametrization label (e.g. 'mup',
-    'mup/depth:none'), the optimum's drift per doubling of depth, its interval and the depths measured."""
+# What a drift law is fitted on, for the error that names a missing file.
+DRIFT_SWEEPS = {"depth": "a depth sweep, e.g. sweeps/lr_depth.yaml",
+                "batch": "lr sweeps of one model at two batch sizes, each an --input"}
+
+
+def load_drift_law(path: str, axis: str, opt: str) -> dict:
+    """`windtunnel fit lr-transfer --json`: per parametrization label (e.g. 'mup', 'mup/depth:none'),
+    the optimum's drift along `axis` ('depth' or 'batch') per doubling, its interval and the range measured."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"--depth-law: {path}: no such file (the output of `windtunnel fit lr-transfer --json` "
-                          "on a depth sweep, e.g. sweeps/lr_depth.yaml)")
+        raise ConfigError(f"{opt}: {path}: no such file (the output of `windtunnel fit lr-transfer --json` "
+                          f"on {DRIFT_SWEEPS[axis]})")
     try:
         d = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--depth-law: {path}: not JSON ({e})") from None
-    drifts = [x for x in (d.get("drifts") or []) if isinstance(x, dict) and x.get("axis") == "depth" and not x.get("edge")]
+        raise ConfigError(f"{opt}: {path}: not JSON ({e})") from None
+    drifts = [x for x in ((d.get("drifts") or []) if isinstance(d, dict) else [])
+              if isinstance(x, dict) and x.get("axis") == axis and not x.get("edge")]
     if not drifts:
-        raise ConfigError(f"--depth-law: {path}: no measured drift across depth (its 'drifts' hold none with axis "
-                          "'depth' whose optima are inside the grid)")
+        raise ConfigError(f"{opt}: {path}: no measured drift across {axis} (its 'drifts' hold none with axis "
+                          f"{axis!r} whose optima are inside the grid)")
     rates = {}
     for x in drifts:
         doublings = math.log2(x["high"] / x["low"])
         rates[x["parametrization"]] = {"per_doubling": x["octaves"] / doublings, "low": x["low"], "high": x["high"],
                                        "ci": [c / doublings for c in x["ci"]] if x.get("ci") else None}
     return {"rates": rates, "source": str(p)}
+
+
+def load_depth_law(path: str) -> dict:
+    return load_drift_law(path, "depth", "--depth-law")
 
 
 @dataclass
@@ -131,10 +142,13 @@ class Laws:
     tokens: int | None = None
     tokens_per_param: float | None = None
     lr_batch_scaling: str = "none"
-    """none (MiniCPM: μP's lr is kept), sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch)) or a measured
-    exponent beta in [0, 1]: lr × (batch / proxy batch)^beta (docs/laws.md: lr_validate_check)."""
+    """none (MiniCPM: μP's lr is kept), sqrt (PanGu-π Pro: lr × sqrt(batch / proxy batch)), an exponent
+    beta in [0, 1]: lr × (batch / proxy batch)^beta, or FILE.json: beta measured with its interval
+    (`fit lr-transfer --json` over lr sweeps at two batch sizes; docs/laws.md)."""
     lr_batch_exponent: float = field(init=False, default=0.0)
-    """beta of lr_batch_scaling as a number."""
+    """beta of lr_batch_scaling as a number (0 for FILE.json: lr_batch_law gives it, per parametrization)."""
+    lr_batch_law: dict | None = field(init=False, default=None)
+    """load_drift_law's for FILE.json; None otherwise."""
     depth_law: dict | None = None
     """load_depth_law's: the lr × 2^(drift per doubling × log2(target layers / proxy layers)); None: off."""
     horizon_law: dict | None = None
@@ -150,12 +164,16 @@ class Laws:
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{opt}: must be a finite number > 0 (got {v})")
         beta = LR_BATCH_SCALINGS.get(str(self.lr_batch_scaling))
+        if beta is None and str(self.lr_batch_scaling).endswith(".json"):
+            self.lr_batch_law = load_drift_law(str(self.lr_batch_scaling), "batch", "--lr-batch-scaling")
+            beta = 0.0
         if beta is None:
             try:
                 beta = float(self.lr_batch_scaling)
             except ValueError:
                 beta = math.nan
         if not 0.0 <= beta <= 1.0:
-            raise ConfigError(f"--lr-batch-scaling: must be {', '.join(LR_BATCH_SCALINGS)} or an exponent from 0 to 1 "
+            raise ConfigError(f"--lr-batch-scaling: must be {', '.join(LR_BATCH_SCALINGS)}, an exponent from 0 to 1 "
+                              "or a FILE.json of `windtunnel fit lr-transfer --json` "
                               f"(got {self.lr_batch_scaling!r})")
         self.lr_batch_exponent = beta

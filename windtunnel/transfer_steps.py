@@ -234,12 +234,7 @@ def depth_factor(d: Derivation, laws: Laws) -> float:
                      "it drifts is measured by `windtunnel fit lr-transfer` on sweeps/lr_depth.yaml (--depth-law)",
                      "command line")
     m = w.model
-    label = m.parametrization if m.depth_scaling == "sqrt" else f"{m.parametrization}/depth:{m.depth_scaling}"
-    rates = laws.depth_law["rates"]
-    if label not in rates:
-        raise ConfigError(f"--depth-law: {laws.depth_law['source']} has no drift for the winner's {label!r} "
-                          f"(it has {', '.join(sorted(rates))})")
-    r, doublings = rates[label], math.log2(target.n_layers / m.n_layers)
+    r, doublings = winners_rate(d, laws.depth_law, "--depth-law"), math.log2(target.n_layers / m.n_layers)
     why = f"2^({fmt(r['per_doubling'])} octaves per doubling × log2({target.n_layers} / {m.n_layers} layers))"
     if r["ci"]:
         lo, hi = sorted(2.0 ** (c * doublings) for c in r["ci"])
@@ -247,6 +242,16 @@ def depth_factor(d: Derivation, laws: Laws) -> float:
     if not r["low"] <= target.n_layers <= r["high"]:
         why += f"; extrapolated past the measured {fmt(r['low'])}–{fmt(r['high'])} layers"
     return d.row("lr depth factor", 2.0 ** (r["per_doubling"] * doublings), why, laws.depth_law["source"])
+
+
+def winners_rate(d: Derivation, law: dict, opt: str) -> dict:
+    """A drift law's rate for the winner's parametrization, labelled as `fit lr-transfer` labels it."""
+    m = d.winner.trial.model
+    label = m.parametrization if m.depth_scaling == "sqrt" else f"{m.parametrization}/depth:{m.depth_scaling}"
+    if label not in law["rates"]:
+        raise ConfigError(f"{opt}: {law['source']} has no drift for the winner's {label!r} "
+                          f"(it has {', '.join(sorted(law['rates']))})")
+    return law["rates"][label]
 
 
 def fit_batch(d: Derivation, model_cfg, wanted_tokens: float) -> Batch:
@@ -290,13 +295,22 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
     w = d.winner.trial
     proxy_bs = d.row("proxy batch size (tokens)", w.train.batch_size * w.model.seq_len, "proxy batch_size × seq_len",
                      d.from_winner)
-    beta, opt = laws.lr_batch_exponent, f"--lr-batch-scaling {laws.lr_batch_scaling}"
-    if beta == 0:
+    beta, opt, ratio = laws.lr_batch_exponent, f"--lr-batch-scaling {laws.lr_batch_scaling}", batch_tokens / proxy_bs
+    if laws.lr_batch_law is not None:
+        r = winners_rate(d, laws.lr_batch_law, "--lr-batch-scaling")
+        why = f"(batch tokens / proxy batch tokens)^{fmt(r['per_doubling'])}, beta measured"
+        if r["ci"]:
+            lo, hi = sorted(ratio ** c for c in r["ci"])
+            why += f"; beta's 95% interval {fmt(r['ci'][0])}–{fmt(r['ci'][1])} gives {fmt(lo)}–{fmt(hi)}"
+        if not 1 / (r["high"] / r["low"]) <= ratio <= r["high"] / r["low"]:
+            why += f"; extrapolated: the batch ratio {fmt(ratio)} is past the measured ×{fmt(r['high'] / r['low'])}"
+        f = d.row("lr batch factor", ratio ** r["per_doubling"], why, laws.lr_batch_law["source"])
+    elif beta == 0:
         f = d.row("lr batch factor", 1.0, "1: kept (MiniCPM: μP's lr does not follow the batch)", opt)
     else:
         how = "sqrt(batch tokens / proxy batch tokens) (PanGu-π Pro)" if beta == 0.5 else \
             f"(batch tokens / proxy batch tokens)^{beta:g}"
-        f = d.row("lr batch factor", (batch_tokens / proxy_bs) ** beta, how, opt)
+        f = d.row("lr batch factor", ratio ** beta, how, opt)
     return d.row("optim.lr", lr * f, "base lr × lr batch factor", "above")
 
 

@@ -58,6 +58,10 @@ def collect(results: Path) -> dict:
         trust["lr_check"] = {"lr_opt": {b: o["lr_opt"] for b, o in opt.items()},
                              "ci": {b: o["lr_opt_ci"] for b, o in opt.items()},
                              "transferred_lr": yaml.safe_load((results / "validate_0.5b" / "train.yaml").read_text())["optim"]["lr"]}
+        law = results / "lr_batch_fit.json"  # the two checks fitted together: what `transfer --lr-batch-scaling` reads
+        if law.is_file():
+            batch = next(d for d in json.loads(law.read_text())["drifts"] if d["axis"] == "batch")
+            trust["lr_check"] |= {"batch_exponent": batch["per_doubling"], "batch_exponent_ci": batch["per_doubling_ci"]}
     # the tuned sweep (the winner's knobs) where it ran; wsd_prose trained at conf's lr 0.01
     wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_wide", "wsd_prose_tuned", "wsd_prose"))
                 if f.is_file()), None)
@@ -90,7 +94,7 @@ VALIDATION_ROWS = {
     "validate": ("transferred config (with the five-point horizon law, as transfer stood in session 17)",
                  "its 5 runs not made: the slice these trained on cannot be re-made (its tokenizer came from an "
                  "earlier corpus build kept nowhere), so `validate_0.5b_v2` validates anew; " + PROSE_TAIL + "; "),
-    "validate_v2": ("the current transfer (depth law, lr ∝ batch^0.11, no horizon law), spread validation split,",
+    "validate_v2": ("the current transfer (depth law, lr ∝ batch^0.113 [0.084, 0.141], no horizon law), spread validation split,",
                     "the configurations and seeds not yet run; "),
 }
 
@@ -132,7 +136,9 @@ def table(t: dict) -> str:
         (b_lo, ci_lo), (b_hi, ci_hi) = sorted(((int(k), v) for k, v in c["ci"].items()))
         rows.append(f"| the proxy's optimal lr at the validation's data (prose), horizon (30M tokens) and batch | "
                     f"batch {b_lo}: {lo:.2e} [{ci_lo[0]:.2e}, {ci_lo[1]:.2e}]; batch {b_hi}: {hi:.2e} [{ci_hi[0]:.2e}, "
-                    f"{ci_hi[1]:.2e}], ×{hi / lo:.2f} for {b_hi // b_lo}× the batch; the lr transferred to the validation: "
+                    f"{ci_hi[1]:.2e}], ×{hi / lo:.2f} for {b_hi // b_lo}× the batch"
+                    + (f" (lr ∝ batch^{c['batch_exponent']:.3f} {ci(c['batch_exponent_ci'])}, `lr_batch_fit.json`)"
+                       if "batch_exponent" in c else "") + "; the lr transferred to the validation: "
                     f"{c['transferred_lr']:.2e} | whether the data or the horizon raises the lr here (no prose run at 2M); "
                     f"the batch factor at other sizes and horizons; 2 seeds an lr; {PROSE_TAIL} |")
     w = t.get("wsd_prose")

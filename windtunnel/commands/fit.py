@@ -1,7 +1,9 @@
-"""`windtunnel fit KIND --input CSV|SWEEP_DIR [--json] [--plot FILE.png]`: fit one law from a results table.
+"""`windtunnel fit KIND --input CSV|SWEEP_DIR [--input ...] [--json] [--plot FILE.png]`: fit one law
+from a results table, or several stacked.
 
-    lr-transfer   columns parametrization,width,lr,loss[,depth,seed|run] -> optimal lr per width and
-                  depth, drift across width (lr-grid steps) and depth (octaves, goal < 1/2 over 8x)
+    lr-transfer   columns parametrization,width,lr,loss[,depth,batch,seed|run] -> optimal lr per
+                  width, depth and batch; drift across width (lr-grid steps), depth (octaves, goal
+                  < 1/2 over 8x) and batch (lr ∝ batch^beta: `transfer --lr-batch-scaling FILE.json`)
     batch-size    columns model,batch_size,tokens,loss[,lr,seed|run]     -> bs_opt = a / L^b (MiniCPM),
                   the lr tuned per batch size
     horizon       columns tokens,lr,loss[,init_std,seed|run]             -> lr*(T) = a · T^-b
@@ -11,10 +13,12 @@
 All but scaling-law also read what a sweep writes: its results folder or a table in it, e.g.
 `windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep).
 lr-transfer and horizon take trials.csv (model.parametrization, model.d_model, model.n_layers,
-optim.lr, train.tokens, model.init_std, value); batch-size the folder's curves.csv (model.d_model,
+optim.lr, train.tokens, model.init_std, value; lr-transfer's batch is train.batch_size x
+model.seq_len tokens); batch-size the folder's curves.csv (model.d_model,
 train.batch_size x model.seq_len tokens, optim.lr, val_loss at every evaluation); wsd its
 branches.csv (model.d_model, n_params, tokens and final_val_loss of every decay branch).
-COMPLETE trials only. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
+COMPLETE trials only. Several --input are stacked, each one's runs kept apart: e.g. the lr
+sweeps of one model at two batch sizes give lr ∝ batch^beta. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
 axis E + A/N^alpha (or B/D^beta) has three unknowns.
 Intervals (95%): lr-transfer, batch-size and horizon resample runs within each cell of the design
 (seeds; --bootstrap resamples, default 1000; none with one run per cell), scaling-law and wsd
@@ -36,9 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n\n", 1)[1]
     parser.add_argument("kind", choices=list(fits.COLUMNS), metavar="KIND", help=f"one of: {', '.join(fits.COLUMNS)}")
-    parser.add_argument("--input", "-i", required=True, metavar="CSV|SWEEP_DIR",
+    parser.add_argument("--input", "-i", required=True, action="append", metavar="CSV|SWEEP_DIR",
                         help="a CSV of the kind's columns (extra columns are ignored), or for all but "
-                             "scaling-law a sweep's results folder or a table in it")
+                             "scaling-law a sweep's results folder or a table in it; repeat to stack several")
     parser.add_argument("--json", action="store_true", help="print the fit as JSON")
     parser.add_argument("--plot", metavar="FILE.png", help="write a figure (.png, .pdf or .svg)")
     parser.add_argument("--compute", type=float, metavar="C",
@@ -55,7 +59,7 @@ def _fmt(x) -> str:
     if isinstance(x, bool):
         return "yes" if x else ""
     if isinstance(x, float):
-        return f"{x:.4g}"
+        return str(int(x)) if x.is_integer() and abs(x) < 1e6 else f"{x:.4g}"  # 32768 tokens, not 3.277e+04
     return str(x)
 
 
@@ -95,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         from windtunnel.plots_fits import check_format
 
         check_format(args.plot)  # before the fit runs
-    df = fits.load_csv(args.input, kind)
+    df = fits.load_inputs(args.input, kind)
     if kind == "lr-transfer":
         fit = fits.fit_lr_transfer(df, bootstrap_n=args.bootstrap, seed=args.seed)
     elif kind == "batch-size":
@@ -165,11 +169,20 @@ def _edges(what: str, names: list[str]) -> None:
 
 def _print_lr_transfer(d: dict) -> None:
     rows = [{**o, "95% interval": _ci(o["lr_opt_ci"]).strip()} for o in d["optima"]]
-    cols = ["parametrization", "width"] + (["depth"] if any(o["depth"] is not None for o in rows) else [])
+    depth = any(o["depth"] is not None for o in rows)
+    batch = len({o["batch"] for o in rows}) > 1  # one batch is a setting of the sweep, not an axis
+    cols = ["parametrization", "width"] + (["depth"] if depth else []) + (["batch"] if batch else [])
     print(_table(rows, cols + ["lr_opt", "95% interval", "loss_opt", "at_edge"]))
     if any(v is not None for v in d["drift_steps"].values()):
         print("drift of the optimum, smallest -> largest width, in lr-grid steps: "
               + ", ".join(f"{p} {_fmt(v)}" for p, v in d["drift_steps"].items()))
+    for r in (r for r in d["drifts"] if r["axis"] == "batch"):
+        pd_ci = r["per_doubling_ci"]
+        print(f"drift across batch {_fmt(r['low'])} -> {_fmt(r['high'])} tokens (width {_fmt(r['at'])}), "
+              f"{r['parametrization']}: {r['octaves']:+.3f} octaves{_ci(r['ci'], lambda v: f'{v:+.3f}')}; "
+              + ("not measured: an optimum sat on the lr grid's edge" if r["edge"] else
+                 f"lr ∝ batch^{r['per_doubling']:.3f}{_ci(pd_ci, lambda v: f'{v:.3f}')} "
+                 "(this fit's --json is `transfer --lr-batch-scaling FILE.json`)"))
     for r in (r for r in d["drifts"] if r["axis"] == "depth"):
         verdict = ("not measured: an optimum sat on the lr grid's edge" if r["goal_met"] is None else
                    ("met" if r["goal_met"] else "NOT met")
@@ -179,8 +192,8 @@ def _print_lr_transfer(d: dict) -> None:
               f"{r['octaves']:+.3f} octaves{_ci(r['ci'], lambda v: f'{v:+.3f}')}; goal |drift| < "
               f"{_fmt(r['goal_octaves'])} octave: {verdict}")
     _edges("lr", [f"{o['parametrization']} width {_fmt(o['width'])}" + (f" depth {_fmt(o['depth'])}" if o["depth"] else "")
-                  for o in d["optima"] if o["at_edge"]])
-    _no_interval(d, "(parametrization, width, depth, lr)")
+                  + (f" batch {_fmt(o['batch'])}" if o["batch"] else "") for o in d["optima"] if o["at_edge"]])
+    _no_interval(d, "(parametrization, width, depth, batch, lr)")
 
 
 def _print_batch_size(d: dict) -> None:

@@ -41,9 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "log2(target layers / proxy layers)) (default: off)")
     p.add_argument("--horizon-law", metavar="FILE.json",
                    help="`windtunnel fit horizon --json` output: lr × (D / proxy tokens)^-b (default: off)")
-    p.add_argument("--lr-batch-scaling", default="none", metavar="none|sqrt|BETA",
+    p.add_argument("--lr-batch-scaling", default="none", metavar="none|sqrt|BETA|FILE.json",
                    help="none: keep μP's lr (MiniCPM, default); sqrt: × sqrt(batch / proxy batch) (PanGu-π Pro); "
-                        "BETA in [0, 1]: × (batch / proxy batch)^BETA (a measured exponent: docs/laws.md)")
+                        "BETA in [0, 1]: × (batch / proxy batch)^BETA; FILE.json: BETA measured, with its interval "
+                        "(`windtunnel fit lr-transfer --json` over lr sweeps at two batch sizes: docs/laws.md)")
 
 
 def run(args) -> int:

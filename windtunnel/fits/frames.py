@@ -22,17 +22,17 @@ COLUMNS: dict[str, tuple[str, ...]] = {
     "horizon": ("tokens", "lr", "loss"),
 }
 # Columns a fit reads where present. run (or seed) names the run a row belongs to: the bootstrap
-# resamples runs. lr-transfer: depth (n_layers). batch-size: lr, tuned per batch size.
+# resamples runs. lr-transfer: depth (n_layers), batch (tokens a step). batch-size: lr, tuned per batch size.
 # horizon: init_std, tuned with the lr.
 OPTIONAL: dict[str, tuple[str, ...]] = {
-    "lr-transfer": ("depth", "run", "seed"),
+    "lr-transfer": ("depth", "batch", "run", "seed"),
     "batch-size": ("lr", "run", "seed"),
     "horizon": ("init_std", "run", "seed"),
 }
 # Columns that must be numeric (the others are labels).
-_NUMERIC = {"width", "lr", "loss", "batch_size", "tokens", "N", "D", "depth", "init_std"}
+_NUMERIC = {"width", "lr", "loss", "batch_size", "tokens", "N", "D", "depth", "init_std", "batch"}
 # Columns that must be > 0 where present (they are taken logs of).
-_POSITIVE = {"width", "lr", "batch_size", "tokens", "N", "D", "depth", "init_std"}
+_POSITIVE = {"width", "lr", "batch_size", "tokens", "N", "D", "depth", "init_std", "batch"}
 
 
 def where(df: pd.DataFrame) -> str:
@@ -70,11 +70,25 @@ def load_csv(path: str | Path, kind: str) -> pd.DataFrame:
     return check_frame(df, kind)
 
 
+def load_inputs(paths: list[str | Path], kind: str) -> pd.DataFrame:
+    """load_csv of each path, stacked: e.g. lr sweeps at two batch sizes for lr ∝ batch^beta. Each
+    input's runs stay apart (run = '<input>:<run, seed or row>'), as trial numbers repeat across sweeps."""
+    frames = [load_csv(p, kind) for p in paths]
+    if len(frames) == 1:
+        return frames[0]
+    for i, f in enumerate(frames):
+        label = f["run"] if "run" in f.columns else f["seed"] if "seed" in f.columns else pd.Series(f.index, index=f.index)
+        f["run"] = f"{i}:" + label.astype(str)
+    out = pd.concat(frames, ignore_index=True)
+    out.attrs["source"] = " + ".join(where(f) for f in frames)
+    return out
+
+
 # What a sweep writes (windtunnel.results, the layout's home) -> the frame a fit takes: the table
 # read, each fit column's source column in it (parameters under their dotted config keys, searched or fixed),
 # and the optional columns' sources (taken where the table has them).
 SWEEP_SOURCES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
-    # final validation loss of each trial; depth when n_layers was searched
+    # final validation loss of each trial; depth when n_layers was searched; batch from sweep_frame
     "lr-transfer": (results.TRIALS, {"parametrization": "model.parametrization", "width": "model.d_model",
                                    "lr": "optim.lr", "loss": "value"},
                     {"depth": "model.n_layers", "run": "number", "depth_scaling": "model.depth_scaling"}),
@@ -100,7 +114,8 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     and rounds token counts to multiples of train.eval_every (trials of different batch sizes
     evaluate a few steps apart); batch-size and wsd name models d<d_model>. A setting not in the
     table (seq_len, eval_every) is read from the folder's best.yaml. lr-transfer labels a trial
-    with model.depth_scaling other than sqrt as '<parametrization>/depth:<value>' (a control).
+    with model.depth_scaling other than sqrt as '<parametrization>/depth:<value>' (a control), and
+    gives each trial's batch in tokens (train.batch_size x model.seq_len) where the sweep says them.
     """
     p = Path(path)
     if kind not in SWEEP_SOURCES:
@@ -141,6 +156,10 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
         ds = out.pop("depth_scaling").astype(str)
         other = ds != "sqrt"
         out.loc[other, "parametrization"] = out.loc[other, "parametrization"].astype(str) + "/depth:" + ds[other]
+    if kind == "lr-transfer":
+        bs, seq = (_setting_or_none(df, table, k) for k in ("train.batch_size", "model.seq_len"))
+        if bs is not None and seq is not None:
+            out["batch"] = bs * seq
     if kind in ("batch-size", "wsd"):
         out["model"] = "d" + out["model"].astype(str)
     if kind == "batch-size":
@@ -153,15 +172,21 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     return out
 
 
-def _sweep_setting(df: pd.DataFrame, table: Path, key: str, kind: str, why: str):
+def _setting_or_none(df: pd.DataFrame, table: Path, key: str):
     """A config value: the table's column if the sweep searched it, else the (same for all trials)
-    value in the best trial's config."""
+    value in the best trial's config; None when neither holds a number > 0."""
     if key in df.columns:
         return df[key]
-    best = table.parent / results.BEST
     v = results.best_setting(table.parent, key)
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"{table}: missing column {key!r} and no {key} in {best} ({kind} needs it for {why})")
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 else None
+
+
+def _sweep_setting(df: pd.DataFrame, table: Path, key: str, kind: str, why: str):
+    """_setting_or_none, required."""
+    v = _setting_or_none(df, table, key)
+    if v is None:
+        raise ConfigError(f"{table}: missing column {key!r} and no {key} in {table.parent / results.BEST} "
+                          f"({kind} needs it for {why})")
     return v
 
 

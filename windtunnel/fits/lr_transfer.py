@@ -1,10 +1,11 @@
-"""μTransfer's test: the optimal lr per (parametrization, width, depth) and how far it drifts.
+"""μTransfer's test: the optimal lr per (parametrization, width, depth, batch) and how far it drifts.
 
 Per group, the seeds' mean loss at each lr; the optimum is a parabola in log2(lr) through the
 argmin and its neighbours (`parabola_min`). Drift across width is given in steps of the lr grid
 (as in Tensor Programs V, fig. 1); across depth in octaves (log2 of the ratio of the optima),
-with the goal of issue 24: under half an octave over 8x depth. Intervals: `bootstrap` over the
-runs (seeds) of each (group, lr) cell.
+with the goal of issue 24: under half an octave over 8x depth; across the batch (tokens a step) in
+octaves and as the exponent of lr ∝ batch^beta, which `transfer --lr-batch-scaling FILE.json`
+applies. Intervals: `bootstrap` over the runs (seeds) of each (group, lr) cell.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
 from windtunnel.fits.frames import check_frame, jsonable, where
 from windtunnel.fits.optimum import curve_optimum, grid_step
 
+AXES = ("width", "depth", "batch")
+"""What a group of runs is: its parametrization and these; an optimum's drift is measured along each."""
 GOAL_OCTAVES = 0.5
 GOAL_DEPTH_RATIO = 8.0
 """Issue 24's goal: the optimum moves less than GOAL_OCTAVES over GOAL_DEPTH_RATIO x depth. A sweep
@@ -36,20 +39,22 @@ class LrOptimum:
     depth: float | None = None
     lr_opt_ci: tuple[float, float] | None = None
     """95% bootstrap interval of lr_opt over the cell's runs (None: one run per cell)."""
+    batch: float | None = None
+    """Tokens a step (None: not in the data)."""
 
 
 @dataclass
 class Drift:
-    """log2(lr_opt at the largest) - log2(lr_opt at the smallest) of widths or depths, at one
-    value of the other."""
+    """log2(lr_opt at the largest) - log2(lr_opt at the smallest) of widths, depths or batches, at
+    one value of the others."""
 
     parametrization: str
     axis: str
-    """'width' or 'depth'."""
+    """'width', 'depth' or 'batch'."""
     low: float
     high: float
     at: float | None
-    """The other axis' value (None: not in the data)."""
+    """The width for a depth or batch drift, the depth for a width drift (None: not in the data)."""
     octaves: float
     ci: tuple[float, float] | None
     edge: bool
@@ -60,6 +65,15 @@ class Drift:
     """|octaves| < goal_octaves (None when an optimum sat on the edge)."""
     goal_met_95: bool | None = None
     """The whole interval lies inside ±goal_octaves (None without an interval)."""
+
+    @property
+    def per_doubling(self) -> float:
+        """Octaves per doubling of the axis: for the batch, beta of lr ∝ batch^beta."""
+        return self.octaves / math.log2(self.high / self.low)
+
+    @property
+    def per_doubling_ci(self) -> tuple[float, float] | None:
+        return None if self.ci is None else tuple(c / math.log2(self.high / self.low) for c in self.ci)
 
 
 @dataclass
@@ -87,7 +101,8 @@ class LrTransferFit:
             "optima": [asdict(o) for o in self.optima],
             "drift_steps": self.drift_steps,
             "grid_step_log2": self.grid_step_log2,
-            "drifts": [asdict(d) for d in self.drifts],
+            "drifts": [asdict(d) | ({"per_doubling": d.per_doubling, "per_doubling_ci": d.per_doubling_ci}
+                                    if d.axis == "batch" else {}) for d in self.drifts],
             "resamples": self.resamples,
         })
 
@@ -98,16 +113,18 @@ def _unit(d: pd.DataFrame) -> list[str] | None:
 
 
 def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -> LrTransferFit:
-    """Optimal lr per (parametrization, width[, depth]) from an lr x width (x depth) sweep, its
-    drift across width (grid steps) and depth (octaves), and bootstrap intervals over seeds.
+    """Optimal lr per (parametrization, width[, depth][, batch]) from an lr x width (x depth x
+    batch) sweep, its drift across width (grid steps), depth and batch (octaves), and bootstrap
+    intervals over seeds.
 
     Repeated (group, lr) rows (seeds) are averaged; rows with NaN loss are dropped.
     """
     d = check_frame(df, "lr-transfer")
     where_ = where(d)
-    if "depth" not in d.columns:
-        d["depth"] = np.nan
-    keys = ["parametrization", "width", "depth"]
+    for c in AXES[1:]:
+        if c not in d.columns:
+            d[c] = np.nan
+    keys = ["parametrization", *AXES]
     d["_g"] = d.groupby(keys, sort=True, dropna=False).ngroup()
     groups = d.drop_duplicates("_g").sort_values("_g")[keys].to_numpy()
     steps: dict[str, float] = {}
@@ -139,20 +156,21 @@ def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 
     boot = bootstrap(units(d, ["_g", "lr"], _unit(d)), statistic, n=bootstrap_n, seed=seed)
     opt = optima(None)
     result = []
-    for k, (p, w, dep) in enumerate(groups):
+    def num(v) -> float | None:
+        return None if pd.isna(v) else float(v)
+
+    for k, (p, w, dep, bs) in enumerate(groups):
         xo, fo, edge = opt[k]
-        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge,
-                                None if pd.isna(dep) else float(dep), boot[f"lr_opt/{k}"]))
+        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, num(dep), boot[f"lr_opt/{k}"], num(bs)))
     drifts, drift_steps = [], {p: None for p in steps}
     for j, (p, axis, lo, hi, a, b) in enumerate(pairs):
         octaves = opt[hi][0] - opt[lo][0]
         edge = opt[hi][2] or opt[lo][2]
         at = groups[lo][2] if axis == "width" else groups[lo][1]
-        dr = Drift(str(p), axis, float(a), float(b), None if pd.isna(at) else float(at), octaves,
-                   boot[f"drift/{j}"], edge)
+        dr = Drift(str(p), axis, float(a), float(b), num(at), octaves, boot[f"drift/{j}"], edge)
         if axis == "width":
             drift_steps[str(p)] = abs(octaves) / steps[str(p)]
-        else:
+        elif axis == "depth":
             dr.goal_octaves = GOAL_OCTAVES * math.log2(b / a) / math.log2(GOAL_DEPTH_RATIO)
             if not edge:
                 dr.goal_met = abs(octaves) < dr.goal_octaves
@@ -164,19 +182,20 @@ def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 
 
 def _drift_pairs(groups: np.ndarray) -> list[tuple]:
     """(parametrization, axis, group of the smallest, group of the largest, smallest, largest) for
-    the width drift at the smallest depth that has >= 2 widths, and the depth drift at the smallest
-    width that has >= 2 depths."""
+    each axis: its drift at the first values of the other two axes (smallest first) under which it
+    has >= 2 values."""
     out = []
-    g = pd.DataFrame(groups, columns=["p", "w", "d"])
+    g = pd.DataFrame(groups, columns=["p", *AXES])
     g["k"] = range(len(g))
     for p, gp in g.groupby("p", sort=True):
-        for axis, col, other in (("width", "w", "d"), ("depth", "d", "w")):
+        for col in AXES:
             if gp[col].isna().all():
                 continue
-            for _, line in gp.groupby(other, sort=True, dropna=False):
+            others = [c for c in AXES if c != col]
+            for _, line in gp.groupby(others, sort=True, dropna=False):
                 if line[col].nunique() >= 2:
                     line = line.sort_values(col)
-                    out.append((p, axis, int(line["k"].iloc[0]), int(line["k"].iloc[-1]),
+                    out.append((p, col, int(line["k"].iloc[0]), int(line["k"].iloc[-1]),
                                 float(line[col].iloc[0]), float(line[col].iloc[-1])))
                     break
     return out
