@@ -107,6 +107,11 @@ class LrTransferFit:
         })
 
 
+def _num(v) -> float | None:
+    """An axis value of a group: None where the data do not have that axis."""
+    return None if pd.isna(v) else float(v)
+
+
 def _unit(d: pd.DataFrame) -> list[str] | None:
     """Rows of one run: a run or seed column names them; without either every row is a run."""
     return ["run"] if "run" in d.columns else ["seed"] if "seed" in d.columns else None
@@ -156,18 +161,15 @@ def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 
     boot = bootstrap(units(d, ["_g", "lr"], _unit(d)), statistic, n=bootstrap_n, seed=seed)
     opt = optima(None)
     result = []
-    def num(v) -> float | None:
-        return None if pd.isna(v) else float(v)
-
     for k, (p, w, dep, bs) in enumerate(groups):
         xo, fo, edge = opt[k]
-        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, num(dep), boot[f"lr_opt/{k}"], num(bs)))
+        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, _num(dep), boot[f"lr_opt/{k}"], _num(bs)))
     drifts, drift_steps = [], {p: None for p in steps}
     for j, (p, axis, lo, hi, a, b) in enumerate(pairs):
         octaves = opt[hi][0] - opt[lo][0]
         edge = opt[hi][2] or opt[lo][2]
         at = groups[lo][2] if axis == "width" else groups[lo][1]
-        dr = Drift(str(p), axis, float(a), float(b), num(at), octaves, boot[f"drift/{j}"], edge)
+        dr = Drift(str(p), axis, float(a), float(b), _num(at), octaves, boot[f"drift/{j}"], edge)
         if axis == "width":
             drift_steps[str(p)] = abs(octaves) / steps[str(p)]
         elif axis == "depth":
