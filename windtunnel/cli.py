@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "confirm": ("windtunnel.commands.confirm", "re-run a sweep's best configurations with n seeds: means, 95% intervals, ties"),
     "sync": ("windtunnel.commands.sync", "send tracking records a sweep could not deliver to MLflow"),
     "ui": ("windtunnel.commands.ui", "open the MLflow UI of a results dir on 127.0.0.1"),
-    "fit": ("windtunnel.commands.fit", "fit a law: lr-transfer, batch-size, scaling-law, wsd"),
+    "fit": ("windtunnel.commands.fit", "fit a law: lr-transfer, batch-size, horizon, scaling-law, wsd"),
     "transfer": ("windtunnel.commands.transfer", "rescale the winners to a target shape and export launchable configs"),
     "train": ("windtunnel.commands.train", "the large-run trainer (torchrun, FSDP2, WSD, resume)"),
     "export-hf": ("windtunnel.commands.export_hf", "a checkpoint as a Hugging Face Llama folder (safetensors, tokenizer)"),
