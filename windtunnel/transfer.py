@@ -28,8 +28,8 @@ What transfers and how (MiniCPM, arXiv 2404.06395; μTransfer, arXiv 2203.03466)
   under windtunnel/memory.py's model (the sweep's and the trainers' too); gradient accumulation
   makes up the rest of the batch.
 
-Each of these is a step of its own (windtunnel/transfer_steps.py); the inputs besides the target
-are read by windtunnel/transfer_inputs.py.
+Each of these is a step of its own (windtunnel/transfer_steps.py; the lr's factors in
+windtunnel/transfer_lr.py); the inputs besides the target are read by windtunnel/transfer_inputs.py.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from windtunnel import transfer_steps as steps
+from windtunnel import transfer_lr, transfer_steps as steps
 from windtunnel.config.target import Target
 from windtunnel.config.trial import TrialConfig, to_dict
 from windtunnel.transfer_inputs import Laws, Winner, load_depth_law, load_law, load_winner  # noqa: F401  (the command's inputs)
@@ -86,9 +86,9 @@ def plan(winner: Winner, target: Target, laws: Laws) -> Plan:
     given_batch, loss = steps.batch_input(d, laws)
     D = steps.token_budget(d, laws, N)
     wanted = steps.wanted_batch(d, laws, given_batch, loss, N, D)
-    lr = steps.base_lr(d, laws, D)
+    lr = transfer_lr.base_lr(d, laws, D)
     batch = steps.fit_batch(d, trial0.model, wanted)
-    lr = steps.lr_for_batch(d, laws, lr, batch.tokens)
+    lr = transfer_lr.lr_for_batch(d, laws, lr, batch.tokens)
     total_steps, schedule = steps.wsd_schedule(d, laws, D, batch.tokens)
     trial = steps.trainer_config(d, laws, trial0, lr, schedule, total_steps, batch)
     groups = steps.mup_groups(d, model, trial)
