@@ -36,7 +36,8 @@ LEAVES = ("windtunnel.config.trial", "windtunnel.errors", "windtunnel.files", "w
 PARTS = {
     "large run": ("windtunnel.large_run", "windtunnel.distributed", "windtunnel.run_checkpoints"),
     "hf export": ("windtunnel.hf",),
-    "transfer": ("windtunnel.transfer", "windtunnel.transfer_steps", "windtunnel.transfer_inputs"),
+    "transfer": ("windtunnel.transfer", "windtunnel.transfer_steps", "windtunnel.transfer_lr",
+                 "windtunnel.transfer_inputs"),
     "export": ("windtunnel.export",),
 }
 ARROWS = {("hf export", "large run"), ("export", "transfer"), ("export", "hf export"), ("export", "large run")}
