@@ -14,12 +14,12 @@ All but scaling-law also read what a sweep writes: its results folder or a table
 `windtunnel fit lr-transfer --input results/windtunnel/lr_width` (the committed sweep).
 lr-transfer and horizon take trials.csv (model.parametrization, model.d_model, model.n_layers,
 optim.lr, train.tokens, model.init_std, value; lr-transfer's batch is train.batch_size x
-model.seq_len tokens); batch-size the folder's curves.csv (model.d_model,
-train.batch_size x model.seq_len tokens, optim.lr, val_loss at every evaluation); wsd its
+model.seq_len tokens); batch-size the folder's curves.csv (model.d_model, train.batch_size x
+model.seq_len tokens, optim.lr, val_loss at every evaluation); wsd its
 branches.csv (model.d_model, n_params, tokens and final_val_loss of every decay branch).
 COMPLETE trials only. Several --input are stacked, each one's runs kept apart: e.g. the lr
-sweeps of one model at two batch sizes give lr ∝ batch^beta. The scaling law needs >= 3 model sizes and >= 3 token counts: along each
-axis E + A/N^alpha (or B/D^beta) has three unknowns.
+sweeps of one model at two batch sizes give lr ∝ batch^beta. The scaling law needs >= 3 model
+sizes and >= 3 token counts: along each axis E + A/N^alpha (or B/D^beta) has three unknowns.
 Intervals (95%): lr-transfer, batch-size and horizon resample runs within each cell of the design
 (seeds; --bootstrap resamples, default 1000; none with one run per cell), scaling-law and wsd
 resample rows (--bootstrap K, default 0). docs/laws.md says how each law is measured.
