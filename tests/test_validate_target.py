@@ -20,10 +20,14 @@ def write_run(out, rid, val, done=True):
     (out / "runs" / f"{rid}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
 
 
-def test_plan_runs_every_seed_0_first_and_scales_from_the_transferred_values():
+def test_plan_runs_the_telling_configs_with_all_seeds_first_and_scales_from_the_transferred_values():
     p = vt.plan(BASE, 2)
     assert len(p) == 2 * len(vt.CONFIGS)
-    assert [s for _, _, s, _ in p] == [0] * len(vt.CONFIGS) + [1] * len(vt.CONFIGS)
+    head = [(name, s) for _, name, s, _ in p[:2 * vt.TELLING]]
+    assert head[:2] == [("transferred", 0), ("transferred", 1)] and {n for n, _ in head} == {
+        n for n, *_ in vt.CONFIGS[:vt.TELLING]}
+    rest = len(vt.CONFIGS) - vt.TELLING
+    assert [s for _, _, s, _ in p[2 * vt.TELLING:]] == [0] * rest + [1] * rest
     over = {name: o for _, name, s, o in p if s == 0}
     assert over["transferred"]["optim.lr"] == 0.002 and over["transferred"]["model.init_std"] == 0.04
     assert over["lr x2"]["optim.lr"] == pytest.approx(0.004)

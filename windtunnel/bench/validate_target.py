@@ -3,8 +3,9 @@
 `windtunnel transfer` writes a launchable run (train.yaml + launch.sh) for the target; this trains it
 beside lr ×{½, 1/√2, √2, 2, 4}, init_std ×{½, 2} and MiniCPM's published values (scale_emb 12,
 scale_depth 1.4, init_std 0.1, lr 0.01, through the same μP rules), each with n seeds, every run a
-real `launch.sh` of the large run. Seed 0 of every configuration runs before seed 1, and the most
-telling configurations first, so a partial result already says something.
+real `launch.sh` of the large run. The three most telling configurations (the transferred one and its
+lr neighbours ×1/√2, ×√2) run with all their seeds first, then seed 0 of the rest before seed 1, so a
+partial result can already be judged.
 
 Resumable: a run whose loss.jsonl holds its `done` event is kept under OUT/runs/ and never re-run;
 `--deadline-s` starts no run that would not end before it (device calls are 10 minutes).
@@ -48,6 +49,7 @@ MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 
 CONFIGS = (("transferred", 1, 1, {}), ("lr x1/sqrt2", 1 / R2, 1, {}), ("lr xsqrt2", R2, 1, {}),
            ("lr x1/2", 0.5, 1, {}), ("lr x2", 2, 1, {}), ("init x1/2", 1, 0.5, {}), ("init x2", 1, 2, {}),
            ("minicpm", 1, 1, MINICPM), ("lr x4", 4, 1, {}))
+TELLING = 3  # these run with all their seeds first: the verdict needs the seeds, and a GPU session fits ~7 runs
 
 
 def run_id(name: str, seed: int) -> str:
@@ -56,13 +58,14 @@ def run_id(name: str, seed: int) -> str:
 
 def plan(base: dict, seeds: int) -> list[tuple[str, str, int, dict]]:
     """(run id, config name, seed, overrides) in the order they run."""
+    head, tail = CONFIGS[:TELLING], CONFIGS[TELLING:]
+    order = [(c, s) for c in head for s in range(seeds)] + [(c, s) for s in range(seeds) for c in tail]
     out = []
-    for seed in range(seeds):
-        for name, lr_f, init_f, absolute in CONFIGS:
-            over = {"optim.lr": base["optim"]["lr"] * lr_f, "model.init_std": base["model"]["init_std"] * init_f}
-            over.update(absolute)
-            over["train.seed"] = seed
-            out.append((run_id(name, seed), name, seed, over))
+    for (name, lr_f, init_f, absolute), seed in order:
+        over = {"optim.lr": base["optim"]["lr"] * lr_f, "model.init_std": base["model"]["init_std"] * init_f}
+        over.update(absolute)
+        over["train.seed"] = seed
+        out.append((run_id(name, seed), name, seed, over))
     return out
 
 
