@@ -117,11 +117,14 @@ def load_drift_law(path: str, axis: str, opt: str) -> dict:
     if not drifts:
         raise ConfigError(f"{opt}: {path}: no measured drift across {axis} (its 'drifts' hold none with axis "
                           f"{axis!r} whose optima are inside the grid)")
+    from windtunnel.fits.lr_transfer import Drift  # the rate per doubling has one home; older JSON lacks it
+
     rates = {}
     for x in drifts:
-        doublings = math.log2(x["high"] / x["low"])
-        rates[x["parametrization"]] = {"per_doubling": x["octaves"] / doublings, "low": x["low"], "high": x["high"],
-                                       "ci": [c / doublings for c in x["ci"]] if x.get("ci") else None}
+        dr = Drift(**{k: x.get(k) for k in Drift.__dataclass_fields__})
+        ci = dr.per_doubling_ci
+        rates[dr.parametrization] = {"per_doubling": dr.per_doubling, "low": dr.low, "high": dr.high,
+                                     "ci": list(ci) if ci else None}
     return {"rates": rates, "source": str(p)}
 
 
