@@ -54,7 +54,8 @@ def test_the_goal_is_judged_only_when_every_planned_run_is_done(tmp_path):
     (tmp_path / "plan.json").write_text(json.dumps({"transfer": BASE, "seeds": 2}))
     write_run(tmp_path, vt.run_id("transferred", 0), 3.5)
     s = vt.summarize(tmp_path)
-    assert s["verdict"].startswith(f"not judged: 1 of {2 * len(vt.CONFIGS)}") and "no seed-sd" in s["verdict"]
+    # lr x4 is not planned while lr x2 has not shown the optimum may lie past the grid
+    assert s["verdict"].startswith(f"not judged: 1 of {2 * (len(vt.CONFIGS) - 1)}") and "no seed-sd" in s["verdict"]
     assert (tmp_path / "report.md").exists() and (tmp_path / "validate.csv").exists()
     assert (tmp_path / "validate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "validate.json").read_text())["seed_sd"] is None  # JSON has no NaN
@@ -162,3 +163,14 @@ def test_a_resume_over_other_tokens_is_refused_and_a_run_on_them_is_not_summariz
     (out / "runs" / "lr_x2_s0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     with pytest.raises(SystemExit, match="validate: lr_x2_s0 trained on other tokens than .*'s plan"):
         vt.summarize(out)
+
+
+def test_lr_x4_is_planned_only_where_lr_x2_is_the_best_lr_so_far(tmp_path):
+    assert not vt.past_grid_needed({"transferred": 3.0, "lr x2": 3.1, "init x1/2": 2.0})
+    assert vt.past_grid_needed({"transferred": 3.0, "lr x2": 2.9, "init x1/2": 2.0, "lr x4": 2.5})
+    (tmp_path / "plan.json").write_text(json.dumps({"transfer": BASE, "seeds": 2}))
+    for name, loss in (("transferred", 3.0), ("lr xsqrt2", 2.9), ("lr x2", 2.95)):
+        write_run(tmp_path, vt.run_id(name, 0), loss)
+    assert vt.summarize(tmp_path)["runs_planned"] == 2 * (len(vt.CONFIGS) - 1)
+    write_run(tmp_path, vt.run_id("lr x2", 1), 2.7)  # now lr x2 is the best lr: lr x4 may tell where it stops
+    assert vt.summarize(tmp_path)["runs_planned"] == 2 * len(vt.CONFIGS)

@@ -5,7 +5,8 @@ beside lr ×{½, 1/√2, √2, 2, 4}, init_std ×{½, 2} and MiniCPM's published
 scale_depth 1.4, init_std 0.1, lr 0.01, through the same μP rules), each with n seeds, every run a
 real `launch.sh` of the large run. The three most telling configurations (the transferred one and its
 lr neighbours ×1/√2, ×√2) run with all their seeds first, then seed 0 of the rest before seed 1, so a
-partial result can already be judged.
+partial result can already be judged. lr ×4, past the issue's grid, runs only where lr ×2 is the best
+lr so far.
 
 Resumable: a run whose loss.jsonl holds its `done` event is kept under OUT/runs/ and never re-run;
 `--deadline-s` starts no run that would not end before it (device calls are 10 minutes).
@@ -45,11 +46,29 @@ R2 = math.sqrt(2)
 MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 0.1, "optim.lr": 0.01}
 # (name, lr factor, init_std factor, absolute values), the most telling first: the first validation put the
 # target's optimum at x1.97 its transferred lr, which the depth law and batch scaling now move the transfer to,
-# so the neighbours x1/sqrt2 and xsqrt2 decide the verdict. lr x4 is past the issue's grid and runs last.
+# so the neighbours x1/sqrt2 and xsqrt2 decide the verdict. lr x4 is past the issue's grid: it runs last.
 CONFIGS = (("transferred", 1, 1, {}), ("lr x1/sqrt2", 1 / R2, 1, {}), ("lr xsqrt2", R2, 1, {}),
            ("lr x1/2", 0.5, 1, {}), ("lr x2", 2, 1, {}), ("init x1/2", 1, 0.5, {}), ("init x2", 1, 2, {}),
            ("minicpm", 1, 1, MINICPM), ("lr x4", 4, 1, {}))
 TELLING = 3  # these run with all their seeds first: the verdict needs the seeds, and a GPU session fits ~7 runs
+PAST_GRID = "lr x4"
+
+
+def past_grid_needed(means: dict[str, float]) -> bool:
+    """lr x4 only says something where lr x2 is the best lr so far: the optimum may then lie past the grid.
+    Elsewhere its runs (~4 GPU-minutes each) are skipped and not counted as planned."""
+    lrs = {n: m for n, m in means.items() if n == "transferred" or (n.startswith("lr ") and n != PAST_GRID)}
+    return bool(lrs) and min(lrs, key=lrs.get) == "lr x2"
+
+
+def finished_means(runs_dir: Path, runs: list[tuple]) -> dict[str, float]:
+    """Each configuration's mean final loss over its finished runs (of `plan`'s) that did not diverge."""
+    by: dict[str, list[float]] = {}
+    for rid, name, *_ in runs:
+        f = final(runs_dir / f"{rid}.jsonl")
+        if f and not f["diverged"]:
+            by.setdefault(name, []).append(f["val_loss"])
+    return {n: sum(v) / len(v) for n, v in by.items()}
 
 
 def run_id(name: str, seed: int) -> str:
@@ -101,8 +120,13 @@ def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    for rid, name, seed, over in plan(base, seeds):
+    runs = plan(base, seeds)
+    for rid, name, seed, over in runs:
         if final(runs_dir / f"{rid}.jsonl"):
+            continue
+        if name == PAST_GRID and not past_grid_needed(finished_means(runs_dir, runs)):
+            print(f"validate: {rid} skipped: lr x2 is not the best lr so far, so the optimum is inside the grid",
+                  flush=True)
             continue
         left = deadline_s - (time.monotonic() - t0)
         if left < est_s:
@@ -173,8 +197,10 @@ def summarize(out: Path) -> dict:
                          "init_std": over["model.init_std"], **f})
             if not f["diverged"]:
                 by.setdefault(name, []).append(f["val_loss"])
+    means = finished_means(out / "runs", plan(base, cfg.get("seeds", 2))) if base else {}
+    configs = [n for n, *_ in CONFIGS if n != PAST_GRID or n in by or past_grid_needed(means)]
     table = []
-    for name, *_ in CONFIGS:
+    for name in configs:
         v = by.get(name, [])
         mean, sd, lo, hi = t_interval(v) if v else (math.nan,) * 4
         table.append({"config": name, "n": len(v), "mean": mean, "sd": sd, "low": lo, "high": hi})
@@ -184,7 +210,7 @@ def summarize(out: Path) -> dict:
     best = min(done, key=lambda t: t["mean"]) if done else None
     mine = next((t for t in table if t["config"] == "transferred" and t["n"]), None)
     gap = mine["mean"] - best["mean"] if best and mine else math.nan
-    n_planned = len(CONFIGS) * cfg.get("seeds", 2)
+    n_planned = len(configs) * cfg.get("seeds", 2)
     if not (best and mine) or math.isnan(seed_sd) or len(rows) < n_planned:
         verdict = (f"not judged: {len(rows)} of {n_planned} runs done"
                    + ("" if pooled else ", no configuration has 2 seeds yet (no seed-sd)"))
