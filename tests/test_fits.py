@@ -264,6 +264,18 @@ def test_scaling_law_flags_a_missing_loss_floor_and_an_exponent_its_interval_doe
     assert fits.fit_scaling_law(df).at_bound == ("E",)
     assert fits.fit_scaling_law(df, bootstrap=60).at_bound == ("E", "alpha")
 
+
+def test_scaling_law_flags_a_loss_floor_whose_interval_reaches_zero():
+    """results/windtunnel/wsd_prose_wide (d 128-1024, 23x in size): E 1.60 but its 95% interval, stretched
+    past the resamples, ends below zero, so the data do not fix the floor; alpha's interval stays inside."""
+    N = np.repeat([2950272, 7407872, 21238272, 67380224], 5)
+    D = np.tile([2080768, 4169728, 8339456, 16678912, 29999104], 4)
+    loss = [5.339, 4.834, 4.460, 4.171, 3.906, 5.200, 4.660, 4.244, 3.827, 3.579,
+            5.136, 4.565, 4.131, 3.685, 3.411, 5.078, 4.489, 4.037, 3.661, 3.353]
+    law = fits.fit_scaling_law(pd.DataFrame({"N": N, "D": D, "loss": loss}), bootstrap=60)
+    assert law.ci["E"][0] <= 0 < law.E and law.at_bound == ("E",)
+
+
 # ----------------------------------------------------------------------------- wsd
 
 

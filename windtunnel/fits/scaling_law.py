@@ -230,11 +230,13 @@ def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int
 def _undetermined(theta: np.ndarray, ci: dict | None) -> tuple[str, ...]:
     """E, alpha, beta on their box's edge, in the fit or (with a bootstrap) its 95% interval: the data do
     not fix them. E on its floor is a law without a loss floor; an exponent whose interval reaches its bound
-    is not measured (wsd_prose_tuned: alpha 2.5 [0.09, 5.1], tokens per parameter 28 to 18,508)."""
+    is not measured (wsd_prose_tuned: alpha 2.5 [0.09, 5.1], tokens per parameter 28 to 18,508;
+    wsd_prose_wide: E 1.6 [-0.04, 2.7])."""
     out = []
     for i in (0, 3, 4):  # A's and B's boxes are wide enough never to bind
-        vals = [theta[i]] + [math.log(x) if i == 0 else x for x in (ci[_PARAMS[i]] if ci else ())
-                             if math.isfinite(x) and (x > 0 or i)]
+        # E's interval, stretched past its resamples (bootstrap.py), can end below zero: its floor, reached
+        vals = [theta[i]] + [x if i else (math.log(x) if x > 0 else -math.inf)
+                             for x in (ci[_PARAMS[i]] if ci else ()) if math.isfinite(x)]
         lo, hi = _BOUNDS[i]
         if min(vals) - lo < 1e-6 or hi - max(vals) < 1e-6:
             out.append(_PARAMS[i])
