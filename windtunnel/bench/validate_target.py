@@ -197,7 +197,7 @@ def summarize(out: Path) -> dict:
                          "init_std": over["model.init_std"], **f})
             if not f["diverged"]:
                 by.setdefault(name, []).append(f["val_loss"])
-    means = finished_means(out / "runs", plan(base, cfg.get("seeds", 2))) if base else {}
+    means = {n: sum(v) / len(v) for n, v in by.items()}
     configs = [n for n, *_ in CONFIGS if n != PAST_GRID or n in by or past_grid_needed(means)]
     table = []
     for name in configs:
