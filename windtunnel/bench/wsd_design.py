@@ -1,0 +1,97 @@
+"""Which WSD runs would fix the data-model law? Simulated from the law a sweep already fitted.
+
+    python -m windtunnel.bench.wsd_design results/windtunnel/wsd_prose_wide/wsd_fit.json [--draws 200] [--out DIR]
+
+Takes what `windtunnel fit wsd --json` wrote (the law and its branches' N, D), draws each design's
+losses from that law with the fit's own noise (its log residuals' sd), refits every draw and reports
+how often E lands on its floor and the middle 95% of E, alpha and tokens per parameter over the draws,
+beside each design's GPU work relative to the runs as made. Only as good as the fitted law: a design
+that pins this law need not pin the true one, but one that cannot pin it here will not there either.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pandas as pd
+
+from windtunnel.bench import write_results
+from windtunnel.fits import fit_scaling_law, predict_loss
+
+PARAMS = 5  # E, A, B, alpha, beta: the residuals' degrees of freedom
+
+
+def designs(N: np.ndarray, D: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Sizes and branch token counts: as run, two sizes more (×3 and ×9 the largest), or branches
+    doubling on to 2×, 4× and 8× the last one's tokens (the prose slice that travels to the GPU holds
+    64M tokens: 2× of a 30M-token sweep is one epoch, more repeats it)."""
+    longer = {f"+ branches to {k}× the tokens": (N, np.r_[D, D.max() * 2.0 ** np.arange(1, int(np.log2(k)) + 1)])
+              for k in (2, 4, 8)}
+    return {"as run": (N, D), "+ sizes ×3, ×9 the largest": (np.r_[N, 3 * N.max(), 9 * N.max()], D), **longer}
+
+
+def gpu_work(N: np.ndarray, D: np.ndarray, decay: float = 0.1) -> float:
+    """6·N tokens per size: its stable run to the last branch, and each branch's decay."""
+    return float(sum(6 * n * (D.max() + decay * D.sum()) for n in N))
+
+
+def simulate(fit_json: dict, draws: int, seed: int = 0) -> tuple[list[dict], float]:
+    law, pts = fit_json["scaling_law"], pd.DataFrame(fit_json["points"])
+    resid = np.log(pts["loss"]) - np.log(predict_loss(law, pts["N"], pts["D"]))
+    noise = float(np.sqrt(np.sum(resid**2) / (len(pts) - PARAMS)))
+    N, D = np.sort(pts["N"].unique()), np.sort(pts["D"].unique())
+    rng = np.random.default_rng(seed)
+    base_work = gpu_work(N, D)
+    rows = []
+    for name, (n, d) in designs(N, D).items():
+        grid = pd.DataFrame([(a, b) for a in n for b in d], columns=["N", "D"])
+        true = predict_loss(law, grid["N"], grid["D"])
+        got = []
+        for _ in range(draws):
+            df = grid.assign(loss=true * np.exp(rng.normal(0, noise, len(grid))))
+            f = fit_scaling_law(df, compute=law["compute"])  # one compute: tokens per parameter compare
+            got.append((f.E, f.alpha, f.tokens_per_param, "E" in f.at_bound))
+        E, alpha, tpp, floor = (np.array(c) for c in zip(*got))
+        rows.append({"design": name, "sizes": len(n), "branches": len(d), "gpu_work": gpu_work(n, d) / base_work,
+                     "E_floor": float(floor.mean()), "E": _mid95(E), "alpha": _mid95(alpha),
+                     "tokens_per_param": _mid95(tpp)})
+    return rows, noise
+
+
+def _mid95(x: np.ndarray) -> list[float]:
+    return [float(v) for v in np.percentile(x, [2.5, 97.5])]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fit", help="a `windtunnel fit wsd --json` output (wsd_fit.json)")
+    p.add_argument("--draws", type=int, default=200)
+    p.add_argument("--out", help="write wsd_design.md/.json here")
+    a = p.parse_args(argv)
+    with open(a.fit) as fh:
+        fit_json = json.load(fh)
+    if not (fit_json.get("scaling_law") and fit_json.get("points")):
+        raise SystemExit(f"wsd_design: {a.fit}: no 'scaling_law' and 'points' (the output of `windtunnel fit wsd --json`)")
+    rows, noise = simulate(fit_json, a.draws)
+    law = fit_json["scaling_law"]
+    lines = [f"Truth in every draw: the fitted law, E {law['E']:.2f}, alpha {law['alpha']:.2f}, "
+             f"{law['tokens_per_param']:.0f} tokens per parameter at {law['compute']:.3g} FLOPs; noise sd "
+             f"{noise:.4f} in log loss (the fit's residuals); {a.draws} draws a design.", "",
+             "| design | sizes × branches | GPU work (× as run) | E on its floor | E (middle 95%) | alpha | "
+             "tokens per parameter |", "|---|---|---|---|---|---|---|"]
+    fmt = lambda r, k, f: f"[{f(r[k][0])}, {f(r[k][1])}]"  # noqa: E731
+    lines += [f"| {r['design']} | {r['sizes']} × {r['branches']} | {r['gpu_work']:.1f} | {r['E_floor']:.0%} | "
+              f"{fmt(r, 'E', lambda v: f'{v:.2f}')} | {fmt(r, 'alpha', lambda v: f'{v:.2f}')} | "
+              f"{fmt(r, 'tokens_per_param', lambda v: f'{v:.0f}')} |" for r in rows]
+    table = "\n".join(lines)
+    print(table)
+    if a.out:
+        cmd = f"python -m windtunnel.bench.wsd_design {a.fit} --draws {a.draws} --out {a.out}"
+        write_results(a.out, "wsd_design", {"noise": noise, "law": law, "designs": rows},
+                      f"# Which WSD runs would fix the law\n\nCommand: `{cmd}` (CPU, seeded)\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
