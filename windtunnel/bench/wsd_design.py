@@ -80,10 +80,9 @@ def main(argv=None) -> int:
              f"{noise:.4f} in log loss (the fit's residuals); {a.draws} draws a design.", "",
              "| design | sizes × branches | GPU work (× as run) | E on its floor | E (middle 95%) | alpha | "
              "tokens per parameter |", "|---|---|---|---|---|---|---|"]
-    fmt = lambda r, k, f: f"[{f(r[k][0])}, {f(r[k][1])}]"  # noqa: E731
     lines += [f"| {r['design']} | {r['sizes']} × {r['branches']} | {r['gpu_work']:.1f} | {r['E_floor']:.0%} | "
-              f"{fmt(r, 'E', lambda v: f'{v:.2f}')} | {fmt(r, 'alpha', lambda v: f'{v:.2f}')} | "
-              f"{fmt(r, 'tokens_per_param', lambda v: f'{v:.0f}')} |" for r in rows]
+              f"[{r['E'][0]:.2f}, {r['E'][1]:.2f}] | [{r['alpha'][0]:.2f}, {r['alpha'][1]:.2f}] | "
+              f"[{r['tokens_per_param'][0]:.0f}, {r['tokens_per_param'][1]:.0f}] |" for r in rows]
     table = "\n".join(lines)
     print(table)
     if a.out:
