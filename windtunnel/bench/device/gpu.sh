@@ -14,7 +14,7 @@
 #   bash windtunnel/bench/device/gpu.sh tests               # the GPU tests (kernels vs float64, the CUDA-graph step)
 #   bash windtunnel/bench/device/gpu.sh profile [ARGS]      # where a population step's time goes
 #   bash windtunnel/bench/device/gpu.sh tune KERNEL [ARGS]  # launch constants: rms_norm | attention | cross_entropy (kernels.tune)
-#   bash windtunnel/bench/device/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/ (WT_DATA=prose, WT_RESULTS=/tmp/r)
+#   bash windtunnel/bench/device/gpu.sh sweep NAME [K=V..]  # results/windtunnel/NAME/ (WT_DATA=prose|prose64m, WT_RESULTS=/tmp/r)
 #   bash windtunnel/bench/device/gpu.sh confirm NAME [ARGS] # results/windtunnel/NAME-confirm/ (windtunnel confirm; resumes)
 #   bash windtunnel/bench/device/gpu.sh transfer [--tokens N] # results/windtunnel/transfer/
 #   bash windtunnel/bench/device/gpu.sh multigpu            # results/multigpu/: 1 GPU, then all GPUs, one rank killed
@@ -40,16 +40,22 @@ export PYTHONSAFEPATH=1 PYTHONPATH=/tmp/p:/tmp/site WINDTUNNEL_CONF=$PWD/conf WI
 export WINDTUNNEL_CACHE=/tmp/wt-cache
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=$1; shift
-# WT_DATA=prose: the prose slice that travels packed in .carry/prose (docs/data.md), tokenized once per machine
+# WT_DATA=prose (32M tokens) or prose64m (64M, for runs past 30M tokens): the prose slice that travels packed in
+# .carry/$WT_DATA (`windtunnel data pack prose --max-tokens 64e6 --out .carry/prose64m`, docs/data.md), tokenized
+# once per machine. Carry the one a call needs: both and the wheels are over the 64 MiB a call takes.
 prose_data() {
-  if [ ! -f /tmp/prose/manifest.json ]; then
-    cat .carry/prose/prose.txt.xz.* > /tmp/prose.txt.xz
-    python3 -m windtunnel.cli data prepare /tmp/prose.txt.xz --tokenizer-file .carry/prose/tokenizer.json \
-      --max-tokens 32e6 --max-bytes 1e12 --out /tmp/prose 2>&1 | tail -2
+  local s=${1:-prose} n=32e6; [ "$s" = prose64m ] && n=64e6
+  if [ ! -f "/tmp/$s/manifest.json" ]; then
+    cat ".carry/$s"/prose.txt.xz.* > "/tmp/$s.txt.xz"
+    python3 -m windtunnel.cli data prepare "/tmp/$s.txt.xz" --tokenizer-file ".carry/$s/tokenizer.json" \
+      --max-tokens "$n" --max-bytes 1e12 --out "/tmp/$s" 2>&1 | tail -2
   fi
 }
 DATA=$PWD/.cache/stdlib-bpe16k
-if [ "${WT_DATA:-}" = prose ] && [ "$stage" != bg ] && [ "$stage" != join ]; then prose_data; DATA=/tmp/prose; fi
+case "${WT_DATA:-}:$stage" in
+  *:bg|*:join) ;;
+  prose:*|prose64m:*) prose_data "$WT_DATA"; DATA=/tmp/$WT_DATA ;;
+esac
 R=${WT_RESULTS:-results/windtunnel}  # a sweep's folder; /tmp/... keeps it apart from the tree each call re-sends
 case $stage in
   bench)
