@@ -1,5 +1,6 @@
 """bench.wsd_design: designs simulated from a fitted law."""
 import numpy as np
+import pytest
 
 from windtunnel.bench import wsd_design
 from windtunnel.fits import predict_loss
@@ -20,3 +21,14 @@ def test_noiseless_draws_recover_the_law_and_more_work_costs_more():
         "+ branches to 2× the tokens"]["gpu_work"] > 1
     for r in rows:  # no noise: every design refits the law itself
         assert r["E_floor"] == 0 and abs(r["E"][0] - LAW["E"]) < 0.02 and abs(r["alpha"][1] - LAW["alpha"]) < 0.02
+
+
+def test_bad_input_gets_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="no such file|cannot read it as JSON"):
+        wsd_design.main([str(tmp_path / "missing.json")])
+    (tmp_path / "f.json").write_text('{"points": []}')
+    with pytest.raises(SystemExit, match="no 'scaling_law' and 'points'"):
+        wsd_design.main([str(tmp_path / "f.json")])
+    with pytest.raises(SystemExit):
+        wsd_design.main([str(tmp_path / "f.json"), "--draws", "1"])
+    assert "--draws 1: must be at least 2" in capsys.readouterr().err

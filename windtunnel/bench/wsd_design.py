@@ -32,7 +32,8 @@ def designs(N: np.ndarray, D: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndar
 
 
 def gpu_work(N: np.ndarray, D: np.ndarray, decay: float = 0.1) -> float:
-    """6·N tokens per size: its stable run to the last branch, and each branch's decay."""
+    """6·N tokens per size: its stable run to the last branch, and each branch's decay (sweeps/wsd_branches.yaml's
+    schedule.decay: 10% of the branch's tokens)."""
     return float(sum(6 * n * (D.max() + decay * D.sum()) for n in N))
 
 
@@ -69,9 +70,14 @@ def main(argv=None) -> int:
     p.add_argument("--draws", type=int, default=200)
     p.add_argument("--out", help="write wsd_design.md/.json here")
     a = p.parse_args(argv)
-    with open(a.fit) as fh:
-        fit_json = json.load(fh)
-    if not (fit_json.get("scaling_law") and fit_json.get("points")):
+    if a.draws < 2:
+        p.error(f"--draws {a.draws}: must be at least 2 (the middle 95% needs several draws)")
+    try:
+        with open(a.fit) as fh:
+            fit_json = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"wsd_design: {a.fit}: cannot read it as JSON ({e})") from None
+    if not isinstance(fit_json, dict) or not (fit_json.get("scaling_law") and fit_json.get("points")):
         raise SystemExit(f"wsd_design: {a.fit}: no 'scaling_law' and 'points' (the output of `windtunnel fit wsd --json`)")
     rows, noise = simulate(fit_json, a.draws)
     law = fit_json["scaling_law"]
