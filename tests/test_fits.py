@@ -242,6 +242,24 @@ def test_scaling_law_bootstrap_is_seeded_and_covers_the_truth():
         assert lo < hi and lo <= LAW[k] * 1.01 and hi >= LAW[k] * 0.99, (k, a.ci[k])
 
 
+def test_tokens_per_param_interval_at_any_n_comes_from_the_refits():
+    """The fit's own interval holds at its compute; a target's N needs the refits themselves."""
+    fit = fits.fit_scaling_law(nd_grid(noise=2e-3), bootstrap=40, seed=1)
+    assert fits.optimal_tokens_interval(fits.fit_scaling_law(nd_grid()), 1e9) is None  # no refits, no interval
+    d = json.loads(json.dumps(fit.to_dict()))  # what `transfer --scaling-law` reads
+    assert d["N_range"] == pytest.approx([1e7, 1e10])
+    inside, past = (fits.optimal_tokens_interval(d, N) for N in (1e9, 1e12))
+    assert inside == pytest.approx(fits.optimal_tokens_interval(fit, 1e9), rel=1e-3)  # 6 digits kept
+    truth = fits.optimal_tokens(LAW, 1e9) / 1e9
+    assert inside[0] < truth < inside[1]
+    # the percentiles of the refits' own ratios at that N, stretched as every interval is, in logs
+    v = np.log([fits.optimal_tokens(dict(zip(d["draws"]["params"], r)), 1e9) / 1e9 for r in d["draws"]["values"]])
+    c, k = np.log(fits.optimal_tokens(d, 1e9) / 1e9), d["draws"]["stretch"]
+    assert np.log(inside) == pytest.approx((c + k * (np.percentile(v, 2.5) - c), c + k * (np.percentile(v, 97.5) - c)),
+                                           rel=1e-4)  # in logs: stays positive
+    assert past[1] / past[0] > inside[1] / inside[0]  # 100x past the largest size the law knows less
+
+
 def test_scaling_law_flags_an_exponent_its_data_do_not_fix():
     """results/windtunnel/wsd_prose: at lr 0.01 the largest size stalled (worse than the middle one at
     30M tokens), and alpha went to its bound 5 with N_opt's interval below zero."""

@@ -7,10 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
-from windtunnel import export, transfer
+from windtunnel import export, fits, transfer
 from windtunnel.config.target import load_target
 from windtunnel.config.trial import DataConfig, ModelConfig, OptimConfig, ScheduleConfig, TrainConfig, TrialConfig, to_dict
 from windtunnel.errors import ConfigError
@@ -107,6 +109,27 @@ def test_batch_size_and_tokens_from_the_fits(best, tmp_path):
     given = transfer.plan(transfer.load_winner(str(best)), target,
                           dataclass_replace(laws, batch_size=4 * 2**20, tokens=10**9, loss=2.5))
     assert given.value("batch size (tokens, wanted)") == 4 * 2**20 and given.value("D (tokens)") == 10**9
+
+
+def test_the_token_budget_carries_the_laws_interval_at_the_targets_n(best, tmp_path):
+    """A fit with refits gives D's interval at the target's N; one fitted on small models says that the
+    target lies past them, and one whose interval spans over 10x says it does not pin the budget."""
+    from windtunnel.fits import fit_scaling_law
+
+    N, D = (a.ravel() for a in np.meshgrid(np.logspace(6, 6.8, 3), np.logspace(7, 8.5, 5)))  # sizes within 6x
+    for noise, wide in ((3e-4, False), (3e-3, True)):
+        loss = (1.7 + 400.0 / N**0.34 + 410.0 / D**0.28) * np.exp(noise * np.random.default_rng(0).standard_normal(N.size))
+        fit = fit_scaling_law(pd.DataFrame({"N": N, "D": D, "loss": loss}), bootstrap=40)
+        (tmp_path / "sl.json").write_text(json.dumps(fit.to_dict()))
+        laws = transfer.Laws(batch_size=2048, scaling_law=transfer.load_law(str(tmp_path / "sl.json"), "scaling-law"))
+        plan = transfer.plan(transfer.load_winner(str(best)), load_target("minicpm-1.2b"), laws)
+        n = plan.value("N (parameters)")
+        lo, hi = fits.optimal_tokens_interval(fit, n)
+        row = next(r for r in plan.rows if r.name == "D (tokens)")
+        assert f"95% interval {lo * n:.3g}–{hi * n:.3g}" in row.formula
+        assert lo * n < plan.value("D (tokens)") < hi * n
+        assert any("fitted on models up to 6.31e+06 parameters" in w and "extrapolation" in w for w in plan.warnings)
+        assert any("does not pin the target's token budget" in w for w in plan.warnings) == wide == (hi > 10 * lo)
 
 
 def dataclass_replace(obj, **kw):

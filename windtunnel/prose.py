@@ -398,10 +398,11 @@ def corpus_text(cache: Path, packages: tuple | None = None) -> tuple[Path, dict]
     return text, meta
 
 
-def pack(text: Path, tokenizer_json: Path, max_tokens: int, out_dir: Path, part_bytes: int = 56 << 20) -> dict:
+def pack(text: Path, tokenizer_json: Path, max_tokens: int, out_dir: Path, part_bytes: int = 24 << 20) -> dict:
     """The corpus's first lines that hold max_tokens tokens of `tokenizer_json`, xz-compressed and
     cut into parts of at most part_bytes (prose.txt.xz.000, ...), the tokenizer beside them: what a
-    machine that cannot fetch the packages prepares the same shards from (docs/data.md)."""
+    machine that cannot fetch the packages prepares the same shards from (docs/data.md). 24 MiB: one
+    part, the wheels and the ~18 MB tree fit a device call's 64 MiB; 56 MiB parts did not."""
     import lzma
 
     from tokenizers import Tokenizer

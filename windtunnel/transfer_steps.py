@@ -162,12 +162,25 @@ def token_budget(d: Derivation, laws: Laws, N: int) -> int:
     if laws.tokens_per_param is not None:
         r = d.row("tokens per parameter", laws.tokens_per_param, "given (--tokens-per-param)", "command line")
     elif sl is not None and all(sl.get(k, 0) > 0 for k in ("A", "B", "alpha", "beta")):
-        from windtunnel.fits import optimal_tokens
+        from windtunnel.fits import optimal_tokens, optimal_tokens_interval
 
+        ci = optimal_tokens_interval(sl, N)
         r = d.row("tokens per parameter", optimal_tokens(sl, N) / N,
                   f"D_opt(N) / N = (beta·B / (alpha·A))^(1/beta) · N^(alpha/beta - 1) = "
                   f"({fmt(sl['beta'])}·{fmt(sl['B'])} / ({fmt(sl['alpha'])}·{fmt(sl['A'])}))^(1/{fmt(sl['beta'])}) "
-                  f"· N^({fmt(sl['alpha'])}/{fmt(sl['beta'])} - 1): compute-optimal at the target's N", sl["source"])
+                  f"· N^({fmt(sl['alpha'])}/{fmt(sl['beta'])} - 1): compute-optimal at the target's N"
+                  + (f"; the fit's bootstrap refits give 95% interval {fmt(ci[0])}–{fmt(ci[1])}" if ci else
+                     "; no interval (fit it with --bootstrap K)"), sl["source"])
+        n_max = (sl.get("N_range") or [None, None])[1]
+        if n_max and N > 2 * n_max:  # the law's N term was measured only below n_max
+            d.warnings.append(f"the scaling law was fitted on models up to {n_max:.3g} parameters; the target's "
+                              f"{N:.3g} is {fmt(N / n_max)}x that, so its token budget is an extrapolation")
+        if ci and ci[1] > 10 * ci[0]:
+            d.warnings.append(f"the scaling law does not pin the target's token budget: tokens per parameter "
+                              f"{fmt(ci[0])}–{fmt(ci[1])} (95%, the fit's refits at the target's N); give --tokens")
+        if ci:
+            return d.row("D (tokens)", int(round(r * N)), f"tokens per parameter × N; 95% interval "
+                         f"{ci[0] * N:.3g}–{ci[1] * N:.3g}", "above")
     else:
         raise ConfigError("token budget: give --tokens N, --tokens-per-param R or --scaling-law FILE.json "
                           "(`windtunnel fit scaling-law --json`)")

@@ -63,7 +63,7 @@ def collect(results: Path) -> dict:
             batch = next(d for d in json.loads(law.read_text())["drifts"] if d["axis"] == "batch")
             trust["lr_check"] |= {"batch_exponent": batch["per_doubling"], "batch_exponent_ci": batch["per_doubling_ci"]}
     # the tuned sweep (the winner's knobs) where it ran; wsd_prose trained at conf's lr 0.01
-    wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_wide", "wsd_prose_tuned", "wsd_prose"))
+    wsd = next((f for f in (results / n / "wsd_fit.json" for n in ("wsd_prose_long", "wsd_prose_wide", "wsd_prose_tuned", "wsd_prose"))
                 if f.is_file()), None)
     if wsd:
         fit = json.loads(wsd.read_text())
@@ -71,10 +71,20 @@ def collect(results: Path) -> dict:
         pts = pd.DataFrame(fit["points"]).sort_values(["D", "N"])
         # token counts where a larger model is not better: the sizes were not trained alike
         worse = sorted(float(D) for D, g in pts.groupby("D") if (g["loss"].diff().dropna() > 0).any())
-        trust["wsd_prose"] = {**{k: fit["scaling_law"].get(k) for k in ("alpha", "beta", "tokens_per_param", "at_bound",
-                                                                          "ci", "n_points")},
+        trust["wsd_prose"] = {**{k: fit["scaling_law"].get(k) for k in ("E", "alpha", "beta", "tokens_per_param", "at_bound",
+                                                                          "ci", "n_points", "compute")},
                               "lr": best["optim"]["lr"], "val_split": best["data"].get("val_split", "tail"),
                               "larger_not_better_at": worse, "n_max": float(pts["N"].max()), "sweep": wsd.parent.name}
+        plan = results / "validate_0.5b_v2" / "plan.json"  # the target the validation transfers to
+        if plan.is_file() and fit["scaling_law"].get("draws"):
+            from windtunnel.config.trial import ModelConfig
+            from windtunnel.fits import optimal_tokens, optimal_tokens_interval
+            from windtunnel.model import count_params
+
+            m = json.loads(plan.read_text())["transfer"]["model"]
+            n = count_params(ModelConfig(**m), m["vocab_size"])
+            trust["wsd_prose"]["at_target"] = {"N": n, "tokens_per_param": optimal_tokens(fit["scaling_law"], n) / n,
+                                               "ci": optimal_tokens_interval(fit["scaling_law"], n)}
     for name, key in VALIDATIONS:
         v = results / name / "validate.json"
         summary = json.loads(v.read_text()) if v.is_file() else {}
@@ -143,7 +153,7 @@ def table(t: dict) -> str:
                     f"the batch factor at other sizes and horizons; 2 seeds an lr; {PROSE_TAIL} |")
     w = t.get("wsd_prose")
     if w:
-        fixed = ", ".join(f"{k} {w[k]:.2f} {ci(w['ci'][k])}" for k in ("alpha", "beta")
+        fixed = ", ".join(f"{k} {w[k]:.2f} {ci(w['ci'][k])}" for k in ("E", "alpha", "beta")
                           if k not in w["at_bound"] and w.get("ci"))
         tpp = f"{w['tokens_per_param']:.0f}" + (" [%.0f, %.0f]" % tuple(w["ci"]["tokens_per_param"]) if w.get("ci") else "")
         if w["at_bound"]:
@@ -151,12 +161,20 @@ def table(t: dict) -> str:
             est = (f"NOT DETERMINED: {' and '.join(w['at_bound'])} on {where} (fit or 95% interval); tokens per "
                    f"parameter {tpp}, not a budget to launch" + (f"; {fixed}" if fixed else ""))
         else:
-            est = f"{fixed}, {tpp} tokens per parameter"
+            # D_opt/N moves with N unless alpha = beta: the ratio holds at this compute, not at the target's
+            est = (f"{fixed}; {tpp} tokens per parameter at the largest branch's compute ({w['compute']:.1e} FLOPs; "
+                   "`transfer --scaling-law` gives the target's own)")
+        at = w.get("at_target")
+        if at and not w["at_bound"]:
+            lo, hi = at["ci"]
+            est += (f"; at the {at['N'] / 1e9:.2f}B validation target {at['tokens_per_param']:.0f} [{lo:.3g}, {hi:.3g}]"
+                    + (": the law does not pin its budget" if hi > 10 * lo else ""))
         worse = ", ".join(f"{D:.2g}" for D in w["larger_not_better_at"])
         note = f"; at {worse} tokens a larger model is not better" if worse else ""
         rows.append(f"| data-model scaling law from WSD branches on prose (`{w.get('sweep', 'wsd_prose')}`: {w['n_points']} "
                     f"branches, lr {w['lr']:.2g}) | "
-                    f"{est}{note} | sizes beyond the largest branch's ({w['n_max'] / 1e6:.0f}M parameters); a loss floor; an lr tuned "
+                    f"{est}{note} | sizes beyond the largest branch's ({w['n_max'] / 1e6:.0f}M parameters)"
+                    f"{'; a loss floor' if 'E' in w['at_bound'] else ''}; one seed per size; an lr tuned "
                     f"per size (one lr, carried by μP){'; ' + PROSE_TAIL if w.get('val_split', 'tail') == 'tail' else ''} |")
     for name, key in VALIDATIONS:
         v = t.get(key)
@@ -169,8 +187,11 @@ def table(t: dict) -> str:
         one_seed = "one seed each, so no interval yet; " if all(r["n"] == 1 for r in done) else ""
         o = v.get("lr_optimum")
         if o:
-            iv = f" {ci(o['factor_ci'])}" if o["factor_ci"] else ""
-            gap += f"; the target's optimal lr ×{o['factor']:.2f}{iv} the transferred"
+            if o.get("at_edge"):  # the best lr tried so far is the largest (or smallest) run: a bound
+                gap += f"; the target's optimal lr {'≥' if o['factor'] > 1 else '≤'} ×{o['factor']:.2f} the transferred"
+            else:
+                iv = f" {ci(o['factor_ci'])}" if o["factor_ci"] else ""
+                gap += f"; the target's optimal lr ×{o['factor']:.2f}{iv} the transferred"
         rows.append(f"| {VALIDATION_ROWS[key][0]} at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
                     f"(`{name}`: {v['runs_done']} of {v['runs_planned']} runs) | {losses}; {gap}: {one_seed}{v['verdict']} "
                     f"(goal: within one seed-sd of the best) | {VALIDATION_ROWS[key][1]}longer horizons |")

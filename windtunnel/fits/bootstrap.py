@@ -15,7 +15,7 @@ the horizon law: 35 of 40); unstretched, in ~75%.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -35,6 +35,10 @@ class Bootstrap:
     """Percentile interval of each statistic over its finite resamples; None without replicates."""
     valid: dict[str, int]
     """Resamples in which the statistic was finite (e.g. an optimum fell inside the grid)."""
+    stretch: float = 1.0
+    """sqrt(n/(n-1)) for n runs per cell (the module's docstring says why)."""
+    samples: list[dict[str, float]] = field(default_factory=list, repr=False)
+    """Each resample's statistics: for numbers derived from the refits later (a law at another size)."""
 
     def __getitem__(self, key: str) -> tuple[float, float] | None:
         return self.intervals.get(key)
@@ -92,15 +96,20 @@ def bootstrap(groups: list[list[np.ndarray]], statistic: Callable[[np.ndarray], 
     stretch = np.sqrt(m / (m - 1))
     keys = list(dict.fromkeys(k for s in samples for k in s))
     intervals, valid = {}, {}
-    q = 100 * (1 - level) / 2
     for k in keys:
         v = np.array([s.get(k, np.nan) for s in samples], dtype=float)
-        v = v[np.isfinite(v)]
-        valid[k] = int(len(v))
-        c = full.get(k, np.nan)
-        if not len(v) or not np.isfinite(c):
-            intervals[k] = None
-            continue
-        lo, hi = np.percentile(v, q), np.percentile(v, 100 - q)
-        intervals[k] = (float(c + stretch * (lo - c)), float(c + stretch * (hi - c)))
-    return Bootstrap(n, level, intervals, valid)
+        valid[k] = int(np.isfinite(v).sum())
+        intervals[k] = percentile_interval(v, full.get(k, np.nan), stretch, level)
+    return Bootstrap(n, level, intervals, valid, float(stretch), samples)
+
+
+def percentile_interval(values, centre: float, stretch: float = 1.0, level: float = LEVEL) -> tuple[float, float] | None:
+    """The percentile interval of the finite resampled values, each end's distance from the full
+    data's value `centre` stretched; None where no value is finite, or the centre is not."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if not len(v) or not np.isfinite(centre):
+        return None
+    q = 100 * (1 - level) / 2
+    lo, hi = np.percentile(v, q), np.percentile(v, 100 - q)
+    return float(centre + stretch * (lo - centre)), float(centre + stretch * (hi - centre))

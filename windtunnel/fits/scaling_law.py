@@ -10,7 +10,7 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from windtunnel.errors import ConfigError
-from windtunnel.fits.bootstrap import LEVEL, bootstrap as resample
+from windtunnel.fits.bootstrap import LEVEL, bootstrap as resample, percentile_interval
 from windtunnel.fits.frames import check_frame, jsonable, where
 
 try:  # installed with scikit-learn; without it the fits run the same, only slower on a busy machine
@@ -126,6 +126,21 @@ def optimal_tokens(fit: ScalingLawFit | dict, N: float) -> float:
     return (get("beta") * get("B") / (get("alpha") * get("A"))) ** (1.0 / get("beta")) * N ** (get("alpha") / get("beta"))
 
 
+def optimal_tokens_interval(fit: ScalingLawFit | dict, N: float) -> tuple[float, float] | None:
+    """95% interval of the compute-optimal tokens per parameter D_opt(N) / N over the fit's bootstrap
+    refits (None without them): the fit's own interval holds at its compute, a target's N is elsewhere."""
+    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    draws = get("draws")
+    if not draws or not draws.get("values"):
+        return None
+    with np.errstate(all="ignore"):
+        v = [optimal_tokens(dict(zip(draws["params"], row)), N) / N for row in draws["values"]
+             if row[3] > 0 and row[4] > 0]  # an exponent at 0: one term does not shrink, no optimum
+        # in logs: a ratio's interval, stretched, stays positive
+        ci = percentile_interval(np.log(v), math.log(optimal_tokens(fit, N) / N), draws.get("stretch", 1.0), LEVEL)
+    return (math.exp(ci[0]), math.exp(ci[1])) if ci else None
+
+
 @dataclass
 class ScalingLawFit:
     """L(N, D) = E + A/N^alpha + B/D^beta and its compute-optimal allocation at `compute` FLOPs."""
@@ -147,6 +162,11 @@ class ScalingLawFit:
     """95% percentile bootstrap intervals (resampling rows), when asked for."""
     at_bound: tuple[str, ...] = ()
     """E, alpha, beta on their box's edge in the fit or its interval: the data do not determine them, nor N_opt, D_opt."""
+    N_range: tuple[float, float] | None = None
+    """The smallest and largest N fitted: a target past them is an extrapolation."""
+    draws: dict | None = None
+    """The bootstrap refits ({"params": E A B alpha beta, "stretch", "values": one row per refit}): the
+    interval of a number at another N or D than the fit's (`optimal_tokens_interval`)."""
 
     def predict(self, N, D):
         return predict_loss(self, N, D)
@@ -157,10 +177,13 @@ class ScalingLawFit:
 
     def to_dict(self) -> dict:
         d = {k: getattr(self, k) for k in ("E", "A", "B", "alpha", "beta", "N_opt", "D_opt", "tokens_per_param",
-                                           "compute", "n_points", "at_bound")}
+                                           "compute", "n_points", "at_bound", "N_range")}
         if self.ci is not None:
             d["ci"] = {k: list(v) for k, v in self.ci.items()}
-        return jsonable(d)
+        d = jsonable(d)
+        if self.draws is not None:  # 6 digits: the percentiles need no more, and the file stays ~60 kB
+            d["draws"] = {**self.draws, "values": [[float(f"{x:.6g}") for x in row] for row in self.draws["values"]]}
+        return d
 
 
 def predict_loss(fit: ScalingLawFit | dict, N, D):
@@ -214,7 +237,7 @@ def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int
     grid_starts = _grid_starts(logN, logD, logL, N_STARTS)
     theta, fval = _fit_theta(logN, logD, logL, grid_starts)
     law = _law_from_theta(theta, compute)
-    ci = None
+    ci = draws = None
     if bootstrap:
         def refit(idx: np.ndarray) -> dict[str, float]:
             th, _ = _fit_theta(logN[idx], logD[idx], logL[idx], [theta] + grid_starts[:N_STARTS_BOOTSTRAP])
@@ -223,8 +246,11 @@ def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int
         # each row is a unit, one stratum: the rows' (N, D) design is resampled with the noise
         boot = resample([[np.array([i]) for i in range(len(logL))]], refit, n=bootstrap, seed=seed, level=LEVEL)
         ci = {k: v if v is not None else (float("nan"),) * 2 for k, v in boot.intervals.items()}
+        draws = {"params": list(_PARAMS), "stretch": boot.stretch,
+                 "values": [[s[k] for k in _PARAMS] for s in boot.samples]}
     return ScalingLawFit(**law, compute=float(compute), n_points=len(logL), objective=fval, ci=ci,
-                         at_bound=_undetermined(theta, ci))
+                         at_bound=_undetermined(theta, ci), draws=draws,
+                         N_range=(float(np.exp(logN.min())), float(np.exp(logN.max()))))
 
 
 def _undetermined(theta: np.ndarray, ci: dict | None) -> tuple[str, ...]:

@@ -42,7 +42,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=$1; shift
 # WT_DATA=prose (32M tokens) or prose64m (64M, for runs past 30M tokens): the prose slice that travels packed in
 # .carry/$WT_DATA (`windtunnel data pack prose --max-tokens 64e6 --out .carry/prose64m`, docs/data.md), tokenized
-# once per machine. Carry the one a call needs: both and the wheels are over the 64 MiB a call takes.
+# once per machine. Carry the one a call needs; prose64m and the wheels take two calls (docs/data.md).
 prose_data() {
   local s=${1:-prose} n=32e6; [ "$s" = prose64m ] && n=64e6
   if [ ! -f "/tmp/$s/manifest.json" ]; then
