@@ -377,6 +377,13 @@ def test_depth_law_scales_the_lr_by_the_measured_drift_per_doubling(best, tmp_pa
     off = transfer.plan(winner, target, transfer.Laws(batch_size=2048, tokens=400_000))
     assert on.value("lr depth factor") == pytest.approx(2 ** (-0.2 * 2)) and off.value("lr depth factor") == 1.0
     assert on.trial.optim.lr == pytest.approx(off.trial.optim.lr * 2 ** -0.4)
+    # the lr row carries the factor's interval: -0.3 to -0.1 octaves per doubling, over two doublings
+    from windtunnel.transfer_steps import fmt
+
+    base = off.trial.optim.lr
+    lr_row = next(r.formula for r in on.rows if r.name == "optim.lr")
+    assert f"with the depth factor over its 95% interval: {fmt(base * 2 ** -0.6)}–{fmt(base * 2 ** -0.2)}" in lr_row
+    assert "interval" not in next(r.formula for r in off.rows if r.name == "optim.lr")
     law.write_text(json.dumps({"drifts": [{"parametrization": "sp", "axis": "depth", "low": 4, "high": 32,
                                            "octaves": -0.6, "ci": None, "edge": False}]}))
     with pytest.raises(ConfigError, match="--depth-law: .* no drift for the winner's 'mup'"):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from windtunnel.bench import wsd_design
-from windtunnel.fits import predict_loss
+from windtunnel.fits import optimal_tokens, predict_loss
 
 LAW = {"E": 1.6, "A": 2.0e5, "B": 126.0, "alpha": 0.87, "beta": 0.25, "compute": 1.2e16, "tokens_per_param": 69.0}
 
@@ -21,6 +21,10 @@ def test_noiseless_draws_recover_the_law_and_more_work_costs_more():
         "+ branches to 2× the tokens"]["gpu_work"] > 1
     for r in rows:  # no noise: every design refits the law itself
         assert r["E_floor"] == 0 and abs(r["E"][0] - LAW["E"]) < 0.02 and abs(r["alpha"][1] - LAW["alpha"]) < 0.02
+    # a target's budget: each design's refit at that N, here the law's own
+    truth = optimal_tokens(LAW, 5e8) / 5e8
+    for r in wsd_design.simulate({"scaling_law": LAW, "points": points}, draws=1, at_n=5e8)[0]:
+        assert r["tokens_per_param_at_n"] == pytest.approx([truth, truth], rel=0.05), r["design"]
 
 
 def test_bad_input_gets_one_line(tmp_path, capsys):

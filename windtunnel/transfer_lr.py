@@ -33,7 +33,7 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
         why = f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)"
         b_ci = (hl.get("ci") or {}).get("b")
         if b_ci and None not in b_ci:  # the factor's own interval, and how far past the fit's data it reaches
-            lo, hi = sorted(horizon_factor({"b": b}, T0, D) for b in b_ci)
+            lo, hi = d.lr_factor_ci["horizon"] = tuple(sorted(horizon_factor({"b": b}, T0, D) for b in b_ci))
             why += f"; b's 95% interval gives {fmt(lo)}–{fmt(hi)}"
         measured = [p["tokens"] for p in hl.get("points", []) if "tokens" in p]
         if measured and D > max(measured):
@@ -60,7 +60,7 @@ def depth_factor(d: Derivation, laws: Laws) -> float:
     r, doublings = winners_rate(d, laws.depth_law, "--depth-law"), math.log2(target.n_layers / m.n_layers)
     why = f"2^({fmt(r['per_doubling'])} octaves per doubling × log2({target.n_layers} / {m.n_layers} layers))"
     if r["ci"]:
-        lo, hi = sorted(2.0 ** (c * doublings) for c in r["ci"])
+        lo, hi = d.lr_factor_ci["depth"] = tuple(sorted(2.0 ** (c * doublings) for c in r["ci"]))
         why += f"; the drift's 95% interval gives {fmt(lo)}–{fmt(hi)}"
     if not r["low"] <= target.n_layers <= r["high"]:
         why += f"; extrapolated past the measured {fmt(r['low'])}–{fmt(r['high'])} layers"
@@ -88,7 +88,7 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
         r = winners_rate(d, laws.lr_batch_law, "--lr-batch-scaling")
         why = f"(batch tokens / proxy batch tokens)^{fmt(r['per_doubling'])}, beta measured"
         if r["ci"]:
-            lo, hi = sorted(ratio ** c for c in r["ci"])
+            lo, hi = d.lr_factor_ci["batch"] = tuple(sorted(ratio ** c for c in r["ci"]))
             why += f"; beta's 95% interval {fmt(r['ci'][0])}–{fmt(r['ci'][1])} gives {fmt(lo)}–{fmt(hi)}"
         if not 1 / (r["high"] / r["low"]) <= ratio <= r["high"] / r["low"]:
             why += f"; extrapolated: the batch ratio {fmt(ratio)} is past the measured ×{fmt(r['high'] / r['low'])}"
@@ -99,4 +99,21 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
         how = "sqrt(batch tokens / proxy batch tokens) (PanGu-π Pro)" if beta == 0.5 else \
             f"(batch tokens / proxy batch tokens)^{beta:g}"
         f = d.row("lr batch factor", ratio ** beta, how, opt)
-    return d.row("optim.lr", lr * f, "base lr × lr batch factor", "above")
+    return d.row("optim.lr", lr * f, "base lr × lr batch factor" + lr_interval(d, lr * f), "above")
+
+
+def lr_interval(d: Derivation, lr: float) -> str:
+    """The lr with every measured factor at its interval's ends at once: each factor comes from its own
+    sweep, so this is wider than a joint interval would be; the proxy lr's own spread is not in it."""
+    if not d.lr_factor_ci:
+        return ""
+    point = {r.name: r.value for r in d.rows}
+    lo = hi = lr
+    for k, (a, b) in d.lr_factor_ci.items():
+        f = point[f"lr {k} factor"]
+        lo, hi = lo * a / f, hi * b / f
+    names = list(d.lr_factor_ci)
+    which = (", ".join(names[:-1]) + " and " + names[-1]) if len(names) > 1 else names[0]
+    many = len(names) > 1
+    return (f"; with the {which} factor{'s' * many} over {'their' if many else 'its'} 95% interval{'s' * many}: "
+            f"{fmt(lo)}–{fmt(hi)} (the proxy lr's own spread aside)")

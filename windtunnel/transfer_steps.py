@@ -63,6 +63,8 @@ class Derivation:
     """The target (windtunnel.config.target.Target): its shape, cluster and run settings."""
     rows: list[Row] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    lr_factor_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Each measured lr factor's 95% interval (depth, horizon, batch): the lr's own, multiplied."""
 
     def row(self, name: str, value, formula: str, source: str):
         self.rows.append(Row(name, value, formula, source))
