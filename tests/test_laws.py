@@ -4,6 +4,7 @@ the fit recovers it within its interval; a fit whose optimum is not inside its g
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -201,6 +202,19 @@ def test_estimate_is_calibrated_on_mup_hp_and_grows_with_depth():
     depth = estimate(load_sweep("lr_depth", []))
     secs = [s for _, _, s in depth["by_shape"]]
     assert depth["trials"] == 144 and secs == sorted(secs) and secs[-1] > 2 * secs[0]
+
+
+@pytest.mark.parametrize("sweep", sorted(f.stem for f in (Path(__file__).parents[1] / "sweeps").glob("*.yaml")))
+def test_every_sweep_file_composes_into_a_full_grid(sweep):
+    """A sweep file that would first fail on the lent GPU fails here: it composes, and a grid's
+    n_trials covers every cell of it (a sweep past its grid is refused; one short of it leaves cells out)."""
+    from windtunnel.bench.estimate import estimate
+    from windtunnel.config.hydra import load_sweep
+
+    cfg = load_sweep(sweep, [])
+    e = estimate(cfg)
+    if cfg.sampler.type == "grid":
+        assert e["trials"] == cfg.n_trials, (e["trials"], cfg.n_trials)
 
 
 def test_batch_size_reads_the_lr_and_each_run_from_a_sweeps_curves(tmp_path, capsys):
