@@ -106,6 +106,18 @@ def test_the_targets_optimal_lr_is_read_from_the_lr_runs_as_a_factor_of_the_tran
     assert "×2.00" in (tmp_path / "report.md").read_text()
 
 
+def test_an_lr_optimum_on_the_edge_of_the_runs_is_reported_as_a_bound(tmp_path):
+    """Loss still falling at the largest lr run: no vertex, so no interval either, only ≥."""
+    factors = {name: f for name, f, g, absolute in vt.CONFIGS if g == 1 and not absolute}
+    _all_runs(tmp_path, lambda name, seed: 3.0 - 0.1 * math.log2(factors[name]) + 0.002 * seed if name in factors
+              else 2.0)
+    o = vt.summarize(tmp_path)["lr_optimum"]
+    top = max(factors.values())  # lr x4: run, as lr x2 beat the rest
+    assert o["at_edge"] and o["factor"] == pytest.approx(top)
+    report = (tmp_path / "report.md").read_text()
+    assert f"**≥ ×{top:.2f}** the transferred" in report and "a bound" in report, report
+
+
 def test_a_resume_with_another_transfer_is_refused(tmp_path):
     """The runs already in OUT were planned from one transfer; a resume whose train.yaml has another
     lr (the horizon law refitted in between) would mix two plans in one table."""

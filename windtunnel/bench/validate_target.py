@@ -231,12 +231,15 @@ def summarize(out: Path) -> dict:
     head = (f"# Validation at the target's scale\n\n{len(rows)} of {n_planned} runs done. Best so far: "
             f"{best and best['config']}; transferred − best = {gap:.4f} nats; pooled seed-sd {seed_sd:.4f}. "
             f"Goal ({summary['goal']}): **{verdict}**.\n\n")
-    if lr_opt:
+    if lr_opt and lr_opt["at_edge"]:  # the best lr run is the largest (smallest) tried: no vertex, no interval
+        side = "≥" if lr_opt["factor"] > 1 else "≤"
+        head += (f"The target's optimal lr is {side} {lr_opt['lr_opt']:.3g}, **{side} ×{lr_opt['factor']:.2f}** the "
+                 "transferred: the best lr run so far is on the edge of those run, so this is a bound.\n\n")
+    elif lr_opt:
         iv = (f" [{lr_opt['factor_ci'][0]:.2f}, {lr_opt['factor_ci'][1]:.2f}]" if lr_opt["factor_ci"]
               else " (one seed an lr: no interval)")
         head += (f"The target's optimal lr, a parabola over the lr runs' mean losses (as `fit lr-transfer`): "
-                 f"{lr_opt['lr_opt']:.3g}, **×{lr_opt['factor']:.2f}**{iv} the transferred"
-                 f"{' (on the grid’s edge: a bound)' if lr_opt['at_edge'] else ''}.\n\n")
+                 f"{lr_opt['lr_opt']:.3g}, **×{lr_opt['factor']:.2f}**{iv} the transferred.\n\n")
     write_text(out / "report.md", head + "\n".join(lines) + "\n")
     import pandas as pd
     write_atomically(out / "validate.csv", lambda p: pd.DataFrame(rows).to_csv(p, index=False))
