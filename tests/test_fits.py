@@ -258,6 +258,8 @@ def test_tokens_per_param_interval_at_any_n_comes_from_the_refits():
     assert np.log(inside) == pytest.approx((c + k * (np.percentile(v, 2.5) - c), c + k * (np.percentile(v, 97.5) - c)),
                                            rel=1e-4)  # in logs: stays positive
     assert past[1] / past[0] > inside[1] / inside[0]  # 100x past the largest size the law knows less
+    lo, hi = fits.loss_interval(d, 1e9, 2e10)  # the loss the batch-size law reads, likewise
+    assert lo < law_loss(1e9, 2e10) < hi and hi / lo < 1.05
 
 
 def test_scaling_law_flags_an_exponent_its_data_do_not_fix():

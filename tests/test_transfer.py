@@ -115,6 +115,7 @@ def test_the_token_budget_carries_the_laws_interval_at_the_targets_n(best, tmp_p
     """A fit with refits gives D's interval at the target's N; one fitted on small models says that the
     target lies past them, and one whose interval spans over 10x says it does not pin the budget."""
     from windtunnel.fits import fit_scaling_law
+    from windtunnel.transfer_steps import fmt
 
     N, D = (a.ravel() for a in np.meshgrid(np.logspace(6, 6.8, 3), np.logspace(7, 8.5, 5)))  # sizes within 6x
     for noise, wide in ((3e-4, False), (3e-3, True)):
@@ -130,6 +131,12 @@ def test_the_token_budget_carries_the_laws_interval_at_the_targets_n(best, tmp_p
         assert lo * n < plan.value("D (tokens)") < hi * n
         assert any("fitted on models up to 6.31e+06 parameters" in w and "extrapolation" in w for w in plan.warnings)
         assert any("does not pin the target's token budget" in w for w in plan.warnings) == wide == (hi > 10 * lo)
+        # the loss the batch-size law reads carries the law's interval too
+        laws = dataclass_replace(laws, batch_size=None, batch_size_law={"a": 1.21e9, "b": 6.24, "source": "bs.json"})
+        lo, hi = fits.loss_interval(fit, n, plan.value("D (tokens)"))
+        row = next(r for r in transfer.plan(transfer.load_winner(str(best)), load_target("minicpm-1.2b"), laws).rows
+                   if r.name == "target loss L")
+        assert f"interval {fmt(lo)}–{fmt(hi)}" in row.formula
 
 
 def dataclass_replace(obj, **kw):

@@ -197,11 +197,14 @@ def wanted_batch(d: Derivation, laws: Laws, given: float | None, L: float | None
             sl = laws.scaling_law
             if sl is None:
                 raise ConfigError("--batch-size-law: needs the target's loss: give --loss L or --scaling-law FILE.json")
-            from windtunnel.fits import predict_loss
+            from windtunnel.fits import loss_interval, predict_loss
 
+            ci = loss_interval(sl, N, D)
             L = d.row("target loss L", float(predict_loss(sl, N, D)),
                       f"E + A/N^alpha + B/D^beta = {fmt(sl['E'])} + {fmt(sl['A'])}/N^{fmt(sl['alpha'])} "
-                      f"+ {fmt(sl['B'])}/D^{fmt(sl['beta'])}", sl["source"])
+                      f"+ {fmt(sl['B'])}/D^{fmt(sl['beta'])}"
+                      + (f"; the fit's bootstrap refits give 95% interval {fmt(ci[0])}–{fmt(ci[1])}" if ci else ""),
+                      sl["source"])
         bl = laws.batch_size_law
         given = d.row("batch size (tokens, wanted)", bl["a"] / L ** bl["b"],
                       f"a / L^b = {fmt(bl['a'])} / L^{fmt(bl['b'])} (MiniCPM's law)", bl["source"])

@@ -27,7 +27,7 @@ from windtunnel.fits.lr_transfer import GOAL_DEPTH_RATIO, GOAL_OCTAVES, Drift, L
 from windtunnel.fits.optimum import curve_optimum, grid_step, parabola_min
 from windtunnel.fits.scaling_law import (
     HUBER_DELTA, INIT_GRID, MIN_LEVELS, N_STARTS, N_STARTS_BOOTSTRAP, ScalingLawFit, WsdFit, compute_optimal,
-    fit_scaling_law, fit_wsd, optimal_tokens, optimal_tokens_interval, predict_loss,
+    fit_scaling_law, fit_wsd, loss_interval, optimal_tokens, optimal_tokens_interval, predict_loss,
 )
 
 __all__ = [
@@ -36,6 +36,6 @@ __all__ = [
     "MIN_LEVELS", "N_STARTS", "N_STARTS_BOOTSTRAP", "OPTIONAL", "RESAMPLES", "SWEEP_SOURCES", "ScalingLawFit",
     "WEAK_R2", "WsdFit", "bootstrap", "check_frame", "compute_optimal", "curve_optimum", "fit_batch_size", "fit_horizon",
     "fit_lr_transfer", "fit_scaling_law", "fit_wsd", "grid_step", "horizon_factor", "load_csv", "load_inputs",
-    "optimal_tokens", "optimal_tokens_interval",
+    "loss_interval", "optimal_tokens", "optimal_tokens_interval",
     "parabola_min", "predict_loss", "sweep_frame", "units",
 ]

@@ -129,15 +129,25 @@ def optimal_tokens(fit: ScalingLawFit | dict, N: float) -> float:
 def optimal_tokens_interval(fit: ScalingLawFit | dict, N: float) -> tuple[float, float] | None:
     """95% interval of the compute-optimal tokens per parameter D_opt(N) / N over the fit's bootstrap
     refits (None without them): the fit's own interval holds at its compute, a target's N is elsewhere."""
+    return refit_interval(fit, lambda law: optimal_tokens(law, N) / N)
+
+
+def loss_interval(fit: ScalingLawFit | dict, N: float, D: float) -> tuple[float, float] | None:
+    """95% interval of L(N, D) over the fit's bootstrap refits (None without them)."""
+    return refit_interval(fit, lambda law: predict_loss(law, N, D))
+
+
+def refit_interval(fit: ScalingLawFit | dict, value) -> tuple[float, float] | None:
+    """95% interval of value(law) over the fit's bootstrap refits, each a dict E, A, B, alpha, beta.
+    In logs: a positive number's interval, stretched, stays positive."""
     get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
     draws = get("draws")
     if not draws or not draws.get("values"):
         return None
     with np.errstate(all="ignore"):
-        v = [optimal_tokens(dict(zip(draws["params"], row)), N) / N for row in draws["values"]
+        v = [value(dict(zip(draws["params"], row))) for row in draws["values"]
              if row[3] > 0 and row[4] > 0]  # an exponent at 0: one term does not shrink, no optimum
-        # in logs: a ratio's interval, stretched, stays positive
-        ci = percentile_interval(np.log(v), math.log(optimal_tokens(fit, N) / N), draws.get("stretch", 1.0), LEVEL)
+        ci = percentile_interval(np.log(v), math.log(value(fit)), draws.get("stretch", 1.0), LEVEL)
     return (math.exp(ci[0]), math.exp(ci[1])) if ci else None
 
 
