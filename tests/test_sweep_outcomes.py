@@ -159,6 +159,10 @@ def test_wsd_branches_of_a_sweep_feed_the_scaling_law(tmp_path):
     assert len(d["points"]) == 9 and {p["model"] for p in d["points"]} == {"d32", "d48", "d64"}
     law = d["scaling_law"]
     assert law["n_points"] == 9 and law["A"] > 0 and law["B"] > 0
+    rc, out, err = fit("scaling-law", "--input", str(results / "quickstart"), "--json")  # the same rows, as N, D, loss
+    assert rc == 0, err
+    assert {k: json.loads(out)[k] for k in ("E", "alpha", "beta", "n_points")} == pytest.approx(
+        {k: law[k] for k in ("E", "alpha", "beta", "n_points")}, rel=1e-6)
     two = branches[branches["model.d_model"] != 64].rename(columns={"n_params": "N", "tokens": "D",
                                                                     "final_val_loss": "loss"})
     two.to_csv(tmp_path / "two.csv", index=False)

@@ -176,10 +176,10 @@ def token_budget(d: Derivation, laws: Laws, N: int) -> int:
         n_max = (sl.get("N_range") or [None, None])[1]
         if n_max and N > 2 * n_max:  # the law's N term was measured only below n_max
             d.warnings.append(f"the scaling law was fitted on models up to {n_max:.3g} parameters; the target's "
-                              f"{N:.3g} is {fmt(N / n_max)}x that, so its token budget is an extrapolation")
+                              f"{N:.3g} is {N / n_max:.1f}x that, so its token budget is an extrapolation")
         if ci and ci[1] > 10 * ci[0]:
             d.warnings.append(f"the scaling law does not pin the target's token budget: tokens per parameter "
-                              f"{fmt(ci[0])}–{fmt(ci[1])} (95%, the fit's refits at the target's N); give --tokens")
+                              f"{ci[0]:.3g}–{ci[1]:.3g} (95%, the fit's refits at the target's N); give --tokens")
         if ci:
             return d.row("D (tokens)", int(round(r * N)), f"tokens per parameter × N; 95% interval "
                          f"{ci[0] * N:.3g}–{ci[1] * N:.3g}", "above")

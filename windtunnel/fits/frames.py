@@ -99,6 +99,8 @@ SWEEP_SOURCES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
     # the loss at the end of every decay branch (train.branch_at)
     "wsd": (results.BRANCHES, {"model": "model.d_model", "N": "n_params", "tokens": "tokens",
                              "loss": "final_val_loss"}, {}),
+    # the same branches as the law's (N, D, loss) rows, for `fit scaling-law` on a WSD sweep
+    "scaling-law": (results.BRANCHES, {"N": "n_params", "D": "tokens", "loss": "final_val_loss"}, {}),
     # final validation loss of each trial at its token budget
     "horizon": (results.TRIALS, {"tokens": "train.tokens", "lr": "optim.lr", "loss": "value"},
                 {"init_std": "model.init_std", "run": "number"}),
@@ -108,7 +110,7 @@ SWEEP_SOURCES: dict[str, tuple[str, dict[str, str], dict[str, str]]] = {
 def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
     """The frame fit `kind` takes (unchecked), from a sweep's results folder or a table in it.
 
-    lr-transfer and horizon read trials.csv, batch-size curves.csv, wsd branches.csv: the given
+    lr-transfer and horizon read trials.csv, batch-size curves.csv, wsd and scaling-law branches.csv: the given
     file if it is that table, else the one beside it. Only COMPLETE trials count (FAIL, PRUNED and
     retried ones do not). batch-size gives batch sizes in tokens (train.batch_size x model.seq_len)
     and rounds token counts to multiples of train.eval_every (trials of different batch sizes
