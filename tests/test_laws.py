@@ -123,6 +123,12 @@ def test_batch_size_law_with_the_lr_tuned_per_size_lies_in_its_interval():
     assert fit.ci["b"][0] <= B_BS <= fit.ci["b"][1], (fit.b, fit.ci)
     assert fit.ci["a"][0] <= A_BS <= fit.ci["a"][1], (fit.a, fit.ci)
     assert len(fit.lr_optima) == 3 * len(BS) and not any(t.at_edge for t in fit.lr_optima)
+    # a and b move together: the batch at a given loss has its own interval, from the refits; the JSON keeps them
+    L = float(np.median([p.loss_opt for p in fit.points]))
+    lo, hi = fits.batch_size_interval(json.loads(json.dumps(fit.to_dict())), L)
+    assert lo < A_BS / L**B_BS < hi and lo < fit.batch_size_opt(L) < hi
+    corners = sorted(a / L**b for a in fit.ci["a"] for b in fit.ci["b"])
+    assert hi / lo < corners[-1] / corners[0]  # narrower than the separate intervals' corners
     one_lr = bs_curves()
     one_lr = one_lr[one_lr["lr"] == 2.0**-8]
     untuned = fits.fit_batch_size(one_lr.drop(columns="lr"), bootstrap_n=150)

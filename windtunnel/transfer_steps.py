@@ -205,9 +205,14 @@ def wanted_batch(d: Derivation, laws: Laws, given: float | None, L: float | None
                       f"+ {fmt(sl['B'])}/D^{fmt(sl['beta'])}"
                       + (f"; the fit's bootstrap refits give 95% interval {fmt(ci[0])}–{fmt(ci[1])}" if ci else ""),
                       sl["source"])
+        from windtunnel.fits import batch_size_interval
+
         bl = laws.batch_size_law
+        ci = batch_size_interval(bl, L)
         given = d.row("batch size (tokens, wanted)", bl["a"] / L ** bl["b"],
-                      f"a / L^b = {fmt(bl['a'])} / L^{fmt(bl['b'])} (MiniCPM's law)", bl["source"])
+                      f"a / L^b = {fmt(bl['a'])} / L^{fmt(bl['b'])} (MiniCPM's law)"
+                      + (f"; the law's bootstrap refits give 95% interval {ci[0]:.3g}–{ci[1]:.3g} at this L" if ci else ""),
+                      bl["source"])
     d.row("batch size (sequences, wanted)", given / d.target.seq_len, "tokens / seq_len", "above")
     return given
 

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from windtunnel.errors import ConfigError
-from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
+from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, draws_interval, draws_of, units
 from windtunnel.fits.frames import check_frame, jsonable, where
 from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
 
@@ -58,6 +58,8 @@ class BatchSizeFit:
     lr_tuned: bool = False
     """The data had >= 2 lrs per batch size (else every batch size ran at one lr)."""
     lr_optima: list[LrTuning] = field(default_factory=list)
+    draws: dict | None = None
+    """The bootstrap refits of a, b (`bootstrap.draws_of`): a batch size's interval at the target's loss."""
 
     def batch_size_opt(self, loss: float | np.ndarray) -> float | np.ndarray:
         return self.a / np.asarray(loss, dtype=float) ** self.b
@@ -65,7 +67,15 @@ class BatchSizeFit:
     def to_dict(self) -> dict:
         return jsonable({"a": self.a, "b": self.b, "r2": self.r2, "ci": self.ci, "resamples": self.resamples,
                          "lr_tuned": self.lr_tuned, "points": [asdict(p) for p in self.points],
-                         "lr_optima": [asdict(t) for t in self.lr_optima]})
+                         "lr_optima": [asdict(t) for t in self.lr_optima]}
+                        | ({"draws": self.draws} if self.draws is not None else {}))
+
+
+def batch_size_interval(fit: BatchSizeFit | dict, loss: float) -> tuple[float, float] | None:
+    """95% interval of bs_opt = a / L^b at one loss over the fit's bootstrap refits (None without them):
+    a and b move together, so their separate intervals cannot give it."""
+    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    return draws_interval(get("draws"), lambda law: law["a"] / loss ** law["b"], get("a") / loss ** get("b"))
 
 
 def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -> BatchSizeFit:
@@ -132,4 +142,4 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
     unit = ["run"] if "run" in d.columns else ["seed"] if "seed" in d.columns else ["_cell"]
     boot = bootstrap(units(d, ["_cell"], unit), statistic, n=bootstrap_n, seed=seed)
     ci = boot.intervals if boot.n else None
-    return BatchSizeFit(a, b, points, r2, ci, boot.n, lr_tuned, lr_optima)
+    return BatchSizeFit(a, b, points, r2, ci, boot.n, lr_tuned, lr_optima, draws_of(boot, ("a", "b")))

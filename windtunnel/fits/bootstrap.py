@@ -15,6 +15,7 @@ the horizon law: 35 of 40); unstretched, in ~75%.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -113,3 +114,24 @@ def percentile_interval(values, centre: float, stretch: float = 1.0, level: floa
     q = 100 * (1 - level) / 2
     lo, hi = np.percentile(v, q), np.percentile(v, 100 - q)
     return float(centre + stretch * (lo - centre)), float(centre + stretch * (hi - centre))
+
+
+def draws_of(boot: Bootstrap, params: tuple[str, ...]) -> dict | None:
+    """A fit's refits as its JSON keeps them, for numbers derived later at another point (a law at the
+    target's size or loss): the parameters of every resample, and the stretch. None without resamples."""
+    if not boot.n:
+        return None
+    return {"params": list(params), "stretch": boot.stretch,
+            "values": [[float(f"{s[k]:.6g}") for k in params] for s in boot.samples]}  # 6 digits: ~100 kB a 1000
+
+
+def draws_interval(draws: dict | None, value: Callable[[dict], float], centre: float,
+                   level: float = LEVEL) -> tuple[float, float] | None:
+    """95% interval of value(parameters) over stored refits (`draws_of`), around the full fit's value
+    `centre`; in logs, so a positive number's interval, stretched, stays positive. None without refits."""
+    if not draws or not draws.get("values") or not centre > 0:
+        return None
+    with np.errstate(all="ignore"):
+        v = np.log([value(dict(zip(draws["params"], row))) for row in draws["values"]])
+        ci = percentile_interval(v, math.log(centre), draws.get("stretch", 1.0), level)
+    return (math.exp(ci[0]), math.exp(ci[1])) if ci else None

@@ -124,16 +124,17 @@ def sweep_frame(path: str | Path, kind: str) -> pd.DataFrame:
         raise ConfigError(f"{p}: fit {kind} takes a CSV with columns {','.join(COLUMNS.get(kind, ()))}; "
                           f"only {', '.join(SWEEP_SOURCES)} read a sweep's results")
     name, src, optional = SWEEP_SOURCES[kind]
+    or_csv = f" or a CSV with columns {','.join(COLUMNS[kind])}" if kind in COLUMNS else ""
     need = ",".join(src.values())
     table = p / name if p.is_dir() else p
     if not table.is_file():
-        raise ConfigError(f"{table}: no such file; fit {kind} reads a sweep's {name}")
+        raise ConfigError(f"{table}: no such file; fit {kind} reads a sweep's {name}{or_csv}")
     df = _read_csv(table, need)
     if src["loss"] not in df.columns and not p.is_dir():  # e.g. trials.csv for batch-size: its curves.csv
         table = p.parent / name
         if not table.is_file():
             raise ConfigError(f"{p}: missing column {src['loss']!r} and no {name} beside it; "
-                              f"fit {kind} reads a sweep's {name}")
+                              f"fit {kind} reads a sweep's {name}{or_csv}")
         df = _read_csv(table, need)
     where_ = str(table)
     if "state" not in df.columns:

@@ -10,7 +10,7 @@ import pandas as pd
 from scipy.optimize import minimize
 
 from windtunnel.errors import ConfigError
-from windtunnel.fits.bootstrap import LEVEL, bootstrap as resample, percentile_interval
+from windtunnel.fits.bootstrap import LEVEL, bootstrap as resample, draws_interval, draws_of
 from windtunnel.fits.frames import check_frame, jsonable, where
 
 try:  # installed with scikit-learn; without it the fits run the same, only slower on a busy machine
@@ -138,17 +138,11 @@ def loss_interval(fit: ScalingLawFit | dict, N: float, D: float) -> tuple[float,
 
 
 def refit_interval(fit: ScalingLawFit | dict, value) -> tuple[float, float] | None:
-    """95% interval of value(law) over the fit's bootstrap refits, each a dict E, A, B, alpha, beta.
-    In logs: a positive number's interval, stretched, stays positive."""
+    """95% interval of value(law) over the fit's bootstrap refits, each a dict E, A, B, alpha, beta."""
     get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
-    draws = get("draws")
-    if not draws or not draws.get("values"):
-        return None
-    with np.errstate(all="ignore"):
-        v = [value(dict(zip(draws["params"], row))) for row in draws["values"]
-             if row[3] > 0 and row[4] > 0]  # an exponent at 0: one term does not shrink, no optimum
-        ci = percentile_interval(np.log(v), math.log(value(fit)), draws.get("stretch", 1.0), LEVEL)
-    return (math.exp(ci[0]), math.exp(ci[1])) if ci else None
+    # an exponent at 0: one term does not shrink, and there is no optimum
+    return draws_interval(get("draws"), lambda law: value(law) if law["alpha"] > 0 and law["beta"] > 0 else math.nan,
+                          value(fit))
 
 
 @dataclass
@@ -175,8 +169,8 @@ class ScalingLawFit:
     N_range: tuple[float, float] | None = None
     """The smallest and largest N fitted: a target past them is an extrapolation."""
     draws: dict | None = None
-    """The bootstrap refits ({"params": E A B alpha beta, "stretch", "values": one row per refit}): the
-    interval of a number at another N or D than the fit's (`optimal_tokens_interval`)."""
+    """The bootstrap refits (`bootstrap.draws_of`): the interval of a number at another N or D than the
+    fit's (`optimal_tokens_interval`, `loss_interval`)."""
 
     def predict(self, N, D):
         return predict_loss(self, N, D)
@@ -190,10 +184,7 @@ class ScalingLawFit:
                                            "compute", "n_points", "at_bound", "N_range")}
         if self.ci is not None:
             d["ci"] = {k: list(v) for k, v in self.ci.items()}
-        d = jsonable(d)
-        if self.draws is not None:  # 6 digits: the percentiles need no more (1000 refits: ~100 kB of JSON)
-            d["draws"] = {**self.draws, "values": [[float(f"{x:.6g}") for x in row] for row in self.draws["values"]]}
-        return d
+        return jsonable(d | {"draws": self.draws} if self.draws is not None else d)
 
 
 def predict_loss(fit: ScalingLawFit | dict, N, D):
@@ -256,8 +247,7 @@ def _fit_scaling_law(logN, logD, logL, compute: float, bootstrap: int, seed: int
         # each row is a unit, one stratum: the rows' (N, D) design is resampled with the noise
         boot = resample([[np.array([i]) for i in range(len(logL))]], refit, n=bootstrap, seed=seed, level=LEVEL)
         ci = {k: v if v is not None else (float("nan"),) * 2 for k, v in boot.intervals.items()}
-        draws = {"params": list(_PARAMS), "stretch": boot.stretch,
-                 "values": [[s[k] for k in _PARAMS] for s in boot.samples]}
+        draws = draws_of(boot, _PARAMS)
     return ScalingLawFit(**law, compute=float(compute), n_points=len(logL), objective=fval, ci=ci,
                          at_bound=_undetermined(theta, ci), draws=draws,
                          N_range=(float(np.exp(logN.min())), float(np.exp(logN.max()))))
