@@ -21,6 +21,7 @@
 #   bash windtunnel/bench/device/gpu.sh relaunch            # a large run's resume and relaunch refusals under NCCL
 #   bash windtunnel/bench/device/gpu.sh validate [ARGS]    # results/windtunnel/validate_0.5b*/ (WT_VALIDATE; 24.6; resumes)
 #   bash windtunnel/bench/device/gpu.sh hf                  # the ~0.5B export: short run, export-hf, transformers' loss
+#   bash windtunnel/bench/device/gpu.sh keep                # carried prose parts kept for the next call (docs/data.md)
 #   bash windtunnel/bench/device/gpu.sh bg STAGE [ARGS]     # STAGE in the background, past one call's 10 minutes
 #   bash windtunnel/bench/device/gpu.sh join [S] [PATHS]    # wait up to S s for it; $OUT/bg.tgz (its $OUT, log, PATHS under /tmp)
 #   bash windtunnel/bench/device/gpu.sh py ARGS             # python3 ARGS with the package set up (A/B checks)
@@ -30,7 +31,7 @@
 set -euo pipefail
 # the wheels the device lacks, made here (.whl/ is ignored by git); elsewhere install the project instead.
 # Not for bg/join: a background stage's processes still import from /tmp/p.
-if [ "${1:-}" != join ] && [ "${1:-}" != bg ]; then
+if [ "${1:-}" != join ] && [ "${1:-}" != bg ] && [ "${1:-}" != keep ]; then
   if compgen -G ".whl/*.whl" > /dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl
   fi
@@ -42,18 +43,26 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 stage=$1; shift
 # WT_DATA=prose (32M tokens) or prose64m (64M, for runs past 30M tokens): the prose slice that travels packed in
 # .carry/$WT_DATA (`windtunnel data pack prose --max-tokens 64e6 --out .carry/prose64m`, docs/data.md), tokenized
-# once per machine. Carry the one a call needs; prose64m and the wheels take two calls (docs/data.md).
+# once per machine. Carry the one a call needs; prose64m and the wheels take two calls (`keep`, docs/data.md).
+# Each part of pack.json's list comes from .carry/SLICE or, kept by an earlier call, /tmp/keep/SLICE.
 prose_data() {
-  local s=${1:-prose} n=32e6; [ "$s" = prose64m ] && n=64e6
+  local s=${1:-prose} n=32e6 part f; [ "$s" = prose64m ] && n=64e6
   if [ ! -f "/tmp/$s/manifest.json" ]; then
-    cat ".carry/$s"/prose.txt.xz.* > "/tmp/$s.txt.xz"
+    : > "/tmp/$s.txt.xz"
+    for part in $(python3 -c "import json, sys; print(*json.load(open(sys.argv[1]))['parts'])" ".carry/$s/pack.json"); do
+      f=".carry/$s/$part"; [ -f "$f" ] || f="/tmp/keep/$s/$part"
+      [ -f "$f" ] || { echo "gpu.sh: $s: part $part is neither carried nor kept (docs/data.md: carry it, or keep it first)" >&2; exit 2; }
+      cat "$f" >> "/tmp/$s.txt.xz"
+    done
+    python3 -c "import json, os, sys; m = json.load(open(sys.argv[1])); sys.exit(os.path.getsize(sys.argv[2]) != m['packed_bytes'])" \
+      ".carry/$s/pack.json" "/tmp/$s.txt.xz" || { echo "gpu.sh: $s: the parts do not add up to pack.json's packed_bytes" >&2; exit 2; }
     python3 -m windtunnel.cli data prepare "/tmp/$s.txt.xz" --tokenizer-file ".carry/$s/tokenizer.json" \
       --max-tokens "$n" --max-bytes 1e12 --out "/tmp/$s" 2>&1 | tail -2
   fi
 }
 DATA=$PWD/.cache/stdlib-bpe16k
 case "${WT_DATA:-}:$stage" in
-  *:bg|*:join) ;;
+  *:bg|*:join|*:keep) ;;
   prose:*|prose64m:*) prose_data "$WT_DATA"; DATA=/tmp/$WT_DATA ;;
 esac
 R=${WT_RESULTS:-results/windtunnel}  # a sweep's folder; /tmp/... keeps it apart from the tree each call re-sends
@@ -181,6 +190,12 @@ case $stage in
     python3 -m windtunnel.bench.validate_target "$T" --out "$V" --seeds 2 $(cat "$VC/validate.args" 2>/dev/null) "$@" 2>&1 \
       | tee "$OUT/validate.log"
     tar czf "$OUT/validate.tgz" "$V" ;;
+  keep)  # the prose parts this call carries, kept on the machine for the next call while it stays warm (30 s)
+    for d in .carry/*/; do
+      s=$(basename "$d"); mkdir -p "/tmp/keep/$s"
+      for f in "$d"prose.txt.xz.*; do [ -f "$f" ] && cp "$f" "/tmp/keep/$s/"; done
+    done
+    ls -l /tmp/keep/* ;;
   bg)  # STAGE ARGS in its own session: it outlives this call while the machine stays warm (30 s between
     # calls), so a stage longer than one call's 10 minutes runs on; `join` collects it. Its $OUT is /tmp/bg.
     rm -rf /tmp/bg && mkdir -p /tmp/bg
