@@ -139,6 +139,16 @@ def test_the_token_budget_carries_the_laws_interval_at_the_targets_n(best, tmp_p
         assert f"interval {fmt(lo)}–{fmt(hi)}" in row.formula
 
 
+def test_a_target_on_other_data_than_the_proxy_searched_is_warned_about(best):
+    """The validations' largest lr error was the corpus: a data_source the proxy did not search says so."""
+    winner = transfer.load_winner(str(best))
+    laws = transfer.Laws(batch_size=2048, tokens=65536)
+    for source, warned in (("", False), (winner.trial.data.source, False), ("/data/prose", True)):
+        target = load_target("tiny-cpu", [f"data_source={source}"] if source else [])
+        plan = transfer.plan(winner, target, laws)
+        assert any("search the proxy on the target's data" in w for w in plan.warnings) == warned, (source, plan.warnings)
+
+
 def dataclass_replace(obj, **kw):
     import dataclasses
 

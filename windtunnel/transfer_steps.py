@@ -308,6 +308,10 @@ def trainer_config(d: Derivation, laws: Laws, trial0: TrialConfig, lr: float, sc
                         init_from="", eval_every=0, diverge_loss=0.0)
     if target.data_source:
         cfg["data"]["source"] = target.data_source
+        if target.data_source != w.data.source:  # the largest error the validations found (docs/laws.md)
+            d.warnings.append(f"the proxy's lr was searched on data.source {w.data.source}; the target trains on "
+                              f"{target.data_source}: if that is other text, its optimal lr may differ (the corpus "
+                              "was the validations' largest lr error: docs/laws.md); search the proxy on the target's data")
     trial = trial_from_dict(cfg)
     proxy_vocab = w.model.vocab_size or data_vocab(w.data)
     if laws.scaling_law is not None and proxy_vocab and proxy_vocab != target.vocab_size:
