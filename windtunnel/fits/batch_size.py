@@ -17,7 +17,7 @@ import pandas as pd
 
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, draws_interval, draws_of, units
-from windtunnel.fits.frames import check_frame, jsonable, where
+from windtunnel.fits.frames import check_frame, field_getter, jsonable, where
 from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
 
 
@@ -74,7 +74,7 @@ class BatchSizeFit:
 def batch_size_interval(fit: BatchSizeFit | dict, loss: float) -> tuple[float, float] | None:
     """95% interval of bs_opt = a / L^b at one loss over the fit's bootstrap refits (None without them):
     a and b move together, so their separate intervals cannot give it."""
-    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    get = field_getter(fit)
     return draws_interval(get("draws"), lambda law: law["a"] / loss ** law["b"], get("a") / loss ** get("b"))
 
 

@@ -234,6 +234,11 @@ def check_frame(df: pd.DataFrame, kind: str) -> pd.DataFrame:
     return out
 
 
+def field_getter(fit: Any):
+    """get(key) for a fit's dataclass or its `--json` dict alike: the laws' helpers take either."""
+    return fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+
+
 def jsonable(x: Any) -> Any:
     """Plain JSON types: NaN/inf -> None, numpy scalars -> Python, tuples -> lists."""
     if isinstance(x, dict):

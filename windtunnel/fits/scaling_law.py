@@ -11,7 +11,7 @@ from scipy.optimize import minimize
 
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import LEVEL, bootstrap as resample, draws_interval, draws_of
-from windtunnel.fits.frames import check_frame, jsonable, where
+from windtunnel.fits.frames import check_frame, field_getter, jsonable, where
 
 try:  # installed with scikit-learn; without it the fits run the same, only slower on a busy machine
     from threadpoolctl import threadpool_limits as _blas_threads
@@ -122,7 +122,7 @@ def optimal_tokens(fit: ScalingLawFit | dict, N: float) -> float:
     """The D at which a model of N parameters is compute-optimal (C = 6 N D), from the optimality
     condition alpha A / N^alpha = beta B / D^beta. D/N grows with N when alpha > beta: a ratio
     taken at the proxies' compute is not the target's."""
-    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    get = field_getter(fit)
     return (get("beta") * get("B") / (get("alpha") * get("A"))) ** (1.0 / get("beta")) * N ** (get("alpha") / get("beta"))
 
 
@@ -139,7 +139,7 @@ def loss_interval(fit: ScalingLawFit | dict, N: float, D: float) -> tuple[float,
 
 def refit_interval(fit: ScalingLawFit | dict, value) -> tuple[float, float] | None:
     """95% interval of value(law) over the fit's bootstrap refits, each a dict E, A, B, alpha, beta."""
-    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    get = field_getter(fit)
     # an exponent at 0: one term does not shrink, and there is no optimum
     return draws_interval(get("draws"), lambda law: value(law) if law["alpha"] > 0 and law["beta"] > 0 else math.nan,
                           value(fit))
@@ -189,7 +189,7 @@ class ScalingLawFit:
 
 def predict_loss(fit: ScalingLawFit | dict, N, D):
     """L(N, D) from a ScalingLawFit or a dict with E, A, B, alpha, beta (e.g. the --json output)."""
-    get = fit.get if isinstance(fit, dict) else lambda k: getattr(fit, k)
+    get = field_getter(fit)
     N = np.asarray(N, dtype=float)
     D = np.asarray(D, dtype=float)
     out = get("E") + get("A") / N ** get("alpha") + get("B") / D ** get("beta")
