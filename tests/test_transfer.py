@@ -399,7 +399,7 @@ def test_depth_law_scales_the_lr_by_the_measured_drift_per_doubling(best, tmp_pa
 
     base = off.trial.optim.lr
     lr_row = next(r.formula for r in on.rows if r.name == "optim.lr")
-    assert f"with the depth factor over its 95% interval: {fmt(base * 2 ** -0.6)}–{fmt(base * 2 ** -0.2)}" in lr_row
+    assert f"with the depth factor's 95% interval at its ends at once: {fmt(base * 2 ** -0.6)}–{fmt(base * 2 ** -0.2)}" in lr_row
     assert "interval" not in next(r.formula for r in off.rows if r.name == "optim.lr")
     law.write_text(json.dumps({"drifts": [{"parametrization": "sp", "axis": "depth", "low": 4, "high": 32,
                                            "octaves": -0.6, "ci": None, "edge": False}]}))
@@ -416,3 +416,27 @@ def test_times_read_in_units_a_person_reads():
     from windtunnel.transfer import duration
 
     assert [duration(h) for h in (0.00846886, 0.25, 3.21, 100.0)] == ["30 s", "15 min", "3.2 h", "4.2 days"]
+
+
+def test_a_confirmed_winner_gives_its_tied_configurations_lr_range(best, tmp_path):
+    """A best.yaml from `windtunnel confirm` names its configuration, and the lrs of the configurations
+    its replicates could not tell from it (confirm.csv beside it) are the proxy lr's range, carried into
+    the target lr's; a search's best.yaml has no such range."""
+    from windtunnel.transfer_steps import fmt
+
+    plain = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"), transfer.Laws(batch_size=2048, tokens=65536))
+    doc = yaml.safe_load((best / "best.yaml").read_text())
+    doc.update(number=None, config="top 2 (trial 9)", tied=["top 1 (trial 4)"])
+    (best / "best.yaml").write_text(yaml.safe_dump(doc))
+    pd.DataFrame({"config": ["top 1 (trial 4)", "top 2 (trial 9)", "top 3 (trial 5)"], "optim.lr": [0.015, 0.02, 0.05],
+                  "verdict": ["tied", "winner", "worse"]}).to_csv(best / "confirm.csv", index=False)
+    winner = transfer.load_winner(str(best))
+    assert winner.tied_lr == (0.015, 0.02) and winner.which == "top 2 (trial 9)"
+    plan = transfer.plan(winner, load_target("tiny-cpu"), transfer.Laws(batch_size=2048, tokens=65536))
+    proxy_row = next(r for r in plan.rows if r.name == "proxy lr")
+    assert "0.015–0.02 (×0.75–×1)" in proxy_row.formula and "top 2 (trial 9)" in proxy_row.source
+    lr = plan.trial.optim.lr
+    assert lr == pytest.approx(plain.trial.optim.lr)  # the range informs, the point stays the winner's
+    assert f"the proxy lr's tie range at its ends at once: {fmt(lr * 0.75)}–{fmt(lr)}" in \
+        next(r.formula for r in plan.rows if r.name == "optim.lr")
+    assert "tie range" not in next(r.formula for r in plain.rows if r.name == "optim.lr")

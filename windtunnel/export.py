@@ -162,7 +162,7 @@ def transfer_md(plan: Plan, inputs: dict) -> str:
     parts = [
         f"# Transfer: {lr['run_name']}",
         "",
-        f"Proxy: sweep `{w.sweep}`, trial {w.number}, objective {value} (`{w.path}`), "
+        f"Proxy: sweep `{w.sweep}`, {w.which}, objective {value} (`{w.path}`), "
         f"d_model {w.trial.model.d_model}, {w.trial.model.n_layers} layers, parametrization "
         f"{w.trial.model.parametrization}.",
         f"Target: `{t.name}`, d_model {t.d_model}, {t.n_layers} layers, {t.n_heads} heads, d_ff "

@@ -26,6 +26,14 @@ class Winner:
     number: int | None
     value: float | None
     path: str
+    label: str | None = None
+    """`windtunnel confirm`'s name for the winning configuration (its best.yaml has no trial number)."""
+    tied_lr: tuple[float, float] | None = None
+    """The lr range of the configurations confirm could not tell from the winner, the winner's included."""
+
+    @property
+    def which(self) -> str:
+        return self.label or f"trial {self.number}"
 
 
 def load_winner(path: str) -> Winner:
@@ -50,7 +58,20 @@ def load_winner(path: str) -> Winner:
     number = d.get("number")
     value = d.get("value")
     return Winner(cfg, str(d.get("sweep") or p.parent.name), None if number is None else int(number),
-                  None if value is None else float(value), str(p))
+                  None if value is None else float(value), str(p), d.get("config"), tied_lr(p, d))
+
+
+def tied_lr(best: Path, doc: dict) -> tuple[float, float] | None:
+    """The lr range over confirm.csv's winner and tied rows beside a confirmed best.yaml: how well the proxy
+    pins its own lr. None for a search's best.yaml (one trial, no replicates) or without the table."""
+    import csv
+
+    table = best.parent / "confirm.csv"
+    if "tied" not in doc or not table.is_file():
+        return None
+    with table.open(newline="") as f:
+        lrs = [float(r["optim.lr"]) for r in csv.DictReader(f) if r.get("verdict") in ("winner", "tied") and r.get("optim.lr")]
+    return (min(lrs), max(lrs)) if lrs else None
 
 
 def _no_winner(p: Path, path: str) -> str:

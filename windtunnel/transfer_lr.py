@@ -22,7 +22,12 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
     w, target = d.winner.trial, d.target
     if target.lr is not None:
         return d.row("optim.lr (base)", target.lr, "given in the target (no factor applied)", d.from_target)
-    proxy = d.row("proxy lr", w.optim.lr, "the winner's μP base lr", d.from_winner)
+    why = "the winner's μP base lr"
+    if d.winner.tied_lr:  # confirm's replicates tell configurations apart only so far: the lr is pinned no closer
+        lo, hi = d.lr_ci["proxy lr"] = d.winner.tied_lr
+        why += (f"; the configurations confirm could not tell from it use {fmt(lo)}–{fmt(hi)} "
+                f"(×{fmt(lo / w.optim.lr)}–×{fmt(hi / w.optim.lr)})")
+    proxy = d.row("proxy lr", w.optim.lr, why, d.from_winner)
     d.row("lr width factor", 1.0, "1: μP's base lr is width-independent (hidden matrices get lr / m, below)",
           "windtunnel.parametrization.rule")
     fd = depth_factor(d, laws)
@@ -33,7 +38,7 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
         why = f"(D / proxy tokens)^-b = ({fmt(D)} / {fmt(T0)})^-{fmt(hl['b'])} (lr*(T) = a · T^-b)"
         b_ci = (hl.get("ci") or {}).get("b")
         if b_ci and None not in b_ci:  # the factor's own interval, and how far past the fit's data it reaches
-            lo, hi = d.lr_factor_ci["horizon"] = tuple(sorted(horizon_factor({"b": b}, T0, D) for b in b_ci))
+            lo, hi = d.lr_ci["lr horizon factor"] = tuple(sorted(horizon_factor({"b": b}, T0, D) for b in b_ci))
             why += f"; b's 95% interval gives {fmt(lo)}–{fmt(hi)}"
         measured = [p["tokens"] for p in hl.get("points", []) if "tokens" in p]
         if measured and D > max(measured):
@@ -60,7 +65,7 @@ def depth_factor(d: Derivation, laws: Laws) -> float:
     r, doublings = winners_rate(d, laws.depth_law, "--depth-law"), math.log2(target.n_layers / m.n_layers)
     why = f"2^({fmt(r['per_doubling'])} octaves per doubling × log2({target.n_layers} / {m.n_layers} layers))"
     if r["ci"]:
-        lo, hi = d.lr_factor_ci["depth"] = tuple(sorted(2.0 ** (c * doublings) for c in r["ci"]))
+        lo, hi = d.lr_ci["lr depth factor"] = tuple(sorted(2.0 ** (c * doublings) for c in r["ci"]))
         why += f"; the drift's 95% interval gives {fmt(lo)}–{fmt(hi)}"
     if not r["low"] <= target.n_layers <= r["high"]:
         why += f"; extrapolated past the measured {fmt(r['low'])}–{fmt(r['high'])} layers"
@@ -88,7 +93,7 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
         r = winners_rate(d, laws.lr_batch_law, "--lr-batch-scaling")
         why = f"(batch tokens / proxy batch tokens)^{fmt(r['per_doubling'])}, beta measured"
         if r["ci"]:
-            lo, hi = d.lr_factor_ci["batch"] = tuple(sorted(ratio ** c for c in r["ci"]))
+            lo, hi = d.lr_ci["lr batch factor"] = tuple(sorted(ratio ** c for c in r["ci"]))
             why += f"; beta's 95% interval {fmt(r['ci'][0])}–{fmt(r['ci'][1])} gives {fmt(lo)}–{fmt(hi)}"
         if not 1 / (r["high"] / r["low"]) <= ratio <= r["high"] / r["low"]:
             why += f"; extrapolated: the batch ratio {fmt(ratio)} is past the measured ×{fmt(r['high'] / r['low'])}"
@@ -103,17 +108,15 @@ def lr_for_batch(d: Derivation, laws: Laws, lr: float, batch_tokens: int) -> flo
 
 
 def lr_interval(d: Derivation, lr: float) -> str:
-    """The lr with every measured factor at its interval's ends at once: each factor comes from its own
-    sweep, so this is wider than a joint interval would be; the proxy lr's own spread is not in it."""
-    if not d.lr_factor_ci:
+    """The lr with every measured number it is a product of at its range's ends at once: each comes from
+    its own experiment, so this is wider than a joint interval would be."""
+    if not d.lr_ci:
         return ""
     point = {r.name: r.value for r in d.rows}
     lo = hi = lr
-    for k, (a, b) in d.lr_factor_ci.items():
-        f = point[f"lr {k} factor"]
-        lo, hi = lo * a / f, hi * b / f
-    names = list(d.lr_factor_ci)
-    which = (", ".join(names[:-1]) + " and " + names[-1]) if len(names) > 1 else names[0]
-    many = len(names) > 1
-    return (f"; with the {which} factor{'s' * many} over {'their' if many else 'its'} 95% interval{'s' * many}: "
-            f"{fmt(lo)}–{fmt(hi)} (the proxy lr's own spread aside)")
+    for name, (a, b) in d.lr_ci.items():
+        lo, hi = lo * a / point[name], hi * b / point[name]
+    parts = ["the proxy lr's tie range" if n == "proxy lr" else f"the {n.removeprefix('lr ')}'s 95% interval"
+             for n in d.lr_ci]
+    which = (", ".join(parts[:-1]) + " and " + parts[-1]) if len(parts) > 1 else parts[0]
+    return f"; with {which} at {'their' if len(parts) > 1 else 'its'} ends at once: {fmt(lo)}–{fmt(hi)}"

@@ -63,8 +63,9 @@ class Derivation:
     """The target (windtunnel.config.target.Target): its shape, cluster and run settings."""
     rows: list[Row] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    lr_factor_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
-    """Each measured lr factor's 95% interval (depth, horizon, batch): the lr's own, multiplied."""
+    lr_ci: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """By row name, the measured range of each number the lr is a product of: the proxy lr's tie range and
+    the depth, horizon and batch factors' 95% intervals."""
 
     def row(self, name: str, value, formula: str, source: str):
         self.rows.append(Row(name, value, formula, source))
@@ -73,7 +74,7 @@ class Derivation:
     @property
     def from_winner(self) -> str:
         w = self.winner
-        return f"sweep {w.sweep}, trial {w.number} ({w.path})"
+        return f"sweep {w.sweep}, {w.which} ({w.path})"
 
     @property
     def from_target(self) -> str:
