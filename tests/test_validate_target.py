@@ -83,8 +83,17 @@ def test_a_gap_that_only_unfinished_configurations_could_close_says_how_noisy_th
     need = math.sqrt((9 * 0.05 ** 2 - 2 * 0.01 ** 2 / 2) / 7)
     assert s["verdict"].startswith("not judged: 11 of 18 runs done; MISSED unless the 7 configurations")
     assert f"seed-sd of {need:.3f} nats" in s["verdict"] and "largest so far is 0.007" in s["verdict"]
-    (tmp_path / "runs" / f"{vt.run_id('lr x2', 1)}.jsonl").unlink()  # the best short of a seed: no such claim
+    # the best short of a seed: the bound is the gap to the best with all its seeds (here none is below
+    # the transferred: no claim) ...
+    (tmp_path / "runs" / f"{vt.run_id('lr x2', 1)}.jsonl").unlink()
     assert "MISSED unless" not in vt.summarize(tmp_path)["verdict"]
+    # ... and with lr xsqrt2 0.03 below it on both seeds, that gap: the 7 short would need rms sd
+    # sqrt((9 * 0.03^2 - 2 * 0.00707^2) / 7), whatever lr x2's second seed brings
+    for seed in (0, 1):
+        write_run(tmp_path, vt.run_id("lr xsqrt2", seed), 3.5 + 0.01 * seed - 0.03)
+    need = math.sqrt((9 * 0.03 ** 2 - 2 * 0.01 ** 2 / 2) / 7)
+    s = vt.summarize(tmp_path)
+    assert s["best"] == "lr x2" and f"MISSED unless the 7 configurations still short of seeds have a seed-sd of {need:.3f}" in s["verdict"]
 
 
 def test_the_targets_optimal_lr_is_read_from_the_lr_runs_as_a_factor_of_the_transferred(tmp_path):

@@ -249,16 +249,21 @@ def summarize(out: Path) -> dict:
 
 
 def _what_would_turn_it(table: list[dict], mine: dict, best: dict, gap: float, seed_sd: float, seeds: int) -> str:
-    """While runs are missing but the transferred and the best configuration have all their seeds, a gap
-    wider than the seed-sd can only widen (a new best is lower still); the verdict then turns only if the
-    configurations still short of seeds bring the pooled sd up to the gap. Say how large their sd would be."""
-    if math.isnan(seed_sd) or gap <= seed_sd or mine["n"] < seeds or best["n"] < seeds:
+    """While runs are missing but the transferred configuration has all its seeds, its gap to the best
+    configuration that has all of its seeds can only widen (the final best is no higher); the verdict then
+    turns only if the configurations still short of seeds bring the pooled sd up to that gap. Say how
+    large their sd would be."""
+    full = [t for t in table if t["n"] >= seeds]
+    if math.isnan(seed_sd) or mine["n"] < seeds or not full:
         return ""
-    full = [t["sd"] ** 2 for t in table if t["n"] >= seeds]
+    bound = mine["mean"] - min(t["mean"] for t in full)
     short = len(table) - len(full)
-    need = math.sqrt(max(gap ** 2 * len(table) - sum(full), 0) / short) if short else math.inf
+    if bound <= seed_sd or not short:
+        return ""
+    sds = [t["sd"] ** 2 for t in full]
+    need = math.sqrt(max(bound ** 2 * len(table) - sum(sds), 0) / short)
     return (f"; MISSED unless the {short} configurations still short of seeds have a seed-sd of {need:.3f} nats "
-            f"(rms) or more, where the largest so far is {math.sqrt(max(full)):.3f}")
+            f"(rms) or more, where the largest so far is {math.sqrt(max(sds)):.3f}")
 
 
 def lr_optimum(rows: list[dict], lr0: float) -> dict | None:
