@@ -214,7 +214,7 @@ def summarize(out: Path) -> dict:
     if not (best and mine) or math.isnan(seed_sd) or len(rows) < n_planned:
         verdict = (f"not judged: {len(rows)} of {n_planned} runs done"
                    + ("" if pooled else ", no configuration has 2 seeds yet (no seed-sd)"))
-        verdict += _what_would_turn_it(table, mine, best, gap, seed_sd, cfg.get("seeds", 2))
+        verdict += _what_would_turn_it(table, mine, seed_sd, cfg.get("seeds", 2))
     else:
         verdict = "MET" if gap <= seed_sd else "MISSED"
     lr_opt = lr_optimum(rows, base["optim"]["lr"]) if base else None
@@ -248,13 +248,13 @@ def summarize(out: Path) -> dict:
     return summary
 
 
-def _what_would_turn_it(table: list[dict], mine: dict, best: dict, gap: float, seed_sd: float, seeds: int) -> str:
+def _what_would_turn_it(table: list[dict], mine: dict | None, seed_sd: float, seeds: int) -> str:
     """While runs are missing but the transferred configuration has all its seeds, its gap to the best
     configuration that has all of its seeds can only widen (the final best is no higher); the verdict then
     turns only if the configurations still short of seeds bring the pooled sd up to that gap. Say how
     large their sd would be."""
     full = [t for t in table if t["n"] >= seeds]
-    if math.isnan(seed_sd) or mine["n"] < seeds or not full:
+    if math.isnan(seed_sd) or not mine or mine["n"] < seeds or not full:
         return ""
     bound = mine["mean"] - min(t["mean"] for t in full)
     short = len(table) - len(full)
