@@ -2,8 +2,8 @@
 
     python -m windtunnel.bench.findings [--results results/windtunnel] [--write]
 
-Prints a markdown table (the README's and results/windtunnel/README.md's findings) and, with
---write, puts the same numbers under "trust" in summary.json, so no figure is typed by hand.
+Prints a markdown table (results/windtunnel/README.md's findings) and, with --write, puts the same
+numbers under "trust" in summary.json and the table into that README, so no figure is typed by hand.
 """
 from __future__ import annotations
 
@@ -202,14 +202,26 @@ def table(t: dict) -> str:
     return "\n".join(rows)
 
 
+def with_table(readme: str, new: str) -> str:
+    """The README's text with its findings table (the block of lines from the `| finding |` header on) replaced."""
+    lines = readme.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.startswith("| finding |")), None)
+    if start is None:
+        raise SystemExit("findings: the README has no table starting '| finding |' to replace")
+    end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+    return "".join(lines[:start]) + new + "\n" + "".join(lines[end:])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--results", default="results/windtunnel")
-    p.add_argument("--write", action="store_true", help="also store the numbers in summary.json under 'trust'")
+    p.add_argument("--write", action="store_true",
+                   help="also store the numbers in summary.json under 'trust' and the table in the results' README.md")
     a = p.parse_args(argv)
     results = Path(a.results)
     t = collect(results)
-    print(table(t))
+    md = table(t)
+    print(md)
     if a.write:
         from windtunnel.files import write_atomically
 
@@ -218,6 +230,10 @@ def main(argv=None) -> int:
         summary["trust"] = t
         text = json.dumps(summary, indent=1, default=float) + "\n"
         write_atomically(f, lambda tmp: Path(tmp).write_text(text))
+        readme = results / "README.md"
+        if readme.is_file():
+            text_md = with_table(readme.read_text(), md)
+            write_atomically(readme, lambda tmp: Path(tmp).write_text(text_md))
     return 0
 
 
