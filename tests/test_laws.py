@@ -57,6 +57,26 @@ def test_depth_transfer_recovers_the_drift_within_its_interval_and_judges_the_go
     assert one_seed.drift("mup", "depth").goal_met_95 is None and one_seed.drift("mup", "depth").goal_met
 
 
+def test_an_optimum_whose_parabola_rests_on_a_one_seed_lr_gets_no_interval():
+    """Resampling moves only the cells with several runs: with a second seed missing at an lr next to
+    the optimum the interval would hold half the noise (validate_0.5b_v2 had [1.70, 1.74] so). A lr
+    with one seed far from the optimum (a diverged or lost run) leaves the interval as it was."""
+    df = depth_sweep(seed=2)
+    one = (df["parametrization"] == "mup") & (df["depth"] == 4)
+    x0 = np.log2(df["lr"])
+    near = one & (x0 == -8.0) & (df["seed"] == 1)  # the lr closest to the optimum 2^-8.3
+    far = one & (x0 == -12.0) & (df["seed"] == 1)  # the grid's smallest lr
+    full = fits.fit_lr_transfer(df, bootstrap_n=N_BOOT)
+    thin = fits.fit_lr_transfer(df[~near], bootstrap_n=N_BOOT)
+    o = next(o for o in thin.optima if o.parametrization == "mup" and o.depth == 4)
+    assert o.thin and o.lr_opt_ci is None
+    assert thin.drift("mup", "depth").ci is None and thin.drift("mup/depth:none", "depth").ci is not None
+    assert all(not o.thin and o.lr_opt_ci for o in thin.optima if (o.parametrization, o.depth) != ("mup", 4))
+    lost_far = fits.fit_lr_transfer(df[~far], bootstrap_n=N_BOOT)
+    assert [o.lr_opt_ci is not None and not o.thin for o in lost_far.optima] == [True] * 8
+    assert lost_far.drift("mup", "depth").ci == pytest.approx(full.drift("mup", "depth").ci, abs=0.05)
+
+
 def test_depth_goal_is_not_judged_when_an_optimum_sits_on_the_edge(tmp_path, capsys):
     df = depth_sweep()
     cut = (df["parametrization"] == "mup") & (df["depth"] == 32) & (np.log2(df["lr"]) > -9.5)

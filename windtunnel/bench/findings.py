@@ -190,7 +190,8 @@ def table(t: dict) -> str:
             if o.get("at_edge"):  # the best lr tried so far is the largest (or smallest) run: a bound
                 gap += f"; the target's optimal lr {'≥' if o['factor'] > 1 else '≤'} ×{o['factor']:.2f} the transferred"
             else:
-                iv = f" {ci(o['factor_ci'])}" if o["factor_ci"] else ""
+                iv = (f" {ci(o['factor_ci'])}" if o["factor_ci"] else
+                      " (no interval yet: an lr near it has one seed)" if o.get("thin") else "")
                 gap += f"; the target's optimal lr ×{o['factor']:.2f}{iv} the transferred"
         rows.append(f"| {VALIDATION_ROWS[key][0]} at 0.48B, 30M tokens of prose, vs lr/init_std ×factors and MiniCPM's "
                     f"(`{name}`: {v['runs_done']} of {v['runs_planned']} runs) | {losses}; {gap}: {one_seed}{v['verdict']} "

@@ -237,6 +237,7 @@ def summarize(out: Path) -> dict:
                  "transferred: the best lr run so far is on the edge of those run, so this is a bound.\n\n")
     elif lr_opt:
         iv = (f" [{lr_opt['factor_ci'][0]:.2f}, {lr_opt['factor_ci'][1]:.2f}]" if lr_opt["factor_ci"]
+              else " (an lr its parabola rests on has one seed so far: no interval yet)" if lr_opt["thin"]
               else " (one seed an lr: no interval)")
         head += (f"The target's optimal lr, a parabola over the lr runs' mean losses (as `fit lr-transfer`): "
                  f"{lr_opt['lr_opt']:.3g}, **×{lr_opt['factor']:.2f}**{iv} the transferred.\n\n")
@@ -281,7 +282,8 @@ def lr_optimum(rows: list[dict], lr0: float) -> dict | None:
                        "loss": [r["val_loss"] for r in runs], "seed": [r["seed"] for r in runs]})
     o = fits.fit_lr_transfer(df).optima[0]
     ci = [v / lr0 for v in o.lr_opt_ci] if o.lr_opt_ci else None
-    return {"lr_opt": o.lr_opt, "factor": o.lr_opt / lr0, "factor_ci": ci, "at_edge": o.at_edge, "runs": len(runs)}
+    return {"lr_opt": o.lr_opt, "factor": o.lr_opt / lr0, "factor_ci": ci, "at_edge": o.at_edge, "thin": o.thin,
+            "runs": len(runs)}
 
 
 def plot(out: Path, rows: list[dict], lr0: float) -> Path:

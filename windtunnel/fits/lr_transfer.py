@@ -18,7 +18,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
 from windtunnel.fits.frames import check_frame, jsonable, where
-from windtunnel.fits.optimum import curve_optimum, grid_step
+from windtunnel.fits.optimum import curve_optimum, curve_window, grid_step
 
 AXES = ("width", "depth", "batch")
 """What a group of runs is: its parametrization and these; an optimum's drift is measured along each."""
@@ -38,9 +38,12 @@ class LrOptimum:
     """The grid's smallest or largest lr had the lowest loss: lr_opt is a bound, not an optimum."""
     depth: float | None = None
     lr_opt_ci: tuple[float, float] | None = None
-    """95% bootstrap interval of lr_opt over the cell's runs (None: one run per cell)."""
+    """95% bootstrap interval of lr_opt over the cell's runs (None: one run per cell, or `thin`)."""
     batch: float | None = None
     """Tokens a step (None: not in the data)."""
+    thin: bool = False
+    """An lr the parabola rests on has one run while others have several: resampling would hold only the
+    others' noise and give too narrow an interval, so none is given until that lr has its seeds."""
 
 
 @dataclass
@@ -158,18 +161,24 @@ def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 
             out[f"drift/{j}"] = opt[hi][0] - opt[lo][0]
         return out
 
-    boot = bootstrap(units(d, ["_g", "lr"], _unit(d)), statistic, n=bootstrap_n, seed=seed)
+    cells = units(d, ["_g", "lr"], _unit(d))
+    boot = bootstrap(cells, statistic, n=bootstrap_n, seed=seed)
+    runs = {(int(gid[us[0][0]]), float(x[us[0][0]])): len(us) for us in cells}  # runs per (group, log2 lr)
     opt = optima(None)
     result = []
     for k, (p, w, dep, bs) in enumerate(groups):
         xo, fo, edge = opt[k]
-        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, _num(dep), boot[f"lr_opt/{k}"], _num(bs)))
+        mine = gid == k
+        thin = bool(boot.n) and any(runs[(k, float(v))] < 2 for v in curve_window(x[mine], y[mine]))
+        ci = None if thin else boot[f"lr_opt/{k}"]
+        result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, _num(dep), ci, _num(bs), thin))
     drifts, drift_steps = [], {p: None for p in steps}
     for j, (p, axis, lo, hi, a, b) in enumerate(pairs):
         octaves = opt[hi][0] - opt[lo][0]
         edge = opt[hi][2] or opt[lo][2]
         at = groups[lo][2] if axis == "width" else groups[lo][1]
-        dr = Drift(str(p), axis, float(a), float(b), _num(at), octaves, boot[f"drift/{j}"], edge)
+        thin = result[lo].thin or result[hi].thin  # an end without its interval has none to lend the drift
+        dr = Drift(str(p), axis, float(a), float(b), _num(at), octaves, None if thin else boot[f"drift/{j}"], edge)
         if axis == "width":
             drift_steps[str(p)] = abs(octaves) / steps[str(p)]
         elif axis == "depth":

@@ -50,6 +50,14 @@ def grid_step(log_values: np.ndarray) -> float:
     return float(np.median(np.diff(u))) if len(u) > 1 else float("nan")
 
 
+def curve_window(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The distinct x (log2 lr) that `curve_optimum`'s parabola rests on: the argmin of the mean y per
+    x and its LR_HALF_WINDOW neighbours a side."""
+    ux, inv = np.unique(x, return_inverse=True)
+    i = int(np.argmin(np.bincount(inv, weights=y) / np.bincount(inv)))
+    return ux[max(0, i - LR_HALF_WINDOW):i + LR_HALF_WINDOW + 1]
+
+
 def curve_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
     """The lr optimum: parabola_min over the distinct x (log2 lr) of (x, y) pairs, y averaged per x
     (duplicate runs, seeds)."""
