@@ -57,7 +57,7 @@ def test_depth_transfer_recovers_the_drift_within_its_interval_and_judges_the_go
     assert one_seed.drift("mup", "depth").goal_met_95 is None and one_seed.drift("mup", "depth").goal_met
 
 
-def test_an_optimum_whose_parabola_rests_on_a_one_seed_lr_gets_no_interval():
+def test_an_optimum_whose_parabola_rests_on_a_one_seed_lr_gets_no_interval(tmp_path, capsys):
     """Resampling moves only the cells with several runs: with a second seed missing at an lr next to
     the optimum the interval would hold half the noise (validate_0.5b_v2 had [1.70, 1.74] so). A lr
     with one seed far from the optimum (a diverged or lost run) leaves the interval as it was."""
@@ -75,6 +75,9 @@ def test_an_optimum_whose_parabola_rests_on_a_one_seed_lr_gets_no_interval():
     lost_far = fits.fit_lr_transfer(df[~far], bootstrap_n=N_BOOT)
     assert [o.lr_opt_ci is not None and not o.thin for o in lost_far.optima] == [True] * 8
     assert lost_far.drift("mup", "depth").ci == pytest.approx(full.drift("mup", "depth").ci, abs=0.05)
+    df[~near].to_csv(tmp_path / "thin.csv", index=False)
+    assert main(["fit", "lr-transfer", "-i", str(tmp_path / "thin.csv"), "--bootstrap", "50"]) == 0
+    assert "rests on an lr with one run while others have several: mup width 256 depth 4 (run" in capsys.readouterr().out
 
 
 def test_depth_goal_is_not_judged_when_an_optimum_sits_on_the_edge(tmp_path, capsys):
@@ -197,6 +200,20 @@ def test_horizon_law_lies_in_its_interval_and_edges_are_said():
         fits.fit_horizon(df[~(cut | ((df["tokens"] == 4e6) & (df["lr"] > 0.004)))], bootstrap_n=0)
     with pytest.raises(ConfigError, match="'tokens': 2 token budgets; >= 3"):
         fits.fit_horizon(df[df["tokens"] < 1e7])
+
+
+def test_a_horizon_point_resting_on_a_one_run_cell_gives_neither_it_nor_the_law_an_interval():
+    """lr_horizon had it: at 1M and 4M tokens the best lr's cell held one run among cells of two or
+    three, and the law's b printed [0.005, 0.061], an interval holding only the other cells' noise."""
+    df = horizon(seed=1)
+    x = np.log2(df["lr"])
+    near = (df["tokens"] == 4e6) & (x == np.round(np.log2(0.5 * 4e6**-0.3))) & (df["seed"] == 1)
+    far = (df["tokens"] == 4e6) & (x == -12.0) & (df["seed"] == 1)
+    thin = fits.fit_horizon(df[~near], bootstrap_n=N_BOOT)
+    assert [p.thin for p in thin.points] == [False, True, False] and thin.points[1].lr_opt_ci is None
+    assert thin.ci == {"a": None, "b": None} and thin.points[0].lr_opt_ci is not None
+    lost_far = fits.fit_horizon(df[~far], bootstrap_n=N_BOOT)
+    assert not any(p.thin for p in lost_far.points) and lost_far.ci["b"][0] <= 0.3 <= lost_far.ci["b"][1]
 
 
 # ----------------------------------------------------------------------------- bootstrap and estimate

@@ -326,6 +326,10 @@ def test_horizon_law_scales_the_lr_to_the_targets_token_budget(best, tmp_path):
     plan = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"),
                          transfer.Laws(batch_size=2048, tokens=400_000, horizon_law=weak))
     assert any(w.startswith("--horizon-law: its r² is 0.38") for w in plan.warnings), plan.warnings
+    thin = {**weak, "resamples": 1000, "ci": {"a": None, "b": None}}  # seeds run, but a point b rests on lacks one
+    plan = transfer.plan(transfer.load_winner(str(best)), load_target("tiny-cpu"),
+                         transfer.Laws(batch_size=2048, tokens=400_000, horizon_law=thin))
+    assert "b has no interval" in next(r.formula for r in plan.rows if r.name == "lr horizon factor")
     law.write_text(json.dumps({"a": 5.0}))
     r = cli("transfer", best, "--target", "tiny-cpu", "--tokens", "400000", "--batch-size", "2048",
             "--horizon-law", law, "--out", tmp_path / "o2")

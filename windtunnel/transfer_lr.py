@@ -40,6 +40,8 @@ def base_lr(d: Derivation, laws: Laws, D: int) -> float:
         if b_ci and None not in b_ci:  # the factor's own interval, and how far past the fit's data it reaches
             lo, hi = d.lr_ci["lr horizon factor"] = tuple(sorted(horizon_factor({"b": b}, T0, D) for b in b_ci))
             why += f"; b's 95% interval gives {fmt(lo)}–{fmt(hi)}"
+        elif hl.get("resamples"):  # seeds were run, but a point the law rests on lacks one: the lr range leaves b out
+            why += "; b has no interval (an optimum it rests on has one seed), so the lr range below leaves it out"
         measured = [p["tokens"] for p in hl.get("points", []) if "tokens" in p]
         if measured and D > max(measured):
             why += f"; extrapolated {fmt(D / max(measured))}× past the longest measured run ({fmt(max(measured))} tokens)"

@@ -157,14 +157,23 @@ def _print(args: argparse.Namespace, kind: str, d: dict) -> None:
         print(f"wrote {shlex.quote(str(args.plot))}")
 
 
-def _no_interval(d: dict, cell: str) -> None:
+def _no_interval(d: dict, cell: str, thin: list[str] = ()) -> None:
     if not d["resamples"]:
         print(f"no intervals: one run per {cell}, or --bootstrap 0 (replicate seeds to get them)")
+    elif thin:  # a resample would move only the other cells: too narrow an interval, so none
+        print("no interval where an optimum rests on an lr with one run while others have several: "
+              + "; ".join(thin) + " (run its missing seeds)")
 
 
 def _edges(what: str, names: list[str]) -> None:
     if names:
         print(f"optimum on the {what} grid's edge (a bound, not an optimum; extend the grid past it): " + "; ".join(names))
+
+
+def _group(o: dict) -> str:
+    """An lr optimum's group, as a user names it: 'mup width 256 depth 32'."""
+    return (f"{o['parametrization']} width {_fmt(o['width'])}" + (f" depth {_fmt(o['depth'])}" if o["depth"] else "")
+            + (f" batch {_fmt(o['batch'])}" if o["batch"] else ""))
 
 
 def _print_lr_transfer(d: dict) -> None:
@@ -191,9 +200,8 @@ def _print_lr_transfer(d: dict) -> None:
         print(f"drift across depth {_fmt(r['low'])} -> {_fmt(r['high'])} (width {_fmt(r['at'])}), {r['parametrization']}: "
               f"{r['octaves']:+.3f} octaves{_ci(r['ci'], lambda v: f'{v:+.3f}')}; goal |drift| < "
               f"{_fmt(r['goal_octaves'])} octave: {verdict}")
-    _edges("lr", [f"{o['parametrization']} width {_fmt(o['width'])}" + (f" depth {_fmt(o['depth'])}" if o["depth"] else "")
-                  + (f" batch {_fmt(o['batch'])}" if o["batch"] else "") for o in d["optima"] if o["at_edge"]])
-    _no_interval(d, "(parametrization, width, depth, batch, lr)")
+    _edges("lr", [_group(o) for o in d["optima"] if o["at_edge"]])
+    _no_interval(d, "(parametrization, width, depth, batch, lr)", [_group(o) for o in d["optima"] if o["thin"]])
 
 
 def _print_batch_size(d: dict) -> None:
@@ -213,15 +221,15 @@ def _print_horizon(d: dict) -> None:
     std = any(p["init_std_opt"] is not None for p in rows)
     print(_table(rows, ["tokens", "lr_opt", "95% interval", "loss_opt", "at_edge"] + (["init_std_opt"] if std else [])))
     ci = d["ci"] or {}
-    print(f"lr*(T) = {_fmt(d['a'])} · T^{_fmt(-d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b'))}; "
+    print(f"lr*(T) = {_fmt(d['a'])} · T^{_fmt(-d['b'])}   (r2 {_fmt(d['r2'])}; b{_ci(ci.get('b')) or ' without interval'}; "
           "edge optima not fitted)")
     if d["r2"] is not None and d["r2"] < fits.WEAK_R2:
         print(f"WEAK: r2 {_fmt(d['r2'])} < {fits.WEAK_R2}: the power law explains little of how the optimum moves; "
               "`transfer --horizon-law` would extrapolate it (and says so)")
     if d["c"] is not None:
-        print(f"init_std*(T) = {_fmt(d['c'])} · T^{_fmt(-d['d'])}   (d{_ci(ci.get('d'))})")
+        print(f"init_std*(T) = {_fmt(d['c'])} · T^{_fmt(-d['d'])}   (d{_ci(ci.get('d')) or ' without interval'})")
     _edges("lr", [f"tokens {_fmt(p['tokens'])}" for p in d["points"] if p["at_edge"]])
     # lr*(T) is read at each budget's best init_std: one on its grid's edge leaves lr*(T) a bound too
     _edges("init_std", [f"tokens {_fmt(p['tokens'])} (init_std {_fmt(p['init_std_opt'])})" for p in d["points"]
                         if p["init_std_at_edge"]])
-    _no_interval(d, "(tokens, lr, init_std)")
+    _no_interval(d, "(tokens, lr, init_std)", [f"tokens {_fmt(p['tokens'])}" for p in d["points"] if p["thin"]])

@@ -5,7 +5,9 @@ Resampling runs, not evaluations: the evaluations of one run share its init and 
 treating them as independent draws would give intervals far too narrow. Within a stratum (a cell
 of the design: one lr at one width, one batch size at one lr, ...) each resample draws as many
 runs as the cell holds, so the design stays fixed and only the seed-to-seed noise is resampled.
-A design with one run per cell has no such noise to resample: the intervals are None then.
+A design with one run per cell has no such noise to resample: the intervals are None then. Nor
+has a single-run cell among cells with several: a statistic resting on it would get an interval
+holding only the other cells' noise, so the fits give none there (`LrOptimum.thin`, `HorizonPoint.thin`).
 
 With n runs per cell a resampled cell mean varies (n-1)/n as much as a fresh one: with 2 seeds,
 half. So each percentile's distance from the full data's value is stretched by sqrt(n/(n-1))

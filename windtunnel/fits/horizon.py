@@ -38,6 +38,9 @@ class HorizonPoint:
     lr_opt_ci: tuple[float, float] | None = None
     init_std_opt: float | None = None
     init_std_at_edge: bool | None = None
+    thin: bool = False
+    """A cell the lr parabola rests on has one run while others have several: no interval (as in
+    `LrOptimum.thin`), and none for a law this point enters."""
 
 
 @dataclass
@@ -49,7 +52,8 @@ class HorizonFit:
     r2: float
     points: list[HorizonPoint]
     ci: dict[str, tuple[float, float] | None] | None = None
-    """95% bootstrap intervals of a and b (and c, d), over runs; None with one run per cell."""
+    """95% bootstrap intervals of a and b (and c, d), over runs; None with one run per cell, and a
+    law's None while a point it rests on is `thin` (for c, d: a cell its init_std parabola rests on)."""
     resamples: int = 0
     c: float | None = None
     d: float | None = None
@@ -77,6 +81,24 @@ def _power_law(T: np.ndarray, v: np.ndarray) -> tuple[float, float, float]:
     ss = float(np.sum((lv - lv.mean()) ** 2))
     r2 = 1.0 - float(np.sum((lv - icpt - slope * lt) ** 2)) / ss if ss > 0 else np.nan
     return float(np.exp(icpt)), float(-slope), r2
+
+
+def _thin(t: tuple, mean: np.ndarray, runs: np.ndarray) -> tuple[bool, bool]:
+    """Whether a cell one budget's lr parabola (its init_std parabola) rests on has a single run: the
+    argmin of the profiled loss and its neighbours, each at its best init_std (lr)."""
+    lrs, stds, li, si, ids = t
+    grid, cell = np.full((len(lrs), len(stds)), np.inf), np.zeros((len(lrs), len(stds)), dtype=int)
+    grid[li, si] = np.where(np.isfinite(mean[ids]), mean[ids], np.inf)
+    cell[li, si] = ids
+
+    def one_run(profile: np.ndarray, best: np.ndarray, half: int, along_lr: bool) -> bool:
+        i = int(np.argmin(profile))
+        window = range(max(0, i - half), min(len(profile), i + half + 1))
+        return any(runs[cell[j, best[j]] if along_lr else cell[best[j], j]] < 2 for j in window)
+
+    lr = one_run(grid.min(axis=1), grid.argmin(axis=1), LR_HALF_WINDOW, True)
+    std = len(stds) >= 3 and one_run(grid.min(axis=0), grid.argmin(axis=0), 2, False)
+    return lr, bool(std)
 
 
 def fit_horizon(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -> HorizonFit:
@@ -125,16 +147,23 @@ def fit_horizon(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -
         return {**s, "c": rc, "d": rd} if has_std else s
 
     unit = ["run"] if "run" in d.columns else ["seed"] if "seed" in d.columns else None
-    boot = bootstrap(units(d, ["_cell"], unit), statistic, n=bootstrap_n, seed=seed)
-    points = [HorizonPoint(float(t), float(o[0]), float(o[1]), bool(o[2]), boot[f"lr_opt/{k}"],
-                           float(o[3]) if has_std else None, bool(o[4]) if has_std else None)
-              for k, (t, o) in enumerate(zip(budgets, out))]
+    strata = units(d, ["_cell"], unit)
+    boot = bootstrap(strata, statistic, n=bootstrap_n, seed=seed)
+    runs = np.array([len(us) for us in strata])  # runs per cell (the strata are the cells, in order)
+    thin = [_thin(t, cell_means(code, loss, np.arange(len(d)), n_cells), runs) if boot.n else (False, False)
+            for t in per_t]
+    points = [HorizonPoint(float(t), float(o[0]), float(o[1]), bool(o[2]), None if th[0] else boot[f"lr_opt/{k}"],
+                           float(o[3]) if has_std else None, bool(o[4]) if has_std else None, th[0])
+              for k, (t, o, th) in enumerate(zip(budgets, out, thin))]
     if not np.isfinite(a):
         edges = ", ".join(f"{p.tokens:g}" for p in points if p.at_edge)
         raise ConfigError(f"{where_}: column 'lr': the optimum sat on the lr grid's edge at tokens {edges}; "
                           ">= 2 interior optima needed (extend the lr grid past that edge)")
     ci = None
     if boot.n:
-        ci = {k: boot[k] for k in (("a", "b", "c", "d") if has_std else ("a", "b"))}
+        thin_lr = any(th[0] for th, o in zip(thin, out) if not o[2])  # only the points the law is fitted on
+        thin_std = any(th[1] for th, o in zip(thin, out) if not o[4])
+        ci = {k: None if (thin_std if k in "cd" else thin_lr) else boot[k]
+              for k in (("a", "b", "c", "d") if has_std else ("a", "b"))}
     return HorizonFit(a, b, r2, points, ci, boot.n, c if has_std and np.isfinite(c) else None,
                       dd if has_std and np.isfinite(dd) else None)
