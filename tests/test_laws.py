@@ -158,6 +158,24 @@ def test_batch_size_law_with_the_lr_tuned_per_size_lies_in_its_interval():
     assert not untuned.lr_tuned and not untuned.ci["b"][0] <= B_BS <= untuned.ci["b"][1]
 
 
+def test_a_batch_size_law_resting_on_a_one_run_cell_has_no_interval():
+    """A lost seed at the best (batch size, lr) of one model: the law rests on that cell, and a resample
+    would hold only the other cells' noise, so a, b and a batch's interval at a loss are None; a lost
+    seed at the grid's smallest lr leaves them."""
+    df = bs_curves()
+    d = df[(df["model"] == "d256") & (df["tokens"] == 8e6)]
+    best = d.groupby(["batch_size", "lr"])["loss"].mean().idxmin()
+    cell = (df["model"] == "d256") & (df["batch_size"] == best[0])
+    near = df["run"] == df[cell & (df["lr"] == best[1])]["run"].max()
+    far = df["run"] == df[cell & (df["lr"] == df["lr"].min())]["run"].max()
+    thin = fits.fit_batch_size(df[~near], bootstrap_n=100)
+    assert thin.ci == {"a": None, "b": None} and any(p.thin for p in thin.points if p.model == "d256")
+    assert not any(p.thin for p in thin.points if p.model != "d256")
+    assert fits.batch_size_interval(json.loads(json.dumps(thin.to_dict())), 3.0) is None
+    lost_far = fits.fit_batch_size(df[~far], bootstrap_n=100)
+    assert not any(p.thin for p in lost_far.points) and lost_far.ci["b"][0] <= B_BS <= lost_far.ci["b"][1]
+
+
 def test_batch_size_reports_lr_optima_on_the_edge(tmp_path, capsys):
     df = bs_curves(lrs=2.0 ** np.arange(-11.0, -7.9))  # too small for the big batches: best lr at the top
     fit = fits.fit_batch_size(df, bootstrap_n=0)

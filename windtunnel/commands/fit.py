@@ -209,7 +209,7 @@ def _print_batch_size(d: dict) -> None:
     print(f"bs_opt = {_fmt(d['a'])} / L^{_fmt(d['b'])}   (r2 {_fmt(d['r2'])}; edge optima not fitted)")
     if d["ci"]:
         print(f"95% intervals over runs: a{_ci(d['ci']['a'])}, b{_ci(d['ci']['b'])}")
-    _no_interval(d, "(model, batch size, lr)")
+    _no_interval(d, "(model, batch size, lr)", [f"{p['model']} tokens {_fmt(p['tokens'])}" for p in d["points"] if p["thin"]])
     if not d["lr_tuned"]:
         print("the lr was not tuned: one lr per batch size (sweep an lr grid per batch size: sweeps/batch_size.yaml)")
     else:

@@ -29,6 +29,9 @@ class BatchSizePoint:
     loss_opt: float
     at_edge: bool
     used_in_fit: bool
+    thin: bool = False
+    """A cell this optimum rests on (a batch size near it, at an lr near that one's best) has one run
+    while others have several: the law's interval would hold only the others' noise, so it has none."""
 
 
 @dataclass
@@ -140,6 +143,23 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
         return {"a": ra, "b": rb}
 
     unit = ["run"] if "run" in d.columns else ["seed"] if "seed" in d.columns else ["_cell"]
-    boot = bootstrap(units(d, ["_cell"], unit), statistic, n=bootstrap_n, seed=seed)
+    strata = units(d, ["_cell"], unit)
+    boot = bootstrap(strata, statistic, n=bootstrap_n, seed=seed)
+    if boot.n:
+        runs, mean = np.array([len(us) for us in strata]), cell_means(code, loss, np.arange(len(d)), n_cells)
+        for pt, (bs, ks) in zip(points, bs_of):
+            ys = np.array([tuned[k][1] for k in ks])
+            i = int(np.argmin(ys))  # the batch sizes its parabola rests on, each at the lrs its own rests on
+            pt.thin = any(_one_run(lr_cells[k], mean[cell_ids[k]], runs[cell_ids[k]])
+                          for k in ks[max(0, i - 2):i + 3])
+    if any(pt.thin for pt in points if pt.used_in_fit):
+        return BatchSizeFit(a, b, points, r2, {"a": None, "b": None}, boot.n, lr_tuned, lr_optima, None)
     ci = boot.intervals if boot.n else None
     return BatchSizeFit(a, b, points, r2, ci, boot.n, lr_tuned, lr_optima, draws_of(boot, ("a", "b")))
+
+
+def _one_run(x: np.ndarray, y: np.ndarray, runs: np.ndarray) -> bool:
+    """Whether a cell an lr parabola over (x, y) rests on (the argmin and its neighbours) has one run."""
+    order = np.argsort(x)
+    i = int(np.argmin(y[order]))
+    return bool((runs[order][max(0, i - LR_HALF_WINDOW):i + LR_HALF_WINDOW + 1] < 2).any())
