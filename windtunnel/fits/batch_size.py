@@ -18,7 +18,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, draws_interval, draws_of, units
 from windtunnel.fits.frames import check_frame, field_getter, jsonable, where
-from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
+from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min, rests_on_one_run
 
 
 @dataclass
@@ -150,16 +150,9 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
         for pt, (bs, ks) in zip(points, bs_of):
             ys = np.array([tuned[k][1] for k in ks])
             i = int(np.argmin(ys))  # the batch sizes its parabola rests on, each at the lrs its own rests on
-            pt.thin = any(_one_run(lr_cells[k], mean[cell_ids[k]], runs[cell_ids[k]])
-                          for k in ks[max(0, i - 2):i + 3])
+            pt.thin = any(rests_on_one_run(mean[cell_ids[k]], runs[cell_ids[k]]) for k in ks[max(0, i - 2):i + 3])
     if any(pt.thin for pt in points if pt.used_in_fit):
         return BatchSizeFit(a, b, points, r2, {"a": None, "b": None}, boot.n, lr_tuned, lr_optima, None)
     ci = boot.intervals if boot.n else None
     return BatchSizeFit(a, b, points, r2, ci, boot.n, lr_tuned, lr_optima, draws_of(boot, ("a", "b")))
 
-
-def _one_run(x: np.ndarray, y: np.ndarray, runs: np.ndarray) -> bool:
-    """Whether a cell an lr parabola over (x, y) rests on (the argmin and its neighbours) has one run."""
-    order = np.argsort(x)
-    i = int(np.argmin(y[order]))
-    return bool((runs[order][max(0, i - LR_HALF_WINDOW):i + LR_HALF_WINDOW + 1] < 2).any())

@@ -20,7 +20,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, cell_means, units
 from windtunnel.fits.frames import check_frame, jsonable, where
-from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min
+from windtunnel.fits.optimum import LR_HALF_WINDOW, parabola_min, rests_on_one_run
 
 MIN_BUDGETS = 3
 # Below this r² the power law explains too little of how the optimum moved to extrapolate it over
@@ -90,14 +90,8 @@ def _thin(t: tuple, mean: np.ndarray, runs: np.ndarray) -> tuple[bool, bool]:
     grid, cell = np.full((len(lrs), len(stds)), np.inf), np.zeros((len(lrs), len(stds)), dtype=int)
     grid[li, si] = np.where(np.isfinite(mean[ids]), mean[ids], np.inf)
     cell[li, si] = ids
-
-    def one_run(profile: np.ndarray, best: np.ndarray, half: int, along_lr: bool) -> bool:
-        i = int(np.argmin(profile))
-        window = range(max(0, i - half), min(len(profile), i + half + 1))
-        return any(runs[cell[j, best[j]] if along_lr else cell[best[j], j]] < 2 for j in window)
-
-    lr = one_run(grid.min(axis=1), grid.argmin(axis=1), LR_HALF_WINDOW, True)
-    std = len(stds) >= 3 and one_run(grid.min(axis=0), grid.argmin(axis=0), 2, False)
+    lr = rests_on_one_run(grid.min(axis=1), runs[cell[np.arange(len(lrs)), grid.argmin(axis=1)]])
+    std = len(stds) >= 3 and rests_on_one_run(grid.min(axis=0), runs[cell[grid.argmin(axis=0), np.arange(len(stds))]], 2)
     return lr, bool(std)
 
 

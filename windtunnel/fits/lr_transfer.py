@@ -18,7 +18,7 @@ import pandas as pd
 from windtunnel.errors import ConfigError
 from windtunnel.fits.bootstrap import RESAMPLES, bootstrap, units
 from windtunnel.fits.frames import check_frame, jsonable, where
-from windtunnel.fits.optimum import curve_optimum, curve_window, grid_step
+from windtunnel.fits.optimum import curve_optimum, grid_step, rests_on_one_run
 
 AXES = ("width", "depth", "batch")
 """What a group of runs is: its parametrization and these; an optimum's drift is measured along each."""
@@ -163,13 +163,16 @@ def fit_lr_transfer(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 
 
     cells = units(d, ["_g", "lr"], _unit(d))
     boot = bootstrap(cells, statistic, n=bootstrap_n, seed=seed)
-    runs = {(int(gid[us[0][0]]), float(x[us[0][0]])): len(us) for us in cells}  # runs per (group, log2 lr)
+    # the strata are the (group, lr) cells in order: per group, its lrs ascending with their runs and mean loss
+    runs = np.array([len(us) for us in cells])
+    first = np.array([us[0][0] for us in cells])
+    mean = np.array([y[np.concatenate(us)].mean() for us in cells])
     opt = optima(None)
     result = []
     for k, (p, w, dep, bs) in enumerate(groups):
         xo, fo, edge = opt[k]
-        mine = gid == k
-        thin = bool(boot.n) and any(runs[(k, float(v))] < 2 for v in curve_window(x[mine], y[mine]))
+        mine = gid[first] == k
+        thin = bool(boot.n) and rests_on_one_run(mean[mine], runs[mine])
         ci = None if thin else boot[f"lr_opt/{k}"]
         result.append(LrOptimum(str(p), float(w), float(2.0**xo), fo, edge, _num(dep), ci, _num(bs), thin))
     drifts, drift_steps = [], {p: None for p in steps}

@@ -50,12 +50,12 @@ def grid_step(log_values: np.ndarray) -> float:
     return float(np.median(np.diff(u))) if len(u) > 1 else float("nan")
 
 
-def curve_window(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """The distinct x (log2 lr) that `curve_optimum`'s parabola rests on: the argmin of the mean y per
-    x and its LR_HALF_WINDOW neighbours a side."""
-    ux, inv = np.unique(x, return_inverse=True)
-    i = int(np.argmin(np.bincount(inv, weights=y) / np.bincount(inv)))
-    return ux[max(0, i - LR_HALF_WINDOW):i + LR_HALF_WINDOW + 1]
+def rests_on_one_run(y: np.ndarray, runs: np.ndarray, half_window: int = LR_HALF_WINDOW) -> bool:
+    """Whether `parabola_min`'s parabola over y (on a sorted grid) rests on a point of one run: the argmin
+    and its half_window neighbours a side. Its bootstrap interval would then hold only the other points'
+    noise (fits/bootstrap.py)."""
+    i = int(np.argmin(y))
+    return bool((np.asarray(runs)[max(0, i - half_window):i + half_window + 1] < 2).any())
 
 
 def curve_optimum(x: np.ndarray, y: np.ndarray) -> tuple[float, float, bool]:
