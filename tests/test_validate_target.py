@@ -195,3 +195,34 @@ def test_lr_x4_is_planned_only_where_lr_x2_is_the_best_lr_so_far(tmp_path):
     assert vt.summarize(tmp_path)["runs_planned"] == 2 * (len(vt.CONFIGS) - 1)
     write_run(tmp_path, vt.run_id("lr x2", 1), 2.7)  # now lr x2 is the best lr: lr x4 may tell where it stops
     assert vt.summarize(tmp_path)["runs_planned"] == 2 * len(vt.CONFIGS)
+
+
+def test_the_runs_left_go_in_the_order_of_what_they_decide():
+    """validate_0.5b_v2 after its 12 first-seed runs: lr x2's second seed first (the best so far: the
+    verdict's gap), then lr x4's (lr x2's parabola rests on it), then the rest best first; the second
+    seed round after the first, and the plan's order where no run has a mean yet."""
+    means = {"transferred": 3.253, "lr x1/sqrt2": 3.333, "lr xsqrt2": 3.201, "lr x1/2": 3.436, "lr x2": 3.184,
+             "init x1/2": 3.281, "init x2": 3.504, "minicpm": 3.759, "lr x4": 3.989}
+    todo = [r for r in vt.plan(BASE, 2) if r[2] == 1 and r[1] not in ("transferred", "lr x1/sqrt2", "lr xsqrt2")]
+    order = [name for _, name, _, _ in vt.by_what_they_decide(todo, means)]
+    assert order == ["lr x2", "lr x4", "init x1/2", "lr x1/2", "init x2", "minicpm"]
+    fresh = vt.plan(BASE, 2)
+    assert vt.by_what_they_decide(fresh, {}) == fresh
+    tail = [r for r in fresh if r[1] not in ("transferred", "lr x1/sqrt2", "lr xsqrt2") and r[0] != "lr_x2_s0"]
+    order = [(name, seed) for _, name, seed, _ in vt.by_what_they_decide(tail, {"transferred": 3.0, "lr x2": 2.0})]
+    assert [s for _, s in order] == [0] * 5 + [1] * 6 and order[5] == ("lr x2", 1)
+
+
+def test_a_run_that_fails_is_tried_once_and_the_rest_still_run(tmp_path):
+    """The runs are picked one at a time from what is left: a launch that dies without its loss log
+    (a crash, faked here since a real one needs a GPU) must not be picked again and again."""
+    out, v = tmp_path / "out", tmp_path / "v"
+    v.mkdir()
+    out.mkdir()
+    (v / "train.yaml").write_text(json.dumps({"optim": {"lr": 0.002}, "model": {"init_std": 0.04}}))
+    (v / "launch.sh").write_text(f'for a in "$@"; do case $a in large_run.run_name=*) echo "${{a#*=}}" >> {tmp_path}/tried;; '
+                                 'esac; done; exit 1\n')
+    vt.train(v, out, 2, [], deadline_s=1e9, est_s=0.0)
+    tried = (tmp_path / "tried").read_text().split()
+    want = [rid for rid, name, _, _ in vt.plan(BASE, 2) if name != vt.PAST_GRID]  # no means: lr x4 not needed
+    assert tried == want

@@ -76,7 +76,7 @@ def run_id(name: str, seed: int) -> str:
 
 
 def plan(base: dict, seeds: int) -> list[tuple[str, str, int, dict]]:
-    """(run id, config name, seed, overrides) in the order they run."""
+    """(run id, config name, seed, overrides) as planned; `by_what_they_decide` orders what is left."""
     head, tail = CONFIGS[:TELLING], CONFIGS[TELLING:]
     order = [(c, s) for c in head for s in range(seeds)] + [(c, s) for s in range(seeds) for c in tail]
     out = []
@@ -86,6 +86,28 @@ def plan(base: dict, seeds: int) -> list[tuple[str, str, int, dict]]:
         over["train.seed"] = seed
         out.append((run_id(name, seed), name, seed, over))
     return out
+
+
+def by_what_they_decide(todo: list[tuple], means: dict[str, float]) -> list[tuple]:
+    """The runs left, those that decide the finding first within each seed round: the best configuration
+    so far (the verdict's gap rests on its mean), then the lr runs the optimum's parabola rests on (its
+    interval needs their seeds), then the rest, best first. A device session often ends before the plan
+    does; ties (no mean yet) keep the plan's order."""
+    lrs = sorted((f, n) for n, f, init_f, absolute in CONFIGS if init_f == 1 and not absolute and n in means)
+    window: set[str] = set()
+    if lrs:
+        i = min(range(len(lrs)), key=lambda k: means[lrs[k][1]])
+        window = {n for _, n in lrs[max(0, i - 1):i + 2]}
+    best = min(means, key=means.get) if means else None
+
+    def key(k_run):
+        k, (_, name, seed, _) = k_run
+        if name in {c[0] for c in CONFIGS[:TELLING]}:  # the telling ones, all their seeds, as planned
+            return (0, 0, 0, 0.0, k)
+        rank = 0 if name == best else 1 if name in window else 2
+        return (1, seed, rank, means.get(name, math.inf), k)
+
+    return [r for _, r in sorted(enumerate(todo), key=key)]
 
 
 def final(jsonl: Path) -> dict | None:
@@ -120,11 +142,15 @@ def train(transfer_dir: Path, out: Path, seeds: int, extra: list[str], deadline_
     runs_dir = out / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    runs = plan(base, seeds)
-    for rid, name, seed, over in runs:
-        if final(runs_dir / f"{rid}.jsonl"):
-            continue
-        if name == PAST_GRID and not past_grid_needed(finished_means(runs_dir, runs)):
+    runs, tried = plan(base, seeds), set()
+    while True:
+        means = finished_means(runs_dir, runs)
+        todo = [r for r in runs if r[0] not in tried and not final(runs_dir / f"{r[0]}.jsonl")]
+        if not todo:
+            break
+        rid, name, seed, over = by_what_they_decide(todo, means)[0]
+        tried.add(rid)  # a run that fails is not retried in this call
+        if name == PAST_GRID and not past_grid_needed(means):
             print(f"validate: {rid} skipped: lr x2 is not the best lr so far, so the optimum is inside the grid",
                   flush=True)
             continue
