@@ -46,7 +46,8 @@ R2 = math.sqrt(2)
 MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 0.1, "optim.lr": 0.01}
 # (name, lr factor, init_std factor, absolute values), the most telling first: the first validation put the
 # target's optimum at x1.97 its transferred lr, which the depth law and batch scaling now move the transfer to,
-# so the neighbours x1/sqrt2 and xsqrt2 decide the verdict. lr x4 is past the grid: it runs last.
+# so the neighbours x1/sqrt2 and xsqrt2 decide the verdict. lr x4 is past the grid: planned last, and
+# run only where lr x2 is the best lr (`by_what_they_decide` orders the runs left).
 CONFIGS = (("transferred", 1, 1, {}), ("lr x1/sqrt2", 1 / R2, 1, {}), ("lr xsqrt2", R2, 1, {}),
            ("lr x1/2", 0.5, 1, {}), ("lr x2", 2, 1, {}), ("init x1/2", 1, 0.5, {}), ("init x2", 1, 2, {}),
            ("minicpm", 1, 1, MINICPM), ("lr x4", 4, 1, {}))
