@@ -155,4 +155,3 @@ def fit_batch_size(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0
         return BatchSizeFit(a, b, points, r2, {"a": None, "b": None}, boot.n, lr_tuned, lr_optima, None)
     ci = boot.intervals if boot.n else None
     return BatchSizeFit(a, b, points, r2, ci, boot.n, lr_tuned, lr_optima, draws_of(boot, ("a", "b")))
-

@@ -7,7 +7,8 @@ of the design: one lr at one width, one batch size at one lr, ...) each resample
 runs as the cell holds, so the design stays fixed and only the seed-to-seed noise is resampled.
 A design with one run per cell has no such noise to resample: the intervals are None then. Nor
 has a single-run cell among cells with several: a statistic resting on it would get an interval
-holding only the other cells' noise, so the fits give none there (`LrOptimum.thin`, `HorizonPoint.thin`, `BatchSizePoint.thin`).
+holding only the other cells' noise, so the fits give none there (`LrOptimum.thin`,
+`HorizonPoint.thin`, `BatchSizePoint.thin`).
 
 With n runs per cell a resampled cell mean varies (n-1)/n as much as a fresh one: with 2 seeds,
 half. So each percentile's distance from the full data's value is stretched by sqrt(n/(n-1))

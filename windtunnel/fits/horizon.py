@@ -91,7 +91,8 @@ def _thin(t: tuple, mean: np.ndarray, runs: np.ndarray) -> tuple[bool, bool]:
     grid[li, si] = np.where(np.isfinite(mean[ids]), mean[ids], np.inf)
     cell[li, si] = ids
     lr = rests_on_one_run(grid.min(axis=1), runs[cell[np.arange(len(lrs)), grid.argmin(axis=1)]])
-    std = len(stds) >= 3 and rests_on_one_run(grid.min(axis=0), runs[cell[grid.argmin(axis=0), np.arange(len(stds))]], 2)
+    std = len(stds) >= 3 and rests_on_one_run(grid.min(axis=0),
+                                              runs[cell[grid.argmin(axis=0), np.arange(len(stds))]], 2)
     return lr, bool(std)
 
 
@@ -144,8 +145,8 @@ def fit_horizon(df: pd.DataFrame, bootstrap_n: int = RESAMPLES, seed: int = 0) -
     strata = units(d, ["_cell"], unit)
     boot = bootstrap(strata, statistic, n=bootstrap_n, seed=seed)
     runs = np.array([len(us) for us in strata])  # runs per cell (the strata are the cells, in order)
-    thin = [_thin(t, cell_means(code, loss, np.arange(len(d)), n_cells), runs) if boot.n else (False, False)
-            for t in per_t]
+    mean = cell_means(code, loss, np.arange(len(d)), n_cells)
+    thin = [_thin(t, mean, runs) if boot.n else (False, False) for t in per_t]
     points = [HorizonPoint(float(t), float(o[0]), float(o[1]), bool(o[2]), None if th[0] else boot[f"lr_opt/{k}"],
                            float(o[3]) if has_std else None, bool(o[4]) if has_std else None, th[0])
               for k, (t, o, th) in enumerate(zip(budgets, out, thin))]
