@@ -41,6 +41,7 @@ from windtunnel.config.overrides import apply
 from windtunnel.config.trial import changed_settings, settings
 from windtunnel.confirm import t_interval
 from windtunnel.files import write_atomically, write_json, write_text
+from windtunnel.fits.optimum import LR_HALF_WINDOW
 
 R2 = math.sqrt(2)
 MINICPM = {"model.scale_emb": 12.0, "model.scale_depth": 1.4, "model.init_std": 0.1, "optim.lr": 0.01}
@@ -98,7 +99,7 @@ def by_what_they_decide(todo: list[tuple], means: dict[str, float]) -> list[tupl
     window: set[str] = set()
     if lrs:
         i = min(range(len(lrs)), key=lambda k: means[lrs[k][1]])
-        window = {n for _, n in lrs[max(0, i - 1):i + 2]}
+        window = {n for _, n in lrs[max(0, i - LR_HALF_WINDOW):i + LR_HALF_WINDOW + 1]}  # as the fit's parabola
     best = min(means, key=means.get) if means else None
 
     def key(k_run):
