@@ -22,7 +22,8 @@ from windtunnel.config.sweep import SweepConfig
 
 REPLICATES = ("train.seed", "train.data_seed")
 MARK = "extension"
-"""User attribute of an extension trial (its side: 'low' or 'high'); the driver counts them."""
+"""User attribute of a trial the driver adds past n_trials (its side: 'low' or 'high', or 'missing':
+a grid point missing_points found); the driver counts them."""
 
 
 def _params(t: optuna.trial.FrozenTrial) -> dict:
@@ -88,6 +89,22 @@ def edge_points(study: optuna.Study, cfg: SweepConfig) -> list[tuple[dict, str]]
                     out += [({**base, **rep, **dict(zip(names, row))}, side)
                             for row in rows for rep in _replicates(grid, reps)]
     return out
+
+
+def missing_points(study: optuna.Study, cfg: SweepConfig) -> list[dict]:
+    """The grid's points no trial ran or waits to run, once the grid sampler has used every index.
+
+    A driver that reseeded the GridSampler (before it kept the study's seed) ran some points twice
+    and others never, while the sampler counts its grid covered: these are the points to run."""
+    if cfg.sampler.type != "grid":
+        return []
+    grid = grid_space(parse_search(cfg.search, cfg.trial))
+    trials = study.get_trials(deepcopy=False)
+    used = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs}
+    if len(used) < math.prod(len(v) for v in grid.values()):
+        return []
+    ran = {tuple(p.get(n) for n in grid) for t in trials if not t.user_attrs.get("retried") for p in [_params(t)]}
+    return [dict(zip(grid, v)) for v in itertools.product(*grid.values()) if v not in ran]
 
 
 def _replicates(grid: dict[str, list], reps: list[str]) -> list[dict]:

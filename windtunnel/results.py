@@ -25,7 +25,8 @@ CURVES = "curves.csv"  # one row per evaluation of every trial: ..., tokens, val
 BRANCHES = "branches.csv"  # one row per WSD decay branch: ..., n_params, tokens, final_val_loss
 BEST = "best.yaml"  # the best completed trial: sweep, number, value, params, trained_with, trial (its config)
 REPORT = "report.md"
-COMPLETE = "COMPLETE"  # the `state` of a trial that counts (not FAIL, PRUNED, RUNNING, STOPPED)
+COMPLETE = "COMPLETE"  # the `state` of a trial that counts (not FAIL, PRUNED, RUNNING, STOPPED, REPEAT)
+REPEAT = "REPEAT"  # a complete run of an earlier complete trial's parameters and seeds: the same run again
 FINAL = ("COMPLETE", "PRUNED", "FAIL")
 
 
@@ -83,13 +84,33 @@ def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
     return t.state.name in FINAL and not t.user_attrs.get("retried", False)
 
 
+def repeats(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
+    """{number: the earlier trial's number} of each complete trial that ran an earlier complete
+    one's parameters and seeds again (a resumed grid sweep did, grid_extend.missing_points): the
+    same run, so not a replicate; the fits count the first only."""
+    first: dict[str, int] = {}
+    out = {}
+    for t in trials:
+        if t.state.name != COMPLETE or t.user_attrs.get("retried"):
+            continue
+        train = t.user_attrs.get("config", {}).get("train", {})
+        k = json.dumps([sorted(t.params.items()), train.get("seed"), train.get("data_seed")], default=str)
+        if k in first:
+            out[t.number] = first[k]
+        else:
+            first[k] = t.number
+    return out
+
+
 def trials_frame(study: optuna.Study, driver_running: bool = False) -> pd.DataFrame:
     """One row per trial, in its final state: an attempt replaced by a retry (same parameters) is not
     a row of its own but counted in its retry's `attempts` (it listed 26 rows for a 20-trial sweep).
-    A trial left RUNNING by a stopped driver reads STOPPED (a re-run runs it) unless driver_running."""
+    A trial left RUNNING by a stopped driver reads STOPPED (a re-run runs it) unless driver_running;
+    one that ran an earlier one's parameters and seeds again reads REPEAT (`repeats`)."""
     fixed = json.loads(study.user_attrs.get("fixed", "{}"))
     trials = study.get_trials(deepcopy=False)
     retry_of = {t.number: t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    again = repeats(trials)
     rows = []
     for t in trials:
         if t.user_attrs.get("retried", False):
@@ -99,6 +120,8 @@ def trials_frame(study: optuna.Study, driver_running: bool = False) -> pd.DataFr
             attempts, n = attempts + 1, retry_of[n]
         r = t.user_attrs.get("result", {})
         state = "STOPPED" if t.state.name == "RUNNING" and not driver_running else t.state.name
+        if t.number in again:
+            state, r = REPEAT, {**r, "reason": f"repeats trial {again[t.number]} (same parameters and seeds)"}
         rows.append({"number": t.number, "state": state, "value": t.value,
                      **t.params, **fixed, "train.seed": t.user_attrs.get("config", {}).get("train", {}).get("seed"),
                      "status": r.get("status", ""), "tokens": r.get("tokens"), "seconds": r.get("seconds"),
@@ -111,13 +134,15 @@ def trials_frame(study: optuna.Study, driver_running: bool = False) -> pd.DataFr
 
 
 def _per_point_frame(study: optuna.Study, key: str, extra: dict[str, str] | None = None) -> pd.DataFrame:
-    """One row per entry of the result's `key` list of every trial not replaced by a retry: its
-    number, state, params, the sweep's fixed values, extra's {column: result key}, then the entry."""
+    """One row per entry of the result's `key` list of every trial not replaced by a retry nor a
+    repeat: its number, state, params, the sweep's fixed values, extra's {column: result key}, then the entry."""
     fixed = json.loads(study.user_attrs.get("fixed", "{}"))
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    again = repeats(trials)
+    for t in trials:
         result = t.user_attrs.get("result", {})
-        if t.user_attrs.get("retried") or not result.get(key):
+        if t.user_attrs.get("retried") or not result.get(key) or t.number in again:
             continue
         head = {"number": t.number, "state": t.state.name, **t.params, **fixed,
                 **{col: result.get(k) for col, k in (extra or {}).items()}}
@@ -268,6 +293,8 @@ def write_report(study: optuna.Study, sweep_dir: Path, driver_running: bool = Fa
              + (f", {n.get('RUNNING', 0) + n.get('WAITING', 0) + n.get('STOPPED', 0)} unfinished (running, queued, "
                 "or stopped with their driver: a re-run runs them)"
                 if n.get("RUNNING") or n.get("WAITING") or n.get("STOPPED") else "")
+             + (f", {n[REPEAT]} repeated an earlier trial's parameters and seeds (not counted: trials.csv names it)"
+                if n.get(REPEAT) else "")
              + f" ({retried} more were retried).", ""]
     if best is not None:
         lines += [f"**Best:** trial {best.number}, final validation loss **{best.value:.4f}**", "",

@@ -82,7 +82,9 @@ def make_sampler(s: SamplerConfig, cfg: SweepConfig, seed: int | None = None) ->
     if s.type == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if s.type == "grid":
-        return _GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=seed)
+        # the study's own seed, never a resume's: GridSampler shuffles its points by the seed and
+        # stores only their index, so a reseeded one ran some points twice and others never
+        return _GridSampler(grid_space(parse_search(cfg.search, cfg.trial)), seed=s.seed)
     raise ConfigError(f"sampler.type: must be one of tpe, gp, cmaes, random, grid (got {s.type!r})")
 
 

@@ -21,7 +21,7 @@ from windtunnel.config.trial import TrialConfig, to_dict, with_overrides
 from windtunnel.errors import ConfigError
 from windtunnel.files import DiskFull
 from windtunnel.executors import ExecutorGone, WorkerLost, make_executor
-from windtunnel.grid_extend import MARK, edge_points
+from windtunnel.grid_extend import MARK, edge_points, missing_points
 from windtunnel.kernels import select as select_kernels
 from windtunnel.results import counts_as_finished, write_report, write_tables
 from windtunnel.search import check_data, distributions, fixed_params, open_study, storage_url
@@ -127,8 +127,11 @@ class Driver:
         return self.cfg.n_trials + self.extra - self.finished() - self.in_flight()
 
     def extend(self) -> bool:
-        """Enqueue the trials past an edge optimum of the grid's extend.param; False if none."""
-        new = [] if self.stop.requested else edge_points(self.study, self.cfg)
+        """Enqueue the grid points a reseeded sampler never ran (grid_extend.missing_points), else the
+        trials past an edge optimum of the grid's extend.param; False if none."""
+        if self.stop.requested:
+            return False
+        new = [(p, "missing") for p in missing_points(self.study, self.cfg)] or edge_points(self.study, self.cfg)
         for params, side in new:
             self.study.enqueue_trial(params, user_attrs={MARK: side}, skip_if_exists=False)
         self.extra += len(new)
