@@ -139,8 +139,9 @@ def table(t: dict) -> str:
         rows.append(f"| optimal lr vs training tokens, lr* ∝ T^-b ({h['tokens'][0]:.0e}–{h['tokens'][-1]:.0e} tokens) | "
                     f"b = {h['lr_exponent_b']:.3f} "
                     f"{ci(h['b_ci']) if h['b_ci'] else '(no interval: an lr next to an optimum has one seed)'}, "
-                    f"r² {h['r2']:.2f}{weak}; init_std* ∝ "
-                    f"T^-{h['init_std_exponent_d']:.2f} | a trend past 16× of tokens (python-stdlib corpus repeated past "
+                    f"r² {h['r2']:.2f}{weak}; init_std* ∝ T^-d, "
+                    f"d = {h['init_std_exponent_d']:.2f}{' ' + ci(h['d_ci']) if h.get('d_ci') else ''} | a trend past 16× "
+                    "of tokens (python-stdlib corpus repeated past "
                     "7M tokens); prose |")
     c = t.get("lr_check")
     if c:
