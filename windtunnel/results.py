@@ -86,7 +86,7 @@ def counts_as_finished(t: optuna.trial.FrozenTrial) -> bool:
 
 def repeats(trials: list[optuna.trial.FrozenTrial]) -> dict[int, int]:
     """{number: the earlier trial's number} of each complete trial that ran an earlier complete
-    one's parameters and seeds again (a resumed grid sweep did, grid_extend.missing_points): the
+    one's parameters and seeds again (grid sweeps resumed by drivers before session 27 did): the
     same run, so not a replicate; the fits count the first only."""
     first: dict[str, int] = {}
     out = {}
