@@ -3,6 +3,7 @@ shuffles its points by its seed and stores only a point's index: a resumed drive
 (as the random samplers must be) ran some points twice and others never; `lr_horizon`'s study lost
 27 of its 144 points that way. The driver now keeps the grid's seed, runs the points a damaged
 study never ran (grid_extend.missing_points), and the tables read a repeated run as REPEAT."""
+import itertools
 import subprocess
 import sys
 
@@ -29,7 +30,7 @@ def key(params: dict) -> tuple:
 
 def grid_points(cfg) -> set:
     g = grid_space(parse_search(cfg.search, cfg.trial))
-    return {key(dict(zip(g, v))) for v in pd.MultiIndex.from_product(list(g.values()))}
+    return {key(dict(zip(g, v))) for v in itertools.product(*g.values())}
 
 
 def ask_and_tell(study, cfg, n):

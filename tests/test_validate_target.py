@@ -66,7 +66,7 @@ def test_met_within_one_pooled_seed_sd_of_the_best_missed_beyond(tmp_path, offse
     # every configuration: seeds 0.01 apart (sd 0.00707); "lr x1/sqrt2" is best by `offset`
     _all_runs(tmp_path, lambda name, seed: 3.5 + 0.01 * seed - (offset if name == "lr x1/sqrt2" else 0.0))
     s = vt.summarize(tmp_path)
-    assert s["seed_sd"] == pytest.approx(0.01 / math.sqrt(2))
+    assert s["seed_sd"] == pytest.approx(0.01 / math.sqrt(2)) and s["pair_seed_sd"] == pytest.approx(0.01 / math.sqrt(2))
     assert s["best"] == "lr x1/sqrt2" and s["transferred_minus_best"] == pytest.approx(offset)
     assert s["verdict"] == verdict
 

@@ -103,7 +103,7 @@ def missing_points(study: optuna.Study, cfg: SweepConfig) -> list[dict]:
     used = {t.system_attrs["grid_id"] for t in trials if "grid_id" in t.system_attrs}
     if len(used) < math.prod(len(v) for v in grid.values()):
         return []
-    ran = {tuple(p.get(n) for n in grid) for t in trials if not t.user_attrs.get("retried") for p in [_params(t)]}
+    ran = {tuple(_params(t).get(n) for n in grid) for t in trials if not t.user_attrs.get("retried")}
     return [dict(zip(grid, v)) for v in itertools.product(*grid.values()) if v not in ran]
 
 

@@ -240,7 +240,7 @@ def summarize(out: Path) -> dict:
     gap = mine["mean"] - best["mean"] if best and mine else math.nan
     # a configuration near the edge of stability is far noisier than the rest and lifts the pooled
     # sd; the sd of the two configurations compared says how many of their own seed-sds the gap is
-    pair = [t["sd"] ** 2 for t in {id(t): t for t in (mine, best) if t and t["n"] >= 2}.values()]
+    pair = [t["sd"] ** 2 for t in ([mine] if best is mine else [mine, best]) if t and t["n"] >= 2]
     pair_sd = math.sqrt(sum(pair) / len(pair)) if pair else math.nan
     n_planned = len(configs) * cfg.get("seeds", 2)
     if not (best and mine) or math.isnan(seed_sd) or len(rows) < n_planned:
