@@ -45,20 +45,31 @@ stage=$1; shift
 # .carry/$WT_DATA (`windtunnel data pack prose --max-tokens 64e6 --out .carry/prose64m`, docs/data.md), tokenized
 # once per machine. Carry the one a call needs; prose64m and the wheels take two calls (`keep`, docs/data.md).
 # Each part of pack.json's list comes from .carry/SLICE or, kept by an earlier call, /tmp/keep/SLICE.
+prose_xz() {  # /tmp/$1.txt.xz from the parts .carry/$1/pack.json lists
+  local s=$1 part f
+  [ -f "/tmp/$s.txt.xz.done" ] && return
+  : > "/tmp/$s.txt.xz"
+  for part in $(python3 -c "import json, sys; print(*json.load(open(sys.argv[1]))['parts'])" ".carry/$s/pack.json"); do
+    f=".carry/$s/$part"; [ -f "$f" ] || f="/tmp/keep/$s/$part"
+    [ -f "$f" ] || { echo "gpu.sh: $s: part $part is neither carried nor kept (docs/data.md: carry it, or keep it first)" >&2; exit 2; }
+    cat "$f" >> "/tmp/$s.txt.xz"
+  done
+  python3 -c "import json, os, sys; m = json.load(open(sys.argv[1])); sys.exit(os.path.getsize(sys.argv[2]) != m['packed_bytes'])" \
+    ".carry/$s/pack.json" "/tmp/$s.txt.xz" || { echo "gpu.sh: $s: the parts do not add up to pack.json's packed_bytes" >&2; exit 2; }
+  touch "/tmp/$s.txt.xz.done"
+}
 prose_data() {
-  local s=${1:-prose} n=32e6 part f; [ "$s" = prose64m ] && n=64e6
-  if [ ! -f "/tmp/$s/manifest.json" ]; then
-    : > "/tmp/$s.txt.xz"
-    for part in $(python3 -c "import json, sys; print(*json.load(open(sys.argv[1]))['parts'])" ".carry/$s/pack.json"); do
-      f=".carry/$s/$part"; [ -f "$f" ] || f="/tmp/keep/$s/$part"
-      [ -f "$f" ] || { echo "gpu.sh: $s: part $part is neither carried nor kept (docs/data.md: carry it, or keep it first)" >&2; exit 2; }
-      cat "$f" >> "/tmp/$s.txt.xz"
-    done
-    python3 -c "import json, os, sys; m = json.load(open(sys.argv[1])); sys.exit(os.path.getsize(sys.argv[2]) != m['packed_bytes'])" \
-      ".carry/$s/pack.json" "/tmp/$s.txt.xz" || { echo "gpu.sh: $s: the parts do not add up to pack.json's packed_bytes" >&2; exit 2; }
-    python3 -m windtunnel.cli data prepare "/tmp/$s.txt.xz" --tokenizer-file ".carry/$s/tokenizer.json" \
-      --max-tokens "$n" --max-bytes 1e12 --out "/tmp/$s" 2>&1 | tail -2
+  local s=${1:-prose} n=32e6 src bytes=1e12; [ "$s" = prose64m ] && n=64e6
+  [ -f "/tmp/$s/manifest.json" ] && return
+  src=$s
+  # the 32M slice is the first text_bytes of the 64M one's text, with the same tokenizer: the same tokens
+  # (docs/data.md), so a call that carries prose64m and only .carry/prose/pack.json prepares both
+  if [ "$s" = prose ] && [ ! -f .carry/prose/tokenizer.json ] && [ -f .carry/prose64m/pack.json ]; then
+    src=prose64m; bytes=$(python3 -c "import json; print(json.load(open('.carry/prose/pack.json'))['text_bytes'])")
   fi
+  prose_xz "$src"
+  python3 -m windtunnel.cli data prepare "/tmp/$src.txt.xz" --tokenizer-file ".carry/$src/tokenizer.json" \
+    --max-tokens "$n" --max-bytes "$bytes" --out "/tmp/$s" 2>&1 | tail -2
 }
 DATA=$PWD/.cache/stdlib-bpe16k
 case "${WT_DATA:-}:$stage" in
