@@ -19,6 +19,7 @@ Imports nothing heavy (no ray): Ray is driven through its `ray` command.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -53,10 +54,20 @@ class ClusterError(RuntimeError):
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
+    range (and above Ray's worker ports, 10002-19999): a port from that range can be taken before
+    the server binds it, by any outgoing connection or by srun's own listening sockets (CI saw
+    torchrun's store lose its port to srun, then wait 60 s on srun as a client)."""
+    ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    first_ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
+    for port in random.Random().sample(range(20000, max(first_ephemeral, 20100)), 100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise ClusterError(f"no free TCP port in 20000-{first_ephemeral - 1} on 127.0.0.1")
 
 
 # --------------------------------------------------------------------------------------- Slurm

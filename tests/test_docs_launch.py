@@ -4,14 +4,13 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import unavailable
+from conftest import free_port, unavailable
 
 pytestmark = pytest.mark.distributed
 
@@ -24,12 +23,6 @@ def documented_commands() -> list[str]:
     block = re.search(r"<!-- cpu-path[^>]*-->\s*```bash\n(.*?)```", text, re.S)
     assert block, "docs/launch.md lost its cpu-path block"
     return [line for line in block[1].splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_the_documented_cpu_path_runs_as_written(tmp_path):
