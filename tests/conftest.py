@@ -18,7 +18,6 @@ seeded before each test.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import socket
@@ -123,25 +122,6 @@ def slurm_cluster():
 # -------------------------------------------------------------------------------------- MLflow
 
 
-def _unassigned_port() -> int:
-    """A port on 127.0.0.1 free now, below the kernel's ephemeral range: no port the system hands
-    out by itself (another test's bind to port 0, an outgoing connection) can take it later, while
-    a server stopped for a restart on it is down."""
-    try:
-        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        low = 32768
-    for _ in range(200):
-        port = random.randrange(10000, max(low, 10001))
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    return clusters.free_port()
-
-
 class _PortTaken(RuntimeError):
     pass
 
@@ -150,7 +130,7 @@ class MlflowServer:
     """`mlflow server` on 127.0.0.1:PORT with a SQLite store and local artifacts under `root`.
 
     stop() and start() keep the port and the store, so runs logged before a stop are there after.
-    The port is outside the ephemeral range (_unassigned_port); one taken by another process
+    The port is outside the ephemeral range (clusters.free_port); one taken by another process
     between its choice and the server's bind is replaced by another at the first start, and
     waited for at a restart (the URI is known by then).
     """
@@ -158,7 +138,7 @@ class MlflowServer:
     def __init__(self, root: Path, port: int | None = None, startup_timeout_s: float = 90):
         self.root = Path(root)
         self._port_chosen = port is None
-        self.port = port or _unassigned_port()
+        self.port = port or free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self._started = False
         self.log = self.root / "server.log"
@@ -193,7 +173,7 @@ class MlflowServer:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"mlflow server: port {self.port} stayed taken by another process") from None
                 if self._port_chosen and not self._started:  # nobody knows the URI yet: another port
-                    self.port = _unassigned_port()
+                    self.port = free_port()
                     self.uri = f"http://127.0.0.1:{self.port}"
                 else:  # a restart: the URI is in use, wait for the port
                     time.sleep(1)
