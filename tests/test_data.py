@@ -170,6 +170,27 @@ def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temp folder left
 
 
+def test_a_writers_lock_appears_already_held(tmp_path, monkeypatch):
+    """Another writer's cleaner takes every `.d.*.lock` nobody holds: a lock file visible before
+    its flock could be taken in that window, and its writer fail with Held (a two-worker test run
+    under load saw it). So when prepare flocks its lock, no file of the cleaner's pattern exists yet."""
+    from windtunnel import locks
+
+    src = tmp_path / "t.txt"
+    src.write_bytes(b"some text " * 100)
+    flock, seen = locks.fcntl.flock, []
+
+    def watching(f, op):
+        if op & locks.fcntl.LOCK_EX:
+            seen.append(sorted(p.name for p in tmp_path.glob(".d.*.lock")))
+        return flock(f, op)
+
+    monkeypatch.setattr(locks.fcntl, "flock", watching)
+    prepare(str(src), tmp_path / "d")
+    assert seen and seen[0] == [], seen
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing of the lock left
+
+
 def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
     """SIGKILL mid-prepare (BPE training takes seconds) leaves its temp folder; the next prepare
     there removes it (nobody holds its lock) and publishes a folder others can read (not mkdtemp's 0700)."""

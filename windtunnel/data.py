@@ -208,7 +208,8 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
     except OSError as e:  # OSError's line named the temp folder
         raise ConfigError(f"{out_field}: cannot write {out_dir} there ({e.strerror or e})") from None
     tmp.chmod(0o755)  # mkdtemp's 0700 would become the shard folder's: a shared cache others cannot read
-    lock = locks.hold(tmp.with_name(tmp.name + ".lock"))  # held while tmp is ours (see _clear_dead_temps)
+    lock_path = tmp.with_name(tmp.name + ".lock")
+    lock = locks.hold_new(lock_path)  # held while tmp is ours (see _clear_dead_temps)
     try:
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
@@ -244,7 +245,7 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        Path(lock.name).unlink(missing_ok=True)
+        lock_path.unlink(missing_ok=True)
         lock.close()
     return out_dir
 

@@ -44,6 +44,16 @@ def hold(path: Path) -> IO:
     return f
 
 
+def hold_new(path: Path) -> IO:
+    """hold() for a lock file that does not exist yet, made visible already held: a cleaner that
+    takes every lock nobody holds (data._clear_dead_temps) never finds it between its creation and
+    its flock (a loaded test run saw a writer lose its new lock to another writer's cleaner)."""
+    staging = path.with_name(path.name + ".new")
+    f = hold(staging)
+    os.replace(staging, path)
+    return f
+
+
 def probe(path: Path) -> None:
     """Raise Held if a process holds the lock at path; takes nothing and writes nothing (a check
     before a launch: the launch itself takes the lock)."""
