@@ -4,9 +4,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# two workers (pytest-xdist): the suite waits on servers and subprocesses a third of its time on 2 cores;
-# the Slurm and Ray tests share one worker (tests/conftest.py)
-PYTEST_ARGS ?= -m "not slow" -n 2 --dist loadgroup
+PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: install demo test test-all test-gpu sysdeps bench constraints clean distclean
 
@@ -41,7 +39,7 @@ test: install sysdeps
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-all: install sysdeps
-	$(BIN)/python -m pytest -m "" -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -m ""
 
 test-gpu: install
 	$(BIN)/python -m pytest -m gpu

@@ -59,17 +59,6 @@ def pytest_runtest_setup(item):
         unavailable(f"{item.name} needs root (CI runs it as root)")
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`-n 2 --dist loadgroup`, as `make test` runs), the tests on the machine's
-    Slurm and Ray clusters run on one worker, one after another: the single-node Slurm has 2 CPUs
-    to give, and a Ray cluster per worker would double the load on a 2-core machine."""
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & {"slurm_cluster", "ray_address"} or item.get_closest_marker("slurm") \
-                or item.get_closest_marker("ray") or item.path.name == "test_clusters.py":
-            item.add_marker(pytest.mark.xdist_group("clusters"))
-
-
 def pytest_unconfigure(config):
     shutil.rmtree(_CACHE, ignore_errors=True)
 
