@@ -173,7 +173,8 @@ def test_two_writers_of_the_same_shards_both_succeed(tmp_path):
 def test_a_writers_lock_appears_already_held(tmp_path, monkeypatch):
     """Another writer's cleaner takes every `.d.*.lock` nobody holds: a lock file visible before
     its flock could be taken in that window, and its writer fail with Held (a two-worker test run
-    under load saw it). So when prepare flocks its lock, no file of the cleaner's pattern exists yet."""
+    under load saw it). So when prepare flocks its lock, neither the lock nor the temp folder is
+    visible yet: the folder, which the cleaner deletes when its lock is free, comes after."""
     from windtunnel import locks
 
     src = tmp_path / "t.txt"
@@ -182,7 +183,7 @@ def test_a_writers_lock_appears_already_held(tmp_path, monkeypatch):
 
     def watching(f, op):
         if op & locks.fcntl.LOCK_EX:
-            seen.append(sorted(p.name for p in tmp_path.glob(".d.*.lock")))
+            seen.append(sorted(p.name for p in tmp_path.glob(".d.*") if not p.name.endswith(".new")))
         return flock(f, op)
 
     monkeypatch.setattr(locks.fcntl, "flock", watching)
@@ -203,7 +204,7 @@ def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
     child = ctx.Process(target=prepare, args=(str(src), tmp_path / "d"), kwargs={"tokenizer": "bpe", "vocab_size": 2048})
     child.start()
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".d.*")) and time.time() < deadline:
+    while not any(p.is_dir() for p in tmp_path.glob(".d.*")) and time.time() < deadline:
         time.sleep(0.01)
     os.kill(child.pid, signal.SIGKILL)
     child.join(10)

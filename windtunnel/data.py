@@ -26,7 +26,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -203,14 +202,17 @@ def prepare(source: str, out_dir: str | Path, *, tokenizer: str = "byte", vocab_
         text, name = read_text(source, max_bytes)
     make_folder(out_field, out_dir.parent)  # a file in the way, or no right to create it: one line naming out_field
     _clear_dead_temps(out_dir)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    except OSError as e:  # OSError's line named the temp folder
-        raise ConfigError(f"{out_field}: cannot write {out_dir} there ({e.strerror or e})") from None
-    tmp.chmod(0o755)  # mkdtemp's 0700 would become the shard folder's: a shared cache others cannot read
+    # The temp folder's lock exists, held, before the folder does: another writer's
+    # _clear_dead_temps deletes every temp folder whose lock nobody holds.
+    tmp = out_dir.with_name(f".{out_dir.name}.{os.getpid()}-{os.urandom(4).hex()}")
     lock_path = tmp.with_name(tmp.name + ".lock")
-    lock = locks.hold_new(lock_path)  # held while tmp is ours (see _clear_dead_temps)
     try:
+        lock = locks.hold_new(lock_path)
+    except OSError as e:  # OSError's line named the lock file
+        raise ConfigError(f"{out_field}: cannot write {out_dir} there ({e.strerror or e})") from None
+    try:
+        tmp.mkdir()
+        tmp.chmod(0o755)  # the shard folder's mode: a shared cache others can read, whatever the umask
         if tokenizer == "byte":
             ids, vocab = np.frombuffer(text, dtype=np.uint8), 256
         elif tokenizer == "bpe" and tokenizer_file:
