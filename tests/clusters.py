@@ -56,8 +56,8 @@ class ClusterError(RuntimeError):
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
     range (and above Ray's worker ports, 10002-19999): a port from that range can be taken before
-    the server binds it, by any outgoing connection or by srun's own listening sockets (CI saw
-    torchrun's store lose its port to srun, then wait 60 s on srun as a client)."""
+    the server binds it, by any outgoing connection or by srun's own listening sockets (in CI,
+    torchrun could not host its store on such a port and waited 60 s as a client of the taker)."""
     ranges = Path("/proc/sys/net/ipv4/ip_local_port_range")
     first_ephemeral = int(ranges.read_text().split()[0]) if ranges.exists() else 32768
     for port in random.Random().sample(range(20000, max(first_ephemeral, 20100)), 100):
