@@ -194,7 +194,7 @@ def test_a_writers_lock_appears_already_held(tmp_path, monkeypatch):
 
 def test_a_killed_prepare_leaves_a_temp_folder_the_next_one_clears(tmp_path):
     """SIGKILL mid-prepare (BPE training takes seconds) leaves its temp folder; the next prepare
-    there removes it (nobody holds its lock) and publishes a folder others can read (not mkdtemp's 0700)."""
+    there removes it (nobody holds its lock) and publishes a folder others can read (0755, whatever the umask)."""
     import signal
     import time
 
